@@ -1,0 +1,63 @@
+//! The core's errors, as data.
+//!
+//! Every variant is a distinct condition a user can meet, and the SQL layer maps each one to its
+//! own SQLSTATE in a single place (`src/errors.rs`). Messages name the problem and the objects
+//! involved (key ids, fingerprints, file paths, configuration paths) and never carry plaintext,
+//! ciphertext bytes, key bytes or credentials.
+
+use std::path::PathBuf;
+
+use crate::key::{Fingerprint, KeyId, WrappingKeyRef};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Shorter than the fixed header, nonce and tag of any immuta value.
+    #[error("ciphertext is truncated: {len} bytes, but an immuta value is at least {min} bytes")]
+    CiphertextTruncated { len: usize, min: usize },
+
+    /// The first byte names a format this build does not know.
+    #[error("unsupported ciphertext format version {version}")]
+    UnsupportedVersion { version: u8 },
+
+    /// The header names a key id that no key row has.
+    #[error("data key {key_id} does not exist")]
+    UnknownKey { key_id: u64 },
+
+    /// The AES-GCM tag did not verify: the bytes were changed, or the key is not the one that
+    /// encrypted them.
+    #[error("ciphertext failed authentication under data key {key_id}")]
+    AuthenticationFailed { key_id: KeyId },
+
+    /// The value authenticated, but its bytes are not valid text (only possible for values made
+    /// outside immuta with the data key).
+    #[error("decrypted value under data key {key_id} is not valid UTF-8 text")]
+    InvalidText { key_id: KeyId },
+
+    /// The master key file does not exist.
+    #[error("master key file \"{}\" does not exist", path.display())]
+    MasterKeyMissing { path: PathBuf, expected: Option<Fingerprint> },
+
+    /// The master key file holds a different key than the one that wrapped the data key.
+    #[error("data key {key_id} was wrapped by master key {expected}, but master key file \"{}\" holds master key {found}", path.display())]
+    MasterKeyMismatch { key_id: KeyId, expected: Fingerprint, found: Fingerprint, path: PathBuf },
+
+    /// The master key file exists but cannot be used: wrong content, wrong permissions.
+    #[error("master key file \"{}\" is not usable: {reason}", path.display())]
+    MasterKeyInvalid { path: PathBuf, reason: String },
+
+    /// Reading or creating the master key file failed at the operating-system level.
+    #[error("could not {action} master key file \"{}\": {source}", path.display())]
+    MasterKeyIo { action: &'static str, path: PathBuf, source: std::io::Error },
+
+    /// A wrapped data key could not be unwrapped although its wrapping key was found.
+    #[error("wrapped data key {key_id} is corrupt: {reason}")]
+    WrappedKeyCorrupt { key_id: KeyId, reason: &'static str },
+
+    /// A key row names a provider or wrapping key that is not available in this configuration.
+    #[error("data key {key_id} is wrapped by {wrapping}, which is not available: {reason}")]
+    ProviderUnavailable { key_id: KeyId, wrapping: WrappingKeyRef, reason: String },
+
+    /// The configuration text was rejected; nothing changed.
+    #[error("invalid immuta configuration at {path}: {reason}")]
+    Config { path: String, reason: String },
+}

@@ -1,0 +1,84 @@
+//! The backend's key ring: the ciphers of the data keys it has unwrapped, and which key is current.
+//!
+//! Lookups are by key id in a small map. The current key is held apart so that encryption, the
+//! common case, costs one comparison and no hashing. Data keys never change once created, so a
+//! cipher stays valid for the life of the backend; what changes is which key is current and which
+//! keys exist, and the SQL layer refreshes those on invalidation (see `src/backend.rs`).
+
+use std::collections::HashMap;
+
+use crate::cipher::DataCipher;
+use crate::key::KeyId;
+use crate::time::UnixMicros;
+
+/// The key that encrypts, and when it is due for rollover.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CurrentKey {
+    pub id: KeyId,
+    pub due_at: UnixMicros,
+}
+
+/// Ready ciphers by key id, plus the current key.
+#[derive(Default)]
+pub struct KeyRing {
+    current: Option<CurrentKey>,
+    ciphers: HashMap<KeyId, DataCipher>,
+}
+
+impl KeyRing {
+    pub fn current(&self) -> Option<CurrentKey> {
+        self.current
+    }
+
+    pub fn set_current(&mut self, current: Option<CurrentKey>) {
+        self.current = current;
+    }
+
+    pub fn cipher(&self, id: KeyId) -> Option<&DataCipher> {
+        self.ciphers.get(&id)
+    }
+
+    pub fn insert(&mut self, cipher: DataCipher) {
+        self.ciphers.insert(cipher.key_id(), cipher);
+    }
+
+    /// Keeps only the ciphers whose keys `exists`: drops keys created by transactions that rolled
+    /// back. Dropped ciphers zeroize their key schedules.
+    pub fn retain(&mut self, mut exists: impl FnMut(KeyId) -> bool) {
+        self.ciphers.retain(|id, _| exists(*id));
+    }
+
+    /// Forgets every cipher and the current key.
+    pub fn clear(&mut self) {
+        self.ciphers.clear();
+        self.current = None;
+    }
+
+    pub fn len(&self) -> usize {
+        self.ciphers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ciphers.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::key::DataKey;
+
+    #[test]
+    fn retain_drops_keys_that_no_longer_exist() {
+        let mut ring = KeyRing::default();
+        for id in 1..=3 {
+            ring.insert(DataCipher::new(KeyId::new(id).unwrap(), &DataKey::generate()));
+        }
+        ring.retain(|id| id.get() != 2);
+        assert!(ring.cipher(KeyId::new(1).unwrap()).is_some());
+        assert!(ring.cipher(KeyId::new(2).unwrap()).is_none());
+        assert_eq!(ring.len(), 2);
+        ring.clear();
+        assert!(ring.is_empty() && ring.current().is_none());
+    }
+}

@@ -1,0 +1,36 @@
+//! immuta's core: everything about encrypting values and managing data keys that does not need
+//! PostgreSQL.
+//!
+//! The extension crate (`src/` at the repository root) is a thin SQL layer over this crate: it
+//! converts datums, reads and writes the extension's tables through SPI, and maps [`Error`] to
+//! SQLSTATEs. Everything here is plain Rust and is tested with `cargo test -p immuta-core`, with no
+//! server. The crate does not depend on pgrx, so the compiler keeps that boundary for us.
+//!
+//! | file | concern |
+//! |---|---|
+//! | `format.rs` | the ciphertext byte layout (docs/FORMAT.md) |
+//! | `cipher.rs` | AES-256-GCM sealing and opening of values under one data key |
+//! | `nonce.rs` | the per-backend nonce generator |
+//! | `key.rs` | key ids, data keys, wrapped keys, wrapping-key references |
+//! | `provider.rs` | the wrap/unwrap provider trait |
+//! | `local.rs` | the local master key provider and its key file |
+//! | `config.rs` | the Immuta YAML configuration |
+//! | `rollover.rs` | the rollover rule and rotation reasons |
+//! | `keyring.rs` | the backend's set of ready ciphers and its current key |
+
+pub mod cipher;
+pub mod config;
+pub mod error;
+pub mod format;
+pub mod key;
+pub mod keyring;
+pub mod local;
+pub mod nonce;
+pub mod provider;
+pub mod rollover;
+pub mod time;
+
+pub use error::Error;
+
+/// Result type of the core.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,321 @@
+//! The local provider: a 256-bit master key in a file wraps the data keys.
+//!
+//! This is the embedded default when no KMS is configured. The file holds the key as 64 hex
+//! digits (so it can be printed for escrow and typed back), must be a regular file that only its
+//! owner can read (mode 0600, as PostgreSQL demands of `ssl_key_file`), and is generated on first
+//! use when, and only when, no key row refers to any local master key yet: a missing file
+//! later on is an error, never a reason to create a new master key that would strand every
+//! existing data key.
+//!
+//! Wrapped key layout (docs/FORMAT.md): `0x01 | nonce (12) | AES-256-GCM(master, data key) (32) |
+//! tag (16)`, 61 bytes, with associated data `"immuta local wrap v1" | key id (8, big-endian)`.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use aes_gcm::aead::AeadInPlace;
+use aes_gcm::{Aes256Gcm, KeyInit, Nonce, Tag};
+use hmac::{Hmac, Mac};
+use rand_core::{OsRng, RngCore};
+use sha2::Sha256;
+use zeroize::{Zeroize, Zeroizing};
+
+use crate::key::{DataKey, Fingerprint, KeyId, WrappedKey, WrappingKeyRef, DATA_KEY_LEN};
+use crate::provider::KeyProvider;
+use crate::{Error, Result};
+
+/// First byte of a locally wrapped key.
+pub const WRAP_VERSION_1: u8 = 0x01;
+/// Length of a locally wrapped key: version, nonce, encrypted key, tag.
+pub const WRAPPED_LEN: usize = 1 + 12 + DATA_KEY_LEN + 16;
+/// Prefix of the associated data; the key id follows.
+pub const WRAP_AAD_PREFIX: &[u8] = b"immuta local wrap v1";
+/// HMAC message whose output, truncated, fingerprints a master key.
+pub const FINGERPRINT_LABEL: &[u8] = b"immuta master key fingerprint";
+
+/// Whether opening the master key file may create it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Create {
+    /// No key row refers to a local master key yet: generate the file if it is absent.
+    IfMissing,
+    /// Key rows depend on an existing master key: a missing file is an error.
+    Never,
+}
+
+/// The local master key provider.
+pub struct LocalProvider {
+    aead: Aes256Gcm,
+    reference: WrappingKeyRef,
+    path: PathBuf,
+}
+
+impl LocalProvider {
+    /// Opens (or, with [`Create::IfMissing`], creates) the master key file at `path`.
+    pub fn open(path: &Path, create: Create) -> Result<LocalProvider> {
+        let key = match read_master_key(path) {
+            Err(Error::MasterKeyMissing { .. }) if create == Create::IfMissing => create_master_key(path)?,
+            other => other?,
+        };
+        Ok(LocalProvider::from_key(&key, path))
+    }
+
+    fn from_key(key: &[u8; 32], path: &Path) -> LocalProvider {
+        LocalProvider {
+            aead: Aes256Gcm::new(key.into()),
+            reference: WrappingKeyRef::Local { fingerprint: fingerprint(key) },
+            path: path.to_owned(),
+        }
+    }
+
+    pub fn fingerprint(&self) -> Fingerprint {
+        match self.reference {
+            WrappingKeyRef::Local { fingerprint } => fingerprint,
+            WrappingKeyRef::AwsKms { .. } => unreachable!("a local provider has a local reference"),
+        }
+    }
+}
+
+impl KeyProvider for LocalProvider {
+    fn wrapping_key(&self) -> &WrappingKeyRef {
+        &self.reference
+    }
+
+    fn wrap(&self, id: KeyId, key: &DataKey) -> Result<WrappedKey> {
+        let mut out = vec![0u8; WRAPPED_LEN];
+        out[0] = WRAP_VERSION_1;
+        OsRng.fill_bytes(&mut out[1..13]);
+        let (head, rest) = out.split_at_mut(13);
+        let (body, tag_out) = rest.split_at_mut(DATA_KEY_LEN);
+        body.copy_from_slice(key.expose());
+        let tag = self
+            .aead
+            .encrypt_in_place_detached(Nonce::from_slice(&head[1..13]), &aad(id), body)
+            .expect("a 32-byte plaintext always encrypts");
+        tag_out.copy_from_slice(&tag);
+        Ok(WrappedKey::new(out))
+    }
+
+    fn unwrap(&self, id: KeyId, recorded: &WrappingKeyRef, wrapped: &WrappedKey) -> Result<DataKey> {
+        match recorded {
+            WrappingKeyRef::Local { fingerprint } if *fingerprint == self.fingerprint() => {}
+            WrappingKeyRef::Local { fingerprint } => {
+                return Err(Error::MasterKeyMismatch {
+                    key_id: id,
+                    expected: *fingerprint,
+                    found: self.fingerprint(),
+                    path: self.path.clone(),
+                })
+            }
+            other => {
+                return Err(Error::ProviderUnavailable {
+                    key_id: id,
+                    wrapping: other.clone(),
+                    reason: "the local provider only unwraps keys wrapped by a local master key".into(),
+                })
+            }
+        }
+        let bytes = wrapped.as_bytes();
+        if bytes.len() != WRAPPED_LEN {
+            return Err(Error::WrappedKeyCorrupt { key_id: id, reason: "wrong length for a locally wrapped key" });
+        }
+        if bytes[0] != WRAP_VERSION_1 {
+            return Err(Error::WrappedKeyCorrupt { key_id: id, reason: "unknown local wrapping version" });
+        }
+        let mut raw = [0u8; DATA_KEY_LEN];
+        raw.copy_from_slice(&bytes[13..13 + DATA_KEY_LEN]);
+        let tag = Tag::from_slice(&bytes[13 + DATA_KEY_LEN..]);
+        if self.aead.decrypt_in_place_detached(Nonce::from_slice(&bytes[1..13]), &aad(id), &mut raw, tag).is_err() {
+            raw.zeroize();
+            return Err(Error::WrappedKeyCorrupt { key_id: id, reason: "authentication of the wrapped key failed" });
+        }
+        Ok(DataKey::from_bytes(&mut raw))
+    }
+}
+
+fn aad(id: KeyId) -> Vec<u8> {
+    let mut aad = WRAP_AAD_PREFIX.to_vec();
+    aad.extend_from_slice(&id.to_wire());
+    aad
+}
+
+/// The fingerprint recorded on each key row wrapped by this master key.
+pub fn fingerprint(key: &[u8; 32]) -> Fingerprint {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(FINGERPRINT_LABEL);
+    let digest = mac.finalize().into_bytes();
+    Fingerprint(digest[..8].try_into().expect("32-byte digest"))
+}
+
+fn read_master_key(path: &Path) -> Result<Zeroizing<[u8; 32]>> {
+    let invalid = |reason: &str| Error::MasterKeyInvalid { path: path.to_owned(), reason: reason.to_owned() };
+    let mut file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            return Err(Error::MasterKeyMissing { path: path.to_owned(), expected: None })
+        }
+        Err(source) => return Err(Error::MasterKeyIo { action: "open", path: path.to_owned(), source }),
+    };
+    let meta = file.metadata().map_err(|source| Error::MasterKeyIo { action: "stat", path: path.to_owned(), source })?;
+    if !meta.is_file() {
+        return Err(invalid("not a regular file"));
+    }
+    if meta.mode() & 0o077 != 0 {
+        return Err(invalid("group or other users have access to it; it must be mode 0600"));
+    }
+    let mut text = Zeroizing::new(Vec::with_capacity(80));
+    Read::take(&mut file, 1024)
+        .read_to_end(&mut text)
+        .map_err(|source| Error::MasterKeyIo { action: "read", path: path.to_owned(), source })?;
+    let digits = text.trim_ascii();
+    if digits.len() != 64 {
+        return Err(invalid("it must contain exactly 64 hexadecimal digits"));
+    }
+    let mut key = Zeroizing::new([0u8; 32]);
+    for (i, pair) in digits.chunks(2).enumerate() {
+        match (hex_value(pair[0]), hex_value(pair[1])) {
+            (Some(hi), Some(lo)) => key[i] = hi << 4 | lo,
+            _ => return Err(invalid("it must contain exactly 64 hexadecimal digits")),
+        }
+    }
+    Ok(key)
+}
+
+fn hex_value(c: u8) -> Option<u8> {
+    (c as char).to_digit(16).map(|d| d as u8)
+}
+
+/// Generates a master key and publishes it at `path` without ever overwriting a file that
+/// appeared meanwhile: the key is written and synced under a unique temporary name, then
+/// hard-linked to `path`, which fails if another backend won the race; the loser reads the
+/// winner's key.
+fn create_master_key(path: &Path) -> Result<Zeroizing<[u8; 32]>> {
+    let io = |action: &'static str| move |source| Error::MasterKeyIo { action, path: path.to_owned(), source };
+    let mut key = Zeroizing::new([0u8; 32]);
+    OsRng.fill_bytes(key.as_mut());
+    let mut text = Zeroizing::new(String::with_capacity(65));
+    for b in key.iter() {
+        text.push_str(&format!("{b:02x}"));
+    }
+    text.push('\n');
+
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.{}.{:016x}.tmp",
+        path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
+        std::process::id(),
+        OsRng.next_u64()
+    ));
+    let mut file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(io("create"))?;
+    let written = file.write_all(text.as_bytes()).and_then(|()| file.sync_all());
+    drop(file);
+    let linked = written.and_then(|()| fs::hard_link(&tmp, path));
+    let _ = fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => {
+            if let Ok(d) = File::open(dir) {
+                let _ = d.sync_all();
+            }
+            Ok(key)
+        }
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => read_master_key(path),
+        Err(e) => Err(io("create")(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: i64) -> KeyId {
+        KeyId::new(n).unwrap()
+    }
+
+    #[test]
+    fn first_use_creates_a_0600_key_file_that_later_opens_give_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("immuta_master.key");
+        let first = LocalProvider::open(&path, Create::IfMissing).unwrap();
+        assert_eq!(fs::metadata(&path).unwrap().mode() & 0o777, 0o600);
+        let again = LocalProvider::open(&path, Create::Never).unwrap();
+        assert_eq!(first.fingerprint(), again.fingerprint());
+        let text = fs::read_to_string(&path).unwrap();
+        assert_eq!(text.trim().len(), 64);
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary file left behind");
+    }
+
+    #[test]
+    fn a_missing_file_is_an_error_when_keys_depend_on_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = LocalProvider::open(&dir.path().join("gone.key"), Create::Never).err().unwrap();
+        assert!(matches!(err, Error::MasterKeyMissing { .. }));
+    }
+
+    #[test]
+    fn concurrent_first_uses_agree_on_one_master_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("race.key");
+        let fps: Vec<Fingerprint> = std::thread::scope(|s| {
+            let handles: Vec<_> =
+                (0..8).map(|_| s.spawn(|| LocalProvider::open(&path, Create::IfMissing).unwrap().fingerprint())).collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(fps.windows(2).all(|w| w[0] == w[1]));
+    }
+
+    #[test]
+    fn files_readable_by_others_or_with_bad_content_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k");
+        fs::write(&path, "ab".repeat(32)).unwrap();
+        fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+        let err = LocalProvider::open(&path, Create::Never).err().unwrap();
+        assert!(matches!(err, Error::MasterKeyInvalid { .. }), "{err}");
+        fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        assert!(LocalProvider::open(&path, Create::Never).is_ok());
+        fs::write(&path, "not hex at all").unwrap();
+        let err = LocalProvider::open(&path, Create::Never).err().unwrap();
+        assert!(matches!(err, Error::MasterKeyInvalid { .. }));
+        assert!(!err.to_string().contains("not hex"), "the message never echoes file content");
+    }
+
+    #[test]
+    fn wrap_then_unwrap_round_trips_and_is_bound_to_the_key_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = LocalProvider::open(&dir.path().join("k"), Create::IfMissing).unwrap();
+        let key = DataKey::generate();
+        let wrapped = p.wrap(id(3), &key).unwrap();
+        assert_eq!(wrapped.as_bytes().len(), WRAPPED_LEN);
+        assert_eq!(p.unwrap(id(3), p.wrapping_key(), &wrapped).unwrap().expose(), key.expose());
+        let moved = p.unwrap(id(4), p.wrapping_key(), &wrapped).err().unwrap();
+        assert!(matches!(moved, Error::WrappedKeyCorrupt { .. }));
+        let mut bad = wrapped.as_bytes().to_vec();
+        bad[20] ^= 1;
+        let tampered = p.unwrap(id(3), p.wrapping_key(), &WrappedKey::new(bad)).err().unwrap();
+        assert!(matches!(tampered, Error::WrappedKeyCorrupt { .. }));
+    }
+
+    #[test]
+    fn another_master_key_is_reported_as_a_mismatch_with_both_fingerprints() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = LocalProvider::open(&dir.path().join("a"), Create::IfMissing).unwrap();
+        let b = LocalProvider::open(&dir.path().join("b"), Create::IfMissing).unwrap();
+        let wrapped = a.wrap(id(1), &DataKey::generate()).unwrap();
+        match b.unwrap(id(1), a.wrapping_key(), &wrapped) {
+            Err(Error::MasterKeyMismatch { expected, found, .. }) => {
+                assert_eq!(expected, a.fingerprint());
+                assert_eq!(found, b.fingerprint());
+            }
+            other => panic!("expected a mismatch, got {:?}", other.err()),
+        }
+    }
+
+    #[test]
+    fn fingerprint_known_answer() {
+        // HMAC-SHA256(key = bytes 0x00..0x1f, "immuta master key fingerprint"), first 8 bytes,
+        // computed with Python's hmac module.
+        let key: [u8; 32] = core::array::from_fn(|i| i as u8);
+        assert_eq!(fingerprint(&key).to_string(), "15494487b7a6c23a");
+    }
+}
