@@ -159,10 +159,10 @@ fn read_master_key(path: &Path) -> Result<Zeroizing<[u8; 32]>> {
     };
     let meta = file.metadata().map_err(|source| Error::MasterKeyIo { action: "stat", path: path.to_owned(), source })?;
     if !meta.is_file() {
-        return Err(invalid("not a regular file"));
+        return Err(invalid("it is not a regular file"));
     }
     if meta.mode() & 0o077 != 0 {
-        return Err(invalid("group or other users have access to it; it must be mode 0600"));
+        return Err(invalid("group or other users can access it, and it must be mode 0600"));
     }
     let mut text = Zeroizing::new(Vec::with_capacity(80));
     Read::take(&mut file, 1024)
@@ -170,13 +170,13 @@ fn read_master_key(path: &Path) -> Result<Zeroizing<[u8; 32]>> {
         .map_err(|source| Error::MasterKeyIo { action: "read", path: path.to_owned(), source })?;
     let digits = text.trim_ascii();
     if digits.len() != 64 {
-        return Err(invalid("it must contain exactly 64 hexadecimal digits"));
+        return Err(invalid("it does not hold exactly 64 hexadecimal digits"));
     }
     let mut key = Zeroizing::new([0u8; 32]);
     for (i, pair) in digits.chunks(2).enumerate() {
         match (hex_value(pair[0]), hex_value(pair[1])) {
             (Some(hi), Some(lo)) => key[i] = hi << 4 | lo,
-            _ => return Err(invalid("it must contain exactly 64 hexadecimal digits")),
+            _ => return Err(invalid("it does not hold exactly 64 hexadecimal digits")),
         }
     }
     Ok(key)

@@ -1,0 +1,18 @@
+-- immuta finalize: objects that depend on the functions.
+
+-- One row per data key, without the wrapped key bytes.
+CREATE VIEW immuta.keys AS
+SELECT k.id,
+       k.created_at,
+       k.provider,
+       k.wrapping_key,
+       k.wrapping_region,
+       k.reason,
+       k.created_by,
+       k.id = c.current_id AS is_current,
+       CASE WHEN k.id = c.current_id
+            THEN k.created_at + make_interval(secs => immuta.rollover_length_days() * 86400.0)
+       END AS rollover_due_at
+FROM immuta.data_keys k
+CROSS JOIN (SELECT max(id) AS current_id FROM immuta.data_keys) c;
+COMMENT ON VIEW immuta.keys IS 'immuta data keys: which encrypts now, and when it rolls over';

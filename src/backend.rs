@@ -1,0 +1,217 @@
+//! Backend-local state: the key ring, the configuration, the nonce generator, and the
+//! invalidation that keeps them current without a query per row.
+//!
+//! The hot path (`encrypt`, `decrypt`) reads a process-local transaction id, compares two
+//! counters, and looks the key up in the ring; it runs no SPI and takes no lock. Everything that
+//! can change the ring (a rotation, a rollback of a rotation, a configuration change, DROP
+//! EXTENSION) sends a relcache invalidation for `immuta.data_keys` or `immuta.config`; PostgreSQL
+//! delivers it to every backend at its next transaction start or lock acquisition, and only after
+//! the sending transaction commits (or, to the sender itself, when it aborts). The callback bumps
+//! a counter; the next immuta call sees the counter moved and refreshes from the tables once.
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use immuta_core::cipher::DataCipher;
+use immuta_core::config::Config;
+use immuta_core::format;
+use immuta_core::keyring::{CurrentKey, KeyRing};
+use immuta_core::nonce::NonceSource;
+use immuta_core::time::UnixMicros;
+use pgrx::prelude::*;
+use pgrx::{pg_sys, PgSqlErrorCode};
+use std::rc::Rc;
+
+use crate::catalog::{self, Read, TableOids};
+use crate::config_source::{self, Effective};
+use crate::errors::{raise, OrRaise};
+use crate::keys;
+
+/// Bumped by every invalidation that concerns immuta; starts at 1 so a fresh backend is stale.
+static INVALIDATIONS: AtomicU64 = AtomicU64::new(1);
+/// OIDs of `immuta.data_keys` and `immuta.config` as last looked up (0 before the first lookup).
+static DATA_KEYS_OID: AtomicU32 = AtomicU32::new(0);
+static CONFIG_OID: AtomicU32 = AtomicU32::new(0);
+
+pub struct Backend {
+    pub ring: KeyRing,
+    pub config: Option<Effective>,
+    pub oids: Option<TableOids>,
+    /// The value of `INVALIDATIONS` the ring and configuration reflect.
+    valid_as_of: u64,
+    /// The local transaction id of the last call, to run per-transaction checks once.
+    lxid: u32,
+    /// The transaction in which a rollover lost the try-lock: do not try again in it.
+    pub rollover_given_up_in: Option<u32>,
+    /// Whether this session already warned that it cannot roll over.
+    pub warned_cannot_rollover: bool,
+    nonces: Option<(i32, NonceSource)>,
+}
+
+thread_local! {
+    pub static BACKEND: RefCell<Backend> = RefCell::new(Backend {
+        ring: KeyRing::default(),
+        config: None,
+        oids: None,
+        valid_as_of: 0,
+        lxid: 0,
+        rollover_given_up_in: None,
+        warned_cannot_rollover: false,
+        nonces: None,
+    });
+}
+
+impl Backend {
+    /// A nonce from this process's generator. The generator is created lazily, so never in the
+    /// postmaster, and re-created if the process id changed (a fork would otherwise repeat nonces).
+    fn next_nonce(&mut self) -> [u8; format::NONCE_LEN] {
+        // SAFETY: MyProcPid is set by PostgreSQL at process start and only read here.
+        let pid = unsafe { pg_sys::MyProcPid };
+        match &mut self.nonces {
+            Some((owner, source)) if *owner == pid => source.next_nonce(),
+            slot => {
+                let mut source = NonceSource::from_os();
+                let nonce = source.next_nonce();
+                *slot = Some((pid, source));
+                nonce
+            }
+        }
+    }
+
+    pub fn config(&self) -> Rc<Config> {
+        self.config.as_ref().map(|e| e.config.clone()).unwrap_or_default()
+    }
+}
+
+/// Registers the relcache callback. Called from `_PG_init`, once per process.
+pub fn register_invalidation_callback() {
+    // SAFETY: registering a callback with a static function pointer; PostgreSQL keeps it for the
+    // life of the process, and the callback only touches atomics.
+    unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(on_relcache_invalidation), pg_sys::Datum::from(0)) };
+}
+
+#[pg_guard]
+extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    let relid = relid.to_u32();
+    // InvalidOid means "all relations" (e.g. after an invalidation queue overflow).
+    if relid == 0 || relid == DATA_KEYS_OID.load(Ordering::Relaxed) || relid == CONFIG_OID.load(Ordering::Relaxed) {
+        INVALIDATIONS.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Makes the next immuta call in every backend (this one included, on abort) reload the key
+/// ring. Transactional: sent at commit.
+pub fn invalidate_keys(oids: TableOids) {
+    // SAFETY: queues a relcache invalidation for an existing relation inside a transaction.
+    unsafe { pg_sys::CacheInvalidateRelcacheByRelid(oids.data_keys) };
+}
+
+/// Same, for a configuration change.
+pub fn invalidate_config(oids: TableOids) {
+    // SAFETY: as above.
+    unsafe { pg_sys::CacheInvalidateRelcacheByRelid(oids.config) };
+}
+
+/// The process-local id of the current transaction.
+pub fn local_xid() -> u32 {
+    // SAFETY: MyProc is set for every backend and parallel worker before any function runs.
+    unsafe { (*pg_sys::MyProc).lxid }
+}
+
+/// The transaction start time, which is also the `created_at` of keys this transaction creates.
+pub fn transaction_now() -> UnixMicros {
+    // SAFETY: reads the start timestamp of the current transaction.
+    catalog::from_pg_timestamp(unsafe { pg_sys::GetCurrentTransactionStartTimestamp() })
+}
+
+/// Per-call entry: the once-per-transaction check of the configuration file, then a refresh if
+/// an invalidation arrived. In steady state: one load of MyProc, two comparisons.
+pub fn prepare() {
+    let lxid = local_xid();
+    let stale = BACKEND.with_borrow_mut(|b| {
+        if b.lxid != lxid {
+            b.lxid = lxid;
+            if b.config.as_ref().is_some_and(config_source::file_changed) {
+                b.valid_as_of = 0;
+            }
+        }
+        b.valid_as_of != INVALIDATIONS.load(Ordering::Relaxed)
+    });
+    if stale {
+        refresh();
+    }
+}
+
+/// Reloads the configuration and the current key, and forgets keys that no longer exist.
+fn refresh() {
+    let as_of = INVALIDATIONS.load(Ordering::Relaxed);
+    // SAFETY: reads the database encoding, fixed for the life of the backend.
+    if unsafe { pg_sys::GetDatabaseEncoding() } != pg_sys::pg_enc::PG_UTF8 as i32 {
+        raise(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            "immuta requires a database with UTF8 encoding",
+            Some("immuta encrypts the UTF-8 bytes of text values.".into()),
+            Some("Create the database with ENCODING 'UTF8'."),
+        );
+    }
+    let oids = catalog::table_oids();
+    DATA_KEYS_OID.store(oids.data_keys.to_u32(), Ordering::Relaxed);
+    CONFIG_OID.store(oids.config.to_u32(), Ordering::Relaxed);
+    let previous = BACKEND.with_borrow(|b| b.config.clone());
+    let effective = config_source::load(previous.as_ref());
+    let current = catalog::current_key(Read::Snapshot);
+    let ids = catalog::key_ids();
+    BACKEND.with_borrow_mut(|b| {
+        if b.oids.is_some_and(|o| o != oids) {
+            // The extension was dropped and created again: the old key ids mean other keys now.
+            b.ring.clear();
+        }
+        b.ring.retain(|id| ids.contains(&id));
+        b.ring.set_current(current.map(|(id, created)| CurrentKey { id, due_at: effective.config.rollover().due_at(created) }));
+        b.oids = Some(oids);
+        b.config = Some(effective);
+        b.valid_as_of = as_of;
+    });
+}
+
+/// `immuta_encrypt`: seals under the current key, rolling over first when it is due.
+pub fn encrypt(plaintext: &[u8]) -> Vec<u8> {
+    prepare();
+    let now = transaction_now();
+    let fast = BACKEND.with_borrow_mut(|b| {
+        let current = b.ring.current().filter(|c| now < c.due_at)?;
+        let nonce = b.next_nonce();
+        let cipher = b.ring.cipher(current.id)?;
+        Some(cipher.seal(&nonce, plaintext))
+    });
+    if let Some(sealed) = fast {
+        return sealed;
+    }
+    let id = keys::current_for_encrypt(now);
+    keys::ensure_cipher(id);
+    BACKEND.with_borrow_mut(|b| {
+        let nonce = b.next_nonce();
+        let cipher = b.ring.cipher(id).expect("ensure_cipher loaded it");
+        cipher.seal(&nonce, plaintext)
+    })
+}
+
+/// `immuta_decrypt`: opens with the key the value names, loading that key once per backend.
+pub fn decrypt(ciphertext: &[u8]) -> String {
+    let sealed = format::parse(ciphertext).or_raise();
+    prepare();
+    let opened = BACKEND.with_borrow(|b| b.ring.cipher(sealed.key_id).map(|c| c.open_text(&sealed)));
+    let opened = match opened {
+        Some(result) => result,
+        None => {
+            keys::ensure_cipher(sealed.key_id);
+            BACKEND.with_borrow(|b| b.ring.cipher(sealed.key_id).expect("ensure_cipher loaded it").open_text(&sealed))
+        }
+    };
+    opened.or_raise()
+}
+
+/// Adds a cipher to the ring.
+pub fn insert_cipher(cipher: DataCipher) {
+    BACKEND.with_borrow_mut(|b| b.ring.insert(cipher));
+}

@@ -1,0 +1,161 @@
+//! The one place where immuta's errors become PostgreSQL errors.
+//!
+//! Each core [`Error`] variant maps to one SQLSTATE (the table in README.md, "Errors"), with a
+//! message that names the problem, a DETAIL with the facts (key ids, fingerprints, paths, sizes)
+//! and a HINT with what to do. Nothing here formats plaintext, ciphertext bytes, key bytes or
+//! credentials: the core's errors do not carry them.
+
+use immuta_core::Error;
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::{PgLogLevel, PgSqlErrorCode};
+
+/// Where a configuration error came from: the two sources get different SQLSTATEs.
+#[derive(Clone, Copy)]
+pub enum ConfigOrigin {
+    /// `immuta_configure(yaml)`: a bad argument (22023).
+    Argument,
+    /// The file named by `immuta.config_file` (F0000).
+    File,
+}
+
+/// Raises an ERROR; never returns.
+pub fn raise(code: PgSqlErrorCode, message: impl Into<String>, detail: Option<String>, hint: Option<&str>) -> ! {
+    let mut report = ErrorReport::new(code, message.into(), "immuta");
+    if let Some(detail) = detail {
+        report = report.set_detail(detail);
+    }
+    if let Some(hint) = hint {
+        report = report.set_hint(hint);
+    }
+    report.report(PgLogLevel::ERROR);
+    unreachable!("ERROR does not return")
+}
+
+/// Emits a WARNING.
+pub fn warn(code: PgSqlErrorCode, message: impl Into<String>, detail: Option<String>, hint: Option<&str>) {
+    let mut report = ErrorReport::new(code, message.into(), "immuta");
+    if let Some(detail) = detail {
+        report = report.set_detail(detail);
+    }
+    if let Some(hint) = hint {
+        report = report.set_hint(hint);
+    }
+    report.report(PgLogLevel::WARNING);
+}
+
+/// Raises the ERROR for a core error.
+pub fn report(error: Error, origin: ConfigOrigin) -> ! {
+    use PgSqlErrorCode::*;
+    match error {
+        Error::CiphertextTruncated { len, min } => raise(
+            ERRCODE_INVALID_BINARY_REPRESENTATION,
+            "immuta ciphertext is truncated",
+            Some(format!("The value is {len} bytes long; an immuta ciphertext is at least {min} bytes.")),
+            Some("The value was cut short, or it is not a value produced by immuta_encrypt()."),
+        ),
+        Error::UnsupportedVersion { version } => raise(
+            ERRCODE_FEATURE_NOT_SUPPORTED,
+            format!("unsupported immuta ciphertext format version {version}"),
+            Some(format!("This immuta reads format version {}.", immuta_core::format::VERSION_1)),
+            Some("The value was written by a newer immuta, or it is not a value produced by immuta_encrypt()."),
+        ),
+        Error::UnknownKey { key_id } => raise(
+            ERRCODE_UNDEFINED_OBJECT,
+            format!("immuta data key {key_id} does not exist"),
+            Some(format!("The value was encrypted under data key {key_id}, which immuta.data_keys does not hold.")),
+            Some("The keys table must come along with the data: restore it (pg_dump includes it) from the database the value came from."),
+        ),
+        Error::AuthenticationFailed { key_id } => raise(
+            ERRCODE_DATA_EXCEPTION,
+            "immuta ciphertext failed authentication",
+            Some(format!(
+                "The value names data key {key_id} but does not verify under it: its bytes were altered, \
+                 or it was encrypted by a different key that also had id {key_id}."
+            )),
+            Some("Values from another database decrypt only with that database's keys table and master key."),
+        ),
+        Error::InvalidText { key_id } => raise(
+            ERRCODE_CHARACTER_NOT_IN_REPERTOIRE,
+            "immuta decrypted value is not valid text",
+            Some(format!("The value authenticated under data key {key_id}, but is not UTF-8 text without NUL bytes.")),
+            Some("Only values produced by immuta_encrypt() can be decrypted to text."),
+        ),
+        Error::MasterKeyMissing { path, expected } => raise(
+            ERRCODE_UNDEFINED_FILE,
+            format!("immuta master key file \"{}\" does not exist", path.display()),
+            expected.map(|fp| format!("The data key needs the local master key with fingerprint {fp}.")),
+            Some(
+                "Restore the master key file from your backup and point immuta.master_key_file at it. \
+                 immuta never creates a new master key while data keys depend on one.",
+            ),
+        ),
+        Error::MasterKeyMismatch { key_id, expected, found, path } => raise(
+            ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("immuta master key mismatch for data key {key_id}"),
+            Some(format!(
+                "Data key {key_id} was wrapped by the master key with fingerprint {expected}, \
+                 but \"{}\" holds the master key with fingerprint {found}.",
+                path.display()
+            )),
+            Some("Set immuta.master_key_file to the master key that wrapped the data keys of this database."),
+        ),
+        Error::MasterKeyInvalid { path, reason } => raise(
+            ERRCODE_CONFIG_FILE_ERROR,
+            format!("immuta master key file \"{}\" is not usable", path.display()),
+            Some(sentence(&reason)),
+            Some("The file must hold 64 hexadecimal digits, be owned by the server's user and have mode 0600."),
+        ),
+        Error::MasterKeyIo { action, path, source } => raise(
+            ERRCODE_IO_ERROR,
+            format!("could not {action} immuta master key file \"{}\"", path.display()),
+            Some(source.to_string()),
+            None,
+        ),
+        Error::WrappedKeyCorrupt { key_id, reason } => raise(
+            ERRCODE_DATA_CORRUPTED,
+            format!("immuta wrapped data key {key_id} is corrupt"),
+            Some(format!("The master key matches the one recorded for the key, but {reason}.")),
+            Some("The row of immuta.data_keys was altered; restore it from a backup."),
+        ),
+        Error::ProviderUnavailable { key_id, wrapping, reason } => raise(
+            ERRCODE_FEATURE_NOT_SUPPORTED,
+            format!("immuta data key {key_id} needs {wrapping}, which is not available"),
+            Some(reason),
+            None,
+        ),
+        Error::Config { path, reason } => match origin {
+            ConfigOrigin::Argument => raise(
+                ERRCODE_INVALID_PARAMETER_VALUE,
+                format!("invalid immuta configuration at {path}"),
+                Some(reason),
+                Some("The configuration takes the YAML of Immuta's Advanced Configuration: plugins.awsKms and schedule. The previous configuration stays in force."),
+            ),
+            ConfigOrigin::File => raise(
+                ERRCODE_CONFIG_FILE_ERROR,
+                format!("invalid immuta configuration file at {path}"),
+                Some(reason),
+                Some("Fix the file named by immuta.config_file."),
+            ),
+        },
+    }
+}
+
+/// "it is x" -> "It is x."
+fn sentence(fragment: &str) -> String {
+    let mut chars = fragment.chars();
+    match chars.next() {
+        Some(first) => format!("{}{}.", first.to_uppercase(), chars.as_str()),
+        None => String::new(),
+    }
+}
+
+/// Unwraps a core result or raises its ERROR.
+pub trait OrRaise<T> {
+    fn or_raise(self) -> T;
+}
+
+impl<T> OrRaise<T> for Result<T, Error> {
+    fn or_raise(self) -> T {
+        self.unwrap_or_else(|e| report(e, ConfigOrigin::Argument))
+    }
+}

@@ -1,0 +1,77 @@
+//! Every setting immuta defines, in one place.
+//!
+//! Both are `PGC_SIGHUP`: they can only be set in `postgresql.conf` (or with `ALTER SYSTEM`) and
+//! take effect on reload, so only a superuser decides which file holds the master key or the
+//! configuration; a session cannot point immuta at a file of its choosing.
+
+use std::ffi::CStr;
+use std::path::PathBuf;
+
+use pgrx::{pg_sys, GucContext, GucFlags, GucRegistry, GucSetting};
+
+/// `immuta.master_key_file`: the file that holds the local master key (64 hex digits, mode 0600).
+///
+/// Default `immuta_master.key`; a relative path is relative to the data directory, as for
+/// `ssl_key_file`, so the key travels with `pg_basebackup` to standbys but not with `pg_dump`.
+/// Generated on first use when no key row depends on a local master key yet. Read whenever a data
+/// key is wrapped or unwrapped, so a change applies to the next unwrap after reload.
+pub static MASTER_KEY_FILE: GucSetting<Option<std::ffi::CString>> =
+    GucSetting::<Option<std::ffi::CString>>::new(Some(c"immuta_master.key"));
+
+/// `immuta.config_file`: a YAML file holding the configuration (Immuta's Advanced Configuration
+/// format). Default empty: the configuration stored by `immuta_configure()` applies. When set,
+/// the file is the configuration and `immuta_configure()` refuses to run, so there is one source
+/// of truth. A relative path is relative to the data directory. Changes to the file are picked up
+/// at the next transaction that uses immuta.
+pub static CONFIG_FILE: GucSetting<Option<std::ffi::CString>> = GucSetting::<Option<std::ffi::CString>>::new(None);
+
+pub fn init() {
+    GucRegistry::define_string_guc(
+        c"immuta.master_key_file",
+        c"File holding immuta's local master key.",
+        c"64 hexadecimal digits, mode 0600. Relative paths are relative to the data directory. \
+          Generated on first use while no data key depends on a local master key.",
+        &MASTER_KEY_FILE,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_string_guc(
+        c"immuta.config_file",
+        c"YAML file holding immuta's configuration.",
+        c"When set, this file is the configuration and immuta_configure() is refused. \
+          Relative paths are relative to the data directory.",
+        &CONFIG_FILE,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
+    );
+}
+
+/// The master key file, resolved against the data directory.
+pub fn master_key_file() -> PathBuf {
+    resolve(MASTER_KEY_FILE.get().as_deref()).unwrap_or_else(|| resolve(Some(c"immuta_master.key")).expect("non-empty"))
+}
+
+/// The configuration file, if one is set.
+pub fn config_file() -> Option<PathBuf> {
+    resolve(CONFIG_FILE.get().as_deref())
+}
+
+fn resolve(setting: Option<&CStr>) -> Option<PathBuf> {
+    let text = setting?.to_str().ok()?.trim();
+    if text.is_empty() {
+        return None;
+    }
+    let path = PathBuf::from(text);
+    if path.is_absolute() {
+        return Some(path);
+    }
+    // SAFETY: DataDir is set by the postmaster before any backend runs extension code and never
+    // changes afterwards; we only read it.
+    let data_dir = unsafe { pg_sys::DataDir };
+    if data_dir.is_null() {
+        return Some(path);
+    }
+    // SAFETY: DataDir is a NUL-terminated string owned by PostgreSQL for the life of the process.
+    let data_dir = unsafe { CStr::from_ptr(data_dir) };
+    Some(PathBuf::from(data_dir.to_string_lossy().into_owned()).join(path))
+}

@@ -1,0 +1,173 @@
+//! The data key lifecycle on the slow path: the first key, rollover, manual rotation, and
+//! loading a key this backend has not unwrapped yet.
+//!
+//! Creating a key takes a SHARE ROW EXCLUSIVE lock on `immuta.data_keys` (it conflicts with
+//! itself, not with readers), held to the end of the transaction, so rotations are serialised in
+//! commit order and the newest id is always the current key. Rollover from an encryption only
+//! *tries* the lock: a session that loses keeps encrypting with the current key and does not try
+//! again in that transaction, so no encryption ever waits behind another session's rotation.
+//! As a last guard, an automatic rollover records which key it replaces in the unique column
+//! `rolled_over_from`: two sessions can never both replace the same key, whatever the isolation
+//! level.
+
+use immuta_core::cipher::DataCipher;
+use immuta_core::key::{DataKey, KeyId};
+use immuta_core::keyring::CurrentKey;
+use immuta_core::rollover::RotationReason;
+use immuta_core::time::UnixMicros;
+use immuta_core::Error;
+use pgrx::{pg_sys, PgSqlErrorCode};
+
+use crate::backend::{self, BACKEND};
+use crate::catalog::{self, Read};
+use crate::errors::{self, raise, OrRaise};
+use crate::providers;
+
+/// Lock mode for creating keys: conflicts with itself and with writers, not with readers.
+const KEY_CREATION_LOCK: pg_sys::LOCKMODE = pg_sys::ShareRowExclusiveLock as pg_sys::LOCKMODE;
+/// `rolled_over_from` of the first key, so that two first uses cannot both create one.
+const FIRST_KEY_MARKER: i64 = 0;
+
+/// Why this transaction cannot create a key, if it cannot.
+fn write_blocker() -> Option<&'static str> {
+    // SAFETY: reads of PostgreSQL's transaction and recovery state.
+    unsafe {
+        if pg_sys::RecoveryInProgress() {
+            Some("the server is a standby in recovery")
+        } else if pg_sys::XactReadOnly {
+            Some("the transaction is read-only")
+        } else if pg_sys::IsInParallelMode() {
+            Some("the key was needed inside a parallel operation, which cannot write")
+        } else {
+            None
+        }
+    }
+}
+
+fn oids() -> catalog::TableOids {
+    BACKEND.with_borrow(|b| b.oids).expect("prepare() looked the tables up")
+}
+
+/// The key to encrypt with when the ring has no current key or the current key is due.
+pub fn current_for_encrypt(now: UnixMicros) -> KeyId {
+    let current = BACKEND.with_borrow(|b| b.ring.current());
+    match current {
+        Some(due) => rollover(due, now),
+        None => first_key(),
+    }
+}
+
+fn rollover(due: CurrentKey, now: UnixMicros) -> KeyId {
+    if let Some(why) = write_blocker() {
+        let warn = BACKEND.with_borrow_mut(|b| !std::mem::replace(&mut b.warned_cannot_rollover, true));
+        if warn {
+            errors::warn(
+                PgSqlErrorCode::ERRCODE_WARNING,
+                format!("immuta data key {} is due for rollover, but {why}", due.id),
+                Some("Values are encrypted with the current key until a writable transaction on the primary rolls it over. This warning is given once per session.".into()),
+                Some("Run SELECT immuta_rotate(); on the primary, or encrypt in a read-write transaction."),
+            );
+        }
+        return due.id;
+    }
+    let lxid = backend::local_xid();
+    if BACKEND.with_borrow(|b| b.rollover_given_up_in == Some(lxid)) {
+        return due.id;
+    }
+    // SAFETY: a conditional lock on our own table by OID, released at transaction end.
+    if !unsafe { pg_sys::ConditionalLockRelationOid(oids().data_keys, KEY_CREATION_LOCK) } {
+        BACKEND.with_borrow_mut(|b| b.rollover_given_up_in = Some(lxid));
+        return due.id;
+    }
+    // Someone may have rolled over between our snapshot and the lock.
+    let rollover = BACKEND.with_borrow(|b| b.config().rollover());
+    match catalog::current_key(Read::Latest) {
+        Some((id, created)) if !rollover.is_due(created, now) => {
+            set_current(id, created);
+            id
+        }
+        Some((id, _)) => create_key(RotationReason::Rollover, Some(id.get())).unwrap_or_else(adopt_latest),
+        None => create_key(RotationReason::FirstUse, Some(FIRST_KEY_MARKER)).unwrap_or_else(adopt_latest),
+    }
+}
+
+fn first_key() -> KeyId {
+    if let Some(why) = write_blocker() {
+        raise(
+            PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION,
+            format!("no immuta data key exists yet, and {why}"),
+            Some("The first data key is created by the first encryption in a read-write transaction on the primary.".into()),
+            Some("Run SELECT immuta_rotate(); on the primary once."),
+        );
+    }
+    // SAFETY: a blocking lock on our own table by OID, released at transaction end.
+    unsafe { pg_sys::LockRelationOid(oids().data_keys, KEY_CREATION_LOCK) };
+    match catalog::current_key(Read::Latest) {
+        Some((id, created)) => {
+            set_current(id, created);
+            id
+        }
+        None => create_key(RotationReason::FirstUse, Some(FIRST_KEY_MARKER)).unwrap_or_else(adopt_latest),
+    }
+}
+
+/// Another session created the successor we meant to create: use the newest key.
+fn adopt_latest() -> KeyId {
+    match catalog::current_key(Read::Latest) {
+        Some((id, created)) => {
+            set_current(id, created);
+            id
+        }
+        None => raise(PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE, "immuta data key creation raced with another session", None, Some("Retry the transaction.")),
+    }
+}
+
+fn set_current(id: KeyId, created: UnixMicros) {
+    BACKEND.with_borrow_mut(|b| {
+        let due_at = b.config().rollover().due_at(created);
+        b.ring.set_current(Some(CurrentKey { id, due_at }));
+    });
+}
+
+/// `immuta_rotate()`: a new key that encrypts from now on.
+pub fn rotate() -> KeyId {
+    if let Some(why) = write_blocker() {
+        raise(
+            PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION,
+            format!("cannot rotate immuta data keys: {why}"),
+            None,
+            Some("Rotate in a read-write transaction on the primary."),
+        );
+    }
+    backend::prepare();
+    // SAFETY: a blocking lock on our own table by OID, released at transaction end.
+    unsafe { pg_sys::LockRelationOid(oids().data_keys, KEY_CREATION_LOCK) };
+    create_key(RotationReason::Manual, None).expect("manual keys have no uniqueness constraint")
+}
+
+/// Creates, wraps and stores a key, and makes it current in this backend. `None` when another
+/// session already replaced `rolled_over_from`.
+fn create_key(reason: RotationReason, rolled_over_from: Option<i64>) -> Option<KeyId> {
+    let config = BACKEND.with_borrow(|b| b.config());
+    let provider = providers::for_new_keys(&config);
+    let id = catalog::next_key_id();
+    let key = DataKey::generate();
+    let wrapped = provider.wrap(id, &key).or_raise();
+    if !catalog::insert_key(id, provider.wrapping_key(), &wrapped, reason, rolled_over_from) {
+        return None;
+    }
+    backend::invalidate_keys(oids());
+    backend::insert_cipher(DataCipher::new(id, &key));
+    set_current(id, backend::transaction_now());
+    Some(id)
+}
+
+/// Makes sure the ring holds the cipher of key `id`, unwrapping it if needed.
+pub fn ensure_cipher(id: KeyId) {
+    if BACKEND.with_borrow(|b| b.ring.cipher(id).is_some()) {
+        return;
+    }
+    let row = catalog::key_row(id).ok_or(Error::UnknownKey { key_id: id.get() as u64 }).or_raise();
+    let key = providers::unwrap(&row);
+    backend::insert_cipher(DataCipher::new(id, &key));
+}

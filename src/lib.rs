@@ -1,0 +1,51 @@
+//! immuta: envelope encryption of column values inside PostgreSQL.
+//!
+//! This crate is the SQL layer. The core (format, crypto, providers, configuration, rollover
+//! rule) is `crates/immuta-core` and knows nothing of PostgreSQL.
+//!
+//! | file | concern |
+//! |---|---|
+//! | `functions.rs` | the SQL functions |
+//! | `backend.rs` | backend-local key ring, invalidation, the hot path |
+//! | `keys.rs` | key creation, rollover, rotation, loading keys |
+//! | `providers.rs` | which provider wraps new keys and unwraps existing ones |
+//! | `config_source.rs` | where the configuration comes from, and when it is re-read |
+//! | `catalog.rs` | SPI access to the extension's tables |
+//! | `gucs.rs` | the settings |
+//! | `errors.rs` | errors to SQLSTATEs |
+
+use pgrx::prelude::*;
+
+mod backend;
+mod catalog;
+mod config_source;
+mod errors;
+mod functions;
+mod gucs;
+mod keys;
+mod providers;
+
+::pgrx::pg_module_magic!(name, version);
+
+extension_sql_file!("../sql/bootstrap.sql", name = "bootstrap", bootstrap);
+extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    gucs::init();
+    backend::register_invalidation_callback();
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+mod pg_tests;
+
+/// Required by `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    #[must_use]
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![]
+    }
+}

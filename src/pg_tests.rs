@@ -1,0 +1,170 @@
+//! In-backend tests of the SQL surface (`cargo pgrx test`). Multi-session behaviour, restarts and
+//! files are in the system tier (tests/).
+
+#[pgrx::pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    /// Runs `sql` and returns the SQLSTATE it raised, or "00000".
+    fn sqlstate_of(sql: &str) -> String {
+        Spi::run(
+            "CREATE OR REPLACE FUNCTION pg_temp.sqlstate_of(q text) RETURNS text LANGUAGE plpgsql AS $$ \
+             BEGIN EXECUTE q; RETURN '00000'; EXCEPTION WHEN OTHERS THEN RETURN SQLSTATE; END $$",
+        )
+        .unwrap();
+        Spi::get_one_with_args::<String>("SELECT pg_temp.sqlstate_of($1)", &[sql.into()]).unwrap().unwrap()
+    }
+
+    fn one<T: FromDatum + IntoDatum>(sql: &str) -> T {
+        Spi::get_one::<T>(sql).unwrap().expect("non-NULL result")
+    }
+
+    #[pg_test]
+    fn encrypt_then_decrypt_round_trips_text_of_every_kind() {
+        for text in ["", "123-45-6789", "żółw 🐢 ☃ 東京", "a'b\"c\\d"] {
+            let back: String = Spi::get_one_with_args("SELECT immuta_decrypt(immuta_encrypt($1))", &[text.into()])
+                .unwrap()
+                .unwrap();
+            assert_eq!(back, text);
+        }
+        let big: bool = one("SELECT immuta_decrypt(immuta_encrypt(repeat('x', 5 * 1024 * 1024))) = repeat('x', 5 * 1024 * 1024)");
+        assert!(big);
+    }
+
+    #[pg_test]
+    fn null_in_is_null_out() {
+        assert_eq!(Spi::get_one::<Vec<u8>>("SELECT immuta_encrypt(NULL)").unwrap(), None);
+        assert_eq!(Spi::get_one::<String>("SELECT immuta_decrypt(NULL)").unwrap(), None);
+    }
+
+    #[pg_test]
+    fn encrypting_twice_gives_different_ciphertexts_of_documented_length() {
+        assert!(one::<bool>("SELECT immuta_encrypt('same') <> immuta_encrypt('same')"));
+        assert_eq!(one::<i32>("SELECT length(immuta_encrypt('12345'))"), 5 + 37);
+        assert_eq!(one::<String>("SELECT encode(substring(immuta_encrypt('x') FROM 1 FOR 1), 'hex')"), "01");
+    }
+
+    #[pg_test]
+    fn function_volatility_is_as_documented() {
+        let vol = |f: &str| one::<String>(&format!("SELECT provolatile::text FROM pg_proc WHERE proname = '{f}'"));
+        assert_eq!(vol("immuta_encrypt"), "v");
+        assert_eq!(vol("immuta_decrypt"), "s");
+        let par = |f: &str| one::<String>(&format!("SELECT proparallel::text FROM pg_proc WHERE proname = '{f}'"));
+        assert_eq!(par("immuta_encrypt"), "s");
+        assert_eq!(par("immuta_decrypt"), "s");
+        assert!(one::<bool>("SELECT proisstrict FROM pg_proc WHERE proname = 'immuta_encrypt'"));
+    }
+
+    #[pg_test]
+    fn rotate_makes_a_new_current_key_and_old_values_still_decrypt() {
+        Spi::run("CREATE TEMP TABLE t AS SELECT immuta_encrypt('before') AS c").unwrap();
+        let old_key: i64 = one("SELECT immuta_key_id(c) FROM t");
+        let new_key: i64 = one("SELECT immuta_rotate()");
+        assert!(new_key > old_key);
+        assert_eq!(one::<i64>("SELECT immuta_key_id(immuta_encrypt('after'))"), new_key);
+        assert_eq!(one::<String>("SELECT immuta_decrypt(c) FROM t"), "before");
+        assert_eq!(one::<i64>("SELECT id FROM immuta.keys WHERE is_current"), new_key);
+        assert!(one::<bool>("SELECT rollover_due_at IS NULL FROM immuta.keys WHERE id = (SELECT immuta_key_id(c) FROM t)"));
+        assert!(one::<bool>(
+            "SELECT rollover_due_at = created_at + interval '365 days' FROM immuta.keys WHERE is_current"
+        ));
+        assert_eq!(one::<String>(&format!("SELECT reason FROM immuta.keys WHERE id = {new_key}")), "manual");
+    }
+
+    #[pg_test]
+    fn keys_are_stored_only_wrapped_with_the_master_key_fingerprint() {
+        one::<i64>("SELECT immuta_rotate()");
+        assert_eq!(one::<i32>("SELECT length(wrapped_key) FROM immuta.data_keys ORDER BY id DESC LIMIT 1"), 61);
+        assert_eq!(one::<String>("SELECT provider FROM immuta.keys ORDER BY id DESC LIMIT 1"), "local");
+        assert!(one::<bool>("SELECT wrapping_key ~ '^[0-9a-f]{16}$' FROM immuta.keys ORDER BY id DESC LIMIT 1"));
+    }
+
+    #[pg_test]
+    fn bad_ciphertexts_raise_their_documented_sqlstates() {
+        assert_eq!(sqlstate_of("SELECT immuta_decrypt('\\x0102'::bytea)"), "22P03");
+        assert_eq!(sqlstate_of("SELECT immuta_decrypt(''::bytea)"), "22P03");
+        assert_eq!(
+            sqlstate_of("SELECT immuta_decrypt(set_byte(immuta_encrypt('x'), 0, 9))"),
+            "0A000",
+            "unknown format version"
+        );
+        assert_eq!(
+            sqlstate_of("SELECT immuta_decrypt(overlay(immuta_encrypt('x') PLACING '\\x00000000000f4240'::bytea FROM 2))"),
+            "42704",
+            "unknown key id"
+        );
+        assert_eq!(
+            sqlstate_of("WITH c AS (SELECT immuta_encrypt('secret') AS v) SELECT immuta_decrypt(set_byte(v, 25, get_byte(v, 25) # 1)) FROM c"),
+            "22000",
+            "tampered body"
+        );
+        let c: Vec<u8> = one("SELECT immuta_encrypt('abcdef')");
+        let cut = format!("SELECT immuta_decrypt(substring('\\x{}'::bytea FROM 1 FOR {}))", hex(&c), c.len() - 3);
+        assert_eq!(sqlstate_of(&cut), "22000", "a value cut after the header fails authentication");
+    }
+
+    /// Runs `sql` and returns its error's message, detail and hint, joined.
+    fn error_text_of(sql: &str) -> String {
+        Spi::run(
+            "CREATE OR REPLACE FUNCTION pg_temp.error_text_of(q text) RETURNS text LANGUAGE plpgsql AS $$ \
+             DECLARE m text; d text; h text; \
+             BEGIN EXECUTE q; RETURN ''; EXCEPTION WHEN OTHERS THEN \
+               GET STACKED DIAGNOSTICS m = MESSAGE_TEXT, d = PG_EXCEPTION_DETAIL, h = PG_EXCEPTION_HINT; \
+               RETURN concat_ws(' | ', m, d, h); END $$",
+        )
+        .unwrap();
+        Spi::get_one_with_args::<String>("SELECT pg_temp.error_text_of($1)", &[sql.into()]).unwrap().unwrap()
+    }
+
+    #[pg_test]
+    fn error_messages_name_the_problem_without_echoing_the_value() {
+        let tampered = "SELECT immuta_decrypt(set_byte(immuta_encrypt('PLAINTEXT-4111'), 30, 0))";
+        let text = error_text_of(tampered);
+        assert!(text.contains("failed authentication"), "{text}");
+        assert!(!text.contains("PLAINTEXT") && !text.contains("\\x"), "{text}");
+        let text = error_text_of("SELECT immuta_decrypt('\\x0200000000000000016162636465666768697071727374757677787980818283848586878889909192'::bytea)");
+        assert!(text.contains("version 2"), "{text}");
+        assert!(!text.contains("6162"), "{text}");
+    }
+
+    #[pg_test]
+    fn configuration_round_trips_and_bad_documents_change_nothing() {
+        let shown: pgrx::JsonB = one("SELECT immuta_configure('schedule:\n  dataKeyRollOverLength: 30\n')");
+        assert_eq!(shown.0["schedule"]["dataKeyRollOverLength"], 30);
+        assert_eq!(one::<i32>("SELECT (immuta_config()->'schedule'->>'dataKeyRollOverLength')::int"), 30);
+        for bad in [
+            "schedule:\n  dataKeyRollOverLength: -1\n",
+            "schedule:\n  dataKeyRollOverLength: 0\n",
+            "schedule:\n  dataKeyRolloverLength: 3\n",
+            "schedule: [\n",
+        ] {
+            let sql = format!("SELECT immuta_configure({})", pgrx::spi::quote_literal(bad));
+            assert_eq!(sqlstate_of(&sql), "22023", "{bad}");
+        }
+        assert_eq!(one::<i32>("SELECT (immuta_config()->'schedule'->>'dataKeyRollOverLength')::int"), 30);
+        assert_eq!(sqlstate_of("SELECT immuta_configure(NULL)"), "22004");
+        one::<pgrx::JsonB>("SELECT immuta_configure('')");
+        assert_eq!(one::<i32>("SELECT (immuta_config()->'schedule'->>'dataKeyRollOverLength')::int"), 365);
+    }
+
+    #[pg_test]
+    fn configuration_never_shows_credentials() {
+        one::<pgrx::JsonB>(
+            "SELECT immuta_configure('plugins:\n  awsKms:\n    plugin: awsKms\n    isKms: false\n    keyId: alias/x\n    region: us-east-1\n    extraKmsConfig:\n      credentials:\n        accessKeyId: AKIDEXAMPLE\n        secretAccessKey: wJalrXUtnFEMIsecret\n        sessionToken: tokentokentoken\n')",
+        );
+        let shown = one::<pgrx::JsonB>("SELECT immuta_config()").0.to_string();
+        assert!(!shown.contains("wJalrXUtnFEMIsecret") && !shown.contains("tokentokentoken"), "{shown}");
+        assert!(shown.contains("AKIDEXAMPLE"));
+    }
+
+    #[pg_test]
+    fn the_rollover_view_follows_the_configured_length() {
+        one::<i64>("SELECT immuta_rotate()");
+        one::<pgrx::JsonB>("SELECT immuta_configure('schedule:\n  dataKeyRollOverLength: 7\n')");
+        assert!(one::<bool>("SELECT rollover_due_at = created_at + interval '7 days' FROM immuta.keys WHERE is_current"));
+    }
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
