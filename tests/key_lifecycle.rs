@@ -1,0 +1,206 @@
+//! System tier: data keys across sessions, transactions and restarts, on a real cluster.
+
+mod support;
+
+use std::sync::{Arc, Barrier};
+use std::thread;
+
+use support::*;
+
+#[test]
+fn a_rotation_in_one_session_is_used_by_the_next_encrypt_in_another() {
+    let pg = Cluster::start(&[]);
+    let (mut a, mut b) = (pg.connect(), pg.connect());
+    let first = encrypted_key_id(&mut b, "before");
+    let rotated: i64 = a.query_one("SELECT immuta_rotate()", &[]).unwrap().get(0);
+    assert!(rotated > first);
+    let after = encrypt(&mut b, "after");
+    assert_eq!(key_id_of(&mut b, &after), rotated, "session b must see the rotation without reconnecting");
+    assert_eq!(decrypt(&mut a, &after).unwrap(), "after");
+}
+
+#[test]
+fn every_old_value_decrypts_after_a_restart() {
+    let pg = Cluster::start(&[]);
+    let mut c = pg.connect();
+    c.batch_execute("CREATE TABLE patients (id int, ssn bytea)").unwrap();
+    for i in 0..30 {
+        if i % 10 == 0 {
+            c.execute("SELECT immuta_rotate()", &[]).unwrap();
+        }
+        c.execute("INSERT INTO patients VALUES ($1, immuta_encrypt($2))", &[&i, &format!("{i:03}-45-6789")]).unwrap();
+    }
+    drop(c);
+    pg.restart();
+    let mut c = pg.connect();
+    let rows = c.query("SELECT id, immuta_decrypt(ssn), immuta_key_id(ssn) FROM patients ORDER BY id", &[]).unwrap();
+    assert_eq!(rows.len(), 30);
+    let mut keys = std::collections::BTreeSet::new();
+    for row in rows {
+        let id: i32 = row.get(0);
+        assert_eq!(row.get::<_, String>(1), format!("{id:03}-45-6789"));
+        keys.insert(row.get::<_, i64>(2));
+    }
+    assert_eq!(keys.len(), 3, "values under three keys");
+}
+
+#[test]
+fn a_rotation_that_rolls_back_leaves_no_trace() {
+    let pg = Cluster::start(&[]);
+    let (mut a, mut b) = (pg.connect(), pg.connect());
+    let kept = encrypted_key_id(&mut a, "x");
+    let mut tx = a.transaction().unwrap();
+    let doomed: i64 = tx.query_one("SELECT immuta_rotate()", &[]).unwrap().get(0);
+    let under_doomed: Vec<u8> = tx.query_one("SELECT immuta_encrypt('gone')", &[]).unwrap().get(0);
+    assert_eq!(encrypted_key_id(&mut b, "y"), kept, "uncommitted rotation invisible elsewhere");
+    tx.rollback().unwrap();
+    assert_eq!(count_keys(&mut a), 1);
+    assert_eq!(encrypted_key_id(&mut a, "z"), kept, "the rolled-back key no longer encrypts");
+    assert_eq!(sqlstate(decrypt(&mut a, &under_doomed)), "42704", "nor decrypts in the session that made it");
+    assert_eq!(sqlstate(decrypt(&mut b, &under_doomed)), "42704");
+    let next: i64 = a.query_one("SELECT immuta_rotate()", &[]).unwrap().get(0);
+    assert!(next > doomed, "key ids are never reused");
+}
+
+#[test]
+fn concurrent_rotations_give_distinct_keys() {
+    let pg = Arc::new(Cluster::start(&[]));
+    let barrier = Arc::new(Barrier::new(4));
+    let handles: Vec<_> = (0..4)
+        .map(|_| {
+            let (pg, barrier) = (pg.clone(), barrier.clone());
+            thread::spawn(move || {
+                let mut c = pg.connect();
+                barrier.wait();
+                (0..5).map(|_| c.query_one("SELECT immuta_rotate()", &[]).unwrap().get::<_, i64>(0)).collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut ids: Vec<i64> = handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 20);
+    let mut c = pg.connect();
+    assert_eq!(count_keys(&mut c), 20);
+    let current: i64 = c.query_one("SELECT id FROM immuta.keys WHERE is_current", &[]).unwrap().get(0);
+    assert_eq!(current, *ids.last().unwrap(), "the newest key is current");
+    assert_eq!(encrypted_key_id(&mut c, "v"), current);
+}
+
+#[test]
+fn concurrent_first_uses_create_exactly_one_key() {
+    let pg = Arc::new(Cluster::start(&[]));
+    let barrier = Arc::new(Barrier::new(8));
+    let handles: Vec<_> = (0..8)
+        .map(|i| {
+            let (pg, barrier) = (pg.clone(), barrier.clone());
+            thread::spawn(move || {
+                let mut c = pg.connect();
+                barrier.wait();
+                let v = encrypt(&mut c, &format!("value {i}"));
+                key_id_of(&mut c, &v)
+            })
+        })
+        .collect();
+    let ids: Vec<i64> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert!(ids.iter().all(|&id| id == ids[0]), "{ids:?}");
+    let mut c = pg.connect();
+    assert_eq!(count_keys(&mut c), 1);
+    let reason: String = c.query_one("SELECT reason FROM immuta.keys", &[]).unwrap().get(0);
+    assert_eq!(reason, "first use");
+    assert!(pg.master_key_file().exists());
+}
+
+/// Makes the current key look `days` old.
+fn backdate_current_key(c: &mut postgres::Client, days: i32) {
+    c.execute(
+        "UPDATE immuta.data_keys SET created_at = now() - make_interval(days => $1) \
+         WHERE id = (SELECT max(id) FROM immuta.data_keys)",
+        &[&days],
+    )
+    .unwrap();
+}
+
+#[test]
+fn an_overdue_key_rolls_over_on_the_next_encrypt_and_old_values_still_decrypt() {
+    let pg = Cluster::start(&[]);
+    let mut c = pg.connect();
+    let old = encrypt(&mut c, "old value");
+    let old_key = key_id_of(&mut c, &old);
+    backdate_current_key(&mut c, 400);
+    drop(c);
+    let mut c = pg.connect();
+    let new = encrypt(&mut c, "new value");
+    let new_key = key_id_of(&mut c, &new);
+    assert!(new_key > old_key, "encryption moved to a new key");
+    let row = c.query_one("SELECT reason, rolled_over_from FROM immuta.data_keys WHERE id = $1", &[&new_key]).unwrap();
+    assert_eq!(row.get::<_, String>(0), "rollover");
+    assert_eq!(row.get::<_, Option<i64>>(1), Some(old_key));
+    assert_eq!(decrypt(&mut c, &old).unwrap(), "old value");
+    assert_eq!(encrypted_key_id(&mut c, "again"), new_key, "one rollover, not one per row");
+}
+
+#[test]
+fn a_shorter_configured_rollover_length_is_honoured() {
+    let pg = Cluster::start(&[]);
+    let mut c = pg.connect();
+    let first = encrypted_key_id(&mut c, "v");
+    backdate_current_key(&mut c, 10);
+    drop(c);
+    let mut c = pg.connect();
+    assert_eq!(encrypted_key_id(&mut c, "v"), first, "10 days is not due under the 365-day default");
+    c.execute("SELECT immuta_configure('schedule:\n  dataKeyRollOverLength: 7\n')", &[]).unwrap();
+    assert!(encrypted_key_id(&mut c, "v") > first, "due under a 7-day length");
+}
+
+#[test]
+fn many_sessions_meeting_an_overdue_key_roll_it_over_once() {
+    let pg = Arc::new(Cluster::start(&[]));
+    let mut c = pg.connect();
+    encrypt(&mut c, "v");
+    backdate_current_key(&mut c, 400);
+    let barrier = Arc::new(Barrier::new(6));
+    let handles: Vec<_> = (0..6)
+        .map(|_| {
+            let (pg, barrier) = (pg.clone(), barrier.clone());
+            thread::spawn(move || {
+                let mut c = pg.connect();
+                barrier.wait();
+                for _ in 0..20 {
+                    encrypt(&mut c, "v");
+                }
+            })
+        })
+        .collect();
+    handles.into_iter().for_each(|h| h.join().unwrap());
+    assert_eq!(count_keys(&mut c), 2, "exactly one rollover");
+}
+
+#[test]
+fn a_read_only_transaction_keeps_the_overdue_key_and_warns_once_per_session() {
+    let pg = Cluster::start(&[]);
+    let mut c = pg.connect();
+    let key = encrypted_key_id(&mut c, "v");
+    backdate_current_key(&mut c, 400);
+    let (mut ro, notices) = pg.connect_recording_notices();
+    ro.batch_execute("SET default_transaction_read_only = on").unwrap();
+    for _ in 0..3 {
+        assert_eq!(encrypted_key_id(&mut ro, "v"), key);
+    }
+    let warnings: Vec<String> = notices.lock().unwrap().iter().filter(|n| n.starts_with("WARNING")).cloned().collect();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(warnings[0].contains("due for rollover"), "{warnings:?}");
+    assert_eq!(count_keys(&mut c), 1);
+    assert_eq!(sqlstate(ro.execute("SELECT immuta_rotate()", &[])), "25006");
+}
+
+#[test]
+fn a_read_only_transaction_cannot_create_the_first_key() {
+    let pg = Cluster::start(&[]);
+    let mut c = pg.connect();
+    c.batch_execute("SET default_transaction_read_only = on").unwrap();
+    let err = c.query_one("SELECT immuta_encrypt('x')", &[]);
+    let text = error_text(c.query_one("SELECT immuta_encrypt('x')", &[]));
+    assert_eq!(sqlstate(err), "25006");
+    assert!(text.contains("no immuta data key exists yet"), "{text}");
+}

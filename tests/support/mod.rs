@@ -1,0 +1,206 @@
+//! System-test harness: real PostgreSQL clusters started and stopped by the tests themselves.
+//!
+//! Each [`Cluster`] lives in its own directory under /tmp, runs as the `postgres` operating-system
+//! user (PostgreSQL refuses root), listens on a Unix socket in that directory only
+//! (`listen_addresses = ''`, so no test traffic touches any network), loads the immuta installed
+//! in the system's PostgreSQL 15 (`make install`), and is stopped and removed when dropped, also
+//! when the test fails.
+
+#![allow(dead_code)]
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+const PORT: u16 = 5432;
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+pub struct Cluster {
+    pub root: PathBuf,
+    pub data: PathBuf,
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().map(|o| o.stdout.trim_ascii() == b"0").unwrap_or(false)
+}
+
+/// Runs a PostgreSQL program as the `postgres` user.
+pub fn as_postgres(program: &str, args: &[&str]) -> Output {
+    let path = format!("{PG_BIN}/{program}");
+    let mut cmd = if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--", &path]);
+        c
+    } else {
+        Command::new(&path)
+    };
+    let out = cmd.args(args).output().unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    out
+}
+
+fn chown_to_postgres(path: &Path) {
+    if is_root() {
+        let ok = Command::new("chown").args(["-R", "postgres:postgres"]).arg(path).status().unwrap().success();
+        assert!(ok, "chown {}", path.display());
+    }
+}
+
+impl Cluster {
+    /// initdb, append `settings` to postgresql.conf, start, and CREATE EXTENSION immuta in the
+    /// database `postgres`.
+    pub fn start(settings: &[&str]) -> Cluster {
+        let root = PathBuf::from(format!(
+            "/tmp/immuta-systest-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = fs::remove_dir_all(&root);
+        fs::create_dir_all(&root).unwrap();
+        chown_to_postgres(&root);
+        let data = root.join("data");
+        let cluster = Cluster { root, data };
+        let out = as_postgres("initdb", &["-D", cluster.data.to_str().unwrap(), "-E", "UTF8", "--locale=C", "-A", "trust", "-U", "postgres"]);
+        assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        let mut conf = format!(
+            "\nlisten_addresses = ''\nunix_socket_directories = '{}'\nport = {PORT}\nfsync = off\n\
+             logging_collector = off\nlog_min_messages = warning\nshared_buffers = 32MB\nmax_connections = 40\n",
+            cluster.root.display()
+        );
+        for s in settings {
+            conf.push_str(s);
+            conf.push('\n');
+        }
+        let conf_path = cluster.data.join("postgresql.conf");
+        let mut existing = fs::read_to_string(&conf_path).unwrap();
+        existing.push_str(&conf);
+        fs::write(&conf_path, existing).unwrap();
+        cluster.pg_ctl_start();
+        cluster.connect().batch_execute("CREATE EXTENSION immuta").unwrap();
+        cluster
+    }
+
+    fn pg_ctl_start(&self) {
+        let log = self.root.join("server.log");
+        let out = as_postgres(
+            "pg_ctl",
+            &["-D", self.data.to_str().unwrap(), "-l", log.to_str().unwrap(), "-w", "-t", "60", "start"],
+        );
+        assert!(out.status.success(), "pg_ctl start failed: {}\n{}", String::from_utf8_lossy(&out.stderr), self.log());
+    }
+
+    pub fn stop(&self) {
+        let out = as_postgres("pg_ctl", &["-D", self.data.to_str().unwrap(), "-w", "-t", "60", "-m", "fast", "stop"]);
+        assert!(out.status.success(), "pg_ctl stop failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    pub fn restart(&self) {
+        self.stop();
+        self.pg_ctl_start();
+    }
+
+    pub fn start_again(&self) {
+        self.pg_ctl_start();
+    }
+
+    /// The server log so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.root.join("server.log")).unwrap_or_default()
+    }
+
+    pub fn config(&self) -> postgres::Config {
+        let mut c = postgres::Config::new();
+        c.host_path(&self.root).port(PORT).user("postgres").dbname("postgres").connect_timeout(Duration::from_secs(30));
+        c
+    }
+
+    pub fn connect(&self) -> postgres::Client {
+        self.config().connect(postgres::NoTls).unwrap_or_else(|e| panic!("connect: {e}\n{}", self.log()))
+    }
+
+    /// A connection that records every NOTICE/WARNING it receives.
+    pub fn connect_recording_notices(&self) -> (postgres::Client, Arc<Mutex<Vec<String>>>) {
+        let notices = Arc::new(Mutex::new(Vec::new()));
+        let sink = notices.clone();
+        let client = self
+            .config()
+            .notice_callback(move |n| sink.lock().unwrap().push(format!("{}: {}", n.severity(), n.message())))
+            .connect(postgres::NoTls)
+            .unwrap();
+        (client, notices)
+    }
+
+    pub fn master_key_file(&self) -> PathBuf {
+        self.data.join("immuta_master.key")
+    }
+
+    /// Writes a file owned by `postgres` with the given mode.
+    pub fn write_file(&self, path: &Path, content: &str, mode: u32) {
+        fs::write(path, content).unwrap();
+        chown_to_postgres(path);
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = as_postgres("pg_ctl", &["-D", self.data.to_str().unwrap(), "-w", "-t", "30", "-m", "immediate", "stop"]);
+        if std::env::var_os("IMMUTA_KEEP_TEST_CLUSTERS").is_none() {
+            let _ = fs::remove_dir_all(&self.root);
+        }
+    }
+}
+
+/// The SQLSTATE of a failed statement.
+pub fn sqlstate(result: Result<impl Sized, postgres::Error>) -> String {
+    match result {
+        Ok(_) => "00000".into(),
+        Err(e) => e.code().map(|c| c.code().to_owned()).unwrap_or_else(|| format!("no SQLSTATE: {e}")),
+    }
+}
+
+/// Message, detail and hint of a failed statement.
+pub fn error_text(result: Result<impl Sized, postgres::Error>) -> String {
+    match result {
+        Ok(_) => String::new(),
+        Err(e) => match e.as_db_error() {
+            Some(db) => format!("{} | {} | {}", db.message(), db.detail().unwrap_or(""), db.hint().unwrap_or("")),
+            None => e.to_string(),
+        },
+    }
+}
+
+pub fn key_id_of(c: &mut postgres::Client, ciphertext: &[u8]) -> i64 {
+    c.query_one("SELECT immuta_key_id($1)", &[&ciphertext]).unwrap().get(0)
+}
+
+/// `ALTER SYSTEM SET name = 'value'` and a reload; new sessions see it. PostgreSQL only accepts
+/// an extension's settings in ALTER SYSTEM once the library is loaded in the session.
+pub fn set_server_setting(c: &mut postgres::Client, name: &str, value: &str) {
+    c.batch_execute("LOAD 'immuta'").unwrap();
+    c.batch_execute(&format!("ALTER SYSTEM SET {name} = '{}'", value.replace('\'', "''"))).unwrap();
+    c.batch_execute("SELECT pg_reload_conf()").unwrap();
+}
+
+/// Encrypts `text` and returns the id of the key that encrypted it.
+pub fn encrypted_key_id(c: &mut postgres::Client, text: &str) -> i64 {
+    let v = encrypt(c, text);
+    key_id_of(c, &v)
+}
+
+pub fn encrypt(c: &mut postgres::Client, text: &str) -> Vec<u8> {
+    c.query_one("SELECT immuta_encrypt($1)", &[&text]).unwrap().get(0)
+}
+
+pub fn decrypt(c: &mut postgres::Client, ciphertext: &[u8]) -> Result<String, postgres::Error> {
+    c.query_one("SELECT immuta_decrypt($1)", &[&ciphertext]).map(|r| r.get(0))
+}
+
+pub fn count_keys(c: &mut postgres::Client) -> i64 {
+    c.query_one("SELECT count(*) FROM immuta.data_keys", &[]).unwrap().get(0)
+}
