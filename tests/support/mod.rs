@@ -66,17 +66,15 @@ impl Cluster {
         let cluster = Cluster { root, data };
         let out = as_postgres("initdb", &["-D", cluster.data.to_str().unwrap(), "-E", "UTF8", "--locale=C", "-A", "trust", "-U", "postgres"]);
         assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
-        let mut conf = format!(
-            "\nlisten_addresses = ''\nunix_socket_directories = '{}'\nport = {PORT}\nfsync = off\n\
-             logging_collector = off\nlog_min_messages = warning\nshared_buffers = 32MB\nmax_connections = 40\n",
-            cluster.root.display()
-        );
+        let mut conf = fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/pgrx-config/postgresql.test.conf")).unwrap();
+        conf.push_str(&format!("\nunix_socket_directories = '{}'\nport = {PORT}\n", cluster.root.display()));
         for s in settings {
             conf.push_str(s);
             conf.push('\n');
         }
         let conf_path = cluster.data.join("postgresql.conf");
         let mut existing = fs::read_to_string(&conf_path).unwrap();
+        existing.push('\n');
         existing.push_str(&conf);
         fs::write(&conf_path, existing).unwrap();
         cluster.pg_ctl_start();

@@ -74,3 +74,15 @@ fn format_md_shows_every_vector() {
         assert!(FORMAT_MD.contains(hex), "docs/FORMAT.md lacks {hex}");
     }
 }
+
+#[test]
+fn the_example_configurations_in_pgrx_config_are_valid() {
+    use immuta_core::config::Config;
+    let local = Config::from_yaml(include_str!("../../../pgrx-config/immuta.local.yaml")).unwrap();
+    assert_eq!(local.rollover().days(), 90);
+    assert!(local.aws_kms().is_none());
+    let kms = Config::from_yaml(include_str!("../../../pgrx-config/immuta.aws-kms.yaml")).unwrap();
+    assert_eq!(kms.aws_kms().unwrap().key_id, "alias/immuta-data-keys");
+    let creds = Config::from_yaml(include_str!("../../../pgrx-config/immuta.aws-kms-credentials.yaml")).unwrap();
+    assert!(creds.has_explicit_credentials());
+}
