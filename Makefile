@@ -16,11 +16,12 @@ SUDO    := $(if $(IS_ROOT),,sudo)
 AS_PG   := $(if $(IS_ROOT),runuser -u postgres --,sudo -u postgres)
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: help prereqs install demo demo-stop test test-unit test-backend test-system clean
+.PHONY: help prereqs install demo demo-stop test test-unit test-backend test-system bench clean
 
 help:
 	@echo "make demo   install prerequisites, build and install immuta, start a demo cluster, run a walkthrough"
 	@echo "make test   install prerequisites, run every test tier (unit, in-backend, system)"
+	@echo "make bench  install, then measure immuta against the function-call floor (bench/run.sh)"
 
 ## Prerequisites: Debian packages, cargo-pgrx $(PGRX_VERSION), and pgrx pointed at Debian's PostgreSQL 15.
 prereqs:
@@ -76,11 +77,15 @@ test-unit:
 ## In-backend tier: #[pg_test]s in a temporary cluster run by cargo-pgrx as `postgres`.
 test-backend:
 	mkdir -p $(PGTEST_DIR) && chown postgres: $(PGTEST_DIR) 2>/dev/null || $(SUDO) chown postgres: $(PGTEST_DIR)
-	cargo pgrx test pg15 --runas postgres --pgdata $(PGTEST_DIR)/data
+	cargo pgrx test pg15 pg_tests:: --runas postgres --pgdata $(PGTEST_DIR)/data
 
 ## System tier: real clusters started by the tests (tests/), against the installed release build.
 test-system: install
 	cargo test -p immuta --test '*' -- --test-threads=2
+
+## Benchmarks (not tests): results in bench/results/latest.txt.
+bench: install
+	bash bench/run.sh
 
 clean:
 	cargo clean

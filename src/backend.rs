@@ -26,6 +26,7 @@ use crate::catalog::{self, Read, TableOids};
 use crate::config_source::{self, Effective};
 use crate::errors::{raise, OrRaise};
 use crate::keys;
+use crate::varlena;
 
 /// Bumped by every invalidation that concerns immuta; starts at 1 so a fresh backend is stale.
 static INVALIDATIONS: AtomicU64 = AtomicU64::new(1);
@@ -41,6 +42,8 @@ pub struct Backend {
     valid_as_of: u64,
     /// The local transaction id of the last call, to run per-transaction checks once.
     lxid: u32,
+    /// Start time of that transaction: the clock of the rollover rule.
+    now: UnixMicros,
     /// The transaction in which a rollover lost the try-lock: do not try again in it.
     pub rollover_given_up_in: Option<u32>,
     /// Whether this session already warned that it cannot roll over.
@@ -55,6 +58,7 @@ thread_local! {
         oids: None,
         valid_as_of: 0,
         lxid: 0,
+        now: UnixMicros(0),
         rollover_given_up_in: None,
         warned_cannot_rollover: false,
         nonces: None,
@@ -124,22 +128,25 @@ pub fn transaction_now() -> UnixMicros {
     catalog::from_pg_timestamp(unsafe { pg_sys::GetCurrentTransactionStartTimestamp() })
 }
 
-/// Per-call entry: the once-per-transaction check of the configuration file, then a refresh if
-/// an invalidation arrived. In steady state: one load of MyProc, two comparisons.
-pub fn prepare() {
+/// Per-call entry: the once-per-transaction checks (configuration file, clock), then a refresh
+/// if an invalidation arrived. Returns the transaction's start time. In steady state: one load
+/// of MyProc, two comparisons.
+pub fn prepare() -> UnixMicros {
     let lxid = local_xid();
-    let stale = BACKEND.with_borrow_mut(|b| {
-        if b.lxid != lxid {
+    let (stale, now) = BACKEND.with_borrow_mut(|b| {
+        if b.lxid != lxid || b.now.0 == 0 {
             b.lxid = lxid;
+            b.now = transaction_now();
             if b.config.as_ref().is_some_and(config_source::file_changed) {
                 b.valid_as_of = 0;
             }
         }
-        b.valid_as_of != INVALIDATIONS.load(Ordering::Relaxed)
+        (b.valid_as_of != INVALIDATIONS.load(Ordering::Relaxed), b.now)
     });
     if stale {
         refresh();
     }
+    now
 }
 
 /// Reloads the configuration and the current key, and forgets keys that no longer exist.
@@ -174,15 +181,16 @@ fn refresh() {
     });
 }
 
-/// `immuta_encrypt`: seals under the current key, rolling over first when it is due.
-pub fn encrypt(plaintext: &[u8]) -> Vec<u8> {
-    prepare();
-    let now = transaction_now();
+/// `immuta_encrypt`: seals under the current key, rolling over first when it is due. Returns
+/// the `bytea`, built in place.
+pub fn encrypt(plaintext: &[u8]) -> varlena::Bytea {
+    let now = prepare();
+    let len = format::sealed_len(plaintext.len());
     let fast = BACKEND.with_borrow_mut(|b| {
         let current = b.ring.current().filter(|c| now < c.due_at)?;
         let nonce = b.next_nonce();
         let cipher = b.ring.cipher(current.id)?;
-        Some(cipher.seal(&nonce, plaintext))
+        Some(varlena::bytea(len, |out| cipher.seal_into(&nonce, plaintext, out)))
     });
     if let Some(sealed) = fast {
         return sealed;
@@ -192,23 +200,22 @@ pub fn encrypt(plaintext: &[u8]) -> Vec<u8> {
     BACKEND.with_borrow_mut(|b| {
         let nonce = b.next_nonce();
         let cipher = b.ring.cipher(id).expect("ensure_cipher loaded it");
-        cipher.seal(&nonce, plaintext)
+        varlena::bytea(len, |out| cipher.seal_into(&nonce, plaintext, out))
     })
 }
 
 /// `immuta_decrypt`: opens with the key the value names, loading that key once per backend.
-pub fn decrypt(ciphertext: &[u8]) -> String {
+/// Returns the `text`, built in place.
+pub fn decrypt(ciphertext: &[u8]) -> varlena::Text {
     let sealed = format::parse(ciphertext).or_raise();
     prepare();
-    let opened = BACKEND.with_borrow(|b| b.ring.cipher(sealed.key_id).map(|c| c.open_text(&sealed)));
-    let opened = match opened {
-        Some(result) => result,
-        None => {
-            keys::ensure_cipher(sealed.key_id);
-            BACKEND.with_borrow(|b| b.ring.cipher(sealed.key_id).expect("ensure_cipher loaded it").open_text(&sealed))
-        }
-    };
-    opened.or_raise()
+    if BACKEND.with_borrow(|b| b.ring.cipher(sealed.key_id).is_none()) {
+        keys::ensure_cipher(sealed.key_id);
+    }
+    BACKEND.with_borrow(|b| {
+        let cipher = b.ring.cipher(sealed.key_id).expect("ensure_cipher loaded it");
+        varlena::text(sealed.body.len(), |out| cipher.open_text_into(&sealed, out).or_raise())
+    })
 }
 
 /// Adds a cipher to the ring.

@@ -10,6 +10,7 @@ use crate::backend::{self, BACKEND};
 use crate::catalog;
 use crate::errors::{self, raise, ConfigOrigin, OrRaise};
 use crate::gucs;
+use crate::varlena::{Bytea, Text};
 
 /// Encrypts a text value under the current data key. VOLATILE: a fresh random nonce per call.
 /// The argument is read as the raw bytes of the `text` (UTF-8, checked once per backend).
@@ -20,14 +21,14 @@ use crate::gucs;
     sql = "CREATE FUNCTION immuta_encrypt(plaintext text) RETURNS bytea \
            VOLATILE STRICT PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_encrypt_wrapper';"
 )]
-fn immuta_encrypt(plaintext: &[u8]) -> Vec<u8> {
+fn immuta_encrypt(plaintext: &[u8]) -> Bytea {
     backend::encrypt(plaintext)
 }
 
 /// Decrypts a value produced by `immuta_encrypt`. STABLE, not IMMUTABLE: the result depends on
 /// the keys table and the master key.
 #[pg_extern(stable, strict, parallel_safe)]
-fn immuta_decrypt(ciphertext: &[u8]) -> String {
+fn immuta_decrypt(ciphertext: &[u8]) -> Text {
     backend::decrypt(ciphertext)
 }
 

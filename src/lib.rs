@@ -13,6 +13,7 @@
 //! | `catalog.rs` | SPI access to the extension's tables |
 //! | `gucs.rs` | the settings |
 //! | `errors.rs` | errors to SQLSTATEs |
+//! | `varlena.rs` | results built in place |
 
 use pgrx::prelude::*;
 
@@ -24,6 +25,7 @@ mod functions;
 mod gucs;
 mod keys;
 mod providers;
+mod varlena;
 
 ::pgrx::pg_module_magic!(name, version);
 
@@ -32,8 +34,23 @@ extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
+    require_cpu_features();
     gucs::init();
     backend::register_invalidation_callback();
+}
+
+/// immuta is compiled with AES-NI and PCLMULQDQ enabled (.cargo/config.toml): refuse to load on a
+/// CPU without them rather than die of an illegal instruction later.
+fn require_cpu_features() {
+    #[cfg(target_arch = "x86_64")]
+    if !(std::arch::is_x86_feature_detected!("aes") && std::arch::is_x86_feature_detected!("pclmulqdq")) {
+        errors::raise(
+            pgrx::PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            "immuta requires a CPU with AES-NI and PCLMULQDQ",
+            None,
+            Some("Every x86-64 server processor since 2010 has them; check the virtual machine's CPU model."),
+        );
+    }
 }
 
 #[cfg(any(test, feature = "pg_test"))]

@@ -73,9 +73,19 @@ impl DataCipher {
     /// without NUL bytes (which a PostgreSQL `text` cannot hold).
     pub fn open_text(&self, sealed: &format::Sealed<'_>) -> Result<String> {
         let mut out = vec![0u8; sealed.body.len()];
-        self.open_into(sealed, &mut out)?;
-        check_text(self.key_id, &out)?;
+        self.open_text_into(sealed, &mut out)?;
         Ok(String::from_utf8(out).expect("checked"))
+    }
+
+    /// [`DataCipher::open_text`] into a caller's buffer of exactly `sealed.body.len()` bytes;
+    /// zeroed on failure.
+    pub fn open_text_into(&self, sealed: &format::Sealed<'_>, out: &mut [u8]) -> Result<()> {
+        self.open_into(sealed, out)?;
+        if let Err(e) = check_text(self.key_id, out) {
+            out.zeroize();
+            return Err(e);
+        }
+        Ok(())
     }
 }
 
