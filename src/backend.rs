@@ -9,7 +9,7 @@
 //! the sending transaction commits (or, to the sender itself, when it aborts). The callback bumps
 //! a counter; the next immuta call sees the counter moved and refreshes from the tables once.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use immuta_core::cipher::DataCipher;
@@ -22,7 +22,7 @@ use pgrx::prelude::*;
 use pgrx::{pg_sys, PgSqlErrorCode};
 use std::rc::Rc;
 
-use crate::catalog::{self, Read, TableOids};
+use crate::catalog::{self, TableOids};
 use crate::config_source::{self, Effective};
 use crate::errors::{raise, OrRaise};
 use crate::keys;
@@ -83,36 +83,87 @@ impl Backend {
     }
 
     pub fn config(&self) -> Rc<Config> {
-        self.config.as_ref().map(|e| e.config.clone()).unwrap_or_default()
+        self.config
+            .as_ref()
+            .map(|e| e.config.clone())
+            .unwrap_or_default()
     }
 }
 
-/// Registers the relcache callback. Called from `_PG_init`, once per process.
-pub fn register_invalidation_callback() {
-    // SAFETY: registering a callback with a static function pointer; PostgreSQL keeps it for the
-    // life of the process, and the callback only touches atomics.
-    unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(on_relcache_invalidation), pg_sys::Datum::from(0)) };
+/// Registers the relcache and transaction callbacks. Called from `_PG_init`, once per process.
+pub fn register_callbacks() {
+    // SAFETY: registering callbacks with static function pointers; PostgreSQL keeps them for the
+    // life of the process, and the callbacks only touch atomics and a thread-local flag.
+    unsafe {
+        pg_sys::CacheRegisterRelcacheCallback(
+            Some(on_relcache_invalidation),
+            pg_sys::Datum::from(0),
+        );
+        pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut());
+        pg_sys::RegisterSubXactCallback(Some(on_subxact_event), std::ptr::null_mut());
+    }
 }
 
 #[pg_guard]
 extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
     let relid = relid.to_u32();
     // InvalidOid means "all relations" (e.g. after an invalidation queue overflow).
-    if relid == 0 || relid == DATA_KEYS_OID.load(Ordering::Relaxed) || relid == CONFIG_OID.load(Ordering::Relaxed) {
+    if relid == 0
+        || relid == DATA_KEYS_OID.load(Ordering::Relaxed)
+        || relid == CONFIG_OID.load(Ordering::Relaxed)
+    {
         INVALIDATIONS.fetch_add(1, Ordering::Relaxed);
     }
 }
 
-/// Makes the next immuta call in every backend (this one included, on abort) reload the key
-/// ring. Transactional: sent at commit.
-pub fn invalidate_keys(oids: TableOids) {
+thread_local! {
+    /// This transaction created a key and put it in the ring before committing.
+    static CREATED_KEY: Cell<bool> = const { Cell::new(false) };
+}
+
+/// PostgreSQL replays a transaction's invalidations locally when it aborts, but not those of the
+/// command that was running when it failed: a key created by the failing statement itself would
+/// stay current in this backend. So an abort after a key creation forces a refresh, which reads
+/// the committed keys and drops the uncommitted one.
+#[pg_guard]
+extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    use pg_sys::XactEvent::*;
+    match event {
+        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => {
+            if CREATED_KEY.replace(false) {
+                INVALIDATIONS.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT | XACT_EVENT_PREPARE => {
+            CREATED_KEY.set(false)
+        }
+        _ => {}
+    }
+}
+
+#[pg_guard]
+extern "C-unwind" fn on_subxact_event(
+    event: pg_sys::SubXactEvent::Type,
+    _sub: pg_sys::SubTransactionId,
+    _parent: pg_sys::SubTransactionId,
+    _arg: *mut std::ffi::c_void,
+) {
+    if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB && CREATED_KEY.get() {
+        INVALIDATIONS.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// After inserting a key row: make every other backend reload its ring when this transaction
+/// commits, and this one reload if it aborts.
+pub fn key_created_in_this_transaction(oids: TableOids) {
+    CREATED_KEY.set(true);
     // SAFETY: queues a relcache invalidation for an existing relation inside a transaction.
     unsafe { pg_sys::CacheInvalidateRelcacheByRelid(oids.data_keys) };
 }
 
-/// Same, for a configuration change.
+/// After storing a configuration: every backend reloads it once this transaction commits.
 pub fn invalidate_config(oids: TableOids) {
-    // SAFETY: as above.
+    // SAFETY: queues a relcache invalidation for an existing relation inside a transaction.
     unsafe { pg_sys::CacheInvalidateRelcacheByRelid(oids.config) };
 }
 
@@ -141,7 +192,10 @@ pub fn prepare() -> UnixMicros {
                 b.valid_as_of = 0;
             }
         }
-        (b.valid_as_of != INVALIDATIONS.load(Ordering::Relaxed), b.now)
+        (
+            b.valid_as_of != INVALIDATIONS.load(Ordering::Relaxed),
+            b.now,
+        )
     });
     if stale {
         refresh();
@@ -166,7 +220,7 @@ fn refresh() {
     CONFIG_OID.store(oids.config.to_u32(), Ordering::Relaxed);
     let previous = BACKEND.with_borrow(|b| b.config.clone());
     let effective = config_source::load(previous.as_ref());
-    let current = catalog::current_key(Read::Snapshot);
+    let current = catalog::current_key();
     let ids = catalog::key_ids();
     BACKEND.with_borrow_mut(|b| {
         if b.oids.is_some_and(|o| o != oids) {
@@ -174,7 +228,10 @@ fn refresh() {
             b.ring.clear();
         }
         b.ring.retain(|id| ids.contains(&id));
-        b.ring.set_current(current.map(|(id, created)| CurrentKey { id, due_at: effective.config.rollover().due_at(created) }));
+        b.ring.set_current(current.map(|(id, created)| CurrentKey {
+            id,
+            due_at: effective.config.rollover().due_at(created),
+        }));
         b.oids = Some(oids);
         b.config = Some(effective);
         b.valid_as_of = as_of;
@@ -190,7 +247,9 @@ pub fn encrypt(plaintext: &[u8]) -> varlena::Bytea {
         let current = b.ring.current().filter(|c| now < c.due_at)?;
         let nonce = b.next_nonce();
         let cipher = b.ring.cipher(current.id)?;
-        Some(varlena::bytea(len, |out| cipher.seal_into(&nonce, plaintext, out)))
+        Some(varlena::bytea(len, |out| {
+            cipher.seal_into(&nonce, plaintext, out)
+        }))
     });
     if let Some(sealed) = fast {
         return sealed;
@@ -213,8 +272,13 @@ pub fn decrypt(ciphertext: &[u8]) -> varlena::Text {
         keys::ensure_cipher(sealed.key_id);
     }
     BACKEND.with_borrow(|b| {
-        let cipher = b.ring.cipher(sealed.key_id).expect("ensure_cipher loaded it");
-        varlena::text(sealed.body.len(), |out| cipher.open_text_into(&sealed, out).or_raise())
+        let cipher = b
+            .ring
+            .cipher(sealed.key_id)
+            .expect("ensure_cipher loaded it");
+        varlena::text(sealed.body.len(), |out| {
+            cipher.open_text_into(&sealed, out).or_raise()
+        })
     })
 }
 

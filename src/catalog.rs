@@ -7,6 +7,8 @@
 use immuta_core::key::{KeyId, WrappedKey, WrappingKeyRef};
 use immuta_core::rollover::RotationReason;
 use immuta_core::time::UnixMicros;
+use std::ffi::CStr;
+
 use pgrx::prelude::*;
 use pgrx::{pg_sys, PgSqlErrorCode};
 
@@ -48,7 +50,10 @@ pub fn table_oids() -> TableOids {
         };
         (namespace, rel(c"data_keys"), rel(c"config"))
     };
-    if namespace == pg_sys::InvalidOid || data_keys == pg_sys::InvalidOid || config == pg_sys::InvalidOid {
+    if namespace == pg_sys::InvalidOid
+        || data_keys == pg_sys::InvalidOid
+        || config == pg_sys::InvalidOid
+    {
         raise(
             PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
             "immuta is not installed in this database",
@@ -61,70 +66,134 @@ pub fn table_oids() -> TableOids {
 
 fn spi<T>(result: Result<T, pgrx::spi::SpiError>) -> T {
     result.unwrap_or_else(|e| {
-        raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("immuta catalog access failed: {e}"), None, None)
+        raise(
+            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+            format!("immuta catalog access failed: {e}"),
+            None,
+            None,
+        )
     })
 }
 
-/// Freshness of a read: `Snapshot` reads with the statement's snapshot; `Latest` takes a new
-/// snapshot (in READ COMMITTED) so that a key committed by another session after our statement
-/// began is seen, as needed after waiting for the keys table lock.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Read {
-    Snapshot,
-    Latest,
+/// A row of a [`read_latest`] result.
+struct Row {
+    tuple: pg_sys::HeapTuple,
+    desc: pg_sys::TupleDesc,
+}
+
+impl Row {
+    fn get<T: FromDatum>(&self, column: i32) -> Option<T> {
+        let mut is_null = false;
+        // SAFETY: `tuple` and `desc` come from SPI_tuptable of the query just run, inside the
+        // same SPI connection; `column` is 1-based and within the query's target list; the value
+        // is converted to an owned Rust value before SPI_finish frees it.
+        unsafe {
+            let datum = pg_sys::SPI_getbinval(self.tuple, self.desc, column, &mut is_null);
+            T::from_datum(datum, is_null)
+        }
+    }
+}
+
+/// Runs a read-only query on immuta's tables with the latest snapshot, the way PostgreSQL reads
+/// its own catalogs: it sees every committed key and configuration, including those committed
+/// after this statement or this REPEATABLE READ transaction took its snapshot, so an invalidation
+/// is never consumed by a read that cannot yet see its cause. It assigns no transaction id, so it
+/// works on standbys. Inside a parallel operation, where no new snapshot may be taken, the
+/// statement's snapshot is used.
+fn read_latest<R>(
+    query: &CStr,
+    args: &[(pg_sys::Oid, pg_sys::Datum)],
+    mut each: impl FnMut(&Row) -> R,
+) -> Vec<R> {
+    let mut types: Vec<pg_sys::Oid> = args.iter().map(|a| a.0).collect();
+    let mut values: Vec<pg_sys::Datum> = args.iter().map(|a| a.1).collect();
+    Spi::connect(|_client| {
+        // SAFETY: inside an SPI connection (Spi::connect); the query is a fixed, NUL-terminated
+        // string with as many parameters as `types`; the snapshot is either a fresh MVCC
+        // snapshot or InvalidSnapshot ("the usual one"); SPI_tuptable and SPI_processed describe
+        // the result of this very call and are read before the connection closes.
+        unsafe {
+            let plan = pg_sys::SPI_prepare(query.as_ptr(), types.len() as i32, types.as_mut_ptr());
+            if plan.is_null() {
+                raise(
+                    PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+                    "immuta could not prepare a catalog query",
+                    None,
+                    None,
+                );
+            }
+            let snapshot = if pg_sys::IsInParallelMode() {
+                std::ptr::null_mut()
+            } else {
+                pg_sys::GetLatestSnapshot()
+            };
+            let status = pg_sys::SPI_execute_snapshot(
+                plan,
+                values.as_mut_ptr(),
+                std::ptr::null(),
+                snapshot,
+                std::ptr::null_mut(),
+                true,
+                false,
+                0,
+            );
+            if status != pg_sys::SPI_OK_SELECT as i32 {
+                raise(
+                    PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+                    format!("immuta catalog query failed with SPI status {status}"),
+                    None,
+                    None,
+                );
+            }
+            let table = pg_sys::SPI_tuptable;
+            let mut out = Vec::with_capacity(pg_sys::SPI_processed as usize);
+            for i in 0..pg_sys::SPI_processed as usize {
+                out.push(each(&Row {
+                    tuple: *(*table).vals.add(i),
+                    desc: (*table).tupdesc,
+                }));
+            }
+            pg_sys::SPI_freeplan(plan);
+            out
+        }
+    })
 }
 
 /// The newest key (the one that encrypts) and its creation time.
-pub fn current_key(read: Read) -> Option<(KeyId, UnixMicros)> {
-    const Q: &str = "SELECT id, (extract(epoch FROM created_at) * 1000000)::int8 \
-                     FROM immuta.data_keys ORDER BY id DESC LIMIT 1";
-    let (id, created) = spi(Spi::connect_mut(|client| {
-        let table = match read {
-            Read::Snapshot => client.select(Q, Some(1), &[]),
-            Read::Latest => client.update(Q, Some(1), &[]),
-        }?;
-        if table.is_empty() {
-            return Ok((None, None));
-        }
-        table.first().get_two::<i64, i64>()
-    }));
-    Some((KeyId::new(id?)?, UnixMicros(created?)))
+pub fn current_key() -> Option<(KeyId, UnixMicros)> {
+    let rows = read_latest(
+        c"SELECT id, (extract(epoch FROM created_at) * 1000000)::int8 FROM immuta.data_keys ORDER BY id DESC LIMIT 1",
+        &[],
+        |row| Some((KeyId::new(row.get::<i64>(1)?)?, UnixMicros(row.get::<i64>(2)?))),
+    );
+    rows.into_iter().next().flatten()
 }
 
 /// Every key id that exists.
 pub fn key_ids() -> Vec<KeyId> {
-    spi(Spi::connect(|client| {
-        let table = client.select("SELECT id FROM immuta.data_keys", None, &[])?;
-        let mut ids = Vec::with_capacity(table.len());
-        for row in table {
-            if let Some(id) = row.get::<i64>(1)?.and_then(KeyId::new) {
-                ids.push(id);
-            }
-        }
-        Ok(ids)
-    }))
+    read_latest(c"SELECT id FROM immuta.data_keys", &[], |row| {
+        row.get::<i64>(1).and_then(KeyId::new)
+    })
+    .into_iter()
+    .flatten()
+    .collect()
 }
 
 /// The row of key `id`, if it exists.
 pub fn key_row(id: KeyId) -> Option<KeyRow> {
-    let row = spi(Spi::connect(|client| {
-        let table = client.select(
-            "SELECT provider, wrapping_key, wrapping_region, wrapped_key FROM immuta.data_keys WHERE id = $1",
-            Some(1),
-            &[id.get().into()],
-        )?;
-        if table.is_empty() {
-            return Ok(None);
-        }
-        let row = table.first();
-        Ok(Some((
-            row.get::<String>(1)?.unwrap_or_default(),
-            row.get::<String>(2)?.unwrap_or_default(),
-            row.get::<String>(3)?,
-            row.get::<Vec<u8>>(4)?.unwrap_or_default(),
-        )))
-    }))?;
-    let (provider, key, region, wrapped) = row;
+    let rows = read_latest(
+        c"SELECT provider, wrapping_key, wrapping_region, wrapped_key FROM immuta.data_keys WHERE id = $1",
+        &[(pg_sys::INT8OID, pg_sys::Datum::from(id.get()))],
+        |row| {
+            (
+                row.get::<String>(1).unwrap_or_default(),
+                row.get::<String>(2).unwrap_or_default(),
+                row.get::<String>(3),
+                row.get::<Vec<u8>>(4).unwrap_or_default(),
+            )
+        },
+    );
+    let (provider, key, region, wrapped) = rows.into_iter().next()?;
     let wrapping = WrappingKeyRef::from_columns(&provider, &key, region.as_deref()).unwrap_or_else(|| {
         raise(
             PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
@@ -133,45 +202,53 @@ pub fn key_row(id: KeyId) -> Option<KeyRow> {
             Some("The row of immuta.data_keys was altered; restore it from a backup."),
         )
     });
-    Some(KeyRow { id, wrapping, wrapped: WrappedKey::new(wrapped) })
+    Some(KeyRow {
+        id,
+        wrapping,
+        wrapped: WrappedKey::new(wrapped),
+    })
 }
 
 /// Whether any key is wrapped by a local master key (then a missing master key file is an error,
 /// never a reason to generate one).
 pub fn any_local_key() -> bool {
-    spi(Spi::connect_mut(|client| {
-        client
-            .update("SELECT EXISTS (SELECT 1 FROM immuta.data_keys WHERE provider = 'local')", Some(1), &[])?
-            .first()
-            .get_one::<bool>()
-    }))
-    .unwrap_or(false)
+    !read_latest(
+        c"SELECT 1 FROM immuta.data_keys WHERE provider = 'local' LIMIT 1",
+        &[],
+        |_| (),
+    )
+    .is_empty()
 }
 
 /// A new key id from `immuta.data_keys_id_seq`.
 pub fn next_key_id() -> KeyId {
-    let id = spi(Spi::get_one::<i64>("SELECT nextval('immuta.data_keys_id_seq')"));
+    let id = spi(Spi::get_one::<i64>(
+        "SELECT nextval('immuta.data_keys_id_seq')",
+    ));
     id.and_then(KeyId::new).unwrap_or_else(|| {
-        raise(PgSqlErrorCode::ERRCODE_DATA_CORRUPTED, "immuta.data_keys_id_seq returned a non-positive id", None, None)
+        raise(
+            PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
+            "immuta.data_keys_id_seq returned a non-positive id",
+            None,
+            None,
+        )
     })
 }
 
-/// Inserts a key row. With `rolled_over_from` set, at most one key may ever succeed a given key
-/// (a unique column): returns `false` when another session already rolled that key over.
+/// Inserts a key row. `rolled_over_from` (unique) names the key an automatic rollover replaces.
 pub fn insert_key(
     id: KeyId,
     wrapping: &WrappingKeyRef,
     wrapped: &WrappedKey,
     reason: RotationReason,
     rolled_over_from: Option<i64>,
-) -> bool {
+) {
     spi(Spi::connect_mut(|client| {
-        let table = client.update(
+        client.update(
             "INSERT INTO immuta.data_keys \
                  (id, provider, wrapping_key, wrapping_region, wrapped_key, reason, rolled_over_from) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7) \
-             ON CONFLICT (rolled_over_from) DO NOTHING RETURNING id",
-            Some(1),
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            None,
             &[
                 id.get().into(),
                 wrapping.provider().as_str().into(),
@@ -182,19 +259,18 @@ pub fn insert_key(
                 rolled_over_from.into(),
             ],
         )?;
-        Ok(!table.is_empty())
+        Ok(())
     }))
 }
 
 /// The YAML stored by `immuta_configure()`, if any.
 pub fn stored_config() -> Option<String> {
-    spi(Spi::connect(|client| {
-        let table = client.select("SELECT yaml FROM immuta.config", Some(1), &[])?;
-        if table.is_empty() {
-            return Ok(None);
-        }
-        table.first().get_one::<String>()
-    }))
+    read_latest(c"SELECT yaml FROM immuta.config", &[], |row| {
+        row.get::<String>(1)
+    })
+    .into_iter()
+    .next()
+    .flatten()
 }
 
 /// Stores the configuration YAML (one row).

@@ -28,7 +28,10 @@ use crate::gucs;
 pub enum Source {
     Default,
     Stored,
-    File { path: PathBuf, stamp: Option<FileStamp> },
+    File {
+        path: PathBuf,
+        stamp: Option<FileStamp>,
+    },
 }
 
 /// Identity of a version of the configuration file.
@@ -42,7 +45,11 @@ pub struct FileStamp {
 impl FileStamp {
     pub fn of(path: &Path) -> Option<FileStamp> {
         let m = std::fs::metadata(path).ok()?;
-        Some(FileStamp { len: m.len(), mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128, ino: m.ino() })
+        Some(FileStamp {
+            len: m.len(),
+            mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
+            ino: m.ino(),
+        })
     }
 }
 
@@ -60,16 +67,25 @@ pub fn load(previous: Option<&Effective>) -> Effective {
         return match catalog::stored_config() {
             // Stored YAML was validated when stored; an error here means a newer or edited row.
             Some(yaml) => Effective {
-                config: Rc::new(Config::from_yaml(&yaml).unwrap_or_else(|e| errors::report(e, ConfigOrigin::File))),
+                config: Rc::new(
+                    Config::from_yaml(&yaml)
+                        .unwrap_or_else(|e| errors::report(e, ConfigOrigin::Stored)),
+                ),
                 source: Source::Stored,
             },
-            None => Effective { config: Rc::new(Config::default()), source: Source::Default },
+            None => Effective {
+                config: Rc::new(Config::default()),
+                source: Source::Default,
+            },
         };
     };
     let stamp = FileStamp::of(&path);
     let parsed = match std::fs::read_to_string(&path) {
         Ok(text) => Config::from_yaml(&text),
-        Err(e) => Err(Error::Config { path: path.display().to_string(), reason: format!("cannot read the file: {e}") }),
+        Err(e) => Err(Error::Config {
+            path: path.display().to_string(),
+            reason: format!("cannot read the file: {e}"),
+        }),
     };
     match (parsed, previous) {
         (Ok(config), _) => Effective {
@@ -84,7 +100,10 @@ pub fn load(previous: Option<&Effective>) -> Effective {
                 Some("Fix the file named by immuta.config_file."),
             );
             // Remember the bad version so that the warning is not repeated for it.
-            Effective { config: prev.config.clone(), source: Source::File { path, stamp } }
+            Effective {
+                config: prev.config.clone(),
+                source: Source::File { path, stamp },
+            }
         }
         (Err(e), None) => errors::report(e, ConfigOrigin::File),
     }

@@ -16,31 +16,47 @@ pub enum ConfigOrigin {
     Argument,
     /// The file named by `immuta.config_file` (F0000).
     File,
+    /// The row stored in `immuta.config` (F0000): valid when stored, so written by another
+    /// version or edited by hand.
+    Stored,
 }
 
-/// Raises an ERROR; never returns.
-pub fn raise(code: PgSqlErrorCode, message: impl Into<String>, detail: Option<String>, hint: Option<&str>) -> ! {
-    let mut report = ErrorReport::new(code, message.into(), "immuta");
+fn report_at(
+    level: PgLogLevel,
+    code: PgSqlErrorCode,
+    message: String,
+    detail: Option<String>,
+    hint: Option<&str>,
+) {
+    let mut report = ErrorReport::new(code, message, "immuta");
     if let Some(detail) = detail {
         report = report.set_detail(detail);
     }
     if let Some(hint) = hint {
         report = report.set_hint(hint);
     }
-    report.report(PgLogLevel::ERROR);
+    report.report(level);
+}
+
+/// Raises an ERROR; never returns.
+pub fn raise(
+    code: PgSqlErrorCode,
+    message: impl Into<String>,
+    detail: Option<String>,
+    hint: Option<&str>,
+) -> ! {
+    report_at(PgLogLevel::ERROR, code, message.into(), detail, hint);
     unreachable!("ERROR does not return")
 }
 
 /// Emits a WARNING.
-pub fn warn(code: PgSqlErrorCode, message: impl Into<String>, detail: Option<String>, hint: Option<&str>) {
-    let mut report = ErrorReport::new(code, message.into(), "immuta");
-    if let Some(detail) = detail {
-        report = report.set_detail(detail);
-    }
-    if let Some(hint) = hint {
-        report = report.set_hint(hint);
-    }
-    report.report(PgLogLevel::WARNING);
+pub fn warn(
+    code: PgSqlErrorCode,
+    message: impl Into<String>,
+    detail: Option<String>,
+    hint: Option<&str>,
+) {
+    report_at(PgLogLevel::WARNING, code, message.into(), detail, hint);
 }
 
 /// Raises the ERROR for a core error.
@@ -83,7 +99,7 @@ pub fn report(error: Error, origin: ConfigOrigin) -> ! {
         Error::MasterKeyMissing { path, expected } => raise(
             ERRCODE_UNDEFINED_FILE,
             format!("immuta master key file \"{}\" does not exist", path.display()),
-            expected.map(|fp| format!("The data key needs the local master key with fingerprint {fp}.")),
+            expected.map(|fp| format!("immuta's data keys depend on the local master key with fingerprint {fp}.")),
             Some(
                 "Restore the master key file from your backup and point immuta.master_key_file at it. \
                  immuta never creates a new master key while data keys depend on one.",
@@ -103,7 +119,7 @@ pub fn report(error: Error, origin: ConfigOrigin) -> ! {
             ERRCODE_CONFIG_FILE_ERROR,
             format!("immuta master key file \"{}\" is not usable", path.display()),
             Some(sentence(&reason)),
-            Some("The file must hold 64 hexadecimal digits, be owned by the server's user and have mode 0600."),
+            Some("The file must be a regular file holding 64 hexadecimal digits, with mode 0600 (no access for group or others)."),
         ),
         Error::MasterKeyIo { action, path, source } => raise(
             ERRCODE_IO_ERROR,
@@ -135,6 +151,12 @@ pub fn report(error: Error, origin: ConfigOrigin) -> ! {
                 format!("invalid immuta configuration file at {path}"),
                 Some(reason),
                 Some("Fix the file named by immuta.config_file."),
+            ),
+            ConfigOrigin::Stored => raise(
+                ERRCODE_CONFIG_FILE_ERROR,
+                format!("invalid stored immuta configuration at {path}"),
+                Some(reason),
+                Some("The row of immuta.config was edited by hand or written by another immuta version; store a valid configuration with immuta_configure()."),
             ),
         },
     }

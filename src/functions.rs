@@ -61,11 +61,17 @@ fn immuta_configure(yaml: Option<&str>) -> JsonB {
         raise(
             PgSqlErrorCode::ERRCODE_CANT_CHANGE_RUNTIME_PARAM,
             "immuta configuration is managed by a file",
-            Some(format!("immuta.config_file is set to \"{}\".", path.display())),
-            Some("Edit that file, or clear immuta.config_file to configure with immuta_configure()."),
+            Some(format!(
+                "immuta.config_file is set to \"{}\".",
+                path.display()
+            )),
+            Some(
+                "Edit that file, or clear immuta.config_file to configure with immuta_configure().",
+            ),
         );
     }
-    let config = Config::from_yaml(yaml).unwrap_or_else(|e| errors::report(e, ConfigOrigin::Argument));
+    let config =
+        Config::from_yaml(yaml).unwrap_or_else(|e| errors::report(e, ConfigOrigin::Argument));
     if config.has_explicit_credentials() {
         errors::warn(
             PgSqlErrorCode::ERRCODE_WARNING,
@@ -76,7 +82,11 @@ fn immuta_configure(yaml: Option<&str>) -> JsonB {
     }
     backend::prepare();
     catalog::store_config(yaml);
-    backend::invalidate_config(BACKEND.with_borrow(|b| b.oids).expect("prepare() looked the tables up"));
+    backend::invalidate_config(
+        BACKEND
+            .with_borrow(|b| b.oids)
+            .expect("prepare() looked the tables up"),
+    );
     JsonB(config.to_redacted_json())
 }
 

@@ -23,7 +23,8 @@ pub static MASTER_KEY_FILE: GucSetting<Option<std::ffi::CString>> =
 /// the file is the configuration and `immuta_configure()` refuses to run, so there is one source
 /// of truth. A relative path is relative to the data directory. Changes to the file are picked up
 /// at the next transaction that uses immuta.
-pub static CONFIG_FILE: GucSetting<Option<std::ffi::CString>> = GucSetting::<Option<std::ffi::CString>>::new(None);
+pub static CONFIG_FILE: GucSetting<Option<std::ffi::CString>> =
+    GucSetting::<Option<std::ffi::CString>>::new(None);
 
 pub fn init() {
     GucRegistry::define_string_guc(
@@ -48,7 +49,14 @@ pub fn init() {
 
 /// The master key file, resolved against the data directory.
 pub fn master_key_file() -> PathBuf {
-    resolve(MASTER_KEY_FILE.get().as_deref()).unwrap_or_else(|| resolve(Some(c"immuta_master.key")).expect("non-empty"))
+    resolve(MASTER_KEY_FILE.get().as_deref())
+        .unwrap_or_else(|| resolve(Some(c"immuta_master.key")).expect("non-empty"))
+}
+
+/// Where immuta records that it generated a master key for this cluster (always in the data
+/// directory, whatever `immuta.master_key_file` says).
+pub fn master_key_marker() -> PathBuf {
+    resolve(Some(c"immuta_master_key.generated")).expect("non-empty")
 }
 
 /// The configuration file, if one is set.

@@ -2,13 +2,16 @@
 //! loading a key this backend has not unwrapped yet.
 //!
 //! Creating a key takes a SHARE ROW EXCLUSIVE lock on `immuta.data_keys` (it conflicts with
-//! itself, not with readers), held to the end of the transaction, so rotations are serialised in
-//! commit order and the newest id is always the current key. Rollover from an encryption only
-//! *tries* the lock: a session that loses keeps encrypting with the current key and does not try
-//! again in that transaction, so no encryption ever waits behind another session's rotation.
-//! As a last guard, an automatic rollover records which key it replaces in the unique column
-//! `rolled_over_from`: two sessions can never both replace the same key, whatever the isolation
-//! level.
+//! itself, not with readers), held to the end of the transaction, so key creations are
+//! serialised in commit order and the newest id is always the current key. Rollover from an
+//! encryption only *tries* that lock: a session that loses keeps encrypting with the current key
+//! and does not try again in that transaction, so an encryption never waits behind another
+//! session's rotation. (The very first key is the exception: with no key to fall back on, the
+//! first encryption waits for a concurrent first encryption and then uses its key.) After taking
+//! the lock, the newest key is read again with the latest snapshot (see `catalog.rs`), so a
+//! rollover committed meanwhile is adopted, not repeated, at every isolation level. As a last
+//! guard, an automatic rollover records the key it replaces in the unique column
+//! `rolled_over_from`: two sessions can never both replace the same key.
 
 use immuta_core::cipher::DataCipher;
 use immuta_core::key::{DataKey, KeyId};
@@ -19,7 +22,7 @@ use immuta_core::Error;
 use pgrx::{pg_sys, PgSqlErrorCode};
 
 use crate::backend::{self, BACKEND};
-use crate::catalog::{self, Read};
+use crate::catalog;
 use crate::errors::{self, raise, OrRaise};
 use crate::providers;
 
@@ -45,13 +48,15 @@ fn write_blocker() -> Option<&'static str> {
 }
 
 fn oids() -> catalog::TableOids {
-    BACKEND.with_borrow(|b| b.oids).expect("prepare() looked the tables up")
+    BACKEND
+        .with_borrow(|b| b.oids)
+        .expect("prepare() looked the tables up")
 }
 
 /// The key to encrypt with when the ring has no current key or the current key is due.
 pub fn current_for_encrypt(now: UnixMicros) -> KeyId {
-    let current = BACKEND.with_borrow(|b| b.ring.current());
-    match current {
+    match BACKEND.with_borrow(|b| b.ring.current()) {
+        Some(current) if now < current.due_at => current.id,
         Some(due) => rollover(due, now),
         None => first_key(),
     }
@@ -59,7 +64,8 @@ pub fn current_for_encrypt(now: UnixMicros) -> KeyId {
 
 fn rollover(due: CurrentKey, now: UnixMicros) -> KeyId {
     if let Some(why) = write_blocker() {
-        let warn = BACKEND.with_borrow_mut(|b| !std::mem::replace(&mut b.warned_cannot_rollover, true));
+        let warn =
+            BACKEND.with_borrow_mut(|b| !std::mem::replace(&mut b.warned_cannot_rollover, true));
         if warn {
             errors::warn(
                 PgSqlErrorCode::ERRCODE_WARNING,
@@ -79,15 +85,11 @@ fn rollover(due: CurrentKey, now: UnixMicros) -> KeyId {
         BACKEND.with_borrow_mut(|b| b.rollover_given_up_in = Some(lxid));
         return due.id;
     }
-    // Someone may have rolled over between our snapshot and the lock.
     let rollover = BACKEND.with_borrow(|b| b.config().rollover());
-    match catalog::current_key(Read::Latest) {
-        Some((id, created)) if !rollover.is_due(created, now) => {
-            set_current(id, created);
-            id
-        }
-        Some((id, _)) => create_key(RotationReason::Rollover, Some(id.get())).unwrap_or_else(adopt_latest),
-        None => create_key(RotationReason::FirstUse, Some(FIRST_KEY_MARKER)).unwrap_or_else(adopt_latest),
+    match adopt_latest() {
+        Some((id, created)) if !rollover.is_due(created, now) => id,
+        Some((id, _)) => create_key(RotationReason::Rollover, Some(id.get())),
+        None => create_key(RotationReason::FirstUse, Some(FIRST_KEY_MARKER)),
     }
 }
 
@@ -102,24 +104,17 @@ fn first_key() -> KeyId {
     }
     // SAFETY: a blocking lock on our own table by OID, released at transaction end.
     unsafe { pg_sys::LockRelationOid(oids().data_keys, KEY_CREATION_LOCK) };
-    match catalog::current_key(Read::Latest) {
-        Some((id, created)) => {
-            set_current(id, created);
-            id
-        }
-        None => create_key(RotationReason::FirstUse, Some(FIRST_KEY_MARKER)).unwrap_or_else(adopt_latest),
+    match adopt_latest() {
+        Some((id, _)) => id,
+        None => create_key(RotationReason::FirstUse, Some(FIRST_KEY_MARKER)),
     }
 }
 
-/// Another session created the successor we meant to create: use the newest key.
-fn adopt_latest() -> KeyId {
-    match catalog::current_key(Read::Latest) {
-        Some((id, created)) => {
-            set_current(id, created);
-            id
-        }
-        None => raise(PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE, "immuta data key creation raced with another session", None, Some("Retry the transaction.")),
-    }
+/// Makes the newest committed key (read with the latest snapshot) current in this backend.
+fn adopt_latest() -> Option<(KeyId, UnixMicros)> {
+    let latest = catalog::current_key()?;
+    set_current(latest.0, latest.1);
+    Some(latest)
 }
 
 fn set_current(id: KeyId, created: UnixMicros) {
@@ -142,24 +137,29 @@ pub fn rotate() -> KeyId {
     backend::prepare();
     // SAFETY: a blocking lock on our own table by OID, released at transaction end.
     unsafe { pg_sys::LockRelationOid(oids().data_keys, KEY_CREATION_LOCK) };
-    create_key(RotationReason::Manual, None).expect("manual keys have no uniqueness constraint")
+    create_key(RotationReason::Manual, None)
 }
 
-/// Creates, wraps and stores a key, and makes it current in this backend. `None` when another
-/// session already replaced `rolled_over_from`.
-fn create_key(reason: RotationReason, rolled_over_from: Option<i64>) -> Option<KeyId> {
+/// Creates, wraps and stores a key, and makes it current in this backend. We hold the key
+/// creation lock and have read the newest key with the latest snapshot, so the unique
+/// `rolled_over_from` cannot conflict; if it ever did, the INSERT's error would stand.
+fn create_key(reason: RotationReason, rolled_over_from: Option<i64>) -> KeyId {
     let config = BACKEND.with_borrow(|b| b.config());
     let provider = providers::for_new_keys(&config);
     let id = catalog::next_key_id();
     let key = DataKey::generate();
     let wrapped = provider.wrap(id, &key).or_raise();
-    if !catalog::insert_key(id, provider.wrapping_key(), &wrapped, reason, rolled_over_from) {
-        return None;
-    }
-    backend::invalidate_keys(oids());
+    catalog::insert_key(
+        id,
+        provider.wrapping_key(),
+        &wrapped,
+        reason,
+        rolled_over_from,
+    );
+    backend::key_created_in_this_transaction(oids());
     backend::insert_cipher(DataCipher::new(id, &key));
     set_current(id, backend::transaction_now());
-    Some(id)
+    id
 }
 
 /// Makes sure the ring holds the cipher of key `id`, unwrapping it if needed.
@@ -167,7 +167,11 @@ pub fn ensure_cipher(id: KeyId) {
     if BACKEND.with_borrow(|b| b.ring.cipher(id).is_some()) {
         return;
     }
-    let row = catalog::key_row(id).ok_or(Error::UnknownKey { key_id: id.get() as u64 }).or_raise();
+    let row = catalog::key_row(id)
+        .ok_or(Error::UnknownKey {
+            key_id: id.get() as u64,
+        })
+        .or_raise();
     let key = providers::unwrap(&row);
     backend::insert_cipher(DataCipher::new(id, &key));
 }

@@ -36,20 +36,26 @@ extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 pub extern "C-unwind" fn _PG_init() {
     require_cpu_features();
     gucs::init();
-    backend::register_invalidation_callback();
+    backend::register_callbacks();
 }
 
 /// immuta is compiled with AES-NI and PCLMULQDQ enabled (.cargo/config.toml): refuse to load on a
-/// CPU without them rather than die of an illegal instruction later.
+/// CPU without them rather than die of an illegal instruction later. `is_x86_feature_detected!`
+/// cannot tell (it answers from the compile-time features), so ask CPUID leaf 1 directly:
+/// ECX bit 25 is AES-NI, bit 1 is PCLMULQDQ.
 fn require_cpu_features() {
     #[cfg(target_arch = "x86_64")]
-    if !(std::arch::is_x86_feature_detected!("aes") && std::arch::is_x86_feature_detected!("pclmulqdq")) {
-        errors::raise(
-            pgrx::PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-            "immuta requires a CPU with AES-NI and PCLMULQDQ",
-            None,
-            Some("Every x86-64 server processor since 2010 has them; check the virtual machine's CPU model."),
-        );
+    {
+        // CPUID exists on every x86-64 processor, and leaf 1 always does.
+        let ecx = std::arch::x86_64::__cpuid(1).ecx;
+        if ecx & (1 << 25) == 0 || ecx & (1 << 1) == 0 {
+            errors::raise(
+                pgrx::PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                "immuta requires a CPU with AES-NI and PCLMULQDQ",
+                None,
+                Some("Every x86-64 server processor since 2010 has them; check the virtual machine's CPU model."),
+            );
+        }
     }
 }
 

@@ -12,7 +12,9 @@ mod tests {
              BEGIN EXECUTE q; RETURN '00000'; EXCEPTION WHEN OTHERS THEN RETURN SQLSTATE; END $$",
         )
         .unwrap();
-        Spi::get_one_with_args::<String>("SELECT pg_temp.sqlstate_of($1)", &[sql.into()]).unwrap().unwrap()
+        Spi::get_one_with_args::<String>("SELECT pg_temp.sqlstate_of($1)", &[sql.into()])
+            .unwrap()
+            .unwrap()
     }
 
     fn one<T: FromDatum + IntoDatum>(sql: &str) -> T {
@@ -22,9 +24,10 @@ mod tests {
     #[pg_test]
     fn encrypt_then_decrypt_round_trips_text_of_every_kind() {
         for text in ["", "123-45-6789", "żółw 🐢 ☃ 東京", "a'b\"c\\d"] {
-            let back: String = Spi::get_one_with_args("SELECT immuta_decrypt(immuta_encrypt($1))", &[text.into()])
-                .unwrap()
-                .unwrap();
+            let back: String =
+                Spi::get_one_with_args("SELECT immuta_decrypt(immuta_encrypt($1))", &[text.into()])
+                    .unwrap()
+                    .unwrap();
             assert_eq!(back, text);
         }
         let big: bool = one("SELECT immuta_decrypt(immuta_encrypt(repeat('x', 5 * 1024 * 1024))) = repeat('x', 5 * 1024 * 1024)");
@@ -33,26 +36,47 @@ mod tests {
 
     #[pg_test]
     fn null_in_is_null_out() {
-        assert_eq!(Spi::get_one::<Vec<u8>>("SELECT immuta_encrypt(NULL)").unwrap(), None);
-        assert_eq!(Spi::get_one::<String>("SELECT immuta_decrypt(NULL)").unwrap(), None);
+        assert_eq!(
+            Spi::get_one::<Vec<u8>>("SELECT immuta_encrypt(NULL)").unwrap(),
+            None
+        );
+        assert_eq!(
+            Spi::get_one::<String>("SELECT immuta_decrypt(NULL)").unwrap(),
+            None
+        );
     }
 
     #[pg_test]
     fn encrypting_twice_gives_different_ciphertexts_of_documented_length() {
-        assert!(one::<bool>("SELECT immuta_encrypt('same') <> immuta_encrypt('same')"));
+        assert!(one::<bool>(
+            "SELECT immuta_encrypt('same') <> immuta_encrypt('same')"
+        ));
         assert_eq!(one::<i32>("SELECT length(immuta_encrypt('12345'))"), 5 + 37);
-        assert_eq!(one::<String>("SELECT encode(substring(immuta_encrypt('x') FROM 1 FOR 1), 'hex')"), "01");
+        assert_eq!(
+            one::<String>("SELECT encode(substring(immuta_encrypt('x') FROM 1 FOR 1), 'hex')"),
+            "01"
+        );
     }
 
     #[pg_test]
     fn function_volatility_is_as_documented() {
-        let vol = |f: &str| one::<String>(&format!("SELECT provolatile::text FROM pg_proc WHERE proname = '{f}'"));
+        let vol = |f: &str| {
+            one::<String>(&format!(
+                "SELECT provolatile::text FROM pg_proc WHERE proname = '{f}'"
+            ))
+        };
         assert_eq!(vol("immuta_encrypt"), "v");
         assert_eq!(vol("immuta_decrypt"), "s");
-        let par = |f: &str| one::<String>(&format!("SELECT proparallel::text FROM pg_proc WHERE proname = '{f}'"));
+        let par = |f: &str| {
+            one::<String>(&format!(
+                "SELECT proparallel::text FROM pg_proc WHERE proname = '{f}'"
+            ))
+        };
         assert_eq!(par("immuta_encrypt"), "s");
         assert_eq!(par("immuta_decrypt"), "s");
-        assert!(one::<bool>("SELECT proisstrict FROM pg_proc WHERE proname = 'immuta_encrypt'"));
+        assert!(one::<bool>(
+            "SELECT proisstrict FROM pg_proc WHERE proname = 'immuta_encrypt'"
+        ));
     }
 
     #[pg_test]
@@ -61,27 +85,49 @@ mod tests {
         let old_key: i64 = one("SELECT immuta_key_id(c) FROM t");
         let new_key: i64 = one("SELECT immuta_rotate()");
         assert!(new_key > old_key);
-        assert_eq!(one::<i64>("SELECT immuta_key_id(immuta_encrypt('after'))"), new_key);
+        assert_eq!(
+            one::<i64>("SELECT immuta_key_id(immuta_encrypt('after'))"),
+            new_key
+        );
         assert_eq!(one::<String>("SELECT immuta_decrypt(c) FROM t"), "before");
-        assert_eq!(one::<i64>("SELECT id FROM immuta.keys WHERE is_current"), new_key);
+        assert_eq!(
+            one::<i64>("SELECT id FROM immuta.keys WHERE is_current"),
+            new_key
+        );
         assert!(one::<bool>("SELECT rollover_due_at IS NULL FROM immuta.keys WHERE id = (SELECT immuta_key_id(c) FROM t)"));
         assert!(one::<bool>(
             "SELECT rollover_due_at = created_at + interval '365 days' FROM immuta.keys WHERE is_current"
         ));
-        assert_eq!(one::<String>(&format!("SELECT reason FROM immuta.keys WHERE id = {new_key}")), "manual");
+        assert_eq!(
+            one::<String>(&format!(
+                "SELECT reason FROM immuta.keys WHERE id = {new_key}"
+            )),
+            "manual"
+        );
     }
 
     #[pg_test]
     fn keys_are_stored_only_wrapped_with_the_master_key_fingerprint() {
         one::<i64>("SELECT immuta_rotate()");
-        assert_eq!(one::<i32>("SELECT length(wrapped_key) FROM immuta.data_keys ORDER BY id DESC LIMIT 1"), 61);
-        assert_eq!(one::<String>("SELECT provider FROM immuta.keys ORDER BY id DESC LIMIT 1"), "local");
-        assert!(one::<bool>("SELECT wrapping_key ~ '^[0-9a-f]{16}$' FROM immuta.keys ORDER BY id DESC LIMIT 1"));
+        assert_eq!(
+            one::<i32>("SELECT length(wrapped_key) FROM immuta.data_keys ORDER BY id DESC LIMIT 1"),
+            61
+        );
+        assert_eq!(
+            one::<String>("SELECT provider FROM immuta.keys ORDER BY id DESC LIMIT 1"),
+            "local"
+        );
+        assert!(one::<bool>(
+            "SELECT wrapping_key ~ '^[0-9a-f]{16}$' FROM immuta.keys ORDER BY id DESC LIMIT 1"
+        ));
     }
 
     #[pg_test]
     fn bad_ciphertexts_raise_their_documented_sqlstates() {
-        assert_eq!(sqlstate_of("SELECT immuta_decrypt('\\x0102'::bytea)"), "22P03");
+        assert_eq!(
+            sqlstate_of("SELECT immuta_decrypt('\\x0102'::bytea)"),
+            "22P03"
+        );
         assert_eq!(sqlstate_of("SELECT immuta_decrypt(''::bytea)"), "22P03");
         assert_eq!(
             sqlstate_of("SELECT immuta_decrypt(set_byte(immuta_encrypt('x'), 0, 9))"),
@@ -99,8 +145,16 @@ mod tests {
             "tampered body"
         );
         let c: Vec<u8> = one("SELECT immuta_encrypt('abcdef')");
-        let cut = format!("SELECT immuta_decrypt(substring('\\x{}'::bytea FROM 1 FOR {}))", hex(&c), c.len() - 3);
-        assert_eq!(sqlstate_of(&cut), "22000", "a value cut after the header fails authentication");
+        let cut = format!(
+            "SELECT immuta_decrypt(substring('\\x{}'::bytea FROM 1 FOR {}))",
+            hex(&c),
+            c.len() - 3
+        );
+        assert_eq!(
+            sqlstate_of(&cut),
+            "22000",
+            "a value cut after the header fails authentication"
+        );
     }
 
     /// Runs `sql` and returns its error's message, detail and hint, joined.
@@ -113,7 +167,9 @@ mod tests {
                RETURN concat_ws(' | ', m, d, h); END $$",
         )
         .unwrap();
-        Spi::get_one_with_args::<String>("SELECT pg_temp.error_text_of($1)", &[sql.into()]).unwrap().unwrap()
+        Spi::get_one_with_args::<String>("SELECT pg_temp.error_text_of($1)", &[sql.into()])
+            .unwrap()
+            .unwrap()
     }
 
     #[pg_test]
@@ -121,7 +177,10 @@ mod tests {
         let tampered = "SELECT immuta_decrypt(set_byte(immuta_encrypt('PLAINTEXT-4111'), 30, 0))";
         let text = error_text_of(tampered);
         assert!(text.contains("failed authentication"), "{text}");
-        assert!(!text.contains("PLAINTEXT") && !text.contains("\\x"), "{text}");
+        assert!(
+            !text.contains("PLAINTEXT") && !text.contains("\\x"),
+            "{text}"
+        );
         let text = error_text_of("SELECT immuta_decrypt('\\x0200000000000000016162636465666768697071727374757677787980818283848586878889909192'::bytea)");
         assert!(text.contains("version 2"), "{text}");
         assert!(!text.contains("6162"), "{text}");
@@ -129,9 +188,13 @@ mod tests {
 
     #[pg_test]
     fn configuration_round_trips_and_bad_documents_change_nothing() {
-        let shown: pgrx::JsonB = one("SELECT immuta_configure('schedule:\n  dataKeyRollOverLength: 30\n')");
+        let shown: pgrx::JsonB =
+            one("SELECT immuta_configure('schedule:\n  dataKeyRollOverLength: 30\n')");
         assert_eq!(shown.0["schedule"]["dataKeyRollOverLength"], 30);
-        assert_eq!(one::<i32>("SELECT (immuta_config()->'schedule'->>'dataKeyRollOverLength')::int"), 30);
+        assert_eq!(
+            one::<i32>("SELECT (immuta_config()->'schedule'->>'dataKeyRollOverLength')::int"),
+            30
+        );
         for bad in [
             "schedule:\n  dataKeyRollOverLength: -1\n",
             "schedule:\n  dataKeyRollOverLength: 0\n",
@@ -141,10 +204,16 @@ mod tests {
             let sql = format!("SELECT immuta_configure({})", pgrx::spi::quote_literal(bad));
             assert_eq!(sqlstate_of(&sql), "22023", "{bad}");
         }
-        assert_eq!(one::<i32>("SELECT (immuta_config()->'schedule'->>'dataKeyRollOverLength')::int"), 30);
+        assert_eq!(
+            one::<i32>("SELECT (immuta_config()->'schedule'->>'dataKeyRollOverLength')::int"),
+            30
+        );
         assert_eq!(sqlstate_of("SELECT immuta_configure(NULL)"), "22004");
         one::<pgrx::JsonB>("SELECT immuta_configure('')");
-        assert_eq!(one::<i32>("SELECT (immuta_config()->'schedule'->>'dataKeyRollOverLength')::int"), 365);
+        assert_eq!(
+            one::<i32>("SELECT (immuta_config()->'schedule'->>'dataKeyRollOverLength')::int"),
+            365
+        );
     }
 
     #[pg_test]
@@ -153,7 +222,10 @@ mod tests {
             "SELECT immuta_configure('plugins:\n  awsKms:\n    plugin: awsKms\n    isKms: false\n    keyId: alias/x\n    region: us-east-1\n    extraKmsConfig:\n      credentials:\n        accessKeyId: AKIDEXAMPLE\n        secretAccessKey: wJalrXUtnFEMIsecret\n        sessionToken: tokentokentoken\n')",
         );
         let shown = one::<pgrx::JsonB>("SELECT immuta_config()").0.to_string();
-        assert!(!shown.contains("wJalrXUtnFEMIsecret") && !shown.contains("tokentokentoken"), "{shown}");
+        assert!(
+            !shown.contains("wJalrXUtnFEMIsecret") && !shown.contains("tokentokentoken"),
+            "{shown}"
+        );
         assert!(shown.contains("AKIDEXAMPLE"));
     }
 
@@ -162,6 +234,49 @@ mod tests {
         one::<i64>("SELECT immuta_rotate()");
         one::<pgrx::JsonB>("SELECT immuta_configure('schedule:\n  dataKeyRollOverLength: 7\n')");
         assert!(one::<bool>("SELECT rollover_due_at = created_at + interval '7 days' FROM immuta.keys WHERE is_current"));
+    }
+
+    #[pg_test]
+    fn mutated_ciphertexts_through_sql_give_only_documented_errors_or_the_original() {
+        // 3000 values: random bit flips, truncations, extensions and header rewrites of real
+        // ciphertexts; each must decrypt to its original (only if unchanged) or raise one of the
+        // documented SQLSTATEs, never XX000 and never another plaintext.
+        Spi::run(
+            "CREATE FUNCTION pg_temp.decrypt_state(m bytea, p text, c bytea) RETURNS text LANGUAGE plpgsql AS $$ \
+             DECLARE r text; \
+             BEGIN \
+               r := immuta_decrypt(m); \
+               IF m = c AND r = p THEN RETURN 'same'; END IF; \
+               RETURN 'WRONG PLAINTEXT'; \
+             EXCEPTION WHEN OTHERS THEN RETURN SQLSTATE; END $$",
+        )
+        .unwrap();
+        let states: Vec<String> = Spi::connect(|client| {
+            client
+                .select(
+                    "WITH src AS (SELECT i, md5(i::text) AS p, immuta_encrypt(md5(i::text)) AS c FROM generate_series(1, 3000) i),
+                     mutated AS (
+                       SELECT p, c, CASE i % 5
+                         WHEN 0 THEN set_byte(c, (i * 7) % length(c), get_byte(c, (i * 7) % length(c)) # (1 << (i % 8)))
+                         WHEN 1 THEN substring(c FROM 1 FOR (i * 13) % length(c))
+                         WHEN 2 THEN c || '\\x00ff'::bytea
+                         WHEN 3 THEN overlay(c PLACING int8send(i) FROM 2)
+                         ELSE set_byte(c, 0, i % 256) END AS m
+                       FROM src)
+                     SELECT DISTINCT pg_temp.decrypt_state(m, p, c) FROM mutated",
+                    None,
+                    &[],
+                )
+                .map(|t| t.map(|r| r.get::<String>(1).unwrap().unwrap()).collect())
+        })
+        .unwrap_or_default();
+        assert!(!states.is_empty());
+        for s in &states {
+            assert!(
+                ["22P03", "0A000", "42704", "22000", "22021", "same"].contains(&s.as_str()),
+                "{states:?}"
+            );
+        }
     }
 
     fn hex(bytes: &[u8]) -> String {

@@ -21,12 +21,21 @@ pub fn for_new_keys(config: &Config) -> Box<dyn KeyProvider> {
         raise(
             PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
             "the AWS KMS provider is not available in this version of immuta",
-            Some(format!("The configuration enables plugins.awsKms with key {} in {}.", kms.key_id, kms.region)),
+            Some(format!(
+                "The configuration enables plugins.awsKms with key {} in {}.",
+                kms.key_id, kms.region
+            )),
             Some("Set plugins.awsKms.isKms to false to use the local master key."),
         );
     }
-    // The master key may be generated only while no key row depends on a local master key.
-    let create = if catalog::any_local_key() { Create::Never } else { Create::IfMissing };
+    // The master key may be generated only while no key row of this database depends on a local
+    // master key, and no other database's (the marker in the data directory records that).
+    let marker = gucs::master_key_marker();
+    let create = if catalog::any_local_key() {
+        Create::Never
+    } else {
+        Create::IfMissing { marker: &marker }
+    };
     Box::new(LocalProvider::open(&gucs::master_key_file(), create).or_raise())
 }
 
@@ -36,11 +45,16 @@ pub fn unwrap(row: &KeyRow) -> DataKey {
         WrappingKeyRef::Local { fingerprint } => {
             let provider = LocalProvider::open(&gucs::master_key_file(), Create::Never)
                 .map_err(|e| match e {
-                    Error::MasterKeyMissing { path, .. } => Error::MasterKeyMissing { path, expected: Some(*fingerprint) },
+                    Error::MasterKeyMissing { path, .. } => Error::MasterKeyMissing {
+                        path,
+                        expected: Some(*fingerprint),
+                    },
                     other => other,
                 })
                 .or_raise();
-            provider.unwrap(row.id, &row.wrapping, &row.wrapped).or_raise()
+            provider
+                .unwrap(row.id, &row.wrapping, &row.wrapped)
+                .or_raise()
         }
         WrappingKeyRef::AwsKms { .. } => Err(Error::ProviderUnavailable {
             key_id: row.id,

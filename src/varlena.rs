@@ -55,17 +55,23 @@ fn build(len: usize, fill: impl FnOnce(&mut [u8])) -> pg_sys::Datum {
         raise(
             PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
             "value too large for immuta",
-            Some(format!("The result would be {len} bytes; PostgreSQL values are limited to 1 GB.")),
+            Some(format!(
+                "The result would be {len} bytes; PostgreSQL values are limited to 1 GB."
+            )),
             None,
         );
     }
-    // SAFETY: palloc returns `total` writable bytes in CurrentMemoryContext (or raises ERROR);
-    // we write the 4-byte header and hand `fill` exactly the `len` data bytes after it, which it
-    // overwrites completely before the datum is returned.
+    // SAFETY: palloc0 returns `total` zeroed (so initialised) writable bytes in
+    // CurrentMemoryContext, or raises ERROR; we write the 4-byte header and hand `fill` exactly
+    // the `len` data bytes after it. The memory outlives this call: it belongs to the context the
+    // function was called in, which is where PostgreSQL expects the result.
     unsafe {
-        let ptr = pg_sys::palloc(total).cast::<u8>();
+        let ptr = pg_sys::palloc0(total).cast::<u8>();
         pgrx::set_varsize_4b(ptr.cast(), total as i32);
-        fill(std::slice::from_raw_parts_mut(ptr.add(pg_sys::VARHDRSZ), len));
+        fill(std::slice::from_raw_parts_mut(
+            ptr.add(pg_sys::VARHDRSZ),
+            len,
+        ));
         pg_sys::Datum::from(ptr)
     }
 }

@@ -26,7 +26,11 @@ pub struct Cluster {
 }
 
 fn is_root() -> bool {
-    Command::new("id").arg("-u").output().map(|o| o.stdout.trim_ascii() == b"0").unwrap_or(false)
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.trim_ascii() == b"0")
+        .unwrap_or(false)
 }
 
 /// Runs a PostgreSQL program as the `postgres` user.
@@ -39,13 +43,32 @@ pub fn as_postgres(program: &str, args: &[&str]) -> Output {
     } else {
         Command::new(&path)
     };
-    let out = cmd.args(args).output().unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    let out = cmd
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
     out
+}
+
+/// Runs a PostgreSQL program as `postgres` and fails the test, with its output, if it fails.
+fn as_postgres_ok(program: &str, args: &[&str], log: impl FnOnce() -> String) {
+    let out = as_postgres(program, args);
+    assert!(
+        out.status.success(),
+        "{program} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        log()
+    );
 }
 
 fn chown_to_postgres(path: &Path) {
     if is_root() {
-        let ok = Command::new("chown").args(["-R", "postgres:postgres"]).arg(path).status().unwrap().success();
+        let ok = Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(path)
+            .status()
+            .unwrap()
+            .success();
         assert!(ok, "chown {}", path.display());
     }
 }
@@ -64,10 +87,30 @@ impl Cluster {
         chown_to_postgres(&root);
         let data = root.join("data");
         let cluster = Cluster { root, data };
-        let out = as_postgres("initdb", &["-D", cluster.data.to_str().unwrap(), "-E", "UTF8", "--locale=C", "-A", "trust", "-U", "postgres"]);
-        assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
-        let mut conf = fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/pgrx-config/postgresql.test.conf")).unwrap();
-        conf.push_str(&format!("\nunix_socket_directories = '{}'\nport = {PORT}\n", cluster.root.display()));
+        as_postgres_ok(
+            "initdb",
+            &[
+                "-D",
+                cluster.data.to_str().unwrap(),
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+            ],
+            String::new,
+        );
+        let mut conf = fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/pgrx-config/postgresql.test.conf"
+        ))
+        .unwrap();
+        conf.push_str(&format!(
+            "\nunix_socket_directories = '{}'\nport = {PORT}\n",
+            cluster.root.display()
+        ));
         for s in settings {
             conf.push_str(s);
             conf.push('\n');
@@ -78,22 +121,46 @@ impl Cluster {
         existing.push_str(&conf);
         fs::write(&conf_path, existing).unwrap();
         cluster.pg_ctl_start();
-        cluster.connect().batch_execute("CREATE EXTENSION immuta").unwrap();
+        cluster
+            .connect()
+            .batch_execute("CREATE EXTENSION immuta")
+            .unwrap();
         cluster
     }
 
     fn pg_ctl_start(&self) {
         let log = self.root.join("server.log");
-        let out = as_postgres(
+        as_postgres_ok(
             "pg_ctl",
-            &["-D", self.data.to_str().unwrap(), "-l", log.to_str().unwrap(), "-w", "-t", "60", "start"],
+            &[
+                "-D",
+                self.data.to_str().unwrap(),
+                "-l",
+                log.to_str().unwrap(),
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
+            || self.log(),
         );
-        assert!(out.status.success(), "pg_ctl start failed: {}\n{}", String::from_utf8_lossy(&out.stderr), self.log());
     }
 
     pub fn stop(&self) {
-        let out = as_postgres("pg_ctl", &["-D", self.data.to_str().unwrap(), "-w", "-t", "60", "-m", "fast", "stop"]);
-        assert!(out.status.success(), "pg_ctl stop failed: {}", String::from_utf8_lossy(&out.stderr));
+        as_postgres_ok(
+            "pg_ctl",
+            &[
+                "-D",
+                self.data.to_str().unwrap(),
+                "-w",
+                "-t",
+                "60",
+                "-m",
+                "fast",
+                "stop",
+            ],
+            || self.log(),
+        );
     }
 
     pub fn restart(&self) {
@@ -112,12 +179,18 @@ impl Cluster {
 
     pub fn config(&self) -> postgres::Config {
         let mut c = postgres::Config::new();
-        c.host_path(&self.root).port(PORT).user("postgres").dbname("postgres").connect_timeout(Duration::from_secs(30));
+        c.host_path(&self.root)
+            .port(PORT)
+            .user("postgres")
+            .dbname("postgres")
+            .connect_timeout(Duration::from_secs(30));
         c
     }
 
     pub fn connect(&self) -> postgres::Client {
-        self.config().connect(postgres::NoTls).unwrap_or_else(|e| panic!("connect: {e}\n{}", self.log()))
+        self.config()
+            .connect(postgres::NoTls)
+            .unwrap_or_else(|e| panic!("connect: {e}\n{}", self.log()))
     }
 
     /// A connection that records every NOTICE/WARNING it receives.
@@ -126,7 +199,11 @@ impl Cluster {
         let sink = notices.clone();
         let client = self
             .config()
-            .notice_callback(move |n| sink.lock().unwrap().push(format!("{}: {}", n.severity(), n.message())))
+            .notice_callback(move |n| {
+                sink.lock()
+                    .unwrap()
+                    .push(format!("{}: {}", n.severity(), n.message()))
+            })
             .connect(postgres::NoTls)
             .unwrap();
         (client, notices)
@@ -147,18 +224,55 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        let _ = as_postgres("pg_ctl", &["-D", self.data.to_str().unwrap(), "-w", "-t", "30", "-m", "immediate", "stop"]);
+        let _ = as_postgres(
+            "pg_ctl",
+            &[
+                "-D",
+                self.data.to_str().unwrap(),
+                "-w",
+                "-t",
+                "30",
+                "-m",
+                "immediate",
+                "stop",
+            ],
+        );
         if std::env::var_os("IMMUTA_KEEP_TEST_CLUSTERS").is_none() {
             let _ = fs::remove_dir_all(&self.root);
         }
     }
 }
 
+/// Runs `work` in `n` sessions at once (released together by a barrier) and returns their results
+/// in session order.
+pub fn in_parallel_sessions<T: Send + 'static>(
+    pg: &std::sync::Arc<Cluster>,
+    n: usize,
+    work: impl Fn(usize, &mut postgres::Client) -> T + Send + Sync + 'static,
+) -> Vec<T> {
+    let barrier = Arc::new(std::sync::Barrier::new(n));
+    let work = Arc::new(work);
+    let handles: Vec<_> = (0..n)
+        .map(|i| {
+            let (pg, barrier, work) = (pg.clone(), barrier.clone(), work.clone());
+            std::thread::spawn(move || {
+                let mut c = pg.connect();
+                barrier.wait();
+                work(i, &mut c)
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
 /// The SQLSTATE of a failed statement.
 pub fn sqlstate(result: Result<impl Sized, postgres::Error>) -> String {
     match result {
         Ok(_) => "00000".into(),
-        Err(e) => e.code().map(|c| c.code().to_owned()).unwrap_or_else(|| format!("no SQLSTATE: {e}")),
+        Err(e) => e
+            .code()
+            .map(|c| c.code().to_owned())
+            .unwrap_or_else(|| format!("no SQLSTATE: {e}")),
     }
 }
 
@@ -167,21 +281,32 @@ pub fn error_text(result: Result<impl Sized, postgres::Error>) -> String {
     match result {
         Ok(_) => String::new(),
         Err(e) => match e.as_db_error() {
-            Some(db) => format!("{} | {} | {}", db.message(), db.detail().unwrap_or(""), db.hint().unwrap_or("")),
+            Some(db) => format!(
+                "{} | {} | {}",
+                db.message(),
+                db.detail().unwrap_or(""),
+                db.hint().unwrap_or("")
+            ),
             None => e.to_string(),
         },
     }
 }
 
 pub fn key_id_of(c: &mut postgres::Client, ciphertext: &[u8]) -> i64 {
-    c.query_one("SELECT immuta_key_id($1)", &[&ciphertext]).unwrap().get(0)
+    c.query_one("SELECT immuta_key_id($1)", &[&ciphertext])
+        .unwrap()
+        .get(0)
 }
 
 /// `ALTER SYSTEM SET name = 'value'` and a reload; new sessions see it. PostgreSQL only accepts
 /// an extension's settings in ALTER SYSTEM once the library is loaded in the session.
 pub fn set_server_setting(c: &mut postgres::Client, name: &str, value: &str) {
     c.batch_execute("LOAD 'immuta'").unwrap();
-    c.batch_execute(&format!("ALTER SYSTEM SET {name} = '{}'", value.replace('\'', "''"))).unwrap();
+    c.batch_execute(&format!(
+        "ALTER SYSTEM SET {name} = '{}'",
+        value.replace('\'', "''")
+    ))
+    .unwrap();
     c.batch_execute("SELECT pg_reload_conf()").unwrap();
 }
 
@@ -192,13 +317,18 @@ pub fn encrypted_key_id(c: &mut postgres::Client, text: &str) -> i64 {
 }
 
 pub fn encrypt(c: &mut postgres::Client, text: &str) -> Vec<u8> {
-    c.query_one("SELECT immuta_encrypt($1)", &[&text]).unwrap().get(0)
+    c.query_one("SELECT immuta_encrypt($1)", &[&text])
+        .unwrap()
+        .get(0)
 }
 
 pub fn decrypt(c: &mut postgres::Client, ciphertext: &[u8]) -> Result<String, postgres::Error> {
-    c.query_one("SELECT immuta_decrypt($1)", &[&ciphertext]).map(|r| r.get(0))
+    c.query_one("SELECT immuta_decrypt($1)", &[&ciphertext])
+        .map(|r| r.get(0))
 }
 
 pub fn count_keys(c: &mut postgres::Client) -> i64 {
-    c.query_one("SELECT count(*) FROM immuta.data_keys", &[]).unwrap().get(0)
+    c.query_one("SELECT count(*) FROM immuta.data_keys", &[])
+        .unwrap()
+        .get(0)
 }

@@ -35,11 +35,19 @@ pub enum Error {
 
     /// The master key file does not exist.
     #[error("master key file \"{}\" does not exist", path.display())]
-    MasterKeyMissing { path: PathBuf, expected: Option<Fingerprint> },
+    MasterKeyMissing {
+        path: PathBuf,
+        expected: Option<Fingerprint>,
+    },
 
     /// The master key file holds a different key than the one that wrapped the data key.
     #[error("data key {key_id} was wrapped by master key {expected}, but master key file \"{}\" holds master key {found}", path.display())]
-    MasterKeyMismatch { key_id: KeyId, expected: Fingerprint, found: Fingerprint, path: PathBuf },
+    MasterKeyMismatch {
+        key_id: KeyId,
+        expected: Fingerprint,
+        found: Fingerprint,
+        path: PathBuf,
+    },
 
     /// The master key file exists but cannot be used: wrong content, wrong permissions.
     #[error("master key file \"{}\" is not usable: {reason}", path.display())]
@@ -47,7 +55,11 @@ pub enum Error {
 
     /// Reading or creating the master key file failed at the operating-system level.
     #[error("could not {action} master key file \"{}\": {source}", path.display())]
-    MasterKeyIo { action: &'static str, path: PathBuf, source: std::io::Error },
+    MasterKeyIo {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
 
     /// A wrapped data key could not be unwrapped although its wrapping key was found.
     #[error("wrapped data key {key_id} is corrupt: {reason}")]
@@ -55,7 +67,11 @@ pub enum Error {
 
     /// A key row names a provider or wrapping key that is not available in this configuration.
     #[error("data key {key_id} is wrapped by {wrapping}, which is not available: {reason}")]
-    ProviderUnavailable { key_id: KeyId, wrapping: WrappingKeyRef, reason: String },
+    ProviderUnavailable {
+        key_id: KeyId,
+        wrapping: WrappingKeyRef,
+        reason: String,
+    },
 
     /// The configuration text was rejected; nothing changed.
     #[error("invalid immuta configuration at {path}: {reason}")]

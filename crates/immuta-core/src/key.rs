@@ -81,10 +81,6 @@ impl WrappedKey {
     pub fn as_bytes(&self) -> &[u8] {
         &self.0
     }
-
-    pub fn into_bytes(self) -> Vec<u8> {
-        self.0
-    }
 }
 
 /// Short, non-secret identifier of a local master key: the first 8 bytes of
@@ -101,9 +97,7 @@ impl Fingerprint {
         }
         let mut out = [0u8; 8];
         for (i, pair) in text.chunks(2).enumerate() {
-            let hi = (pair[0] as char).to_digit(16)?;
-            let lo = (pair[1] as char).to_digit(16)?;
-            out[i] = (hi * 16 + lo) as u8;
+            out[i] = hex_digit(pair[0])? << 4 | hex_digit(pair[1])?;
         }
         Some(Fingerprint(out))
     }
@@ -116,6 +110,11 @@ impl fmt::Display for Fingerprint {
         }
         Ok(())
     }
+}
+
+/// The value of one hexadecimal digit (either case).
+pub fn hex_digit(c: u8) -> Option<u8> {
+    (c as char).to_digit(16).map(|d| d as u8)
 }
 
 /// Which provider wrapped a data key.
@@ -182,7 +181,9 @@ impl WrappingKeyRef {
     /// Rebuilds the reference from a key row; `None` when the row is not one this version wrote.
     pub fn from_columns(provider: &str, key: &str, region: Option<&str>) -> Option<WrappingKeyRef> {
         match ProviderKind::parse(provider)? {
-            ProviderKind::Local => Some(WrappingKeyRef::Local { fingerprint: Fingerprint::parse(key)? }),
+            ProviderKind::Local => Some(WrappingKeyRef::Local {
+                fingerprint: Fingerprint::parse(key)?,
+            }),
             ProviderKind::AwsKms => Some(WrappingKeyRef::AwsKms {
                 key_id: key.to_owned(),
                 region: region?.to_owned(),
@@ -195,7 +196,9 @@ impl fmt::Display for WrappingKeyRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             WrappingKeyRef::Local { fingerprint } => write!(f, "local master key {fingerprint}"),
-            WrappingKeyRef::AwsKms { key_id, region } => write!(f, "AWS KMS key {key_id} in {region}"),
+            WrappingKeyRef::AwsKms { key_id, region } => {
+                write!(f, "AWS KMS key {key_id} in {region}")
+            }
         }
     }
 }
@@ -225,10 +228,16 @@ mod tests {
 
     #[test]
     fn wrapping_reference_round_trips_through_row_columns() {
-        let local = WrappingKeyRef::Local { fingerprint: Fingerprint([9; 8]) };
-        let back = WrappingKeyRef::from_columns("local", &local.key_column(), local.region_column());
+        let local = WrappingKeyRef::Local {
+            fingerprint: Fingerprint([9; 8]),
+        };
+        let back =
+            WrappingKeyRef::from_columns("local", &local.key_column(), local.region_column());
         assert_eq!(back, Some(local));
-        let kms = WrappingKeyRef::AwsKms { key_id: "alias/pii".into(), region: "eu-west-1".into() };
+        let kms = WrappingKeyRef::AwsKms {
+            key_id: "alias/pii".into(),
+            region: "eu-west-1".into(),
+        };
         let back = WrappingKeyRef::from_columns("awsKms", &kms.key_column(), kms.region_column());
         assert_eq!(back, Some(kms));
         assert_eq!(WrappingKeyRef::from_columns("vault", "x", None), None);

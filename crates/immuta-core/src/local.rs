@@ -3,9 +3,13 @@
 //! This is the embedded default when no KMS is configured. The file holds the key as 64 hex
 //! digits (so it can be printed for escrow and typed back), must be a regular file that only its
 //! owner can read (mode 0600, as PostgreSQL demands of `ssl_key_file`), and is generated on first
-//! use when, and only when, no key row refers to any local master key yet: a missing file
-//! later on is an error, never a reason to create a new master key that would strand every
-//! existing data key.
+//! use when, and only when, nothing depends on a master key yet: a missing file later on is an
+//! error, never a reason to create a new master key that would strand existing data keys.
+//!
+//! "Nothing depends on it" has two parts. The caller checks its own database's key rows; and
+//! because one master key serves every database of the cluster, generating one also writes a
+//! *marker* file recording its fingerprint. While the marker exists, a missing master key is an
+//! error in every database, including one that has no keys yet.
 //!
 //! Wrapped key layout (docs/FORMAT.md): `0x01 | nonce (12) | AES-256-GCM(master, data key) (32) |
 //! tag (16)`, 61 bytes, with associated data `"immuta local wrap v1" | key id (8, big-endian)`.
@@ -37,9 +41,10 @@ pub const FINGERPRINT_LABEL: &[u8] = b"immuta master key fingerprint";
 
 /// Whether opening the master key file may create it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Create {
-    /// No key row refers to a local master key yet: generate the file if it is absent.
-    IfMissing,
+pub enum Create<'a> {
+    /// No key row of the caller's database refers to a local master key: generate the file if it
+    /// is absent and the marker at this path does not say one was generated before.
+    IfMissing { marker: &'a Path },
     /// Key rows depend on an existing master key: a missing file is an error.
     Never,
 }
@@ -53,18 +58,34 @@ pub struct LocalProvider {
 
 impl LocalProvider {
     /// Opens (or, with [`Create::IfMissing`], creates) the master key file at `path`.
-    pub fn open(path: &Path, create: Create) -> Result<LocalProvider> {
-        let key = match read_master_key(path) {
-            Err(Error::MasterKeyMissing { .. }) if create == Create::IfMissing => create_master_key(path)?,
-            other => other?,
+    pub fn open(path: &Path, create: Create<'_>) -> Result<LocalProvider> {
+        let key = match (read_master_key(path), create) {
+            (Err(Error::MasterKeyMissing { path, .. }), Create::IfMissing { marker }) => {
+                if let Some(expected) = read_marker(marker) {
+                    return Err(Error::MasterKeyMissing {
+                        path,
+                        expected: Some(expected),
+                    });
+                }
+                create_master_key(&path)?
+            }
+            (other, _) => other?,
         };
-        Ok(LocalProvider::from_key(&key, path))
+        let provider = LocalProvider::from_key(&key, path);
+        if let Create::IfMissing { marker } = create {
+            if read_marker(marker) != Some(provider.fingerprint()) {
+                write_marker(marker, provider.fingerprint(), path)?;
+            }
+        }
+        Ok(provider)
     }
 
     fn from_key(key: &[u8; 32], path: &Path) -> LocalProvider {
         LocalProvider {
             aead: Aes256Gcm::new(key.into()),
-            reference: WrappingKeyRef::Local { fingerprint: fingerprint(key) },
+            reference: WrappingKeyRef::Local {
+                fingerprint: fingerprint(key),
+            },
             path: path.to_owned(),
         }
     }
@@ -97,7 +118,12 @@ impl KeyProvider for LocalProvider {
         Ok(WrappedKey::new(out))
     }
 
-    fn unwrap(&self, id: KeyId, recorded: &WrappingKeyRef, wrapped: &WrappedKey) -> Result<DataKey> {
+    fn unwrap(
+        &self,
+        id: KeyId,
+        recorded: &WrappingKeyRef,
+        wrapped: &WrappedKey,
+    ) -> Result<DataKey> {
         match recorded {
             WrappingKeyRef::Local { fingerprint } if *fingerprint == self.fingerprint() => {}
             WrappingKeyRef::Local { fingerprint } => {
@@ -112,23 +138,37 @@ impl KeyProvider for LocalProvider {
                 return Err(Error::ProviderUnavailable {
                     key_id: id,
                     wrapping: other.clone(),
-                    reason: "the local provider only unwraps keys wrapped by a local master key".into(),
+                    reason: "the local provider only unwraps keys wrapped by a local master key"
+                        .into(),
                 })
             }
         }
         let bytes = wrapped.as_bytes();
         if bytes.len() != WRAPPED_LEN {
-            return Err(Error::WrappedKeyCorrupt { key_id: id, reason: "wrong length for a locally wrapped key" });
+            return Err(Error::WrappedKeyCorrupt {
+                key_id: id,
+                reason: "wrong length for a locally wrapped key",
+            });
         }
         if bytes[0] != WRAP_VERSION_1 {
-            return Err(Error::WrappedKeyCorrupt { key_id: id, reason: "unknown local wrapping version" });
+            return Err(Error::WrappedKeyCorrupt {
+                key_id: id,
+                reason: "unknown local wrapping version",
+            });
         }
         let mut raw = [0u8; DATA_KEY_LEN];
         raw.copy_from_slice(&bytes[13..13 + DATA_KEY_LEN]);
         let tag = Tag::from_slice(&bytes[13 + DATA_KEY_LEN..]);
-        if self.aead.decrypt_in_place_detached(Nonce::from_slice(&bytes[1..13]), &aad(id), &mut raw, tag).is_err() {
+        if self
+            .aead
+            .decrypt_in_place_detached(Nonce::from_slice(&bytes[1..13]), &aad(id), &mut raw, tag)
+            .is_err()
+        {
             raw.zeroize();
-            return Err(Error::WrappedKeyCorrupt { key_id: id, reason: "authentication of the wrapped key failed" });
+            return Err(Error::WrappedKeyCorrupt {
+                key_id: id,
+                reason: "authentication of the wrapped key failed",
+            });
         }
         Ok(DataKey::from_bytes(&mut raw))
     }
@@ -149,32 +189,58 @@ pub fn fingerprint(key: &[u8; 32]) -> Fingerprint {
 }
 
 fn read_master_key(path: &Path) -> Result<Zeroizing<[u8; 32]>> {
-    let invalid = |reason: &str| Error::MasterKeyInvalid { path: path.to_owned(), reason: reason.to_owned() };
+    let invalid = |reason: &str| Error::MasterKeyInvalid {
+        path: path.to_owned(),
+        reason: reason.to_owned(),
+    };
     let mut file = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == ErrorKind::NotFound => {
-            return Err(Error::MasterKeyMissing { path: path.to_owned(), expected: None })
+            return Err(Error::MasterKeyMissing {
+                path: path.to_owned(),
+                expected: None,
+            })
         }
-        Err(source) => return Err(Error::MasterKeyIo { action: "open", path: path.to_owned(), source }),
+        Err(source) => {
+            return Err(Error::MasterKeyIo {
+                action: "open",
+                path: path.to_owned(),
+                source,
+            })
+        }
     };
-    let meta = file.metadata().map_err(|source| Error::MasterKeyIo { action: "stat", path: path.to_owned(), source })?;
+    let meta = file.metadata().map_err(|source| Error::MasterKeyIo {
+        action: "stat",
+        path: path.to_owned(),
+        source,
+    })?;
     if !meta.is_file() {
         return Err(invalid("it is not a regular file"));
     }
     if meta.mode() & 0o077 != 0 {
-        return Err(invalid("group or other users can access it, and it must be mode 0600"));
+        return Err(invalid(
+            "group or other users can access it, and it must be mode 0600",
+        ));
     }
-    let mut text = Zeroizing::new(Vec::with_capacity(80));
+    // Capacity for the whole read, so the buffer never reallocates and leaves a copy behind.
+    let mut text = Zeroizing::new(Vec::with_capacity(1025));
     Read::take(&mut file, 1024)
         .read_to_end(&mut text)
-        .map_err(|source| Error::MasterKeyIo { action: "read", path: path.to_owned(), source })?;
+        .map_err(|source| Error::MasterKeyIo {
+            action: "read",
+            path: path.to_owned(),
+            source,
+        })?;
     let digits = text.trim_ascii();
     if digits.len() != 64 {
         return Err(invalid("it does not hold exactly 64 hexadecimal digits"));
     }
     let mut key = Zeroizing::new([0u8; 32]);
     for (i, pair) in digits.chunks(2).enumerate() {
-        match (hex_value(pair[0]), hex_value(pair[1])) {
+        match (
+            crate::key::hex_digit(pair[0]),
+            crate::key::hex_digit(pair[1]),
+        ) {
             (Some(hi), Some(lo)) => key[i] = hi << 4 | lo,
             _ => return Err(invalid("it does not hold exactly 64 hexadecimal digits")),
         }
@@ -182,8 +248,34 @@ fn read_master_key(path: &Path) -> Result<Zeroizing<[u8; 32]>> {
     Ok(key)
 }
 
-fn hex_value(c: u8) -> Option<u8> {
-    (c as char).to_digit(16).map(|d| d as u8)
+/// The fingerprint recorded in a marker file, if there is a readable one.
+fn read_marker(marker: &Path) -> Option<Fingerprint> {
+    let text = fs::read_to_string(marker).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("fingerprint "))
+        .and_then(|fp| Fingerprint::parse(fp.trim()))
+}
+
+/// Records that a master key with `fingerprint` serves this cluster (written whole, then renamed).
+fn write_marker(marker: &Path, fingerprint: Fingerprint, key_path: &Path) -> Result<()> {
+    let io = |source| Error::MasterKeyIo {
+        action: "record the generation of",
+        path: key_path.to_owned(),
+        source,
+    };
+    let tmp = marker.with_extension(format!(
+        "tmp.{}.{:016x}",
+        std::process::id(),
+        OsRng.next_u64()
+    ));
+    let text = format!(
+        "# immuta: a master key was generated for this cluster. While this file exists, immuta will\n\
+         # not generate another one if the key file goes missing.\nfingerprint {fingerprint}\npath {}\n",
+        key_path.display()
+    );
+    fs::write(&tmp, text)
+        .and_then(|()| fs::rename(&tmp, marker))
+        .map_err(io)
 }
 
 /// Generates a master key and publishes it at `path` without ever overwriting a file that
@@ -191,24 +283,43 @@ fn hex_value(c: u8) -> Option<u8> {
 /// hard-linked to `path`, which fails if another backend won the race; the loser reads the
 /// winner's key.
 fn create_master_key(path: &Path) -> Result<Zeroizing<[u8; 32]>> {
-    let io = |action: &'static str| move |source| Error::MasterKeyIo { action, path: path.to_owned(), source };
+    let io = |action: &'static str| {
+        move |source| Error::MasterKeyIo {
+            action,
+            path: path.to_owned(),
+            source,
+        }
+    };
     let mut key = Zeroizing::new([0u8; 32]);
     OsRng.fill_bytes(key.as_mut());
-    let mut text = Zeroizing::new(String::with_capacity(65));
+    // Written digit by digit into a zeroizing buffer: no temporary string holds key digits.
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut text = Zeroizing::new(Vec::with_capacity(65));
     for b in key.iter() {
-        text.push_str(&format!("{b:02x}"));
+        text.push(HEX[usize::from(b >> 4)]);
+        text.push(HEX[usize::from(b & 0x0f)]);
     }
-    text.push('\n');
+    text.push(b'\n');
 
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let tmp = dir.join(format!(
         ".{}.{}.{:016x}.tmp",
-        path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
+        path.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default(),
         std::process::id(),
         OsRng.next_u64()
     ));
-    let mut file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(io("create"))?;
-    let written = file.write_all(text.as_bytes()).and_then(|()| file.sync_all());
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io("create"))?;
+    let written = file.write_all(&text).and_then(|()| file.sync_all());
     drop(file);
     let linked = written.and_then(|()| fs::hard_link(&tmp, path));
     let _ = fs::remove_file(&tmp);
@@ -236,20 +347,56 @@ mod tests {
     fn first_use_creates_a_0600_key_file_that_later_opens_give_back() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("immuta_master.key");
-        let first = LocalProvider::open(&path, Create::IfMissing).unwrap();
+        let first = LocalProvider::open(
+            &path,
+            Create::IfMissing {
+                marker: &dir.path().join("marker"),
+            },
+        )
+        .unwrap();
         assert_eq!(fs::metadata(&path).unwrap().mode() & 0o777, 0o600);
         let again = LocalProvider::open(&path, Create::Never).unwrap();
         assert_eq!(first.fingerprint(), again.fingerprint());
         let text = fs::read_to_string(&path).unwrap();
         assert_eq!(text.trim().len(), 64);
-        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary file left behind");
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            names.len(),
+            2,
+            "the key and the marker, no temporary file left behind: {names:?}"
+        );
     }
 
     #[test]
     fn a_missing_file_is_an_error_when_keys_depend_on_it() {
         let dir = tempfile::tempdir().unwrap();
-        let err = LocalProvider::open(&dir.path().join("gone.key"), Create::Never).err().unwrap();
+        let err = LocalProvider::open(&dir.path().join("gone.key"), Create::Never)
+            .err()
+            .unwrap();
         assert!(matches!(err, Error::MasterKeyMissing { .. }));
+    }
+
+    #[test]
+    fn a_generated_master_key_is_never_generated_again_once_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, marker) = (dir.path().join("k"), dir.path().join("marker"));
+        let first = LocalProvider::open(&path, Create::IfMissing { marker: &marker }).unwrap();
+        fs::remove_file(&path).unwrap();
+        match LocalProvider::open(&path, Create::IfMissing { marker: &marker }) {
+            Err(Error::MasterKeyMissing { expected, .. }) => {
+                assert_eq!(expected, Some(first.fingerprint()))
+            }
+            other => panic!("expected the missing-key error, got {:?}", other.err()),
+        }
+        assert!(!path.exists());
+        fs::remove_file(&marker).unwrap();
+        assert!(
+            LocalProvider::open(&path, Create::IfMissing { marker: &marker }).is_ok(),
+            "an operator may reset it"
+        );
     }
 
     #[test]
@@ -257,8 +404,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("race.key");
         let fps: Vec<Fingerprint> = std::thread::scope(|s| {
-            let handles: Vec<_> =
-                (0..8).map(|_| s.spawn(|| LocalProvider::open(&path, Create::IfMissing).unwrap().fingerprint())).collect();
+            let handles: Vec<_> = (0..8)
+                .map(|_| {
+                    s.spawn(|| {
+                        LocalProvider::open(
+                            &path,
+                            Create::IfMissing {
+                                marker: &dir.path().join("marker"),
+                            },
+                        )
+                        .unwrap()
+                        .fingerprint()
+                    })
+                })
+                .collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         });
         assert!(fps.windows(2).all(|w| w[0] == w[1]));
@@ -277,33 +436,64 @@ mod tests {
         fs::write(&path, "not hex at all").unwrap();
         let err = LocalProvider::open(&path, Create::Never).err().unwrap();
         assert!(matches!(err, Error::MasterKeyInvalid { .. }));
-        assert!(!err.to_string().contains("not hex"), "the message never echoes file content");
+        assert!(
+            !err.to_string().contains("not hex"),
+            "the message never echoes file content"
+        );
     }
 
     #[test]
     fn wrap_then_unwrap_round_trips_and_is_bound_to_the_key_id() {
         let dir = tempfile::tempdir().unwrap();
-        let p = LocalProvider::open(&dir.path().join("k"), Create::IfMissing).unwrap();
+        let p = LocalProvider::open(
+            &dir.path().join("k"),
+            Create::IfMissing {
+                marker: &dir.path().join("marker"),
+            },
+        )
+        .unwrap();
         let key = DataKey::generate();
         let wrapped = p.wrap(id(3), &key).unwrap();
         assert_eq!(wrapped.as_bytes().len(), WRAPPED_LEN);
-        assert_eq!(p.unwrap(id(3), p.wrapping_key(), &wrapped).unwrap().expose(), key.expose());
+        assert_eq!(
+            p.unwrap(id(3), p.wrapping_key(), &wrapped)
+                .unwrap()
+                .expose(),
+            key.expose()
+        );
         let moved = p.unwrap(id(4), p.wrapping_key(), &wrapped).err().unwrap();
         assert!(matches!(moved, Error::WrappedKeyCorrupt { .. }));
         let mut bad = wrapped.as_bytes().to_vec();
         bad[20] ^= 1;
-        let tampered = p.unwrap(id(3), p.wrapping_key(), &WrappedKey::new(bad)).err().unwrap();
+        let tampered = p
+            .unwrap(id(3), p.wrapping_key(), &WrappedKey::new(bad))
+            .err()
+            .unwrap();
         assert!(matches!(tampered, Error::WrappedKeyCorrupt { .. }));
     }
 
     #[test]
     fn another_master_key_is_reported_as_a_mismatch_with_both_fingerprints() {
         let dir = tempfile::tempdir().unwrap();
-        let a = LocalProvider::open(&dir.path().join("a"), Create::IfMissing).unwrap();
-        let b = LocalProvider::open(&dir.path().join("b"), Create::IfMissing).unwrap();
+        let a = LocalProvider::open(
+            &dir.path().join("a"),
+            Create::IfMissing {
+                marker: &dir.path().join("ma"),
+            },
+        )
+        .unwrap();
+        let b = LocalProvider::open(
+            &dir.path().join("b"),
+            Create::IfMissing {
+                marker: &dir.path().join("mb"),
+            },
+        )
+        .unwrap();
         let wrapped = a.wrap(id(1), &DataKey::generate()).unwrap();
         match b.unwrap(id(1), a.wrapping_key(), &wrapped) {
-            Err(Error::MasterKeyMismatch { expected, found, .. }) => {
+            Err(Error::MasterKeyMismatch {
+                expected, found, ..
+            }) => {
                 assert_eq!(expected, a.fingerprint());
                 assert_eq!(found, b.fingerprint());
             }

@@ -56,5 +56,6 @@ pub trait KeyProvider {
     /// Decrypts the data key stored on the row of key `id`, which recorded `recorded` as its
     /// wrapping key. A provider whose own key is not `recorded` says so with a specific error
     /// rather than failing to decrypt.
-    fn unwrap(&self, id: KeyId, recorded: &WrappingKeyRef, wrapped: &WrappedKey) -> Result<DataKey>;
+    fn unwrap(&self, id: KeyId, recorded: &WrappingKeyRef, wrapped: &WrappedKey)
+        -> Result<DataKey>;
 }

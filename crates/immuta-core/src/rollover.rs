@@ -17,7 +17,10 @@ impl RolloverLength {
     pub const MAX_DAYS: u32 = 36_500;
 
     pub fn from_days(days: i64) -> Option<RolloverLength> {
-        u32::try_from(days).ok().filter(|d| (1..=Self::MAX_DAYS).contains(d)).map(RolloverLength)
+        u32::try_from(days)
+            .ok()
+            .filter(|d| (1..=Self::MAX_DAYS).contains(d))
+            .map(RolloverLength)
     }
 
     pub fn days(self) -> u32 {
@@ -44,7 +47,7 @@ impl Default for RolloverLength {
 /// Why a data key was created; recorded on its row.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RotationReason {
-    /// The first encryption (or rotation) found no key.
+    /// The first encryption found no key.
     FirstUse,
     /// `immuta_rotate()`.
     Manual,
@@ -86,6 +89,10 @@ mod tests {
         let created = UnixMicros(1_000);
         assert!(!len.is_due(created, UnixMicros(1_000 + 2 * UnixMicros::DAY - 1)));
         assert!(len.is_due(created, UnixMicros(1_000 + 2 * UnixMicros::DAY)));
-        assert_eq!(len.due_at(UnixMicros(i64::MAX - 5)), UnixMicros(i64::MAX), "saturates");
+        assert_eq!(
+            len.due_at(UnixMicros(i64::MAX - 5)),
+            UnixMicros(i64::MAX),
+            "saturates"
+        );
     }
 }
