@@ -23,7 +23,8 @@ help:
 	@echo "make test   install prerequisites, run every test tier (unit, in-backend, system)"
 	@echo "make bench  install, then measure immuta against the function-call floor (bench/run.sh)"
 
-## Prerequisites: Debian packages, cargo-pgrx $(PGRX_VERSION), and pgrx pointed at Debian's PostgreSQL 15.
+## Prerequisites: Debian packages, cargo-pgrx $(PGRX_VERSION), pgrx pointed at Debian's PostgreSQL 15,
+## and moto (AWS KMS on loopback, for the tests) in .venv.
 prereqs:
 	@missing=""; for p in $(APT_PACKAGES); do \
 	    dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
@@ -39,6 +40,12 @@ prereqs:
 	fi
 	@if ! grep -qs '^pg15 *= *"$(PG_CONFIG)"' $${PGRX_HOME:-$$HOME/.pgrx}/config.toml; then \
 	    cargo pgrx init --pg15 $(PG_CONFIG); \
+	fi
+	@if ! cmp -s tests/kms/requirements.txt .venv/requirements.txt; then \
+	    echo "installing moto's KMS server for the tests into .venv"; \
+	    python3 -m venv .venv; \
+	    .venv/bin/pip install -q -r tests/kms/requirements.txt; \
+	    cp tests/kms/requirements.txt .venv/requirements.txt; \
 	fi
 
 ## Build (release) and install into Debian's PostgreSQL 15.

@@ -83,10 +83,7 @@ impl Backend {
     }
 
     pub fn config(&self) -> Rc<Config> {
-        self.config
-            .as_ref()
-            .map(|e| e.config.clone())
-            .unwrap_or_default()
+        self.config.as_ref().map(|e| e.config.clone()).unwrap_or_default()
     }
 }
 
@@ -95,10 +92,7 @@ pub fn register_callbacks() {
     // SAFETY: registering callbacks with static function pointers; PostgreSQL keeps them for the
     // life of the process, and the callbacks only touch atomics and a thread-local flag.
     unsafe {
-        pg_sys::CacheRegisterRelcacheCallback(
-            Some(on_relcache_invalidation),
-            pg_sys::Datum::from(0),
-        );
+        pg_sys::CacheRegisterRelcacheCallback(Some(on_relcache_invalidation), pg_sys::Datum::from(0));
         pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut());
         pg_sys::RegisterSubXactCallback(Some(on_subxact_event), std::ptr::null_mut());
     }
@@ -134,9 +128,7 @@ extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut st
                 INVALIDATIONS.fetch_add(1, Ordering::Relaxed);
             }
         }
-        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT | XACT_EVENT_PREPARE => {
-            CREATED_KEY.set(false)
-        }
+        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT | XACT_EVENT_PREPARE => CREATED_KEY.set(false),
         _ => {}
     }
 }
@@ -153,8 +145,8 @@ extern "C-unwind" fn on_subxact_event(
     }
 }
 
-/// After inserting a key row: make every other backend reload its ring when this transaction
-/// commits, and this one reload if it aborts.
+/// After inserting or rewrapping key rows: make every other backend reload its ring when this
+/// transaction commits, and this one reload if it aborts.
 pub fn key_created_in_this_transaction(oids: TableOids) {
     CREATED_KEY.set(true);
     // SAFETY: queues a relcache invalidation for an existing relation inside a transaction.
@@ -192,10 +184,7 @@ pub fn prepare() -> UnixMicros {
                 b.valid_as_of = 0;
             }
         }
-        (
-            b.valid_as_of != INVALIDATIONS.load(Ordering::Relaxed),
-            b.now,
-        )
+        (b.valid_as_of != INVALIDATIONS.load(Ordering::Relaxed), b.now)
     });
     if stale {
         refresh();
@@ -228,10 +217,10 @@ fn refresh() {
             b.ring.clear();
         }
         b.ring.retain(|id| ids.contains(&id));
-        b.ring.set_current(current.map(|(id, created)| CurrentKey {
-            id,
-            due_at: effective.config.rollover().due_at(created),
-        }));
+        b.ring.set_current(
+            current
+                .map(|(id, created)| CurrentKey { id, due_at: effective.config.rollover().due_at(created) }),
+        );
         b.oids = Some(oids);
         b.config = Some(effective);
         b.valid_as_of = as_of;
@@ -247,9 +236,7 @@ pub fn encrypt(plaintext: &[u8]) -> varlena::Bytea {
         let current = b.ring.current().filter(|c| now < c.due_at)?;
         let nonce = b.next_nonce();
         let cipher = b.ring.cipher(current.id)?;
-        Some(varlena::bytea(len, |out| {
-            cipher.seal_into(&nonce, plaintext, out)
-        }))
+        Some(varlena::bytea(len, |out| cipher.seal_into(&nonce, plaintext, out)))
     });
     if let Some(sealed) = fast {
         return sealed;
@@ -272,13 +259,8 @@ pub fn decrypt(ciphertext: &[u8]) -> varlena::Text {
         keys::ensure_cipher(sealed.key_id);
     }
     BACKEND.with_borrow(|b| {
-        let cipher = b
-            .ring
-            .cipher(sealed.key_id)
-            .expect("ensure_cipher loaded it");
-        varlena::text(sealed.body.len(), |out| {
-            cipher.open_text_into(&sealed, out).or_raise()
-        })
+        let cipher = b.ring.cipher(sealed.key_id).expect("ensure_cipher loaded it");
+        varlena::text(sealed.body.len(), |out| cipher.open_text_into(&sealed, out).or_raise())
     })
 }
 

@@ -50,10 +50,7 @@ pub fn table_oids() -> TableOids {
         };
         (namespace, rel(c"data_keys"), rel(c"config"))
     };
-    if namespace == pg_sys::InvalidOid
-        || data_keys == pg_sys::InvalidOid
-        || config == pg_sys::InvalidOid
-    {
+    if namespace == pg_sys::InvalidOid || data_keys == pg_sys::InvalidOid || config == pg_sys::InvalidOid {
         raise(
             PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
             "immuta is not installed in this database",
@@ -122,11 +119,8 @@ fn read_latest<R>(
                     None,
                 );
             }
-            let snapshot = if pg_sys::IsInParallelMode() {
-                std::ptr::null_mut()
-            } else {
-                pg_sys::GetLatestSnapshot()
-            };
+            let snapshot =
+                if pg_sys::IsInParallelMode() { std::ptr::null_mut() } else { pg_sys::GetLatestSnapshot() };
             let status = pg_sys::SPI_execute_snapshot(
                 plan,
                 values.as_mut_ptr(),
@@ -148,10 +142,7 @@ fn read_latest<R>(
             let table = pg_sys::SPI_tuptable;
             let mut out = Vec::with_capacity(pg_sys::SPI_processed as usize);
             for i in 0..pg_sys::SPI_processed as usize {
-                out.push(each(&Row {
-                    tuple: *(*table).vals.add(i),
-                    desc: (*table).tupdesc,
-                }));
+                out.push(each(&Row { tuple: *(*table).vals.add(i), desc: (*table).tupdesc }));
             }
             pg_sys::SPI_freeplan(plan);
             out
@@ -171,60 +162,90 @@ pub fn current_key() -> Option<(KeyId, UnixMicros)> {
 
 /// Every key id that exists.
 pub fn key_ids() -> Vec<KeyId> {
-    read_latest(c"SELECT id FROM immuta.data_keys", &[], |row| {
-        row.get::<i64>(1).and_then(KeyId::new)
-    })
-    .into_iter()
-    .flatten()
-    .collect()
+    read_latest(c"SELECT id FROM immuta.data_keys", &[], |row| row.get::<i64>(1).and_then(KeyId::new))
+        .into_iter()
+        .flatten()
+        .collect()
 }
 
 /// The row of key `id`, if it exists.
 pub fn key_row(id: KeyId) -> Option<KeyRow> {
-    let rows = read_latest(
-        c"SELECT provider, wrapping_key, wrapping_region, wrapped_key FROM immuta.data_keys WHERE id = $1",
-        &[(pg_sys::INT8OID, pg_sys::Datum::from(id.get()))],
-        |row| {
-            (
-                row.get::<String>(1).unwrap_or_default(),
-                row.get::<String>(2).unwrap_or_default(),
-                row.get::<String>(3),
-                row.get::<Vec<u8>>(4).unwrap_or_default(),
-            )
-        },
-    );
-    let (provider, key, region, wrapped) = rows.into_iter().next()?;
-    let wrapping = WrappingKeyRef::from_columns(&provider, &key, region.as_deref()).unwrap_or_else(|| {
-        raise(
-            PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
-            format!("immuta data key {id} has an unrecognised wrapping key"),
-            Some(format!("provider \"{provider}\" with wrapping key \"{key}\" is not one this immuta wrote.")),
-            Some("The row of immuta.data_keys was altered; restore it from a backup."),
-        )
-    });
-    Some(KeyRow {
-        id,
-        wrapping,
-        wrapped: WrappedKey::new(wrapped),
-    })
+    key_rows(Some(id)).into_iter().next()
+}
+
+/// The rows of key `id`, or of every key, in id order.
+pub fn key_rows(id: Option<KeyId>) -> Vec<KeyRow> {
+    let rows = match id {
+        Some(id) => read_latest(
+            c"SELECT id, provider, wrapping_key, wrapping_region, wrapped_key FROM immuta.data_keys WHERE id = $1",
+            &[(pg_sys::INT8OID, pg_sys::Datum::from(id.get()))],
+            key_row_columns,
+        ),
+        None => read_latest(
+            c"SELECT id, provider, wrapping_key, wrapping_region, wrapped_key FROM immuta.data_keys ORDER BY id",
+            &[],
+            key_row_columns,
+        ),
+    };
+    rows.into_iter()
+        .map(|(id, provider, key, region, wrapped)| {
+            let id = KeyId::new(id).unwrap_or_else(|| corrupt_row(id, &provider, &key));
+            let wrapping = WrappingKeyRef::from_columns(&provider, &key, region.as_deref())
+                .unwrap_or_else(|| corrupt_row(id.get(), &provider, &key));
+            KeyRow { id, wrapping, wrapped: WrappedKey::new(wrapped) }
+        })
+        .collect()
+}
+
+type KeyColumns = (i64, String, String, Option<String>, Vec<u8>);
+
+fn key_row_columns(row: &Row) -> KeyColumns {
+    (
+        row.get::<i64>(1).unwrap_or_default(),
+        row.get::<String>(2).unwrap_or_default(),
+        row.get::<String>(3).unwrap_or_default(),
+        row.get::<String>(4),
+        row.get::<Vec<u8>>(5).unwrap_or_default(),
+    )
+}
+
+fn corrupt_row(id: i64, provider: &str, key: &str) -> ! {
+    raise(
+        PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
+        format!("immuta data key {id} has an unrecognised wrapping key"),
+        Some(format!("provider \"{provider}\" with wrapping key \"{key}\" is not one this immuta wrote.")),
+        Some("The row of immuta.data_keys was altered; restore it from a backup."),
+    )
+}
+
+/// Records a new wrapping of key `id` (`immuta_rewrap()`).
+pub fn update_wrapping(id: KeyId, wrapping: &WrappingKeyRef, wrapped: &WrappedKey) {
+    spi(Spi::connect_mut(|client| {
+        client.update(
+            "UPDATE immuta.data_keys SET provider = $2, wrapping_key = $3, wrapping_region = $4, wrapped_key = $5 \
+             WHERE id = $1",
+            None,
+            &[
+                id.get().into(),
+                wrapping.provider().as_str().into(),
+                wrapping.key_column().into(),
+                wrapping.region_column().into(),
+                wrapped.as_bytes().into(),
+            ],
+        )?;
+        Ok(())
+    }))
 }
 
 /// Whether any key is wrapped by a local master key (then a missing master key file is an error,
 /// never a reason to generate one).
 pub fn any_local_key() -> bool {
-    !read_latest(
-        c"SELECT 1 FROM immuta.data_keys WHERE provider = 'local' LIMIT 1",
-        &[],
-        |_| (),
-    )
-    .is_empty()
+    !read_latest(c"SELECT 1 FROM immuta.data_keys WHERE provider = 'local' LIMIT 1", &[], |_| ()).is_empty()
 }
 
 /// A new key id from `immuta.data_keys_id_seq`.
 pub fn next_key_id() -> KeyId {
-    let id = spi(Spi::get_one::<i64>(
-        "SELECT nextval('immuta.data_keys_id_seq')",
-    ));
+    let id = spi(Spi::get_one::<i64>("SELECT nextval('immuta.data_keys_id_seq')"));
     id.and_then(KeyId::new).unwrap_or_else(|| {
         raise(
             PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
@@ -265,12 +286,10 @@ pub fn insert_key(
 
 /// The YAML stored by `immuta_configure()`, if any.
 pub fn stored_config() -> Option<String> {
-    read_latest(c"SELECT yaml FROM immuta.config", &[], |row| {
-        row.get::<String>(1)
-    })
-    .into_iter()
-    .next()
-    .flatten()
+    read_latest(c"SELECT yaml FROM immuta.config", &[], |row| row.get::<String>(1))
+        .into_iter()
+        .next()
+        .flatten()
 }
 
 /// Stores the configuration YAML (one row).

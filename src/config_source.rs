@@ -28,10 +28,7 @@ use crate::gucs;
 pub enum Source {
     Default,
     Stored,
-    File {
-        path: PathBuf,
-        stamp: Option<FileStamp>,
-    },
+    File { path: PathBuf, stamp: Option<FileStamp> },
 }
 
 /// Identity of a version of the configuration file.
@@ -68,15 +65,11 @@ pub fn load(previous: Option<&Effective>) -> Effective {
             // Stored YAML was validated when stored; an error here means a newer or edited row.
             Some(yaml) => Effective {
                 config: Rc::new(
-                    Config::from_yaml(&yaml)
-                        .unwrap_or_else(|e| errors::report(e, ConfigOrigin::Stored)),
+                    Config::from_yaml(&yaml).unwrap_or_else(|e| errors::report(e, ConfigOrigin::Stored)),
                 ),
                 source: Source::Stored,
             },
-            None => Effective {
-                config: Rc::new(Config::default()),
-                source: Source::Default,
-            },
+            None => Effective { config: Rc::new(Config::default()), source: Source::Default },
         };
     };
     let stamp = FileStamp::of(&path);
@@ -88,22 +81,19 @@ pub fn load(previous: Option<&Effective>) -> Effective {
         }),
     };
     match (parsed, previous) {
-        (Ok(config), _) => Effective {
-            config: Rc::new(config),
-            source: Source::File { path, stamp },
-        },
+        (Ok(config), _) => Effective { config: Rc::new(config), source: Source::File { path, stamp } },
         (Err(e), Some(prev)) => {
             errors::warn(
                 PgSqlErrorCode::ERRCODE_CONFIG_FILE_ERROR,
-                format!("immuta configuration file \"{}\" is invalid; the previous configuration stays in force", path.display()),
+                format!(
+                    "immuta configuration file \"{}\" is invalid; the previous configuration stays in force",
+                    path.display()
+                ),
                 Some(e.to_string()),
                 Some("Fix the file named by immuta.config_file."),
             );
             // Remember the bad version so that the warning is not repeated for it.
-            Effective {
-                config: prev.config.clone(),
-                source: Source::File { path, stamp },
-            }
+            Effective { config: prev.config.clone(), source: Source::File { path, stamp } }
         }
         (Err(e), None) => errors::report(e, ConfigOrigin::File),
     }

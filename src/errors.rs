@@ -50,12 +50,7 @@ pub fn raise(
 }
 
 /// Emits a WARNING.
-pub fn warn(
-    code: PgSqlErrorCode,
-    message: impl Into<String>,
-    detail: Option<String>,
-    hint: Option<&str>,
-) {
+pub fn warn(code: PgSqlErrorCode, message: impl Into<String>, detail: Option<String>, hint: Option<&str>) {
     report_at(PgLogLevel::WARNING, code, message.into(), detail, hint);
 }
 
@@ -139,6 +134,47 @@ pub fn report(error: Error, origin: ConfigOrigin) -> ! {
             Some(reason),
             None,
         ),
+        Error::Interrupted => {
+            // A cancel or termination is pending: let PostgreSQL raise it as usual.
+            pgrx::check_for_interrupts!();
+            raise(ERRCODE_QUERY_CANCELED, "canceling statement due to user request", None, None)
+        }
+        Error::KmsUnreachable { wrapping, reason } => raise(
+            ERRCODE_CONNECTION_FAILURE,
+            format!("AWS KMS is unreachable for {wrapping}"),
+            Some(reason),
+            Some("Check the network path to KMS (plugins.awsKms.region, extraKmsConfig.endpoint). Keys already unwrapped by this session keep working."),
+        ),
+        Error::KmsDenied { wrapping, code, message } => raise(
+            ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("AWS KMS denied access to {wrapping}"),
+            Some(kms_detail(&code, &message)),
+            Some("The identity immuta uses needs kms:Encrypt and kms:Decrypt on this key; check its IAM policy and credentials."),
+        ),
+        Error::KmsKeyUnusable { wrapping, code, message } => raise(
+            ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("AWS KMS key is not usable: {wrapping}"),
+            Some(kms_detail(&code, &message)),
+            Some("The key is disabled, pending deletion, missing or unavailable; data keys it wrapped cannot be unwrapped until it is usable again."),
+        ),
+        Error::KmsThrottled { wrapping, code, message } => raise(
+            ERRCODE_INSUFFICIENT_RESOURCES,
+            format!("AWS KMS throttled the request for {wrapping}"),
+            Some(kms_detail(&code, &message)),
+            Some("Retry later, or raise the KMS request quota."),
+        ),
+        Error::KmsRejectedWrappedKey { key_id, wrapping, code, message } => raise(
+            ERRCODE_DATA_CORRUPTED,
+            format!("AWS KMS refused to unwrap immuta data key {key_id} with {wrapping}"),
+            Some(kms_detail(&code, &message)),
+            Some("The wrapped key, its encryption context (the key id) or its KMS key does not match the row of immuta.data_keys; restore the row from a backup."),
+        ),
+        Error::KmsFailed { wrapping, code, message } => raise(
+            ERRCODE_SYSTEM_ERROR,
+            format!("AWS KMS request failed for {wrapping}"),
+            Some(kms_detail(&code, &message)),
+            None,
+        ),
         Error::Config { path, reason } => match origin {
             ConfigOrigin::Argument => raise(
                 ERRCODE_INVALID_PARAMETER_VALUE,
@@ -159,6 +195,16 @@ pub fn report(error: Error, origin: ConfigOrigin) -> ! {
                 Some("The row of immuta.config was edited by hand or written by another immuta version; store a valid configuration with immuta_configure()."),
             ),
         },
+    }
+}
+
+/// The KMS error code (what an operator searches for) and KMS's message, which names ARNs and
+/// actions but never credentials.
+fn kms_detail(code: &str, message: &str) -> String {
+    if message.is_empty() {
+        format!("KMS error code: {code}.")
+    } else {
+        format!("KMS error code: {code}. {message}")
     }
 }
 

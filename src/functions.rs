@@ -45,6 +45,14 @@ fn immuta_rotate() -> i64 {
     crate::keys::rotate().get()
 }
 
+/// Wraps every data key again with the provider and key configured now (e.g. from the local
+/// master key to AWS KMS, or from one KMS key to another); returns the number of keys. Stored
+/// ciphertexts are untouched and all still decrypt.
+#[pg_extern(volatile, parallel_unsafe)]
+fn immuta_rewrap() -> i32 {
+    crate::keys::rewrap()
+}
+
 /// Stores a new configuration (Immuta Advanced Configuration YAML) and returns it as effective,
 /// secrets redacted. An invalid document changes nothing.
 #[pg_extern(volatile, parallel_unsafe)]
@@ -61,17 +69,11 @@ fn immuta_configure(yaml: Option<&str>) -> JsonB {
         raise(
             PgSqlErrorCode::ERRCODE_CANT_CHANGE_RUNTIME_PARAM,
             "immuta configuration is managed by a file",
-            Some(format!(
-                "immuta.config_file is set to \"{}\".",
-                path.display()
-            )),
-            Some(
-                "Edit that file, or clear immuta.config_file to configure with immuta_configure().",
-            ),
+            Some(format!("immuta.config_file is set to \"{}\".", path.display())),
+            Some("Edit that file, or clear immuta.config_file to configure with immuta_configure()."),
         );
     }
-    let config =
-        Config::from_yaml(yaml).unwrap_or_else(|e| errors::report(e, ConfigOrigin::Argument));
+    let config = Config::from_yaml(yaml).unwrap_or_else(|e| errors::report(e, ConfigOrigin::Argument));
     if config.has_explicit_credentials() {
         errors::warn(
             PgSqlErrorCode::ERRCODE_WARNING,
@@ -82,11 +84,7 @@ fn immuta_configure(yaml: Option<&str>) -> JsonB {
     }
     backend::prepare();
     catalog::store_config(yaml);
-    backend::invalidate_config(
-        BACKEND
-            .with_borrow(|b| b.oids)
-            .expect("prepare() looked the tables up"),
-    );
+    backend::invalidate_config(BACKEND.with_borrow(|b| b.oids).expect("prepare() looked the tables up"));
     JsonB(config.to_redacted_json())
 }
 

@@ -1,8 +1,8 @@
 //! Every setting immuta defines, in one place.
 //!
-//! Both are `PGC_SIGHUP`: they can only be set in `postgresql.conf` (or with `ALTER SYSTEM`) and
-//! take effect on reload, so only a superuser decides which file holds the master key or the
-//! configuration; a session cannot point immuta at a file of its choosing.
+//! The file settings are `PGC_SIGHUP`: they can only be set in `postgresql.conf` (or with
+//! `ALTER SYSTEM`) and take effect on reload, so only a superuser decides which file holds the
+//! master key or the configuration; a session cannot point immuta at a file of its choosing.
 
 use std::ffi::CStr;
 use std::path::PathBuf;
@@ -26,7 +26,24 @@ pub static MASTER_KEY_FILE: GucSetting<Option<std::ffi::CString>> =
 pub static CONFIG_FILE: GucSetting<Option<std::ffi::CString>> =
     GucSetting::<Option<std::ffi::CString>>::new(None);
 
+/// `immuta.kms_timeout`: the longest one AWS KMS call may take, retries included, in
+/// milliseconds. Default 5 s: long enough for a KMS round trip with a retry across regions, short
+/// enough that a KMS outage fails a query quickly instead of holding it. Superuser-settable (also
+/// per session, e.g. for a migration with `immuta_rewrap()`). A query cancel or
+/// `statement_timeout` ends a KMS wait sooner, within 20 ms.
+pub static KMS_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(5000);
+
 pub fn init() {
+    GucRegistry::define_int_guc(
+        c"immuta.kms_timeout",
+        c"Longest time one AWS KMS call may take, retries included.",
+        c"A query cancel or statement_timeout ends the wait sooner.",
+        &KMS_TIMEOUT,
+        100,
+        600_000,
+        GucContext::Suset,
+        GucFlags::UNIT_MS,
+    );
     GucRegistry::define_string_guc(
         c"immuta.master_key_file",
         c"File holding immuta's local master key.",
@@ -45,6 +62,11 @@ pub fn init() {
         GucContext::Sighup,
         GucFlags::SUPERUSER_ONLY,
     );
+}
+
+/// `immuta.kms_timeout` as a duration.
+pub fn kms_timeout() -> std::time::Duration {
+    std::time::Duration::from_millis(KMS_TIMEOUT.get().max(1) as u64)
 }
 
 /// The master key file, resolved against the data directory.

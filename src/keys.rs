@@ -48,9 +48,7 @@ fn write_blocker() -> Option<&'static str> {
 }
 
 fn oids() -> catalog::TableOids {
-    BACKEND
-        .with_borrow(|b| b.oids)
-        .expect("prepare() looked the tables up")
+    BACKEND.with_borrow(|b| b.oids).expect("prepare() looked the tables up")
 }
 
 /// The key to encrypt with when the ring has no current key or the current key is due.
@@ -64,8 +62,7 @@ pub fn current_for_encrypt(now: UnixMicros) -> KeyId {
 
 fn rollover(due: CurrentKey, now: UnixMicros) -> KeyId {
     if let Some(why) = write_blocker() {
-        let warn =
-            BACKEND.with_borrow_mut(|b| !std::mem::replace(&mut b.warned_cannot_rollover, true));
+        let warn = BACKEND.with_borrow_mut(|b| !std::mem::replace(&mut b.warned_cannot_rollover, true));
         if warn {
             errors::warn(
                 PgSqlErrorCode::ERRCODE_WARNING,
@@ -149,17 +146,39 @@ fn create_key(reason: RotationReason, rolled_over_from: Option<i64>) -> KeyId {
     let id = catalog::next_key_id();
     let key = DataKey::generate();
     let wrapped = provider.wrap(id, &key).or_raise();
-    catalog::insert_key(
-        id,
-        provider.wrapping_key(),
-        &wrapped,
-        reason,
-        rolled_over_from,
-    );
+    catalog::insert_key(id, &wrapped.by, &wrapped.key, reason, rolled_over_from);
     backend::key_created_in_this_transaction(oids());
     backend::insert_cipher(DataCipher::new(id, &key));
     set_current(id, backend::transaction_now());
     id
+}
+
+/// `immuta_rewrap()`: wraps every data key again with the provider and key configured now
+/// (local to KMS, KMS key A to key B, KMS to local), in this transaction. The data keys
+/// themselves, and so every stored ciphertext, are unchanged.
+pub fn rewrap() -> i32 {
+    if let Some(why) = write_blocker() {
+        raise(
+            PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION,
+            format!("cannot rewrap immuta data keys: {why}"),
+            None,
+            Some("Rewrap in a read-write transaction on the primary."),
+        );
+    }
+    backend::prepare();
+    // SAFETY: a blocking lock on our own table by OID, released at transaction end: no key is
+    // created or rewrapped concurrently.
+    unsafe { pg_sys::LockRelationOid(oids().data_keys, KEY_CREATION_LOCK) };
+    let config = BACKEND.with_borrow(|b| b.config());
+    let rows = catalog::key_rows(None);
+    let keys: Vec<_> = rows.iter().map(|row| (row.id, providers::unwrap(row, &config))).collect();
+    let provider = providers::for_new_keys(&config);
+    for (id, key) in &keys {
+        let wrapped = provider.wrap(*id, key).or_raise();
+        catalog::update_wrapping(*id, &wrapped.by, &wrapped.key);
+    }
+    backend::key_created_in_this_transaction(oids());
+    keys.len() as i32
 }
 
 /// Makes sure the ring holds the cipher of key `id`, unwrapping it if needed.
@@ -167,11 +186,8 @@ pub fn ensure_cipher(id: KeyId) {
     if BACKEND.with_borrow(|b| b.ring.cipher(id).is_some()) {
         return;
     }
-    let row = catalog::key_row(id)
-        .ok_or(Error::UnknownKey {
-            key_id: id.get() as u64,
-        })
-        .or_raise();
-    let key = providers::unwrap(&row);
+    let row = catalog::key_row(id).ok_or(Error::UnknownKey { key_id: id.get() as u64 }).or_raise();
+    let config = BACKEND.with_borrow(|b| b.config());
+    let key = providers::unwrap(&row, &config);
     backend::insert_cipher(DataCipher::new(id, &key));
 }

@@ -12,9 +12,7 @@ mod tests {
              BEGIN EXECUTE q; RETURN '00000'; EXCEPTION WHEN OTHERS THEN RETURN SQLSTATE; END $$",
         )
         .unwrap();
-        Spi::get_one_with_args::<String>("SELECT pg_temp.sqlstate_of($1)", &[sql.into()])
-            .unwrap()
-            .unwrap()
+        Spi::get_one_with_args::<String>("SELECT pg_temp.sqlstate_of($1)", &[sql.into()]).unwrap().unwrap()
     }
 
     fn one<T: FromDatum + IntoDatum>(sql: &str) -> T {
@@ -36,47 +34,28 @@ mod tests {
 
     #[pg_test]
     fn null_in_is_null_out() {
-        assert_eq!(
-            Spi::get_one::<Vec<u8>>("SELECT immuta_encrypt(NULL)").unwrap(),
-            None
-        );
-        assert_eq!(
-            Spi::get_one::<String>("SELECT immuta_decrypt(NULL)").unwrap(),
-            None
-        );
+        assert_eq!(Spi::get_one::<Vec<u8>>("SELECT immuta_encrypt(NULL)").unwrap(), None);
+        assert_eq!(Spi::get_one::<String>("SELECT immuta_decrypt(NULL)").unwrap(), None);
     }
 
     #[pg_test]
     fn encrypting_twice_gives_different_ciphertexts_of_documented_length() {
-        assert!(one::<bool>(
-            "SELECT immuta_encrypt('same') <> immuta_encrypt('same')"
-        ));
+        assert!(one::<bool>("SELECT immuta_encrypt('same') <> immuta_encrypt('same')"));
         assert_eq!(one::<i32>("SELECT length(immuta_encrypt('12345'))"), 5 + 37);
-        assert_eq!(
-            one::<String>("SELECT encode(substring(immuta_encrypt('x') FROM 1 FOR 1), 'hex')"),
-            "01"
-        );
+        assert_eq!(one::<String>("SELECT encode(substring(immuta_encrypt('x') FROM 1 FOR 1), 'hex')"), "01");
     }
 
     #[pg_test]
     fn function_volatility_is_as_documented() {
-        let vol = |f: &str| {
-            one::<String>(&format!(
-                "SELECT provolatile::text FROM pg_proc WHERE proname = '{f}'"
-            ))
-        };
+        let vol =
+            |f: &str| one::<String>(&format!("SELECT provolatile::text FROM pg_proc WHERE proname = '{f}'"));
         assert_eq!(vol("immuta_encrypt"), "v");
         assert_eq!(vol("immuta_decrypt"), "s");
-        let par = |f: &str| {
-            one::<String>(&format!(
-                "SELECT proparallel::text FROM pg_proc WHERE proname = '{f}'"
-            ))
-        };
+        let par =
+            |f: &str| one::<String>(&format!("SELECT proparallel::text FROM pg_proc WHERE proname = '{f}'"));
         assert_eq!(par("immuta_encrypt"), "s");
         assert_eq!(par("immuta_decrypt"), "s");
-        assert!(one::<bool>(
-            "SELECT proisstrict FROM pg_proc WHERE proname = 'immuta_encrypt'"
-        ));
+        assert!(one::<bool>("SELECT proisstrict FROM pg_proc WHERE proname = 'immuta_encrypt'"));
     }
 
     #[pg_test]
@@ -85,25 +64,16 @@ mod tests {
         let old_key: i64 = one("SELECT immuta_key_id(c) FROM t");
         let new_key: i64 = one("SELECT immuta_rotate()");
         assert!(new_key > old_key);
-        assert_eq!(
-            one::<i64>("SELECT immuta_key_id(immuta_encrypt('after'))"),
-            new_key
-        );
+        assert_eq!(one::<i64>("SELECT immuta_key_id(immuta_encrypt('after'))"), new_key);
         assert_eq!(one::<String>("SELECT immuta_decrypt(c) FROM t"), "before");
-        assert_eq!(
-            one::<i64>("SELECT id FROM immuta.keys WHERE is_current"),
-            new_key
-        );
-        assert!(one::<bool>("SELECT rollover_due_at IS NULL FROM immuta.keys WHERE id = (SELECT immuta_key_id(c) FROM t)"));
+        assert_eq!(one::<i64>("SELECT id FROM immuta.keys WHERE is_current"), new_key);
+        assert!(one::<bool>(
+            "SELECT rollover_due_at IS NULL FROM immuta.keys WHERE id = (SELECT immuta_key_id(c) FROM t)"
+        ));
         assert!(one::<bool>(
             "SELECT rollover_due_at = created_at + interval '365 days' FROM immuta.keys WHERE is_current"
         ));
-        assert_eq!(
-            one::<String>(&format!(
-                "SELECT reason FROM immuta.keys WHERE id = {new_key}"
-            )),
-            "manual"
-        );
+        assert_eq!(one::<String>(&format!("SELECT reason FROM immuta.keys WHERE id = {new_key}")), "manual");
     }
 
     #[pg_test]
@@ -113,10 +83,7 @@ mod tests {
             one::<i32>("SELECT length(wrapped_key) FROM immuta.data_keys ORDER BY id DESC LIMIT 1"),
             61
         );
-        assert_eq!(
-            one::<String>("SELECT provider FROM immuta.keys ORDER BY id DESC LIMIT 1"),
-            "local"
-        );
+        assert_eq!(one::<String>("SELECT provider FROM immuta.keys ORDER BY id DESC LIMIT 1"), "local");
         assert!(one::<bool>(
             "SELECT wrapping_key ~ '^[0-9a-f]{16}$' FROM immuta.keys ORDER BY id DESC LIMIT 1"
         ));
@@ -124,10 +91,7 @@ mod tests {
 
     #[pg_test]
     fn bad_ciphertexts_raise_their_documented_sqlstates() {
-        assert_eq!(
-            sqlstate_of("SELECT immuta_decrypt('\\x0102'::bytea)"),
-            "22P03"
-        );
+        assert_eq!(sqlstate_of("SELECT immuta_decrypt('\\x0102'::bytea)"), "22P03");
         assert_eq!(sqlstate_of("SELECT immuta_decrypt(''::bytea)"), "22P03");
         assert_eq!(
             sqlstate_of("SELECT immuta_decrypt(set_byte(immuta_encrypt('x'), 0, 9))"),
@@ -145,16 +109,9 @@ mod tests {
             "tampered body"
         );
         let c: Vec<u8> = one("SELECT immuta_encrypt('abcdef')");
-        let cut = format!(
-            "SELECT immuta_decrypt(substring('\\x{}'::bytea FROM 1 FOR {}))",
-            hex(&c),
-            c.len() - 3
-        );
-        assert_eq!(
-            sqlstate_of(&cut),
-            "22000",
-            "a value cut after the header fails authentication"
-        );
+        let cut =
+            format!("SELECT immuta_decrypt(substring('\\x{}'::bytea FROM 1 FOR {}))", hex(&c), c.len() - 3);
+        assert_eq!(sqlstate_of(&cut), "22000", "a value cut after the header fails authentication");
     }
 
     /// Runs `sql` and returns its error's message, detail and hint, joined.
@@ -167,9 +124,7 @@ mod tests {
                RETURN concat_ws(' | ', m, d, h); END $$",
         )
         .unwrap();
-        Spi::get_one_with_args::<String>("SELECT pg_temp.error_text_of($1)", &[sql.into()])
-            .unwrap()
-            .unwrap()
+        Spi::get_one_with_args::<String>("SELECT pg_temp.error_text_of($1)", &[sql.into()]).unwrap().unwrap()
     }
 
     #[pg_test]
@@ -177,10 +132,7 @@ mod tests {
         let tampered = "SELECT immuta_decrypt(set_byte(immuta_encrypt('PLAINTEXT-4111'), 30, 0))";
         let text = error_text_of(tampered);
         assert!(text.contains("failed authentication"), "{text}");
-        assert!(
-            !text.contains("PLAINTEXT") && !text.contains("\\x"),
-            "{text}"
-        );
+        assert!(!text.contains("PLAINTEXT") && !text.contains("\\x"), "{text}");
         let text = error_text_of("SELECT immuta_decrypt('\\x0200000000000000016162636465666768697071727374757677787980818283848586878889909192'::bytea)");
         assert!(text.contains("version 2"), "{text}");
         assert!(!text.contains("6162"), "{text}");
@@ -188,13 +140,9 @@ mod tests {
 
     #[pg_test]
     fn configuration_round_trips_and_bad_documents_change_nothing() {
-        let shown: pgrx::JsonB =
-            one("SELECT immuta_configure('schedule:\n  dataKeyRollOverLength: 30\n')");
+        let shown: pgrx::JsonB = one("SELECT immuta_configure('schedule:\n  dataKeyRollOverLength: 30\n')");
         assert_eq!(shown.0["schedule"]["dataKeyRollOverLength"], 30);
-        assert_eq!(
-            one::<i32>("SELECT (immuta_config()->'schedule'->>'dataKeyRollOverLength')::int"),
-            30
-        );
+        assert_eq!(one::<i32>("SELECT (immuta_config()->'schedule'->>'dataKeyRollOverLength')::int"), 30);
         for bad in [
             "schedule:\n  dataKeyRollOverLength: -1\n",
             "schedule:\n  dataKeyRollOverLength: 0\n",
@@ -204,16 +152,10 @@ mod tests {
             let sql = format!("SELECT immuta_configure({})", pgrx::spi::quote_literal(bad));
             assert_eq!(sqlstate_of(&sql), "22023", "{bad}");
         }
-        assert_eq!(
-            one::<i32>("SELECT (immuta_config()->'schedule'->>'dataKeyRollOverLength')::int"),
-            30
-        );
+        assert_eq!(one::<i32>("SELECT (immuta_config()->'schedule'->>'dataKeyRollOverLength')::int"), 30);
         assert_eq!(sqlstate_of("SELECT immuta_configure(NULL)"), "22004");
         one::<pgrx::JsonB>("SELECT immuta_configure('')");
-        assert_eq!(
-            one::<i32>("SELECT (immuta_config()->'schedule'->>'dataKeyRollOverLength')::int"),
-            365
-        );
+        assert_eq!(one::<i32>("SELECT (immuta_config()->'schedule'->>'dataKeyRollOverLength')::int"), 365);
     }
 
     #[pg_test]
@@ -222,10 +164,7 @@ mod tests {
             "SELECT immuta_configure('plugins:\n  awsKms:\n    plugin: awsKms\n    isKms: false\n    keyId: alias/x\n    region: us-east-1\n    extraKmsConfig:\n      credentials:\n        accessKeyId: AKIDEXAMPLE\n        secretAccessKey: wJalrXUtnFEMIsecret\n        sessionToken: tokentokentoken\n')",
         );
         let shown = one::<pgrx::JsonB>("SELECT immuta_config()").0.to_string();
-        assert!(
-            !shown.contains("wJalrXUtnFEMIsecret") && !shown.contains("tokentokentoken"),
-            "{shown}"
-        );
+        assert!(!shown.contains("wJalrXUtnFEMIsecret") && !shown.contains("tokentokentoken"), "{shown}");
         assert!(shown.contains("AKIDEXAMPLE"));
     }
 
@@ -233,7 +172,9 @@ mod tests {
     fn the_rollover_view_follows_the_configured_length() {
         one::<i64>("SELECT immuta_rotate()");
         one::<pgrx::JsonB>("SELECT immuta_configure('schedule:\n  dataKeyRollOverLength: 7\n')");
-        assert!(one::<bool>("SELECT rollover_due_at = created_at + interval '7 days' FROM immuta.keys WHERE is_current"));
+        assert!(one::<bool>(
+            "SELECT rollover_due_at = created_at + interval '7 days' FROM immuta.keys WHERE is_current"
+        ));
     }
 
     #[pg_test]
@@ -277,6 +218,19 @@ mod tests {
                 "{states:?}"
             );
         }
+    }
+
+    #[pg_test]
+    fn rewrap_wraps_every_key_again_and_every_value_still_decrypts() {
+        Spi::run("CREATE TEMP TABLE r AS SELECT immuta_encrypt('a') AS c").unwrap();
+        one::<i64>("SELECT immuta_rotate()");
+        Spi::run("INSERT INTO r SELECT immuta_encrypt('b')").unwrap();
+        let before: Vec<u8> = one("SELECT wrapped_key FROM immuta.data_keys ORDER BY id LIMIT 1");
+        let n: i32 = one("SELECT immuta_rewrap()");
+        assert_eq!(i64::from(n), one::<i64>("SELECT count(*) FROM immuta.data_keys"));
+        let after: Vec<u8> = one("SELECT wrapped_key FROM immuta.data_keys ORDER BY id LIMIT 1");
+        assert_ne!(before, after, "a fresh wrapping (new nonce)");
+        assert_eq!(one::<String>("SELECT string_agg(immuta_decrypt(c), ',' ORDER BY 1) FROM r"), "a,b");
     }
 
     fn hex(bytes: &[u8]) -> String {

@@ -55,9 +55,7 @@ fn build(len: usize, fill: impl FnOnce(&mut [u8])) -> pg_sys::Datum {
         raise(
             PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
             "value too large for immuta",
-            Some(format!(
-                "The result would be {len} bytes; PostgreSQL values are limited to 1 GB."
-            )),
+            Some(format!("The result would be {len} bytes; PostgreSQL values are limited to 1 GB.")),
             None,
         );
     }
@@ -68,10 +66,7 @@ fn build(len: usize, fill: impl FnOnce(&mut [u8])) -> pg_sys::Datum {
     unsafe {
         let ptr = pg_sys::palloc0(total).cast::<u8>();
         pgrx::set_varsize_4b(ptr.cast(), total as i32);
-        fill(std::slice::from_raw_parts_mut(
-            ptr.add(pg_sys::VARHDRSZ),
-            len,
-        ));
+        fill(std::slice::from_raw_parts_mut(ptr.add(pg_sys::VARHDRSZ), len));
         pg_sys::Datum::from(ptr)
     }
 }

@@ -5,12 +5,7 @@ mod support;
 use support::*;
 
 fn rollover_days(c: &mut postgres::Client) -> i64 {
-    c.query_one(
-        "SELECT (immuta_config()->'schedule'->>'dataKeyRollOverLength')::int8",
-        &[],
-    )
-    .unwrap()
-    .get(0)
+    c.query_one("SELECT (immuta_config()->'schedule'->>'dataKeyRollOverLength')::int8", &[]).unwrap().get(0)
 }
 
 #[test]
@@ -19,37 +14,21 @@ fn the_configuration_file_takes_precedence_and_is_reread_when_it_changes() {
     let file = pg.root.join("immuta.yaml");
     pg.write_file(&file, "schedule:\n  dataKeyRollOverLength: 10\n", 0o600);
     let mut c = pg.connect();
-    c.execute(
-        "SELECT immuta_configure('schedule:\n  dataKeyRollOverLength: 99\n')",
-        &[],
-    )
-    .unwrap();
+    c.execute("SELECT immuta_configure('schedule:\n  dataKeyRollOverLength: 99\n')", &[]).unwrap();
     set_server_setting(&mut c, "immuta.config_file", file.to_str().unwrap());
     drop(c);
     let (mut c, notices) = pg.connect_recording_notices();
-    assert_eq!(
-        rollover_days(&mut c),
-        10,
-        "the file wins over the stored configuration"
-    );
+    assert_eq!(rollover_days(&mut c), 10, "the file wins over the stored configuration");
     let refused = c.execute("SELECT immuta_configure('')", &[]);
     assert_eq!(sqlstate(refused), "55P02");
 
     // Sleep so the modification time moves even on coarse clocks.
     std::thread::sleep(std::time::Duration::from_millis(20));
     pg.write_file(&file, "schedule:\n  dataKeyRollOverLength: 20\n", 0o600);
-    assert_eq!(
-        rollover_days(&mut c),
-        20,
-        "picked up at the next transaction"
-    );
+    assert_eq!(rollover_days(&mut c), 20, "picked up at the next transaction");
 
     pg.write_file(&file, "schedule:\n  dataKeyRollOverLenth: 30\n", 0o600);
-    assert_eq!(
-        rollover_days(&mut c),
-        20,
-        "an invalid file leaves the previous configuration in force"
-    );
+    assert_eq!(rollover_days(&mut c), 20, "an invalid file leaves the previous configuration in force");
     let warned = notices
         .lock()
         .unwrap()
@@ -61,10 +40,7 @@ fn the_configuration_file_takes_precedence_and_is_reread_when_it_changes() {
     let err = fresh.query_one("SELECT immuta_config()", &[]);
     let text = error_text(fresh.query_one("SELECT immuta_config()", &[]));
     assert_eq!(sqlstate(err), "F0000");
-    assert!(
-        text.contains("schedule.dataKeyRollOverLenth"),
-        "the error names the offending path: {text}"
-    );
+    assert!(text.contains("schedule.dataKeyRollOverLenth"), "the error names the offending path: {text}");
 }
 
 #[test]
@@ -72,11 +48,7 @@ fn a_stored_configuration_reaches_other_sessions_and_survives_restart() {
     let pg = Cluster::start(&[]);
     let (mut a, mut b) = (pg.connect(), pg.connect());
     assert_eq!(rollover_days(&mut b), 365);
-    a.execute(
-        "SELECT immuta_configure('schedule:\n  dataKeyRollOverLength: 30\n')",
-        &[],
-    )
-    .unwrap();
+    a.execute("SELECT immuta_configure('schedule:\n  dataKeyRollOverLength: 30\n')", &[]).unwrap();
     assert_eq!(rollover_days(&mut b), 30);
     drop((a, b));
     pg.restart();
@@ -86,22 +58,19 @@ fn a_stored_configuration_reaches_other_sessions_and_survives_restart() {
 
 #[test]
 fn secrets_in_the_configuration_never_reach_the_server_log() {
-    let pg = Cluster::start(&[
-        "log_min_messages = debug1",
-        "log_min_error_statement = error",
-    ]);
+    let pg = Cluster::start(&["log_min_messages = debug1", "log_min_error_statement = error"]);
     let mut c = pg.connect();
     let yaml = "plugins:\n  awsKms:\n    plugin: awsKms\n    isKms: false\n    keyId: alias/x\n    region: us-east-1\n    extraKmsConfig:\n      credentials:\n        accessKeyId: AKIDEXAMPLE\n        secretAccessKey: Sup3rS3cretValue\n";
     c.execute("SELECT immuta_configure($1)", &[&yaml]).unwrap();
     let shown: String = c
-        .query_one("SELECT immuta_config()#>>'{plugins,awsKms,extraKmsConfig,credentials,secretAccessKey}'", &[])
+        .query_one(
+            "SELECT immuta_config()#>>'{plugins,awsKms,extraKmsConfig,credentials,secretAccessKey}'",
+            &[],
+        )
         .unwrap()
         .get(0);
     assert_eq!(shown, "********");
     let bad = "plugins:\n  awsKms:\n    plugin: awsKms\n    isKms: true\n    keyId: alias/x\n    region: us-east-1\n    extraKmsConfig:\n      credentials:\n        accessKeyId: AKIDEXAMPLE\n        secretAccessKey: [Sup3rS3cretValue]\n";
-    assert_eq!(
-        sqlstate(c.execute("SELECT immuta_configure($1)", &[&bad])),
-        "22023"
-    );
+    assert_eq!(sqlstate(c.execute("SELECT immuta_configure($1)", &[&bad])), "22023");
     assert!(!pg.log().contains("Sup3rS3cretValue"), "{}", pg.log());
 }

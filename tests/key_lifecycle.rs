@@ -14,11 +14,7 @@ fn a_rotation_in_one_session_is_used_by_the_next_encrypt_in_another() {
     let rotated: i64 = a.query_one("SELECT immuta_rotate()", &[]).unwrap().get(0);
     assert!(rotated > first);
     let after = encrypt(&mut b, "after");
-    assert_eq!(
-        key_id_of(&mut b, &after),
-        rotated,
-        "session b must see the rotation without reconnecting"
-    );
+    assert_eq!(key_id_of(&mut b, &after), rotated, "session b must see the rotation without reconnecting");
     assert_eq!(decrypt(&mut a, &after).unwrap(), "after");
 }
 
@@ -26,27 +22,19 @@ fn a_rotation_in_one_session_is_used_by_the_next_encrypt_in_another() {
 fn every_old_value_decrypts_after_a_restart() {
     let pg = Cluster::start(&[]);
     let mut c = pg.connect();
-    c.batch_execute("CREATE TABLE patients (id int, ssn bytea)")
-        .unwrap();
+    c.batch_execute("CREATE TABLE patients (id int, ssn bytea)").unwrap();
     for i in 0..30 {
         if i % 10 == 0 {
             c.execute("SELECT immuta_rotate()", &[]).unwrap();
         }
-        c.execute(
-            "INSERT INTO patients VALUES ($1, immuta_encrypt($2))",
-            &[&i, &format!("{i:03}-45-6789")],
-        )
-        .unwrap();
+        c.execute("INSERT INTO patients VALUES ($1, immuta_encrypt($2))", &[&i, &format!("{i:03}-45-6789")])
+            .unwrap();
     }
     drop(c);
     pg.restart();
     let mut c = pg.connect();
-    let rows = c
-        .query(
-            "SELECT id, immuta_decrypt(ssn), immuta_key_id(ssn) FROM patients ORDER BY id",
-            &[],
-        )
-        .unwrap();
+    let rows =
+        c.query("SELECT id, immuta_decrypt(ssn), immuta_key_id(ssn) FROM patients ORDER BY id", &[]).unwrap();
     assert_eq!(rows.len(), 30);
     let mut keys = std::collections::BTreeSet::new();
     for row in rows {
@@ -64,27 +52,12 @@ fn a_rotation_that_rolls_back_leaves_no_trace() {
     let kept = encrypted_key_id(&mut a, "x");
     let mut tx = a.transaction().unwrap();
     let doomed: i64 = tx.query_one("SELECT immuta_rotate()", &[]).unwrap().get(0);
-    let under_doomed: Vec<u8> = tx
-        .query_one("SELECT immuta_encrypt('gone')", &[])
-        .unwrap()
-        .get(0);
-    assert_eq!(
-        encrypted_key_id(&mut b, "y"),
-        kept,
-        "uncommitted rotation invisible elsewhere"
-    );
+    let under_doomed: Vec<u8> = tx.query_one("SELECT immuta_encrypt('gone')", &[]).unwrap().get(0);
+    assert_eq!(encrypted_key_id(&mut b, "y"), kept, "uncommitted rotation invisible elsewhere");
     tx.rollback().unwrap();
     assert_eq!(count_keys(&mut a), 1);
-    assert_eq!(
-        encrypted_key_id(&mut a, "z"),
-        kept,
-        "the rolled-back key no longer encrypts"
-    );
-    assert_eq!(
-        sqlstate(decrypt(&mut a, &under_doomed)),
-        "42704",
-        "nor decrypts in the session that made it"
-    );
+    assert_eq!(encrypted_key_id(&mut a, "z"), kept, "the rolled-back key no longer encrypts");
+    assert_eq!(sqlstate(decrypt(&mut a, &under_doomed)), "42704", "nor decrypts in the session that made it");
     assert_eq!(sqlstate(decrypt(&mut b, &under_doomed)), "42704");
     let next: i64 = a.query_one("SELECT immuta_rotate()", &[]).unwrap().get(0);
     assert!(next > doomed, "key ids are never reused");
@@ -95,11 +68,7 @@ fn concurrent_rotations_give_distinct_keys() {
     let pg = Arc::new(Cluster::start(&[]));
     let per_session = in_parallel_sessions(&pg, 4, |_, c| {
         (0..5)
-            .map(|_| {
-                c.query_one("SELECT immuta_rotate()", &[])
-                    .unwrap()
-                    .get::<_, i64>(0)
-            })
+            .map(|_| c.query_one("SELECT immuta_rotate()", &[]).unwrap().get::<_, i64>(0))
             .collect::<Vec<_>>()
     });
     let mut ids: Vec<i64> = per_session.into_iter().flatten().collect();
@@ -108,10 +77,7 @@ fn concurrent_rotations_give_distinct_keys() {
     assert_eq!(ids.len(), 20);
     let mut c = pg.connect();
     assert_eq!(count_keys(&mut c), 20);
-    let current: i64 = c
-        .query_one("SELECT id FROM immuta.keys WHERE is_current", &[])
-        .unwrap()
-        .get(0);
+    let current: i64 = c.query_one("SELECT id FROM immuta.keys WHERE is_current", &[]).unwrap().get(0);
     assert_eq!(current, *ids.last().unwrap(), "the newest key is current");
     assert_eq!(encrypted_key_id(&mut c, "v"), current);
 }
@@ -123,10 +89,7 @@ fn concurrent_first_uses_create_exactly_one_key() {
     assert!(ids.iter().all(|&id| id == ids[0]), "{ids:?}");
     let mut c = pg.connect();
     assert_eq!(count_keys(&mut c), 1);
-    let reason: String = c
-        .query_one("SELECT reason FROM immuta.keys", &[])
-        .unwrap()
-        .get(0);
+    let reason: String = c.query_one("SELECT reason FROM immuta.keys", &[]).unwrap().get(0);
     assert_eq!(reason, "first use");
     assert!(pg.master_key_file().exists());
 }
@@ -154,19 +117,12 @@ fn an_overdue_key_rolls_over_on_the_next_encrypt_and_old_values_still_decrypt() 
     let new_key = key_id_of(&mut c, &new);
     assert!(new_key > old_key, "encryption moved to a new key");
     let row = c
-        .query_one(
-            "SELECT reason, rolled_over_from FROM immuta.data_keys WHERE id = $1",
-            &[&new_key],
-        )
+        .query_one("SELECT reason, rolled_over_from FROM immuta.data_keys WHERE id = $1", &[&new_key])
         .unwrap();
     assert_eq!(row.get::<_, String>(0), "rollover");
     assert_eq!(row.get::<_, Option<i64>>(1), Some(old_key));
     assert_eq!(decrypt(&mut c, &old).unwrap(), "old value");
-    assert_eq!(
-        encrypted_key_id(&mut c, "again"),
-        new_key,
-        "one rollover, not one per row"
-    );
+    assert_eq!(encrypted_key_id(&mut c, "again"), new_key, "one rollover, not one per row");
 }
 
 #[test]
@@ -177,20 +133,9 @@ fn a_shorter_configured_rollover_length_is_honoured() {
     backdate_current_key(&mut c, 10);
     drop(c);
     let mut c = pg.connect();
-    assert_eq!(
-        encrypted_key_id(&mut c, "v"),
-        first,
-        "10 days is not due under the 365-day default"
-    );
-    c.execute(
-        "SELECT immuta_configure('schedule:\n  dataKeyRollOverLength: 7\n')",
-        &[],
-    )
-    .unwrap();
-    assert!(
-        encrypted_key_id(&mut c, "v") > first,
-        "due under a 7-day length"
-    );
+    assert_eq!(encrypted_key_id(&mut c, "v"), first, "10 days is not due under the 365-day default");
+    c.execute("SELECT immuta_configure('schedule:\n  dataKeyRollOverLength: 7\n')", &[]).unwrap();
+    assert!(encrypted_key_id(&mut c, "v") > first, "due under a 7-day length");
 }
 
 #[test]
@@ -214,18 +159,12 @@ fn a_read_only_transaction_keeps_the_overdue_key_and_warns_once_per_session() {
     let key = encrypted_key_id(&mut c, "v");
     backdate_current_key(&mut c, 400);
     let (mut ro, notices) = pg.connect_recording_notices();
-    ro.batch_execute("SET default_transaction_read_only = on")
-        .unwrap();
+    ro.batch_execute("SET default_transaction_read_only = on").unwrap();
     for _ in 0..3 {
         assert_eq!(encrypted_key_id(&mut ro, "v"), key);
     }
-    let warnings: Vec<String> = notices
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|n| n.starts_with("WARNING"))
-        .cloned()
-        .collect();
+    let warnings: Vec<String> =
+        notices.lock().unwrap().iter().filter(|n| n.starts_with("WARNING")).cloned().collect();
     assert_eq!(warnings.len(), 1, "{warnings:?}");
     assert!(warnings[0].contains("due for rollover"), "{warnings:?}");
     assert_eq!(count_keys(&mut c), 1);
@@ -236,8 +175,7 @@ fn a_read_only_transaction_keeps_the_overdue_key_and_warns_once_per_session() {
 fn a_read_only_transaction_cannot_create_the_first_key() {
     let pg = Cluster::start(&[]);
     let mut c = pg.connect();
-    c.batch_execute("SET default_transaction_read_only = on")
-        .unwrap();
+    c.batch_execute("SET default_transaction_read_only = on").unwrap();
     let err = c.query_one("SELECT immuta_encrypt('x')", &[]);
     let text = error_text(c.query_one("SELECT immuta_encrypt('x')", &[]));
     assert_eq!(sqlstate(err), "25006");
@@ -248,28 +186,15 @@ fn a_read_only_transaction_cannot_create_the_first_key() {
 fn a_key_created_by_a_statement_that_fails_is_never_used_afterwards() {
     let pg = Cluster::start(&[]);
     let mut c = pg.connect();
-    c.batch_execute("CREATE TABLE never (v bytea CHECK (v IS NULL))")
-        .unwrap();
+    c.batch_execute("CREATE TABLE never (v bytea CHECK (v IS NULL))").unwrap();
     // The first key is created inside the failing statement itself.
-    assert_eq!(
-        sqlstate(c.execute("INSERT INTO never VALUES (immuta_encrypt('x'))", &[])),
-        "23514"
-    );
+    assert_eq!(sqlstate(c.execute("INSERT INTO never VALUES (immuta_encrypt('x'))", &[])), "23514");
     assert_eq!(count_keys(&mut c), 0);
     let first = encrypted_key_id(&mut c, "y");
-    let stored: i64 = c
-        .query_one("SELECT id FROM immuta.data_keys", &[])
-        .unwrap()
-        .get(0);
-    assert_eq!(
-        first, stored,
-        "the session encrypts under the key that exists"
-    );
+    let stored: i64 = c.query_one("SELECT id FROM immuta.data_keys", &[]).unwrap().get(0);
+    assert_eq!(first, stored, "the session encrypts under the key that exists");
     // A rotation in a statement that then fails.
-    assert_eq!(
-        sqlstate(c.execute("SELECT immuta_rotate(), 1/0", &[])),
-        "22012"
-    );
+    assert_eq!(sqlstate(c.execute("SELECT immuta_rotate(), 1/0", &[])), "22012");
     assert_eq!(encrypted_key_id(&mut c, "z"), first);
     // A rotation in a subtransaction that rolls back, inside a transaction that commits.
     c.batch_execute(
@@ -286,8 +211,7 @@ fn a_repeatable_read_session_sees_a_rotation_by_its_next_transaction() {
     let pg = Cluster::start(&[]);
     let (mut a, mut b) = (pg.connect(), pg.connect());
     let first = encrypted_key_id(&mut b, "v");
-    b.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
-        .unwrap();
+    b.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ").unwrap();
     assert_eq!(encrypted_key_id(&mut b, "v"), first);
     let rotated: i64 = a.query_one("SELECT immuta_rotate()", &[]).unwrap().get(0);
     encrypted_key_id(&mut b, "v");
@@ -313,18 +237,9 @@ fn encrypting_under_a_current_key_takes_no_lock_and_no_transaction_id() {
         )
         .unwrap();
     assert!(row.get::<_, bool>(0), "no transaction id was assigned");
-    assert_eq!(
-        row.get::<_, i64>(1),
-        0,
-        "no lock stronger than a read on the keys table"
-    );
+    assert_eq!(row.get::<_, i64>(1), 0, "no lock stronger than a read on the keys table");
     tx.commit().unwrap();
-    c.batch_execute("SET default_transaction_read_only = on")
-        .unwrap();
+    c.batch_execute("SET default_transaction_read_only = on").unwrap();
     encrypt(&mut c, "v");
-    assert!(
-        notices.lock().unwrap().is_empty(),
-        "{:?}",
-        notices.lock().unwrap()
-    );
+    assert!(notices.lock().unwrap().is_empty(), "{:?}", notices.lock().unwrap());
 }

@@ -15,10 +15,7 @@ fn the_master_key_file_is_generated_on_first_use_with_mode_0600() {
     use std::os::unix::fs::MetadataExt;
     let meta = fs::metadata(pg.master_key_file()).unwrap();
     assert_eq!(meta.mode() & 0o777, 0o600);
-    let fp: String = c
-        .query_one("SELECT wrapping_key FROM immuta.keys", &[])
-        .unwrap()
-        .get(0);
+    let fp: String = c.query_one("SELECT wrapping_key FROM immuta.keys", &[]).unwrap().get(0);
     assert_eq!(fp.len(), 16);
 }
 
@@ -35,23 +32,13 @@ fn a_removed_master_key_file_gives_the_documented_error_and_is_never_regenerated
     let mut c = pg.connect();
     let text = error_text(decrypt(&mut c, &value));
     assert_eq!(sqlstate(decrypt(&mut c, &value)), "58P01");
-    assert!(
-        text.contains("immuta_master.key\" does not exist"),
-        "{text}"
-    );
+    assert!(text.contains("immuta_master.key\" does not exist"), "{text}");
     assert!(text.contains("fingerprint"), "{text}");
     // Rotation would need the master key too, and must not create a new one that strands the old keys.
     assert_eq!(sqlstate(c.execute("SELECT immuta_rotate()", &[])), "58P01");
-    assert!(
-        !pg.master_key_file().exists(),
-        "no new master key was generated"
-    );
+    assert!(!pg.master_key_file().exists(), "no new master key was generated");
     fs::rename(&saved, pg.master_key_file()).unwrap();
-    assert_eq!(
-        decrypt(&mut c, &value).unwrap(),
-        "123-45-6789",
-        "restoring the file is enough, no restart"
-    );
+    assert_eq!(decrypt(&mut c, &value).unwrap(), "123-45-6789", "restoring the file is enough, no restart");
 }
 
 #[test]
@@ -59,30 +46,17 @@ fn a_different_master_key_is_reported_as_a_mismatch_naming_both_fingerprints() {
     let pg = Cluster::start(&[]);
     let mut c = pg.connect();
     let value = encrypt(&mut c, "secret");
-    let recorded: String = c
-        .query_one("SELECT wrapping_key FROM immuta.keys", &[])
-        .unwrap()
-        .get(0);
+    let recorded: String = c.query_one("SELECT wrapping_key FROM immuta.keys", &[]).unwrap().get(0);
     drop(c);
     pg.stop();
-    pg.write_file(
-        &pg.master_key_file(),
-        &format!("{}\n", "ab".repeat(32)),
-        0o600,
-    );
+    pg.write_file(&pg.master_key_file(), &format!("{}\n", "ab".repeat(32)), 0o600);
     pg.start_again();
     let mut c = pg.connect();
     let result = decrypt(&mut c, &value);
     let text = error_text(decrypt(&mut c, &value));
     assert_eq!(sqlstate(result), "55000");
-    assert!(
-        text.contains("mismatch") && text.contains(&recorded),
-        "{text}"
-    );
-    assert!(
-        !text.contains(&"ab".repeat(32)),
-        "the key itself is never shown"
-    );
+    assert!(text.contains("mismatch") && text.contains(&recorded), "{text}");
+    assert!(!text.contains(&"ab".repeat(32)), "the key itself is never shown");
 }
 
 #[test]
@@ -130,11 +104,7 @@ fn a_database_without_keys_does_not_replace_a_lost_master_key_that_another_datab
     pg.stop();
     fs::rename(pg.master_key_file(), pg.root.join("saved.key")).unwrap();
     pg.start_again();
-    let mut second = pg
-        .config()
-        .dbname("second")
-        .connect(postgres::NoTls)
-        .unwrap();
+    let mut second = pg.config().dbname("second").connect(postgres::NoTls).unwrap();
     second.batch_execute("CREATE EXTENSION immuta").unwrap();
     let result = second.query_one("SELECT immuta_encrypt('x')", &[]);
     assert_eq!(sqlstate(result), "58P01");

@@ -8,6 +8,8 @@
 
 #![allow(dead_code)]
 
+pub mod kms;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -23,52 +25,57 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 pub struct Cluster {
     pub root: PathBuf,
     pub data: PathBuf,
+    /// Extra environment of the server process.
+    env: Vec<(String, String)>,
 }
 
 fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout.trim_ascii() == b"0")
-        .unwrap_or(false)
+    Command::new("id").arg("-u").output().map(|o| o.stdout.trim_ascii() == b"0").unwrap_or(false)
 }
+
+/// The environment every test server gets: the AWS SDK in the server never probes instance
+/// metadata or reads the host's AWS profile, so its traffic stays on loopback.
+const SERVER_ENV: &[(&str, &str)] = &[
+    ("AWS_EC2_METADATA_DISABLED", "true"),
+    ("AWS_CONFIG_FILE", "/dev/null"),
+    ("AWS_SHARED_CREDENTIALS_FILE", "/dev/null"),
+];
 
 /// Runs a PostgreSQL program as the `postgres` user.
 pub fn as_postgres(program: &str, args: &[&str]) -> Output {
+    as_postgres_with_env(program, args, &[])
+}
+
+fn as_postgres_with_env(program: &str, args: &[&str], env: &[(String, String)]) -> Output {
     let path = format!("{PG_BIN}/{program}");
     let mut cmd = if is_root() {
         let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--", &path]);
+        c.args(["-u", "postgres", "--", "env"]);
         c
     } else {
-        Command::new(&path)
+        Command::new("env")
     };
-    let out = cmd
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    for (k, v) in SERVER_ENV {
+        cmd.arg(format!("{k}={v}"));
+    }
+    for (k, v) in env {
+        cmd.arg(format!("{k}={v}"));
+    }
+    cmd.arg(&path);
+    let out = cmd.args(args).output().unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
     out
 }
 
 /// Runs a PostgreSQL program as `postgres` and fails the test, with its output, if it fails.
-fn as_postgres_ok(program: &str, args: &[&str], log: impl FnOnce() -> String) {
-    let out = as_postgres(program, args);
-    assert!(
-        out.status.success(),
-        "{program} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        log()
-    );
+fn as_postgres_ok(program: &str, args: &[&str], env: &[(String, String)], log: impl FnOnce() -> String) {
+    let out = as_postgres_with_env(program, args, env);
+    assert!(out.status.success(), "{program} failed: {}\n{}", String::from_utf8_lossy(&out.stderr), log());
 }
 
 fn chown_to_postgres(path: &Path) {
     if is_root() {
-        let ok = Command::new("chown")
-            .args(["-R", "postgres:postgres"])
-            .arg(path)
-            .status()
-            .unwrap()
-            .success();
+        let ok =
+            Command::new("chown").args(["-R", "postgres:postgres"]).arg(path).status().unwrap().success();
         assert!(ok, "chown {}", path.display());
     }
 }
@@ -77,6 +84,11 @@ impl Cluster {
     /// initdb, append `settings` to postgresql.conf, start, and CREATE EXTENSION immuta in the
     /// database `postgres`.
     pub fn start(settings: &[&str]) -> Cluster {
+        Cluster::start_with_env(settings, &[])
+    }
+
+    /// [`Cluster::start`] with extra environment variables for the server process.
+    pub fn start_with_env(settings: &[&str], env: &[(&str, &str)]) -> Cluster {
         let root = PathBuf::from(format!(
             "/tmp/immuta-systest-{}-{}",
             std::process::id(),
@@ -86,7 +98,8 @@ impl Cluster {
         fs::create_dir_all(&root).unwrap();
         chown_to_postgres(&root);
         let data = root.join("data");
-        let cluster = Cluster { root, data };
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let cluster = Cluster { root, data, env };
         as_postgres_ok(
             "initdb",
             &[
@@ -100,17 +113,13 @@ impl Cluster {
                 "-U",
                 "postgres",
             ],
+            &[],
             String::new,
         );
-        let mut conf = fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/pgrx-config/postgresql.test.conf"
-        ))
-        .unwrap();
-        conf.push_str(&format!(
-            "\nunix_socket_directories = '{}'\nport = {PORT}\n",
-            cluster.root.display()
-        ));
+        let mut conf =
+            fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/pgrx-config/postgresql.test.conf"))
+                .unwrap();
+        conf.push_str(&format!("\nunix_socket_directories = '{}'\nport = {PORT}\n", cluster.root.display()));
         for s in settings {
             conf.push_str(s);
             conf.push('\n');
@@ -121,10 +130,7 @@ impl Cluster {
         existing.push_str(&conf);
         fs::write(&conf_path, existing).unwrap();
         cluster.pg_ctl_start();
-        cluster
-            .connect()
-            .batch_execute("CREATE EXTENSION immuta")
-            .unwrap();
+        cluster.connect().batch_execute("CREATE EXTENSION immuta").unwrap();
         cluster
     }
 
@@ -132,16 +138,8 @@ impl Cluster {
         let log = self.root.join("server.log");
         as_postgres_ok(
             "pg_ctl",
-            &[
-                "-D",
-                self.data.to_str().unwrap(),
-                "-l",
-                log.to_str().unwrap(),
-                "-w",
-                "-t",
-                "60",
-                "start",
-            ],
+            &["-D", self.data.to_str().unwrap(), "-l", log.to_str().unwrap(), "-w", "-t", "60", "start"],
+            &self.env,
             || self.log(),
         );
     }
@@ -149,16 +147,8 @@ impl Cluster {
     pub fn stop(&self) {
         as_postgres_ok(
             "pg_ctl",
-            &[
-                "-D",
-                self.data.to_str().unwrap(),
-                "-w",
-                "-t",
-                "60",
-                "-m",
-                "fast",
-                "stop",
-            ],
+            &["-D", self.data.to_str().unwrap(), "-w", "-t", "60", "-m", "fast", "stop"],
+            &[],
             || self.log(),
         );
     }
@@ -188,9 +178,7 @@ impl Cluster {
     }
 
     pub fn connect(&self) -> postgres::Client {
-        self.config()
-            .connect(postgres::NoTls)
-            .unwrap_or_else(|e| panic!("connect: {e}\n{}", self.log()))
+        self.config().connect(postgres::NoTls).unwrap_or_else(|e| panic!("connect: {e}\n{}", self.log()))
     }
 
     /// A connection that records every NOTICE/WARNING it receives.
@@ -199,11 +187,7 @@ impl Cluster {
         let sink = notices.clone();
         let client = self
             .config()
-            .notice_callback(move |n| {
-                sink.lock()
-                    .unwrap()
-                    .push(format!("{}: {}", n.severity(), n.message()))
-            })
+            .notice_callback(move |n| sink.lock().unwrap().push(format!("{}: {}", n.severity(), n.message())))
             .connect(postgres::NoTls)
             .unwrap();
         (client, notices)
@@ -226,16 +210,7 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         let _ = as_postgres(
             "pg_ctl",
-            &[
-                "-D",
-                self.data.to_str().unwrap(),
-                "-w",
-                "-t",
-                "30",
-                "-m",
-                "immediate",
-                "stop",
-            ],
+            &["-D", self.data.to_str().unwrap(), "-w", "-t", "30", "-m", "immediate", "stop"],
         );
         if std::env::var_os("IMMUTA_KEEP_TEST_CLUSTERS").is_none() {
             let _ = fs::remove_dir_all(&self.root);
@@ -269,10 +244,7 @@ pub fn in_parallel_sessions<T: Send + 'static>(
 pub fn sqlstate(result: Result<impl Sized, postgres::Error>) -> String {
     match result {
         Ok(_) => "00000".into(),
-        Err(e) => e
-            .code()
-            .map(|c| c.code().to_owned())
-            .unwrap_or_else(|| format!("no SQLSTATE: {e}")),
+        Err(e) => e.code().map(|c| c.code().to_owned()).unwrap_or_else(|| format!("no SQLSTATE: {e}")),
     }
 }
 
@@ -281,32 +253,23 @@ pub fn error_text(result: Result<impl Sized, postgres::Error>) -> String {
     match result {
         Ok(_) => String::new(),
         Err(e) => match e.as_db_error() {
-            Some(db) => format!(
-                "{} | {} | {}",
-                db.message(),
-                db.detail().unwrap_or(""),
-                db.hint().unwrap_or("")
-            ),
+            Some(db) => {
+                format!("{} | {} | {}", db.message(), db.detail().unwrap_or(""), db.hint().unwrap_or(""))
+            }
             None => e.to_string(),
         },
     }
 }
 
 pub fn key_id_of(c: &mut postgres::Client, ciphertext: &[u8]) -> i64 {
-    c.query_one("SELECT immuta_key_id($1)", &[&ciphertext])
-        .unwrap()
-        .get(0)
+    c.query_one("SELECT immuta_key_id($1)", &[&ciphertext]).unwrap().get(0)
 }
 
 /// `ALTER SYSTEM SET name = 'value'` and a reload; new sessions see it. PostgreSQL only accepts
 /// an extension's settings in ALTER SYSTEM once the library is loaded in the session.
 pub fn set_server_setting(c: &mut postgres::Client, name: &str, value: &str) {
     c.batch_execute("LOAD 'immuta'").unwrap();
-    c.batch_execute(&format!(
-        "ALTER SYSTEM SET {name} = '{}'",
-        value.replace('\'', "''")
-    ))
-    .unwrap();
+    c.batch_execute(&format!("ALTER SYSTEM SET {name} = '{}'", value.replace('\'', "''"))).unwrap();
     c.batch_execute("SELECT pg_reload_conf()").unwrap();
 }
 
@@ -317,18 +280,13 @@ pub fn encrypted_key_id(c: &mut postgres::Client, text: &str) -> i64 {
 }
 
 pub fn encrypt(c: &mut postgres::Client, text: &str) -> Vec<u8> {
-    c.query_one("SELECT immuta_encrypt($1)", &[&text])
-        .unwrap()
-        .get(0)
+    c.query_one("SELECT immuta_encrypt($1)", &[&text]).unwrap().get(0)
 }
 
 pub fn decrypt(c: &mut postgres::Client, ciphertext: &[u8]) -> Result<String, postgres::Error> {
-    c.query_one("SELECT immuta_decrypt($1)", &[&ciphertext])
-        .map(|r| r.get(0))
+    c.query_one("SELECT immuta_decrypt($1)", &[&ciphertext]).map(|r| r.get(0))
 }
 
 pub fn count_keys(c: &mut postgres::Client) -> i64 {
-    c.query_one("SELECT count(*) FROM immuta.data_keys", &[])
-        .unwrap()
-        .get(0)
+    c.query_one("SELECT count(*) FROM immuta.data_keys", &[]).unwrap().get(0)
 }

@@ -21,10 +21,7 @@ pub struct DataCipher {
 
 impl DataCipher {
     pub fn new(key_id: KeyId, key: &DataKey) -> DataCipher {
-        DataCipher {
-            key_id,
-            aead: Aes256Gcm::new(key.expose().into()),
-        }
+        DataCipher { key_id, aead: Aes256Gcm::new(key.expose().into()) }
     }
 
     pub fn key_id(&self) -> KeyId {
@@ -35,11 +32,7 @@ impl DataCipher {
     /// bytes long. Writing into a caller's buffer lets the SQL layer seal straight into the
     /// `bytea` it returns.
     pub fn seal_into(&self, nonce: &[u8; format::NONCE_LEN], plaintext: &[u8], out: &mut [u8]) {
-        assert_eq!(
-            out.len(),
-            format::sealed_len(plaintext.len()),
-            "output buffer of wrong size"
-        );
+        assert_eq!(out.len(), format::sealed_len(plaintext.len()), "output buffer of wrong size");
         format::write_header(self.key_id, out);
         out[HEADER_LEN..BODY_OFFSET].copy_from_slice(nonce);
         let (head, rest) = out.split_at_mut(BODY_OFFSET);
@@ -48,9 +41,7 @@ impl DataCipher {
         let tag = self
             .aead
             .encrypt_in_place_detached(Nonce::from_slice(nonce), &head[..HEADER_LEN], body)
-            .expect(
-                "AES-GCM accepts any plaintext below 64 GiB, and PostgreSQL values are below 1 GiB",
-            );
+            .expect("AES-GCM accepts any plaintext below 64 GiB, and PostgreSQL values are below 1 GiB");
         tag_out.copy_from_slice(&tag);
     }
 
@@ -69,18 +60,11 @@ impl DataCipher {
         assert_eq!(out.len(), sealed.body.len(), "output buffer of wrong size");
         out.copy_from_slice(sealed.body);
         let tag = Tag::from_slice(sealed.tag);
-        match self.aead.decrypt_in_place_detached(
-            Nonce::from_slice(sealed.nonce),
-            sealed.header,
-            out,
-            tag,
-        ) {
+        match self.aead.decrypt_in_place_detached(Nonce::from_slice(sealed.nonce), sealed.header, out, tag) {
             Ok(()) => Ok(()),
             Err(_) => {
                 out.zeroize();
-                Err(Error::AuthenticationFailed {
-                    key_id: self.key_id,
-                })
+                Err(Error::AuthenticationFailed { key_id: self.key_id })
             }
         }
     }
@@ -143,10 +127,7 @@ mod tests {
                 bad[byte] ^= 1 << bit;
                 match parse(&bad) {
                     Ok(s) if s.key_id == c.key_id() => {
-                        assert!(matches!(
-                            c.open_text(&s),
-                            Err(Error::AuthenticationFailed { .. })
-                        ))
+                        assert!(matches!(c.open_text(&s), Err(Error::AuthenticationFailed { .. })))
                     }
                     Ok(_) | Err(_) => {} // header changed: another key id or version, rejected earlier
                 }
@@ -158,10 +139,7 @@ mod tests {
     fn a_different_key_with_the_same_id_fails_authentication() {
         let sealed = cipher(1, 1).seal(&[0; 12], b"secret");
         let other = cipher(1, 2);
-        assert!(matches!(
-            other.open_text(&parse(&sealed).unwrap()),
-            Err(Error::AuthenticationFailed { .. })
-        ));
+        assert!(matches!(other.open_text(&parse(&sealed).unwrap()), Err(Error::AuthenticationFailed { .. })));
     }
 
     #[test]
@@ -169,10 +147,7 @@ mod tests {
         let c = cipher(1, 1);
         for bad in [&b"\xff\xfe"[..], b"a\0b"] {
             let sealed = c.seal(&[0; 12], bad);
-            assert!(matches!(
-                c.open_text(&parse(&sealed).unwrap()),
-                Err(Error::InvalidText { .. })
-            ));
+            assert!(matches!(c.open_text(&parse(&sealed).unwrap()), Err(Error::InvalidText { .. })));
         }
     }
 }

@@ -54,6 +54,15 @@ pub struct Config {
 pub struct AwsKmsConfig<'a> {
     pub key_id: &'a str,
     pub region: &'a str,
+    pub access: AwsAccess<'a>,
+}
+
+/// How to reach AWS KMS: a custom endpoint and explicit credentials, each optional (then the
+/// regional endpoint, `AWS_ENDPOINT_URL_KMS`, and the AWS default credential chain apply).
+/// Taken from the `awsKms` block even when `isKms` is false, so that keys wrapped by KMS
+/// earlier can still be unwrapped after switching new keys to the local master key.
+#[derive(Default)]
+pub struct AwsAccess<'a> {
     pub endpoint: Option<&'a str>,
     pub credentials: Option<&'a Credentials>,
 }
@@ -112,10 +121,7 @@ struct Schedule {
 }
 
 fn invalid(path: &str, reason: impl Into<String>) -> Error {
-    Error::Config {
-        path: path.to_owned(),
-        reason: reason.into(),
-    }
+    Error::Config { path: path.to_owned(), reason: reason.into() }
 }
 
 impl Config {
@@ -123,9 +129,7 @@ impl Config {
     /// default configuration.
     pub fn from_yaml(text: &str) -> Result<Config> {
         let value: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| {
-            let at = e
-                .location()
-                .map(|l| format!("line {} column {}", l.line(), l.column()));
+            let at = e.location().map(|l| format!("line {} column {}", l.line(), l.column()));
             // serde_yaml's syntax messages describe the structure, never echo the document.
             invalid(at.as_deref().unwrap_or("(document)"), syntax_reason(&e))
         })?;
@@ -134,21 +138,14 @@ impl Config {
         }
         let raw: Raw = serde_path_to_error::deserialize(value).map_err(|e| {
             let path = e.path().to_string();
-            invalid(
-                if path == "." { "(document)" } else { &path },
-                type_reason(e.inner()),
-            )
+            invalid(if path == "." { "(document)" } else { &path }, type_reason(e.inner()))
         })?;
         Config::validate(raw)
     }
 
     fn validate(raw: Raw) -> Result<Config> {
         let mut rollover = RolloverLength::default();
-        if let Some(days) = raw
-            .schedule
-            .as_ref()
-            .and_then(|s| s.data_key_roll_over_length)
-        {
+        if let Some(days) = raw.schedule.as_ref().and_then(|s| s.data_key_roll_over_length) {
             rollover = RolloverLength::from_days(days).ok_or_else(|| {
                 invalid(
                     "schedule.dataKeyRollOverLength",
@@ -165,14 +162,12 @@ impl Config {
             }
             let required = |v: &Option<String>, name: &str| -> Result<()> {
                 match v.as_deref() {
-                    None | Some("") if kms.is_kms => Err(invalid(
-                        &format!("plugins.awsKms.{name}"),
-                        "is required when isKms is true",
-                    )),
-                    Some(s) if s.chars().any(char::is_whitespace) => Err(invalid(
-                        &format!("plugins.awsKms.{name}"),
-                        "must not contain white space",
-                    )),
+                    None | Some("") if kms.is_kms => {
+                        Err(invalid(&format!("plugins.awsKms.{name}"), "is required when isKms is true"))
+                    }
+                    Some(s) if s.chars().any(char::is_whitespace) => {
+                        Err(invalid(&format!("plugins.awsKms.{name}"), "must not contain white space"))
+                    }
                     _ => Ok(()),
                 }
             };
@@ -180,9 +175,7 @@ impl Config {
             required(&kms.region, "region")?;
             if let Some(region) = kms.region.as_deref() {
                 let ok = !region.is_empty()
-                    && region
-                        .bytes()
-                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                    && region.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
                     && !region.starts_with('-')
                     && !region.ends_with('-');
                 if !ok {
@@ -227,19 +220,21 @@ impl Config {
 
     /// The AWS KMS settings, when KMS is configured and enabled (`isKms: true`).
     pub fn aws_kms(&self) -> Option<AwsKmsConfig<'_>> {
-        let kms = self
-            .raw
-            .plugins
-            .as_ref()?
-            .aws_kms
-            .as_ref()
-            .filter(|k| k.is_kms)?;
+        let kms = self.raw.plugins.as_ref()?.aws_kms.as_ref().filter(|k| k.is_kms)?;
         Some(AwsKmsConfig {
             key_id: kms.key_id.as_deref()?,
             region: kms.region.as_deref()?,
-            endpoint: kms.extra.as_ref().and_then(|e| e.endpoint.as_deref()),
-            credentials: kms.extra.as_ref().and_then(|e| e.credentials.as_ref()),
+            access: self.aws_access(),
         })
+    }
+
+    /// The endpoint and credentials of the `awsKms` block, whether or not it is enabled.
+    pub fn aws_access(&self) -> AwsAccess<'_> {
+        let extra = self.raw.plugins.as_ref().and_then(|p| p.aws_kms.as_ref()).and_then(|k| k.extra.as_ref());
+        AwsAccess {
+            endpoint: extra.and_then(|e| e.endpoint.as_deref()),
+            credentials: extra.and_then(|e| e.credentials.as_ref()),
+        }
     }
 
     /// The effective configuration in the shape of the YAML, defaults filled in, every secret
@@ -260,8 +255,7 @@ impl Config {
                     e["endpoint"] = json!(endpoint);
                 }
                 if let Some(c) = &extra.credentials {
-                    let mut creds =
-                        json!({ "accessKeyId": c.access_key_id, "secretAccessKey": REDACTED });
+                    let mut creds = json!({ "accessKeyId": c.access_key_id, "secretAccessKey": REDACTED });
                     if c.session_token.is_some() {
                         creds["sessionToken"] = json!(REDACTED);
                     }
@@ -342,47 +336,31 @@ mod tests {
         let c = Config::from_yaml(role).unwrap();
         let kms = c.aws_kms().unwrap();
         assert_eq!((kms.key_id, kms.region), ("alias/pii", "us-east-1"));
-        assert!(kms.credentials.is_none() && !c.has_explicit_credentials());
+        assert!(kms.access.credentials.is_none() && !c.has_explicit_credentials());
 
         let creds = "plugins:\n  awsKms:\n    plugin: awsKms\n    isKms: true\n    keyId: 1234abcd-12ab-34cd-56ef-1234567890ab\n    region: eu-west-1\n    extraKmsConfig:\n      credentials:\n        accessKeyId: AKIAEXAMPLE\n        secretAccessKey: s3cr3t-value\n        sessionToken: t0ken-value\n";
         let c = Config::from_yaml(creds).unwrap();
         let kms = c.aws_kms().unwrap();
-        assert_eq!(
-            kms.credentials.unwrap().secret_access_key.expose(),
-            "s3cr3t-value"
-        );
+        assert_eq!(kms.access.credentials.unwrap().secret_access_key.expose(), "s3cr3t-value");
         assert!(c.has_explicit_credentials());
         let shown = c.to_redacted_json().to_string();
-        assert!(
-            !shown.contains("s3cr3t") && !shown.contains("t0ken"),
-            "{shown}"
-        );
+        assert!(!shown.contains("s3cr3t") && !shown.contains("t0ken"), "{shown}");
         assert!(shown.contains("AKIAEXAMPLE") && shown.contains(REDACTED));
     }
 
     #[test]
     fn is_kms_false_keeps_the_block_but_uses_the_local_master_key() {
-        let c = Config::from_yaml("plugins:\n  awsKms:\n    plugin: awsKms\n    isKms: false\n")
-            .unwrap();
+        let c = Config::from_yaml("plugins:\n  awsKms:\n    plugin: awsKms\n    isKms: false\n").unwrap();
         assert!(c.aws_kms().is_none());
-        assert_eq!(
-            c.to_redacted_json()["plugins"]["awsKms"]["isKms"],
-            json!(false)
-        );
+        assert_eq!(c.to_redacted_json()["plugins"]["awsKms"]["isKms"], json!(false));
     }
 
     #[test]
     fn unknown_keys_are_rejected_with_their_path() {
-        assert_eq!(
-            err_path("schedule:\n  dataKeyRolloverLength: 5\n"),
-            "schedule.dataKeyRolloverLength"
-        );
+        assert_eq!(err_path("schedule:\n  dataKeyRolloverLength: 5\n"), "schedule.dataKeyRolloverLength");
         assert_eq!(err_path("plugins:\n  awsKms:\n    plugin: awsKms\n    isKms: true\n    keyId: k\n    region: us-east-1\n    extra: 1\n"), "plugins.awsKms.extra");
         assert_eq!(err_path("nonsense: 1\n"), "nonsense");
-        let msg = Config::from_yaml("schedule:\n  dataKeyRolloverLength: 5\n")
-            .err()
-            .unwrap()
-            .to_string();
+        let msg = Config::from_yaml("schedule:\n  dataKeyRolloverLength: 5\n").err().unwrap().to_string();
         assert!(msg.contains("dataKeyRolloverLength"), "{msg}");
     }
 
@@ -398,15 +376,11 @@ mod tests {
     fn kms_blocks_are_validated_field_by_field() {
         let base = |body: &str| format!("plugins:\n  awsKms:\n{body}");
         assert_eq!(
-            err_path(&base(
-                "    plugin: vault\n    isKms: true\n    keyId: k\n    region: us-east-1\n"
-            )),
+            err_path(&base("    plugin: vault\n    isKms: true\n    keyId: k\n    region: us-east-1\n")),
             "plugins.awsKms.plugin"
         );
         assert_eq!(
-            err_path(&base(
-                "    plugin: awsKms\n    isKms: true\n    region: us-east-1\n"
-            )),
+            err_path(&base("    plugin: awsKms\n    isKms: true\n    region: us-east-1\n")),
             "plugins.awsKms.keyId"
         );
         assert_eq!(
@@ -414,12 +388,15 @@ mod tests {
             "plugins.awsKms.region"
         );
         assert_eq!(
-            err_path(&base(
-                "    plugin: awsKms\n    isKms: true\n    keyId: k\n    region: US East\n"
-            )),
+            err_path(&base("    plugin: awsKms\n    isKms: true\n    keyId: k\n    region: US East\n")),
             "plugins.awsKms.region"
         );
-        assert_eq!(err_path(&base("    plugin: awsKms\n    isKms: 'yes please'\n    keyId: k\n    region: us-east-1\n")), "plugins.awsKms.isKms");
+        assert_eq!(
+            err_path(&base(
+                "    plugin: awsKms\n    isKms: 'yes please'\n    keyId: k\n    region: us-east-1\n"
+            )),
+            "plugins.awsKms.isKms"
+        );
         assert_eq!(
             err_path(&base("    plugin: awsKms\n    isKms: true\n    keyId: k\n    region: us-east-1\n    extraKmsConfig:\n      endpoint: ftp://x\n")),
             "plugins.awsKms.extraKmsConfig.endpoint"
@@ -444,9 +421,6 @@ mod tests {
     #[test]
     fn invalid_yaml_is_a_syntax_error_with_a_location() {
         let e = Config::from_yaml("schedule: [unclosed\n").err().unwrap();
-        assert!(
-            matches!(&e, Error::Config { path, .. } if path.starts_with("line ")),
-            "{e}"
-        );
+        assert!(matches!(&e, Error::Config { path, .. } if path.starts_with("line ")), "{e}");
     }
 }

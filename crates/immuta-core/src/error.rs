@@ -35,19 +35,11 @@ pub enum Error {
 
     /// The master key file does not exist.
     #[error("master key file \"{}\" does not exist", path.display())]
-    MasterKeyMissing {
-        path: PathBuf,
-        expected: Option<Fingerprint>,
-    },
+    MasterKeyMissing { path: PathBuf, expected: Option<Fingerprint> },
 
     /// The master key file holds a different key than the one that wrapped the data key.
     #[error("data key {key_id} was wrapped by master key {expected}, but master key file \"{}\" holds master key {found}", path.display())]
-    MasterKeyMismatch {
-        key_id: KeyId,
-        expected: Fingerprint,
-        found: Fingerprint,
-        path: PathBuf,
-    },
+    MasterKeyMismatch { key_id: KeyId, expected: Fingerprint, found: Fingerprint, path: PathBuf },
 
     /// The master key file exists but cannot be used: wrong content, wrong permissions.
     #[error("master key file \"{}\" is not usable: {reason}", path.display())]
@@ -55,11 +47,7 @@ pub enum Error {
 
     /// Reading or creating the master key file failed at the operating-system level.
     #[error("could not {action} master key file \"{}\": {source}", path.display())]
-    MasterKeyIo {
-        action: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    MasterKeyIo { action: &'static str, path: PathBuf, source: std::io::Error },
 
     /// A wrapped data key could not be unwrapped although its wrapping key was found.
     #[error("wrapped data key {key_id} is corrupt: {reason}")]
@@ -67,11 +55,37 @@ pub enum Error {
 
     /// A key row names a provider or wrapping key that is not available in this configuration.
     #[error("data key {key_id} is wrapped by {wrapping}, which is not available: {reason}")]
-    ProviderUnavailable {
-        key_id: KeyId,
-        wrapping: WrappingKeyRef,
-        reason: String,
-    },
+    ProviderUnavailable { key_id: KeyId, wrapping: WrappingKeyRef, reason: String },
+
+    /// A query cancel or statement timeout arrived while waiting for a key service; the SQL layer
+    /// lets PostgreSQL raise the cancel.
+    #[error("interrupted while waiting for the key service")]
+    Interrupted,
+
+    /// AWS KMS could not be reached, or did not answer within `immuta.kms_timeout`.
+    #[error("AWS KMS is unreachable for {wrapping}: {reason}")]
+    KmsUnreachable { wrapping: WrappingKeyRef, reason: String },
+
+    /// KMS refused the credentials or the permission (e.g. `AccessDeniedException`).
+    #[error("AWS KMS denied access to {wrapping}: {code}")]
+    KmsDenied { wrapping: WrappingKeyRef, code: String, message: String },
+
+    /// The KMS key cannot be used: disabled, pending deletion, not found, unavailable.
+    #[error("AWS KMS key is not usable ({wrapping}): {code}")]
+    KmsKeyUnusable { wrapping: WrappingKeyRef, code: String, message: String },
+
+    /// KMS throttled the request.
+    #[error("AWS KMS throttled the request for {wrapping}: {code}")]
+    KmsThrottled { wrapping: WrappingKeyRef, code: String, message: String },
+
+    /// KMS refused to unwrap this row's key: the ciphertext or its encryption context (the key
+    /// id) does not match, or another KMS key wrapped it.
+    #[error("AWS KMS refused to unwrap data key {key_id} with {wrapping}: {code}")]
+    KmsRejectedWrappedKey { key_id: KeyId, wrapping: WrappingKeyRef, code: String, message: String },
+
+    /// Any other KMS failure.
+    #[error("AWS KMS request for {wrapping} failed: {code}")]
+    KmsFailed { wrapping: WrappingKeyRef, code: String, message: String },
 
     /// The configuration text was rejected; nothing changed.
     #[error("invalid immuta configuration at {path}: {reason}")]

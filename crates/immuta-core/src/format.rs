@@ -47,10 +47,7 @@ pub struct Sealed<'a> {
 /// reported as truncated whatever its first byte.
 pub fn parse(bytes: &[u8]) -> Result<Sealed<'_>> {
     if bytes.len() < OVERHEAD {
-        return Err(Error::CiphertextTruncated {
-            len: bytes.len(),
-            min: OVERHEAD,
-        });
+        return Err(Error::CiphertextTruncated { len: bytes.len(), min: OVERHEAD });
     }
     let version = bytes[0];
     if version != VERSION_1 {
@@ -63,9 +60,7 @@ pub fn parse(bytes: &[u8]) -> Result<Sealed<'_>> {
     Ok(Sealed {
         key_id,
         header,
-        nonce: rest[HEADER_LEN..BODY_OFFSET]
-            .try_into()
-            .expect("length checked"),
+        nonce: rest[HEADER_LEN..BODY_OFFSET].try_into().expect("length checked"),
         body: &rest[BODY_OFFSET..],
         tag: tag.try_into().expect("length checked"),
     })
@@ -90,10 +85,7 @@ mod tests {
     fn short_input_is_truncated_whatever_its_version_byte() {
         for len in 0..OVERHEAD {
             let bytes = vec![0xEEu8; len];
-            assert!(matches!(
-                parse(&bytes),
-                Err(Error::CiphertextTruncated { .. })
-            ));
+            assert!(matches!(parse(&bytes), Err(Error::CiphertextTruncated { .. })));
         }
     }
 
@@ -101,25 +93,16 @@ mod tests {
     fn unknown_version_is_reported_as_such() {
         let mut bytes = vec![0u8; OVERHEAD];
         bytes[0] = 2;
-        assert!(matches!(
-            parse(&bytes),
-            Err(Error::UnsupportedVersion { version: 2 })
-        ));
+        assert!(matches!(parse(&bytes), Err(Error::UnsupportedVersion { version: 2 })));
     }
 
     #[test]
     fn key_ids_that_no_row_can_have_are_unknown_keys() {
         let mut bytes = vec![0u8; OVERHEAD];
         bytes[0] = VERSION_1;
-        assert!(matches!(
-            parse(&bytes),
-            Err(Error::UnknownKey { key_id: 0 })
-        ));
+        assert!(matches!(parse(&bytes), Err(Error::UnknownKey { key_id: 0 })));
         bytes[1..9].copy_from_slice(&u64::MAX.to_be_bytes());
-        assert!(matches!(
-            parse(&bytes),
-            Err(Error::UnknownKey { key_id: u64::MAX })
-        ));
+        assert!(matches!(parse(&bytes), Err(Error::UnknownKey { key_id: u64::MAX })));
     }
 
     #[test]

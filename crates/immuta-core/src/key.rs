@@ -181,13 +181,10 @@ impl WrappingKeyRef {
     /// Rebuilds the reference from a key row; `None` when the row is not one this version wrote.
     pub fn from_columns(provider: &str, key: &str, region: Option<&str>) -> Option<WrappingKeyRef> {
         match ProviderKind::parse(provider)? {
-            ProviderKind::Local => Some(WrappingKeyRef::Local {
-                fingerprint: Fingerprint::parse(key)?,
-            }),
-            ProviderKind::AwsKms => Some(WrappingKeyRef::AwsKms {
-                key_id: key.to_owned(),
-                region: region?.to_owned(),
-            }),
+            ProviderKind::Local => Some(WrappingKeyRef::Local { fingerprint: Fingerprint::parse(key)? }),
+            ProviderKind::AwsKms => {
+                Some(WrappingKeyRef::AwsKms { key_id: key.to_owned(), region: region?.to_owned() })
+            }
         }
     }
 }
@@ -228,16 +225,10 @@ mod tests {
 
     #[test]
     fn wrapping_reference_round_trips_through_row_columns() {
-        let local = WrappingKeyRef::Local {
-            fingerprint: Fingerprint([9; 8]),
-        };
-        let back =
-            WrappingKeyRef::from_columns("local", &local.key_column(), local.region_column());
+        let local = WrappingKeyRef::Local { fingerprint: Fingerprint([9; 8]) };
+        let back = WrappingKeyRef::from_columns("local", &local.key_column(), local.region_column());
         assert_eq!(back, Some(local));
-        let kms = WrappingKeyRef::AwsKms {
-            key_id: "alias/pii".into(),
-            region: "eu-west-1".into(),
-        };
+        let kms = WrappingKeyRef::AwsKms { key_id: "alias/pii".into(), region: "eu-west-1".into() };
         let back = WrappingKeyRef::from_columns("awsKms", &kms.key_column(), kms.region_column());
         assert_eq!(back, Some(kms));
         assert_eq!(WrappingKeyRef::from_columns("vault", "x", None), None);

@@ -86,10 +86,7 @@ mod tests {
     fn retain_drops_keys_that_no_longer_exist() {
         let mut ring = KeyRing::default();
         for id in 1..=3 {
-            ring.insert(DataCipher::new(
-                KeyId::new(id).unwrap(),
-                &DataKey::generate(),
-            ));
+            ring.insert(DataCipher::new(KeyId::new(id).unwrap(), &DataKey::generate()));
         }
         ring.retain(|id| id.get() != 2);
         assert!(ring.cipher(KeyId::new(1).unwrap()).is_some());

@@ -14,10 +14,12 @@
 //! | `key.rs` | key ids, data keys, wrapped keys, wrapping-key references |
 //! | `provider.rs` | the wrap/unwrap provider trait |
 //! | `local.rs` | the local master key provider and its key file |
+//! | `aws_kms.rs` | the AWS KMS provider (Encrypt/Decrypt only) |
 //! | `config.rs` | the Immuta YAML configuration |
 //! | `rollover.rs` | the rollover rule and rotation reasons |
 //! | `keyring.rs` | the backend's set of ready ciphers and its current key |
 
+pub mod aws_kms;
 pub mod cipher;
 pub mod config;
 pub mod error;

@@ -27,7 +27,7 @@ use sha2::Sha256;
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::key::{DataKey, Fingerprint, KeyId, WrappedKey, WrappingKeyRef, DATA_KEY_LEN};
-use crate::provider::KeyProvider;
+use crate::provider::{KeyProvider, Wrapped};
 use crate::{Error, Result};
 
 /// First byte of a locally wrapped key.
@@ -62,10 +62,7 @@ impl LocalProvider {
         let key = match (read_master_key(path), create) {
             (Err(Error::MasterKeyMissing { path, .. }), Create::IfMissing { marker }) => {
                 if let Some(expected) = read_marker(marker) {
-                    return Err(Error::MasterKeyMissing {
-                        path,
-                        expected: Some(expected),
-                    });
+                    return Err(Error::MasterKeyMissing { path, expected: Some(expected) });
                 }
                 create_master_key(&path)?
             }
@@ -83,9 +80,7 @@ impl LocalProvider {
     fn from_key(key: &[u8; 32], path: &Path) -> LocalProvider {
         LocalProvider {
             aead: Aes256Gcm::new(key.into()),
-            reference: WrappingKeyRef::Local {
-                fingerprint: fingerprint(key),
-            },
+            reference: WrappingKeyRef::Local { fingerprint: fingerprint(key) },
             path: path.to_owned(),
         }
     }
@@ -99,11 +94,7 @@ impl LocalProvider {
 }
 
 impl KeyProvider for LocalProvider {
-    fn wrapping_key(&self) -> &WrappingKeyRef {
-        &self.reference
-    }
-
-    fn wrap(&self, id: KeyId, key: &DataKey) -> Result<WrappedKey> {
+    fn wrap(&self, id: KeyId, key: &DataKey) -> Result<Wrapped> {
         let mut out = vec![0u8; WRAPPED_LEN];
         out[0] = WRAP_VERSION_1;
         OsRng.fill_bytes(&mut out[1..13]);
@@ -115,15 +106,10 @@ impl KeyProvider for LocalProvider {
             .encrypt_in_place_detached(Nonce::from_slice(&head[1..13]), &aad(id), body)
             .expect("a 32-byte plaintext always encrypts");
         tag_out.copy_from_slice(&tag);
-        Ok(WrappedKey::new(out))
+        Ok(Wrapped { key: WrappedKey::new(out), by: self.reference.clone() })
     }
 
-    fn unwrap(
-        &self,
-        id: KeyId,
-        recorded: &WrappingKeyRef,
-        wrapped: &WrappedKey,
-    ) -> Result<DataKey> {
+    fn unwrap(&self, id: KeyId, recorded: &WrappingKeyRef, wrapped: &WrappedKey) -> Result<DataKey> {
         match recorded {
             WrappingKeyRef::Local { fingerprint } if *fingerprint == self.fingerprint() => {}
             WrappingKeyRef::Local { fingerprint } => {
@@ -138,8 +124,7 @@ impl KeyProvider for LocalProvider {
                 return Err(Error::ProviderUnavailable {
                     key_id: id,
                     wrapping: other.clone(),
-                    reason: "the local provider only unwraps keys wrapped by a local master key"
-                        .into(),
+                    reason: "the local provider only unwraps keys wrapped by a local master key".into(),
                 })
             }
         }
@@ -151,10 +136,7 @@ impl KeyProvider for LocalProvider {
             });
         }
         if bytes[0] != WRAP_VERSION_1 {
-            return Err(Error::WrappedKeyCorrupt {
-                key_id: id,
-                reason: "unknown local wrapping version",
-            });
+            return Err(Error::WrappedKeyCorrupt { key_id: id, reason: "unknown local wrapping version" });
         }
         let mut raw = [0u8; DATA_KEY_LEN];
         raw.copy_from_slice(&bytes[13..13 + DATA_KEY_LEN]);
@@ -189,25 +171,13 @@ pub fn fingerprint(key: &[u8; 32]) -> Fingerprint {
 }
 
 fn read_master_key(path: &Path) -> Result<Zeroizing<[u8; 32]>> {
-    let invalid = |reason: &str| Error::MasterKeyInvalid {
-        path: path.to_owned(),
-        reason: reason.to_owned(),
-    };
+    let invalid = |reason: &str| Error::MasterKeyInvalid { path: path.to_owned(), reason: reason.to_owned() };
     let mut file = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == ErrorKind::NotFound => {
-            return Err(Error::MasterKeyMissing {
-                path: path.to_owned(),
-                expected: None,
-            })
+            return Err(Error::MasterKeyMissing { path: path.to_owned(), expected: None })
         }
-        Err(source) => {
-            return Err(Error::MasterKeyIo {
-                action: "open",
-                path: path.to_owned(),
-                source,
-            })
-        }
+        Err(source) => return Err(Error::MasterKeyIo { action: "open", path: path.to_owned(), source }),
     };
     let meta = file.metadata().map_err(|source| Error::MasterKeyIo {
         action: "stat",
@@ -218,29 +188,22 @@ fn read_master_key(path: &Path) -> Result<Zeroizing<[u8; 32]>> {
         return Err(invalid("it is not a regular file"));
     }
     if meta.mode() & 0o077 != 0 {
-        return Err(invalid(
-            "group or other users can access it, and it must be mode 0600",
-        ));
+        return Err(invalid("group or other users can access it, and it must be mode 0600"));
     }
     // Capacity for the whole read, so the buffer never reallocates and leaves a copy behind.
     let mut text = Zeroizing::new(Vec::with_capacity(1025));
-    Read::take(&mut file, 1024)
-        .read_to_end(&mut text)
-        .map_err(|source| Error::MasterKeyIo {
-            action: "read",
-            path: path.to_owned(),
-            source,
-        })?;
+    Read::take(&mut file, 1024).read_to_end(&mut text).map_err(|source| Error::MasterKeyIo {
+        action: "read",
+        path: path.to_owned(),
+        source,
+    })?;
     let digits = text.trim_ascii();
     if digits.len() != 64 {
         return Err(invalid("it does not hold exactly 64 hexadecimal digits"));
     }
     let mut key = Zeroizing::new([0u8; 32]);
     for (i, pair) in digits.chunks(2).enumerate() {
-        match (
-            crate::key::hex_digit(pair[0]),
-            crate::key::hex_digit(pair[1]),
-        ) {
+        match (crate::key::hex_digit(pair[0]), crate::key::hex_digit(pair[1])) {
             (Some(hi), Some(lo)) => key[i] = hi << 4 | lo,
             _ => return Err(invalid("it does not hold exactly 64 hexadecimal digits")),
         }
@@ -251,31 +214,20 @@ fn read_master_key(path: &Path) -> Result<Zeroizing<[u8; 32]>> {
 /// The fingerprint recorded in a marker file, if there is a readable one.
 fn read_marker(marker: &Path) -> Option<Fingerprint> {
     let text = fs::read_to_string(marker).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("fingerprint "))
-        .and_then(|fp| Fingerprint::parse(fp.trim()))
+    text.lines().find_map(|l| l.strip_prefix("fingerprint ")).and_then(|fp| Fingerprint::parse(fp.trim()))
 }
 
 /// Records that a master key with `fingerprint` serves this cluster (written whole, then renamed).
 fn write_marker(marker: &Path, fingerprint: Fingerprint, key_path: &Path) -> Result<()> {
-    let io = |source| Error::MasterKeyIo {
-        action: "record the generation of",
-        path: key_path.to_owned(),
-        source,
-    };
-    let tmp = marker.with_extension(format!(
-        "tmp.{}.{:016x}",
-        std::process::id(),
-        OsRng.next_u64()
-    ));
+    let io =
+        |source| Error::MasterKeyIo { action: "record the generation of", path: key_path.to_owned(), source };
+    let tmp = marker.with_extension(format!("tmp.{}.{:016x}", std::process::id(), OsRng.next_u64()));
     let text = format!(
         "# immuta: a master key was generated for this cluster. While this file exists, immuta will\n\
          # not generate another one if the key file goes missing.\nfingerprint {fingerprint}\npath {}\n",
         key_path.display()
     );
-    fs::write(&tmp, text)
-        .and_then(|()| fs::rename(&tmp, marker))
-        .map_err(io)
+    fs::write(&tmp, text).and_then(|()| fs::rename(&tmp, marker)).map_err(io)
 }
 
 /// Generates a master key and publishes it at `path` without ever overwriting a file that
@@ -283,13 +235,8 @@ fn write_marker(marker: &Path, fingerprint: Fingerprint, key_path: &Path) -> Res
 /// hard-linked to `path`, which fails if another backend won the race; the loser reads the
 /// winner's key.
 fn create_master_key(path: &Path) -> Result<Zeroizing<[u8; 32]>> {
-    let io = |action: &'static str| {
-        move |source| Error::MasterKeyIo {
-            action,
-            path: path.to_owned(),
-            source,
-        }
-    };
+    let io =
+        |action: &'static str| move |source| Error::MasterKeyIo { action, path: path.to_owned(), source };
     let mut key = Zeroizing::new([0u8; 32]);
     OsRng.fill_bytes(key.as_mut());
     // Written digit by digit into a zeroizing buffer: no temporary string holds key digits.
@@ -301,24 +248,15 @@ fn create_master_key(path: &Path) -> Result<Zeroizing<[u8; 32]>> {
     }
     text.push(b'\n');
 
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let tmp = dir.join(format!(
         ".{}.{}.{:016x}.tmp",
-        path.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default(),
+        path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
         std::process::id(),
         OsRng.next_u64()
     ));
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io("create"))?;
+    let mut file =
+        OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(io("create"))?;
     let written = file.write_all(&text).and_then(|()| file.sync_all());
     drop(file);
     let linked = written.and_then(|()| fs::hard_link(&tmp, path));
@@ -347,35 +285,21 @@ mod tests {
     fn first_use_creates_a_0600_key_file_that_later_opens_give_back() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("immuta_master.key");
-        let first = LocalProvider::open(
-            &path,
-            Create::IfMissing {
-                marker: &dir.path().join("marker"),
-            },
-        )
-        .unwrap();
+        let first =
+            LocalProvider::open(&path, Create::IfMissing { marker: &dir.path().join("marker") }).unwrap();
         assert_eq!(fs::metadata(&path).unwrap().mode() & 0o777, 0o600);
         let again = LocalProvider::open(&path, Create::Never).unwrap();
         assert_eq!(first.fingerprint(), again.fingerprint());
         let text = fs::read_to_string(&path).unwrap();
         assert_eq!(text.trim().len(), 64);
-        let names: Vec<_> = fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert_eq!(
-            names.len(),
-            2,
-            "the key and the marker, no temporary file left behind: {names:?}"
-        );
+        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names.len(), 2, "the key and the marker, no temporary file left behind: {names:?}");
     }
 
     #[test]
     fn a_missing_file_is_an_error_when_keys_depend_on_it() {
         let dir = tempfile::tempdir().unwrap();
-        let err = LocalProvider::open(&dir.path().join("gone.key"), Create::Never)
-            .err()
-            .unwrap();
+        let err = LocalProvider::open(&dir.path().join("gone.key"), Create::Never).err().unwrap();
         assert!(matches!(err, Error::MasterKeyMissing { .. }));
     }
 
@@ -407,14 +331,9 @@ mod tests {
             let handles: Vec<_> = (0..8)
                 .map(|_| {
                     s.spawn(|| {
-                        LocalProvider::open(
-                            &path,
-                            Create::IfMissing {
-                                marker: &dir.path().join("marker"),
-                            },
-                        )
-                        .unwrap()
-                        .fingerprint()
+                        LocalProvider::open(&path, Create::IfMissing { marker: &dir.path().join("marker") })
+                            .unwrap()
+                            .fingerprint()
                     })
                 })
                 .collect();
@@ -436,10 +355,7 @@ mod tests {
         fs::write(&path, "not hex at all").unwrap();
         let err = LocalProvider::open(&path, Create::Never).err().unwrap();
         assert!(matches!(err, Error::MasterKeyInvalid { .. }));
-        assert!(
-            !err.to_string().contains("not hex"),
-            "the message never echoes file content"
-        );
+        assert!(!err.to_string().contains("not hex"), "the message never echoes file content");
     }
 
     #[test]
@@ -447,53 +363,34 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = LocalProvider::open(
             &dir.path().join("k"),
-            Create::IfMissing {
-                marker: &dir.path().join("marker"),
-            },
+            Create::IfMissing { marker: &dir.path().join("marker") },
         )
         .unwrap();
         let key = DataKey::generate();
-        let wrapped = p.wrap(id(3), &key).unwrap();
+        let Wrapped { key: wrapped, by } = p.wrap(id(3), &key).unwrap();
+        assert_eq!(by, WrappingKeyRef::Local { fingerprint: p.fingerprint() });
         assert_eq!(wrapped.as_bytes().len(), WRAPPED_LEN);
-        assert_eq!(
-            p.unwrap(id(3), p.wrapping_key(), &wrapped)
-                .unwrap()
-                .expose(),
-            key.expose()
-        );
-        let moved = p.unwrap(id(4), p.wrapping_key(), &wrapped).err().unwrap();
+        assert_eq!(p.unwrap(id(3), &by, &wrapped).unwrap().expose(), key.expose());
+        let moved = p.unwrap(id(4), &by, &wrapped).err().unwrap();
         assert!(matches!(moved, Error::WrappedKeyCorrupt { .. }));
         let mut bad = wrapped.as_bytes().to_vec();
         bad[20] ^= 1;
-        let tampered = p
-            .unwrap(id(3), p.wrapping_key(), &WrappedKey::new(bad))
-            .err()
-            .unwrap();
+        let tampered = p.unwrap(id(3), &by, &WrappedKey::new(bad)).err().unwrap();
         assert!(matches!(tampered, Error::WrappedKeyCorrupt { .. }));
     }
 
     #[test]
     fn another_master_key_is_reported_as_a_mismatch_with_both_fingerprints() {
         let dir = tempfile::tempdir().unwrap();
-        let a = LocalProvider::open(
-            &dir.path().join("a"),
-            Create::IfMissing {
-                marker: &dir.path().join("ma"),
-            },
-        )
-        .unwrap();
-        let b = LocalProvider::open(
-            &dir.path().join("b"),
-            Create::IfMissing {
-                marker: &dir.path().join("mb"),
-            },
-        )
-        .unwrap();
+        let a =
+            LocalProvider::open(&dir.path().join("a"), Create::IfMissing { marker: &dir.path().join("ma") })
+                .unwrap();
+        let b =
+            LocalProvider::open(&dir.path().join("b"), Create::IfMissing { marker: &dir.path().join("mb") })
+                .unwrap();
         let wrapped = a.wrap(id(1), &DataKey::generate()).unwrap();
-        match b.unwrap(id(1), a.wrapping_key(), &wrapped) {
-            Err(Error::MasterKeyMismatch {
-                expected, found, ..
-            }) => {
+        match b.unwrap(id(1), &wrapped.by, &wrapped.key) {
+            Err(Error::MasterKeyMismatch { expected, found, .. }) => {
                 assert_eq!(expected, a.fingerprint());
                 assert_eq!(found, b.fingerprint());
             }

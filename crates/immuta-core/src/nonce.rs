@@ -19,9 +19,7 @@ pub struct NonceSource {
 impl NonceSource {
     /// A generator seeded from the operating system's CSPRNG.
     pub fn from_os() -> NonceSource {
-        NonceSource {
-            rng: ChaCha20Rng::from_rng(OsRng).expect("the OS random source failed"),
-        }
+        NonceSource { rng: ChaCha20Rng::from_rng(OsRng).expect("the OS random source failed") }
     }
 
     /// The next nonce.

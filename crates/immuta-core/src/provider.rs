@@ -8,20 +8,20 @@
 //!
 //! # Plugging in another key service
 //!
-//! A provider for an HSM or another KMS implements three methods:
+//! A provider for an HSM or another KMS implements two methods:
 //!
 //! ```
 //! use immuta_core::key::{DataKey, KeyId, WrappedKey, WrappingKeyRef, Fingerprint};
-//! use immuta_core::provider::KeyProvider;
+//! use immuta_core::provider::{KeyProvider, Wrapped};
 //! use immuta_core::{Error, Result};
 //!
 //! /// Wraps keys with an HSM session (here a stand-in that XORs, for the example only).
 //! struct Hsm { slot: WrappingKeyRef }
 //!
 //! impl KeyProvider for Hsm {
-//!     fn wrapping_key(&self) -> &WrappingKeyRef { &self.slot }
-//!     fn wrap(&self, _id: KeyId, key: &DataKey) -> Result<WrappedKey> {
-//!         Ok(WrappedKey::new(key.expose().iter().map(|b| b ^ 0x5a).collect()))
+//!     fn wrap(&self, _id: KeyId, key: &DataKey) -> Result<Wrapped> {
+//!         let bytes = key.expose().iter().map(|b| b ^ 0x5a).collect();
+//!         Ok(Wrapped { key: WrappedKey::new(bytes), by: self.slot.clone() })
 //!     }
 //!     fn unwrap(&self, id: KeyId, _recorded: &WrappingKeyRef, wrapped: &WrappedKey) -> Result<DataKey> {
 //!         let mut raw: [u8; 32] = wrapped.as_bytes().try_into()
@@ -34,28 +34,33 @@
 //! let hsm = Hsm { slot: WrappingKeyRef::Local { fingerprint: Fingerprint([0; 8]) } };
 //! let id = KeyId::new(1).unwrap();
 //! let key = DataKey::generate();
-//! let back = hsm.unwrap(id, hsm.wrapping_key(), &hsm.wrap(id, &key).unwrap()).unwrap();
+//! let wrapped = hsm.wrap(id, &key).unwrap();
+//! let back = hsm.unwrap(id, &wrapped.by, &wrapped.key).unwrap();
 //! assert_eq!(back.expose(), key.expose());
 //! ```
 //!
-//! The SQL layer records `wrapping_key()` on each key row and, to unwrap a row later, asks for the
+//! The SQL layer records `Wrapped::by` on each key row and, to unwrap a row later, asks for the
 //! provider that matches the row's recorded reference, not the one configured now; so changing
 //! the configured key only affects new keys.
 
 use crate::key::{DataKey, KeyId, WrappedKey, WrappingKeyRef};
 use crate::Result;
 
+/// A wrapped data key and the wrapping key to record on its row.
+pub struct Wrapped {
+    pub key: WrappedKey,
+    /// Exactly which key wrapped it (for KMS: the key ARN, even if the configuration names an
+    /// alias), so that the row can always be unwrapped by that key.
+    pub by: WrappingKeyRef,
+}
+
 /// Wraps and unwraps data keys with a key the database never stores.
 pub trait KeyProvider {
-    /// The wrapping key new keys are wrapped with, as recorded on their rows.
-    fn wrapping_key(&self) -> &WrappingKeyRef;
-
     /// Encrypts a data key for storage on the row of key `id`.
-    fn wrap(&self, id: KeyId, key: &DataKey) -> Result<WrappedKey>;
+    fn wrap(&self, id: KeyId, key: &DataKey) -> Result<Wrapped>;
 
     /// Decrypts the data key stored on the row of key `id`, which recorded `recorded` as its
     /// wrapping key. A provider whose own key is not `recorded` says so with a specific error
     /// rather than failing to decrypt.
-    fn unwrap(&self, id: KeyId, recorded: &WrappingKeyRef, wrapped: &WrappedKey)
-        -> Result<DataKey>;
+    fn unwrap(&self, id: KeyId, recorded: &WrappingKeyRef, wrapped: &WrappedKey) -> Result<DataKey>;
 }

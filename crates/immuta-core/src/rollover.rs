@@ -17,10 +17,7 @@ impl RolloverLength {
     pub const MAX_DAYS: u32 = 36_500;
 
     pub fn from_days(days: i64) -> Option<RolloverLength> {
-        u32::try_from(days)
-            .ok()
-            .filter(|d| (1..=Self::MAX_DAYS).contains(d))
-            .map(RolloverLength)
+        u32::try_from(days).ok().filter(|d| (1..=Self::MAX_DAYS).contains(d)).map(RolloverLength)
     }
 
     pub fn days(self) -> u32 {
@@ -89,10 +86,6 @@ mod tests {
         let created = UnixMicros(1_000);
         assert!(!len.is_due(created, UnixMicros(1_000 + 2 * UnixMicros::DAY - 1)));
         assert!(len.is_due(created, UnixMicros(1_000 + 2 * UnixMicros::DAY)));
-        assert_eq!(
-            len.due_at(UnixMicros(i64::MAX - 5)),
-            UnixMicros(i64::MAX),
-            "saturates"
-        );
+        assert_eq!(len.due_at(UnixMicros(i64::MAX - 5)), UnixMicros(i64::MAX), "saturates");
     }
 }

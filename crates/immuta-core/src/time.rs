@@ -13,9 +13,6 @@ impl UnixMicros {
 
     /// This instant plus `days` days, saturating instead of overflowing.
     pub fn plus_days(self, days: u32) -> UnixMicros {
-        UnixMicros(
-            self.0
-                .saturating_add(i64::from(days).saturating_mul(Self::DAY)),
-        )
+        UnixMicros(self.0.saturating_add(i64::from(days).saturating_mul(Self::DAY)))
     }
 }

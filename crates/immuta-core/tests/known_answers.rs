@@ -18,10 +18,7 @@ fn vectors() -> Value {
 }
 
 fn bytes<const N: usize>(v: &Value) -> [u8; N] {
-    hex::decode(v.as_str().unwrap())
-        .unwrap()
-        .try_into()
-        .unwrap()
+    hex::decode(v.as_str().unwrap()).unwrap().try_into().unwrap()
 }
 
 macro_rules! ciphertext_vectors {
@@ -57,10 +54,7 @@ fn local_wrap_vector_unwraps_to_its_data_key() {
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
     let provider = LocalProvider::open(&path, Create::Never).unwrap();
     let fp = &vectors()["master_key_fingerprint"];
-    assert_eq!(
-        provider.fingerprint().to_string(),
-        fp["fingerprint"].as_str().unwrap()
-    );
+    assert_eq!(provider.fingerprint().to_string(), fp["fingerprint"].as_str().unwrap());
     let id = KeyId::new(v["key_id"].as_i64().unwrap()).unwrap();
     let recorded = WrappingKeyRef::Local {
         fingerprint: Fingerprint::parse(fp["fingerprint"].as_str().unwrap()).unwrap(),
@@ -73,9 +67,7 @@ fn local_wrap_vector_unwraps_to_its_data_key() {
 #[test]
 fn format_md_shows_every_vector() {
     let all = vectors();
-    let mut shown = vec![all["master_key_fingerprint"]["fingerprint"]
-        .as_str()
-        .unwrap()];
+    let mut shown = vec![all["master_key_fingerprint"]["fingerprint"].as_str().unwrap()];
     for v in all["ciphertext_v1"].as_array().unwrap().iter().take(3) {
         shown.push(v["ciphertext"].as_str().unwrap());
     }
@@ -93,9 +85,7 @@ fn the_example_configurations_in_pgrx_config_are_valid() {
     assert!(local.aws_kms().is_none());
     let kms = Config::from_yaml(include_str!("../../../pgrx-config/immuta.aws-kms.yaml")).unwrap();
     assert_eq!(kms.aws_kms().unwrap().key_id, "alias/immuta-data-keys");
-    let creds = Config::from_yaml(include_str!(
-        "../../../pgrx-config/immuta.aws-kms-credentials.yaml"
-    ))
-    .unwrap();
+    let creds =
+        Config::from_yaml(include_str!("../../../pgrx-config/immuta.aws-kms-credentials.yaml")).unwrap();
     assert!(creds.has_explicit_credentials());
 }

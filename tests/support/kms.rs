@@ -1,0 +1,215 @@
+//! AWS KMS for the system tests: moto's server on a loopback port, and a loopback TCP proxy in
+//! front of it that can forward, refuse connections (an outage), or accept and never answer (a
+//! hung KMS), and that records which KMS actions went through it.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+pub const REGION: &str = "us-east-1";
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// moto's server, stopped when dropped.
+pub struct Moto {
+    child: Child,
+    pub port: u16,
+}
+
+impl Moto {
+    /// Starts moto; with `no_auth_actions`, IAM is enforced after that many requests.
+    pub fn start(no_auth_actions: Option<u32>) -> Moto {
+        let port = free_port();
+        let mut cmd = Command::new(repo().join(".venv/bin/moto_server"));
+        cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()]).stdout(Stdio::null()).stderr(Stdio::null());
+        if let Some(n) = no_auth_actions {
+            cmd.env("INITIAL_NO_AUTH_ACTION_COUNT", n.to_string());
+        }
+        let child = cmd.spawn().expect("moto_server (make prereqs installs it in .venv)");
+        let moto = Moto { child, port };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "moto did not start");
+            thread::sleep(Duration::from_millis(100));
+        }
+        moto
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Runs tests/kms/fixture.py against this moto and returns its output.
+    pub fn fixture(&self, args: &[&str]) -> String {
+        let out = Command::new(repo().join(".venv/bin/python"))
+            .arg(repo().join("tests/kms/fixture.py"))
+            .arg(self.endpoint())
+            .args(args)
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "fixture {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(u8)]
+pub enum Mode {
+    Forward = 0,
+    /// Close every connection at once: KMS is unreachable.
+    Refuse = 1,
+    /// Accept and never answer: a hung KMS.
+    Blackhole = 2,
+    /// Answer every request with KMS's ThrottlingException.
+    Throttle = 3,
+}
+
+/// A loopback TCP proxy in front of moto.
+pub struct Proxy {
+    pub port: u16,
+    mode: Arc<AtomicU8>,
+    stop: Arc<AtomicBool>,
+    actions: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proxy {
+    pub fn start(upstream: u16) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let proxy = Proxy {
+            port,
+            mode: Arc::new(AtomicU8::new(Mode::Forward as u8)),
+            stop: Arc::new(AtomicBool::new(false)),
+            actions: Arc::new(Mutex::new(Vec::new())),
+        };
+        let (mode, stop, actions) = (proxy.mode.clone(), proxy.stop.clone(), proxy.actions.clone());
+        thread::spawn(move || {
+            let mut held = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((client, _)) => {
+                        client.set_nonblocking(false).unwrap();
+                        match mode.load(Ordering::Relaxed) {
+                            m if m == Mode::Refuse as u8 => drop(client),
+                            m if m == Mode::Blackhole as u8 => held.push(client),
+                            m if m == Mode::Throttle as u8 => {
+                                thread::spawn(move || throttle(client));
+                            }
+                            _ => {
+                                let (mode, actions) = (mode.clone(), actions.clone());
+                                thread::spawn(move || forward(client, upstream, mode, actions));
+                            }
+                        }
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(5)),
+                }
+                if mode.load(Ordering::Relaxed) != Mode::Blackhole as u8 {
+                    held.clear();
+                }
+            }
+        });
+        proxy
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn set_mode(&self, mode: Mode) {
+        self.mode.store(mode as u8, Ordering::Relaxed);
+    }
+
+    /// The `X-Amz-Target` of every request forwarded so far (e.g. `TrentService.Decrypt`).
+    pub fn actions(&self) -> Vec<String> {
+        self.actions.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Reads one request and answers it as KMS does when it throttles.
+fn throttle(mut client: TcpStream) {
+    client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 16384];
+    let mut seen = Vec::new();
+    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+        match client.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+    let body = r#"{"__type":"ThrottlingException","message":"Rate exceeded"}"#;
+    let response = format!(
+        "HTTP/1.1 400 Bad Request\r\nContent-Type: application/x-amz-json-1.1\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = client.write_all(response.as_bytes());
+}
+
+fn forward(client: TcpStream, upstream: u16, mode: Arc<AtomicU8>, actions: Arc<Mutex<Vec<String>>>) {
+    let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else { return };
+    let pump = |mut from: TcpStream,
+                mut to: TcpStream,
+                record: bool,
+                mode: Arc<AtomicU8>,
+                actions: Arc<Mutex<Vec<String>>>| {
+        from.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        let mut buf = [0u8; 16384];
+        loop {
+            if mode.load(Ordering::Relaxed) != Mode::Forward as u8 {
+                break;
+            }
+            match from.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    if record {
+                        let text = String::from_utf8_lossy(&buf[..n]);
+                        for line in text.lines() {
+                            if line.to_ascii_lowercase().starts_with("x-amz-target:") {
+                                actions.lock().unwrap().push(line["x-amz-target:".len()..].trim().to_owned());
+                            }
+                        }
+                    }
+                    if to.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                Err(e)
+                    if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                Err(_) => break,
+            }
+        }
+        let _ = from.shutdown(Shutdown::Both);
+        let _ = to.shutdown(Shutdown::Both);
+    };
+    let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+    let (m2, a2) = (mode.clone(), actions.clone());
+    let up = thread::spawn(move || pump(c2, s2, true, m2, a2));
+    pump(server, client, false, mode, actions);
+    let _ = up.join();
+}
