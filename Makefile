@@ -11,6 +11,11 @@ DEMO_DIR      ?= /tmp/immuta-demo
 DEMO_PORT     ?= 5499
 PGTEST_DIR    := /tmp/immuta-pgtest
 
+# cargo-pgrx builds with this extra setting; giving plain cargo the same one lets the unit,
+# in-backend and system tiers share one debug build of the dependencies (the AWS SDK among them)
+# instead of building them three times.
+PGRX_LINK := --config "target.'cfg(all(target_family = \"unix\", not(target_os = \"macos\")))'.rustflags = [\"-C\", \"link-arg=-Wl,--no-gc-sections\"]"
+
 IS_ROOT := $(filter 0,$(shell id -u))
 SUDO    := $(if $(IS_ROOT),,sudo)
 AS_PG   := $(if $(IS_ROOT),runuser -u postgres --,sudo -u postgres)
@@ -79,7 +84,7 @@ test: prereqs test-unit test-backend test-system
 
 ## Unit tier: the pure core, no server.
 test-unit:
-	cargo test -p immuta-core
+	cargo test $(PGRX_LINK) -p immuta-core
 
 ## In-backend tier: #[pg_test]s in a temporary cluster run by cargo-pgrx as `postgres`.
 test-backend:
@@ -88,7 +93,7 @@ test-backend:
 
 ## System tier: real clusters started by the tests (tests/), against the installed release build.
 test-system: install
-	cargo test -p immuta --test '*' -- --test-threads=2
+	cargo test $(PGRX_LINK) -p immuta --test '*' -- --test-threads=2
 
 ## Benchmarks (not tests): results in bench/results/latest.txt.
 bench: install

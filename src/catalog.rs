@@ -9,6 +9,7 @@ use immuta_core::rollover::RotationReason;
 use immuta_core::time::UnixMicros;
 use std::ffi::CStr;
 
+use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 use pgrx::{pg_sys, PgSqlErrorCode};
 
@@ -218,6 +219,22 @@ fn corrupt_row(id: i64, provider: &str, key: &str) -> ! {
     )
 }
 
+/// Parameters $1 to $5 of the statements that store a key: id, provider, wrapping key, region,
+/// wrapped key.
+fn wrapping_args<'a>(
+    id: KeyId,
+    wrapping: &'a WrappingKeyRef,
+    wrapped: &'a WrappedKey,
+) -> [DatumWithOid<'a>; 5] {
+    [
+        id.get().into(),
+        wrapping.provider().as_str().into(),
+        wrapping.key_column().into(),
+        wrapping.region_column().into(),
+        wrapped.as_bytes().into(),
+    ]
+}
+
 /// Records a new wrapping of key `id` (`immuta_rewrap()`).
 pub fn update_wrapping(id: KeyId, wrapping: &WrappingKeyRef, wrapped: &WrappedKey) {
     spi(Spi::connect_mut(|client| {
@@ -225,13 +242,7 @@ pub fn update_wrapping(id: KeyId, wrapping: &WrappingKeyRef, wrapped: &WrappedKe
             "UPDATE immuta.data_keys SET provider = $2, wrapping_key = $3, wrapping_region = $4, wrapped_key = $5 \
              WHERE id = $1",
             None,
-            &[
-                id.get().into(),
-                wrapping.provider().as_str().into(),
-                wrapping.key_column().into(),
-                wrapping.region_column().into(),
-                wrapped.as_bytes().into(),
-            ],
+            &wrapping_args(id, wrapping, wrapped),
         )?;
         Ok(())
     }))
@@ -264,21 +275,14 @@ pub fn insert_key(
     reason: RotationReason,
     rolled_over_from: Option<i64>,
 ) {
+    let [id_, provider, key, region, bytes] = wrapping_args(id, wrapping, wrapped);
     spi(Spi::connect_mut(|client| {
         client.update(
             "INSERT INTO immuta.data_keys \
                  (id, provider, wrapping_key, wrapping_region, wrapped_key, reason, rolled_over_from) \
              VALUES ($1, $2, $3, $4, $5, $6, $7)",
             None,
-            &[
-                id.get().into(),
-                wrapping.provider().as_str().into(),
-                wrapping.key_column().into(),
-                wrapping.region_column().into(),
-                wrapped.as_bytes().into(),
-                reason.as_str().into(),
-                rolled_over_from.into(),
-            ],
+            &[id_, provider, key, region, bytes, reason.as_str().into(), rolled_over_from.into()],
         )?;
         Ok(())
     }))

@@ -123,18 +123,24 @@ fn set_current(id: KeyId, created: UnixMicros) {
 
 /// `immuta_rotate()`: a new key that encrypts from now on.
 pub fn rotate() -> KeyId {
+    lock_for_key_change("rotate");
+    create_key(RotationReason::Manual, None)
+}
+
+/// Checks that this transaction may write keys, and takes the key creation lock (blocking).
+fn lock_for_key_change(verb: &str) {
     if let Some(why) = write_blocker() {
         raise(
             PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION,
-            format!("cannot rotate immuta data keys: {why}"),
+            format!("cannot {verb} immuta data keys: {why}"),
             None,
-            Some("Rotate in a read-write transaction on the primary."),
+            Some("Run it in a read-write transaction on the primary."),
         );
     }
     backend::prepare();
-    // SAFETY: a blocking lock on our own table by OID, released at transaction end.
+    // SAFETY: a blocking lock on our own table by OID, released at transaction end: no key is
+    // created or rewrapped concurrently.
     unsafe { pg_sys::LockRelationOid(oids().data_keys, KEY_CREATION_LOCK) };
-    create_key(RotationReason::Manual, None)
 }
 
 /// Creates, wraps and stores a key, and makes it current in this backend. We hold the key
@@ -157,18 +163,7 @@ fn create_key(reason: RotationReason, rolled_over_from: Option<i64>) -> KeyId {
 /// (local to KMS, KMS key A to key B, KMS to local), in this transaction. The data keys
 /// themselves, and so every stored ciphertext, are unchanged.
 pub fn rewrap() -> i32 {
-    if let Some(why) = write_blocker() {
-        raise(
-            PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION,
-            format!("cannot rewrap immuta data keys: {why}"),
-            None,
-            Some("Rewrap in a read-write transaction on the primary."),
-        );
-    }
-    backend::prepare();
-    // SAFETY: a blocking lock on our own table by OID, released at transaction end: no key is
-    // created or rewrapped concurrently.
-    unsafe { pg_sys::LockRelationOid(oids().data_keys, KEY_CREATION_LOCK) };
+    lock_for_key_change("rewrap");
     let config = BACKEND.with_borrow(|b| b.config());
     let rows = catalog::key_rows(None);
     let keys: Vec<_> = rows.iter().map(|row| (row.id, providers::unwrap(row, &config))).collect();

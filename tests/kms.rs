@@ -29,6 +29,18 @@ fn key_rows(c: &mut postgres::Client) -> Vec<(i64, String, String)> {
         .collect()
 }
 
+/// moto with one KMS key, a proxy in front of it, and a cluster configured (with the test
+/// credentials) to wrap new keys with that key through the proxy.
+fn kms_through_proxy() -> (Moto, String, Proxy, Cluster, postgres::Client) {
+    let moto = Moto::start(None);
+    let key = moto.fixture(&["create-key"]);
+    let proxy = Proxy::start(moto.port);
+    let pg = Cluster::start(&[]);
+    let mut c = pg.connect();
+    configure(&mut c, &kms_yaml(&key, &proxy.endpoint(), "testing", "testing"));
+    (moto, key, proxy, pg, c)
+}
+
 #[test]
 fn kms_wrapped_keys_round_trip_and_old_keys_unwrap_after_a_key_change() {
     let moto = Moto::start(None);
@@ -105,12 +117,7 @@ fn the_least_privilege_policy_of_encrypt_and_decrypt_is_enough_and_is_enforced()
 
 #[test]
 fn a_kms_outage_keeps_cached_keys_working_and_recovers_without_a_restart() {
-    let moto = Moto::start(None);
-    let key = moto.fixture(&["create-key"]);
-    let proxy = Proxy::start(moto.port);
-    let pg = Cluster::start(&[]);
-    let mut c = pg.connect();
-    configure(&mut c, &kms_yaml(&key, &proxy.endpoint(), "testing", "testing"));
+    let (_moto, _key, proxy, pg, mut c) = kms_through_proxy();
     let value = encrypt(&mut c, "cached");
     let mut warm = pg.connect();
     assert_eq!(decrypt(&mut warm, &value).unwrap(), "cached");
@@ -129,12 +136,8 @@ fn a_kms_outage_keeps_cached_keys_working_and_recovers_without_a_restart() {
 
 #[test]
 fn a_kms_that_never_answers_times_out_and_a_cancel_ends_the_wait() {
-    let moto = Moto::start(None);
-    let key = moto.fixture(&["create-key"]);
-    let proxy = Proxy::start(moto.port);
-    let pg = std::sync::Arc::new(Cluster::start(&[]));
-    let mut c = pg.connect();
-    configure(&mut c, &kms_yaml(&key, &proxy.endpoint(), "testing", "testing"));
+    let (_moto, _key, proxy, pg, mut c) = kms_through_proxy();
+    let pg = std::sync::Arc::new(pg);
     let value = encrypt(&mut c, "v");
     proxy.set_mode(Mode::Blackhole);
 
@@ -232,18 +235,14 @@ fn an_unusable_kms_key_gives_its_own_error() {
 
 #[test]
 fn throttling_and_a_wrapped_key_moved_to_another_row_give_their_own_errors() {
-    let moto = Moto::start(None);
-    let key = moto.fixture(&["create-key"]);
-    let proxy = Proxy::start(moto.port);
-    let pg = Cluster::start(&[]);
-    let mut c = pg.connect();
-    configure(&mut c, &kms_yaml(&key, &proxy.endpoint(), "testing", "testing"));
+    let (_moto, _key, proxy, pg, mut c) = kms_through_proxy();
     encrypt(&mut c, "under key 1");
     c.execute("SELECT immuta_rotate()", &[]).unwrap();
     let under_2 = encrypt(&mut c, "under key 2");
 
     proxy.set_mode(Mode::Throttle);
     let mut fresh = pg.connect();
+    fresh.batch_execute("SET immuta.kms_timeout = '10s'").unwrap();
     let text = error_text(decrypt(&mut fresh, &under_2));
     assert_eq!(sqlstate(decrypt(&mut fresh, &under_2)), "53000", "{text}");
     assert!(text.contains("ThrottlingException"), "{text}");
@@ -260,6 +259,26 @@ fn throttling_and_a_wrapped_key_moved_to_another_row_give_their_own_errors() {
     let text = error_text(decrypt(&mut fresh, &under_2));
     assert_eq!(sqlstate(decrypt(&mut fresh, &under_2)), "XX001", "{text}");
     assert!(text.contains("InvalidCiphertextException"), "{text}");
+}
+
+#[test]
+fn a_signature_error_quoting_the_session_token_never_shows_it() {
+    let (_moto, key, proxy, pg, mut c) = kms_through_proxy();
+    let token = "immuta-test-session-token-8c1f2e";
+    let yaml = kms_yaml(&key, &proxy.endpoint(), "testing", "testing").replace(
+        "secretAccessKey: testing\n",
+        &format!("secretAccessKey: testing\n        sessionToken: {token}\n"),
+    );
+    configure(&mut c, &yaml);
+    proxy.set_mode(Mode::BadSignature);
+    let result = c.execute("SELECT immuta_encrypt('v')", &[]);
+    let text = error_text(c.execute("SELECT immuta_encrypt('v')", &[]));
+    assert_eq!(sqlstate(result), "42501", "{text}");
+    assert!(text.contains("InvalidSignatureException"), "{text}");
+    assert!(!text.contains(token), "{text}");
+    assert!(!pg.log().contains(token), "the session token reached the server log");
+    let shown: String = c.query_one("SELECT immuta_config()::text", &[]).unwrap().get(0);
+    assert!(!shown.contains(token));
 }
 
 #[test]

@@ -81,6 +81,9 @@ pub enum Mode {
     Blackhole = 2,
     /// Answer every request with KMS's ThrottlingException.
     Throttle = 3,
+    /// Answer every request with the InvalidSignatureException AWS sends, whose message quotes
+    /// the canonical request, session token header included.
+    BadSignature = 4,
 }
 
 /// A loopback TCP proxy in front of moto.
@@ -112,8 +115,8 @@ impl Proxy {
                         match mode.load(Ordering::Relaxed) {
                             m if m == Mode::Refuse as u8 => drop(client),
                             m if m == Mode::Blackhole as u8 => held.push(client),
-                            m if m == Mode::Throttle as u8 => {
-                                thread::spawn(move || throttle(client));
+                            m if m == Mode::Throttle as u8 || m == Mode::BadSignature as u8 => {
+                                thread::spawn(move || answer_with_error(client, m == Mode::Throttle as u8));
                             }
                             _ => {
                                 let (mode, actions) = (mode.clone(), actions.clone());
@@ -151,8 +154,9 @@ impl Drop for Proxy {
     }
 }
 
-/// Reads one request and answers it as KMS does when it throttles.
-fn throttle(mut client: TcpStream) {
+/// Reads one request and answers it as KMS does when it throttles, or when the signature does
+/// not match (quoting the canonical request, as AWS does).
+fn answer_with_error(mut client: TcpStream, throttle: bool) {
     client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut buf = [0u8; 16384];
     let mut seen = Vec::new();
@@ -162,7 +166,19 @@ fn throttle(mut client: TcpStream) {
             Ok(n) => seen.extend_from_slice(&buf[..n]),
         }
     }
-    let body = r#"{"__type":"ThrottlingException","message":"Rate exceeded"}"#;
+    let body = if throttle {
+        r#"{"__type":"ThrottlingException","message":"Rate exceeded"}"#.to_owned()
+    } else {
+        let request = String::from_utf8_lossy(&seen);
+        let token = request
+            .lines()
+            .find(|l| l.to_ascii_lowercase().starts_with("x-amz-security-token:"))
+            .map(|l| l["x-amz-security-token:".len()..].trim().to_owned())
+            .unwrap_or_default();
+        format!(
+            r#"{{"__type":"InvalidSignatureException","message":"The request signature we calculated does not match the signature you provided. Check your AWS Secret Access Key and signing method. Consult the service documentation for details.\n\nThe Canonical String for this request should have been\n'POST\n/\n\nhost:kms\nx-amz-security-token:{token}\n'"}}"#
+        )
+    };
     let response = format!(
         "HTTP/1.1 400 Bad Request\r\nContent-Type: application/x-amz-json-1.1\r\nContent-Length: {}\r\n\
          Connection: close\r\n\r\n{body}",

@@ -48,13 +48,18 @@ pub fn as_postgres(program: &str, args: &[&str]) -> Output {
 
 fn as_postgres_with_env(program: &str, args: &[&str], env: &[(String, String)]) -> Output {
     let path = format!("{PG_BIN}/{program}");
+    // `env -i`: nothing of the test runner's environment (AWS_*, HTTPS_PROXY, ...) reaches the
+    // server, only what the test chose.
     let mut cmd = if is_root() {
         let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--", "env"]);
+        c.args(["-u", "postgres", "--", "env", "-i"]);
         c
     } else {
-        Command::new("env")
+        let mut c = Command::new("env");
+        c.arg("-i");
+        c
     };
+    cmd.arg("PATH=/usr/local/bin:/usr/bin:/bin");
     for (k, v) in SERVER_ENV {
         cmd.arg(format!("{k}={v}"));
     }

@@ -16,17 +16,22 @@
 //! whichever comes first: the answer, the timeout, or the caller's interrupt check (polled every
 //! 20 ms), so a query cancel or `statement_timeout` ends a KMS wait promptly.
 
-use std::cell::OnceCell;
+use std::cell::{OnceCell, RefCell};
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::time::Duration;
 
+use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::BehaviorVersion;
+use aws_credential_types::provider::error::CredentialsError;
 use aws_credential_types::Credentials;
 use aws_sdk_kms::config::http::HttpResponse;
 use aws_sdk_kms::config::Region;
 use aws_sdk_kms::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_kms::primitives::Blob;
 use aws_sdk_kms::Client;
+use aws_smithy_types::error::display::DisplayErrorContext;
 use zeroize::Zeroize;
 
 use crate::config::AwsAccess;
@@ -56,30 +61,123 @@ pub struct AwsKmsProvider {
     limits: CallLimits,
 }
 
-thread_local! {
-    static RUNTIME: OnceCell<tokio::runtime::Runtime> = const { OnceCell::new() };
+/// Identifies a client: region, endpoint, and the credentials (an in-memory hash of the secret,
+/// so that changed credentials get a new client).
+#[derive(PartialEq, Eq, Hash)]
+struct ClientKey {
+    region: String,
+    endpoint: Option<String>,
+    timeout: Duration,
+    credentials: Option<(String, u64)>,
 }
 
-fn block_signals_in_this_thread() {
-    // SAFETY: pthread_sigmask on the calling (new, tokio-owned) thread with a filled set; it only
-    // changes that thread's signal mask.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut set);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+thread_local! {
+    /// One SDK client per region and access settings, kept for the life of the backend: its HTTP
+    /// connections and its credentials cache (an STS web identity exchange on EKS, say) are
+    /// reused by every wrap and unwrap instead of being set up again per key.
+    static CLIENTS: RefCell<HashMap<ClientKey, Client>> = RefCell::new(HashMap::new());
+}
+
+fn client(region: &str, access: &AwsAccess<'_>, limits: CallLimits) -> std::result::Result<Client, Stop> {
+    let credentials = access.credentials.map(|c| {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        c.secret_access_key.expose().hash(&mut h);
+        c.session_token.as_ref().map(|t| t.expose()).hash(&mut h);
+        (c.access_key_id.clone(), h.finish())
+    });
+    let key = ClientKey {
+        region: region.to_owned(),
+        endpoint: access.endpoint.map(str::to_owned),
+        timeout: limits.timeout,
+        credentials,
+    };
+    if let Some(client) = CLIENTS.with_borrow(|clients| clients.get(&key).cloned()) {
+        return Ok(client);
     }
+    // Retries must fit in the call's time budget: backoff is capped at a tenth of it, so a
+    // throttled call reports the throttling, not a timeout.
+    let retry = RetryConfig::standard().with_max_attempts(3).with_max_backoff(limits.timeout / 10);
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .region(Region::new(region.to_owned()))
+        .retry_config(retry)
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(limits.timeout)
+                .operation_timeout(limits.timeout)
+                .build(),
+        );
+    if let Some(endpoint) = access.endpoint {
+        loader = loader.endpoint_url(endpoint);
+    }
+    if let Some(c) = access.credentials {
+        loader = loader.credentials_provider(Credentials::new(
+            c.access_key_id.clone(),
+            c.secret_access_key.expose().to_owned(),
+            c.session_token.as_ref().map(|t| t.expose().to_owned()),
+            None,
+            "immuta configuration",
+        ));
+    }
+    let client = Client::new(&run(limits, loader.load())?);
+    CLIENTS.with_borrow_mut(|clients| clients.insert(key, client.clone()));
+    Ok(client)
+}
+
+/// This thread's runtime. Dropped at process exit without waiting for a blocking thread that may
+/// be stuck in DNS resolution, so a backend never hangs on exit.
+struct Runtime(Option<tokio::runtime::Runtime>);
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+thread_local! {
+    static RUNTIME: OnceCell<Runtime> = const { OnceCell::new() };
+}
+
+/// Blocks every signal in the calling thread and returns the previous mask.
+fn block_all_signals() -> libc::sigset_t {
+    // SAFETY: pthread_sigmask on the calling thread with a filled set; it only changes that
+    // thread's signal mask and reports the old one.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
+        old
+    }
+}
+
+/// Builds the runtime with its single blocking thread (used for DNS resolution) created while
+/// this thread blocks every signal, so that the new thread inherits a fully blocked mask from its
+/// first instruction and PostgreSQL's signal handlers only ever run on the backend's own thread.
+/// The thread is kept for the life of the process, so no later thread creation reopens the gap.
+fn build_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(1)
+        .thread_keep_alive(Duration::from_secs(100 * 365 * 86_400))
+        .build()?;
+    let previous = block_all_signals();
+    let started = runtime.block_on(runtime.spawn_blocking(|| ()));
+    // SAFETY: restores this thread's own signal mask as it was before block_all_signals.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &previous, std::ptr::null_mut()) };
+    started.map_err(std::io::Error::other)?;
+    Ok(runtime)
 }
 
 /// Runs `future` on this thread's runtime, bounded by `limits`.
 fn run<T>(limits: CallLimits, future: impl std::future::Future<Output = T>) -> std::result::Result<T, Stop> {
     RUNTIME.with(|cell| {
-        let runtime = cell.get_or_init(|| {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .on_thread_start(block_signals_in_this_thread)
-                .build()
-                .expect("a current-thread tokio runtime always builds")
-        });
+        if cell.get().is_none() {
+            let runtime = build_runtime().map_err(|e| Stop::Runtime(e.to_string()))?;
+            let _ = cell.set(Runtime(Some(runtime)));
+        }
+        let runtime = cell.get().and_then(|r| r.0.as_ref()).expect("set above");
         runtime.block_on(async {
             let interrupt = async {
                 loop {
@@ -101,6 +199,8 @@ fn run<T>(limits: CallLimits, future: impl std::future::Future<Output = T>) -> s
 enum Stop {
     Timeout,
     Interrupted,
+    /// The runtime could not be created (e.g. no file descriptors left).
+    Runtime(String),
 }
 
 impl AwsKmsProvider {
@@ -112,29 +212,21 @@ impl AwsKmsProvider {
         access: &AwsAccess<'_>,
         limits: CallLimits,
     ) -> Result<AwsKmsProvider> {
-        let mut loader = aws_config::defaults(BehaviorVersion::latest())
-            .region(Region::new(region.to_owned()))
-            .timeout_config(
-                TimeoutConfig::builder()
-                    .connect_timeout(limits.timeout)
-                    .operation_timeout(limits.timeout)
-                    .build(),
-            );
-        if let Some(endpoint) = access.endpoint {
-            loader = loader.endpoint_url(endpoint);
-        }
-        if let Some(c) = access.credentials {
-            loader = loader.credentials_provider(Credentials::new(
-                c.access_key_id.clone(),
-                c.secret_access_key.expose().to_owned(),
-                c.session_token.as_ref().map(|t| t.expose().to_owned()),
-                None,
-                "immuta configuration",
-            ));
-        }
         let reference = WrappingKeyRef::AwsKms { key_id: key.to_owned(), region: region.to_owned() };
-        let config = run(limits, loader.load()).map_err(|stop| stop_error(stop, &reference, limits))?;
-        Ok(AwsKmsProvider { client: Client::new(&config), reference, limits })
+        let client = client(region, access, limits).map_err(|stop| stop_error(stop, &reference, limits))?;
+        Ok(AwsKmsProvider { client, reference, limits })
+    }
+
+    /// Runs one KMS request within the limits and sorts its failure.
+    fn call<T, E: ProvideErrorMetadata + std::error::Error + 'static>(
+        &self,
+        id: KeyId,
+        about: &WrappingKeyRef,
+        request: impl std::future::Future<Output = std::result::Result<T, SdkError<E, HttpResponse>>>,
+    ) -> Result<T> {
+        run(self.limits, request)
+            .map_err(|stop| stop_error(stop, about, self.limits))?
+            .map_err(|e| sdk_error(e, id, about, self.limits))
     }
 
     fn key_and_region(&self) -> (&str, &str) {
@@ -148,6 +240,11 @@ impl AwsKmsProvider {
 fn stop_error(stop: Stop, wrapping: &WrappingKeyRef, limits: CallLimits) -> Error {
     match stop {
         Stop::Interrupted => Error::Interrupted,
+        Stop::Runtime(reason) => Error::KmsFailed {
+            wrapping: wrapping.clone(),
+            code: "RuntimeUnavailable".into(),
+            message: format!("could not start the AWS SDK's runtime: {reason}"),
+        },
         Stop::Timeout => Error::KmsUnreachable {
             wrapping: wrapping.clone(),
             reason: format!("no answer within {} ms (immuta.kms_timeout)", limits.timeout.as_millis()),
@@ -177,20 +274,33 @@ fn sdk_error<E: ProvideErrorMetadata + std::error::Error + 'static>(
         code = tag("Code").unwrap_or_else(|| status.map(|s| format!("HTTP {s}")).unwrap_or_default());
         message = tag("Message").unwrap_or(message);
     }
+    let message = sanitize(&message);
     let wrapping = wrapping.clone();
     match &err {
         SdkError::TimeoutError(_) => stop_error(Stop::Timeout, &wrapping, limits),
-        SdkError::DispatchFailure(d) => Error::KmsUnreachable {
-            wrapping,
-            reason: if d.is_timeout() {
-                format!("no answer within {} ms (immuta.kms_timeout)", limits.timeout.as_millis())
-            } else {
-                // The connector's own error text: connection refused, DNS failure, TLS failure.
-                std::error::Error::source(&err)
-                    .map(|s| s.to_string())
-                    .unwrap_or_else(|| "dispatch failure".into())
-            },
-        },
+        SdkError::DispatchFailure(d) => {
+            // Missing credentials surface as a dispatch failure too; they are an access problem.
+            let mut source = std::error::Error::source(&err);
+            while let Some(e) = source {
+                if let Some(c) = e.downcast_ref::<CredentialsError>() {
+                    return Error::KmsDenied {
+                        wrapping,
+                        code: "CredentialsError".into(),
+                        message: sanitize(&DisplayErrorContext(c).to_string()),
+                    };
+                }
+                source = e.source();
+            }
+            Error::KmsUnreachable {
+                wrapping,
+                reason: if d.is_timeout() {
+                    format!("no answer within {} ms (immuta.kms_timeout)", limits.timeout.as_millis())
+                } else {
+                    // The whole cause chain: connection refused, DNS failure, TLS failure.
+                    sanitize(&DisplayErrorContext(&err).to_string())
+                },
+            }
+        }
         SdkError::ServiceError(_) | SdkError::ResponseError(_) => match code.as_str() {
             "AccessDeniedException"
             | "AccessDenied"
@@ -218,9 +328,22 @@ fn sdk_error<E: ProvideErrorMetadata + std::error::Error + 'static>(
         _ => Error::KmsFailed {
             wrapping,
             code: if code.is_empty() { "client error".into() } else { code },
-            message: std::error::Error::source(&err).map(|s| s.to_string()).unwrap_or(message),
+            message: sanitize(&DisplayErrorContext(&err).to_string()),
         },
     }
+}
+
+/// What of a KMS or SDK message may be shown. AWS's signature errors append the canonical
+/// request and string to sign, which contain the session token header: everything from there on
+/// is cut, as is anything past the first line, and the rest is bounded.
+fn sanitize(message: &str) -> String {
+    let mut text = message.lines().next().unwrap_or_default();
+    for marker in ["The Canonical String", "String-to-Sign", "x-amz-security-token", "X-Amz-Security-Token"] {
+        if let Some(at) = text.find(marker) {
+            text = &text[..at];
+        }
+    }
+    text.trim().chars().take(400).collect()
 }
 
 impl KeyProvider for AwsKmsProvider {
@@ -235,9 +358,7 @@ impl KeyProvider for AwsKmsProvider {
             .plaintext(Blob::new(key.expose().to_vec()))
             .encryption_context(CONTEXT_KEY, id.to_string())
             .send();
-        let output = run(self.limits, request)
-            .map_err(|stop| stop_error(stop, &self.reference, self.limits))?
-            .map_err(|e| sdk_error(e, id, &self.reference, self.limits))?;
+        let output = self.call(id, &self.reference, request)?;
         let arn = output.key_id.unwrap_or_else(|| key_id.to_owned());
         let wrapped =
             output.ciphertext_blob.map(Blob::into_inner).filter(|b| !b.is_empty()).ok_or_else(|| {
@@ -268,9 +389,7 @@ impl KeyProvider for AwsKmsProvider {
             .ciphertext_blob(Blob::new(wrapped.as_bytes().to_vec()))
             .encryption_context(CONTEXT_KEY, id.to_string())
             .send();
-        let output = run(self.limits, request)
-            .map_err(|stop| stop_error(stop, recorded, self.limits))?
-            .map_err(|e| sdk_error(e, id, recorded, self.limits))?;
+        let output = self.call(id, recorded, request)?;
         let mut plaintext = output.plaintext.map(Blob::into_inner).unwrap_or_default();
         let key = <[u8; DATA_KEY_LEN]>::try_from(plaintext.as_slice())
             .ok()
