@@ -243,3 +243,34 @@ fn encrypting_under_a_current_key_takes_no_lock_and_no_transaction_id() {
     encrypt(&mut c, "v");
     assert!(notices.lock().unwrap().is_empty(), "{:?}", notices.lock().unwrap());
 }
+
+#[test]
+fn parallel_workers_decrypt_and_encrypt_correctly_in_a_fresh_session() {
+    let pg = Cluster::start(&["max_worker_processes = 8", "max_parallel_workers = 4"]);
+    let mut c = pg.connect();
+    c.batch_execute(
+        "CREATE TABLE t AS SELECT i, md5(i::text) AS v, immuta_encrypt(md5(i::text)) AS c \
+         FROM generate_series(1, 20000) i; ANALYZE t",
+    )
+    .unwrap();
+    c.execute("SELECT immuta_rotate()", &[]).unwrap();
+    drop(c);
+    // A fresh session: the workers load the key ring themselves.
+    let mut c = pg.connect();
+    c.batch_execute(
+        "SET max_parallel_workers_per_gather = 2; SET parallel_setup_cost = 0; SET parallel_tuple_cost = 0; \
+         SET min_parallel_table_scan_size = 0; SET parallel_leader_participation = off",
+    )
+    .unwrap();
+    let query = "SELECT count(*) FILTER (WHERE immuta_decrypt(c) = v), \
+                        count(*) FILTER (WHERE immuta_decrypt(immuta_encrypt(v)) = v) FROM t";
+    let plan: Vec<String> = c
+        .query(&format!("EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) {query}"), &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(plan.iter().any(|l| l.contains("Workers Launched: 2")), "{plan:?}");
+    let row = c.query_one(query, &[]).unwrap();
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (20000, 20000));
+}
