@@ -32,6 +32,9 @@ SELECT id, created_at::timestamp(0) AS created_at, provider, wrapping_key, reaso
        rollover_due_at::timestamp(0) AS rollover_due_at
 FROM immuta.keys ORDER BY id;
 
+\echo 'The key cache (shared across the cluster, since the demo preloads immuta):'
+SELECT immuta_cache_stats();
+
 \echo
 \echo '== 4. Bad input gets a specific error, never a crash'
 \set ON_ERROR_STOP off

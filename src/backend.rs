@@ -26,6 +26,7 @@ use crate::catalog::{self, TableOids};
 use crate::config_source::{self, Effective};
 use crate::errors::{raise, OrRaise};
 use crate::keys;
+use crate::shared_cache;
 use crate::varlena;
 
 /// Bumped by every invalidation that concerns immuta; starts at 1 so a fresh backend is stale.
@@ -46,6 +47,8 @@ pub struct Backend {
     now: UnixMicros,
     /// The transaction in which a rollover lost the try-lock: do not try again in it.
     pub rollover_given_up_in: Option<u32>,
+    /// The shared cache's epoch the ring reflects (`immuta_cache_reset()` moves it).
+    cache_epoch: u64,
     /// Whether this session already warned that it cannot roll over.
     pub warned_cannot_rollover: bool,
     nonces: Option<(i32, NonceSource)>,
@@ -60,6 +63,7 @@ thread_local! {
         lxid: 0,
         now: UnixMicros(0),
         rollover_given_up_in: None,
+        cache_epoch: 0,
         warned_cannot_rollover: false,
         nonces: None,
     });
@@ -184,6 +188,13 @@ pub fn prepare() -> UnixMicros {
                 b.valid_as_of = 0;
             }
         }
+        let epoch = shared_cache::epoch();
+        if b.cache_epoch != epoch {
+            // immuta_cache_reset() ran somewhere: drop (and zeroize) every key this backend holds.
+            b.cache_epoch = epoch;
+            b.ring.clear();
+            b.valid_as_of = 0;
+        }
         (b.valid_as_of != INVALIDATIONS.load(Ordering::Relaxed), b.now)
     });
     if stale {
@@ -235,17 +246,17 @@ pub fn encrypt(plaintext: &[u8]) -> varlena::Bytea {
     let fast = BACKEND.with_borrow_mut(|b| {
         let current = b.ring.current().filter(|c| now < c.due_at)?;
         let nonce = b.next_nonce();
-        let cipher = b.ring.cipher(current.id)?;
+        let cipher = b.ring.cipher(current.id, now)?;
         Some(varlena::bytea(len, |out| cipher.seal_into(&nonce, plaintext, out)))
     });
     if let Some(sealed) = fast {
         return sealed;
     }
     let id = keys::current_for_encrypt(now);
-    keys::ensure_cipher(id);
+    keys::ensure_cipher(id, now);
     BACKEND.with_borrow_mut(|b| {
         let nonce = b.next_nonce();
-        let cipher = b.ring.cipher(id).expect("ensure_cipher loaded it");
+        let cipher = b.ring.cipher(id, now).expect("ensure_cipher loaded it");
         varlena::bytea(len, |out| cipher.seal_into(&nonce, plaintext, out))
     })
 }
@@ -254,17 +265,17 @@ pub fn encrypt(plaintext: &[u8]) -> varlena::Bytea {
 /// Returns the `text`, built in place.
 pub fn decrypt(ciphertext: &[u8]) -> varlena::Text {
     let sealed = format::parse(ciphertext).or_raise();
-    prepare();
-    if BACKEND.with_borrow(|b| b.ring.cipher(sealed.key_id).is_none()) {
-        keys::ensure_cipher(sealed.key_id);
+    let now = prepare();
+    if BACKEND.with_borrow(|b| b.ring.cipher(sealed.key_id, now).is_none()) {
+        keys::ensure_cipher(sealed.key_id, now);
     }
     BACKEND.with_borrow(|b| {
-        let cipher = b.ring.cipher(sealed.key_id).expect("ensure_cipher loaded it");
+        let cipher = b.ring.cipher(sealed.key_id, now).expect("ensure_cipher loaded it");
         varlena::text(sealed.body.len(), |out| cipher.open_text_into(&sealed, out).or_raise())
     })
 }
 
 /// Adds a cipher to the ring.
-pub fn insert_cipher(cipher: DataCipher) {
-    BACKEND.with_borrow_mut(|b| b.ring.insert(cipher));
+pub fn insert_cipher(cipher: DataCipher, expires_at: UnixMicros) {
+    BACKEND.with_borrow_mut(|b| b.ring.insert(cipher, expires_at));
 }

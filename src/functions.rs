@@ -53,6 +53,26 @@ fn immuta_rewrap() -> i32 {
     crate::keys::rewrap()
 }
 
+/// Drops every cached unwrapped data key: the shared cache of the cluster (when preloaded) and
+/// every backend's copies, at their next immuta call. Keys are unwrapped again on next use.
+/// Returns the number of keys dropped from the shared cache.
+#[pg_extern(volatile, parallel_unsafe)]
+fn immuta_cache_reset() -> i64 {
+    backend::prepare();
+    let dropped = crate::shared_cache::reset();
+    BACKEND.with_borrow_mut(|b| b.ring.clear());
+    dropped
+}
+
+/// Key cache statistics: mode (`shared` when preloaded, else `backend`), capacity, entries, hits
+/// and misses of the shared cache, unwraps through KMS and the local master key, evictions (all
+/// cluster-wide when shared, this backend's otherwise), the TTL, and this backend's key count.
+#[pg_extern(volatile, parallel_safe)]
+fn immuta_cache_stats() -> JsonB {
+    let local = BACKEND.with_borrow(|b| b.ring.len());
+    JsonB(crate::shared_cache::stats_json(local))
+}
+
 /// Stores a new configuration (Immuta Advanced Configuration YAML) and returns it as effective,
 /// secrets redacted. An invalid document changes nothing.
 #[pg_extern(volatile, parallel_unsafe)]

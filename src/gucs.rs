@@ -33,7 +33,46 @@ pub static CONFIG_FILE: GucSetting<Option<std::ffi::CString>> =
 /// `statement_timeout` ends a KMS wait sooner, within 20 ms.
 pub static KMS_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(5000);
 
+/// `immuta.shared_cache_keys`: how many unwrapped data keys the shared cache holds for the whole
+/// cluster (the least recently used is evicted when it is full). Postmaster-only: it sizes a
+/// shared memory segment (about 100 bytes a slot), and only when immuta is preloaded. Default 128:
+/// a cluster of a few databases with yearly, or even monthly, rollover over many years fits.
+pub static SHARED_CACHE_KEYS: GucSetting<i32> = GucSetting::<i32>::new(128);
+
+/// `immuta.cache_ttl`: seconds an unwrapped key may be used before it is unwrapped again, in the
+/// shared cache and in every backend. Revoking KMS access takes effect within this time; a KMS
+/// outage shorter than what is left of it goes unnoticed for cached keys. 0 keeps keys until
+/// rotation, rewrap, `immuta_cache_reset()` or restart. Default one hour. Checked at transaction
+/// start in each backend.
+pub static CACHE_TTL: GucSetting<i32> = GucSetting::<i32>::new(3600);
+
+/// Defines `immuta.shared_cache_keys`. Only while shared_preload_libraries is being loaded:
+/// PostgreSQL refuses postmaster-context settings defined later, and without preload there is no
+/// shared cache to size.
+pub fn init_shared_cache_size() {
+    GucRegistry::define_int_guc(
+        c"immuta.shared_cache_keys",
+        c"Unwrapped data keys the shared cache holds (when immuta is preloaded).",
+        c"0 disables the shared cache. Takes effect at server start.",
+        &SHARED_CACHE_KEYS,
+        0,
+        65_536,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+}
+
 pub fn init() {
+    GucRegistry::define_int_guc(
+        c"immuta.cache_ttl",
+        c"Seconds an unwrapped data key may be used before it is unwrapped again.",
+        c"0 keeps keys until rotation, rewrap, immuta_cache_reset() or restart.",
+        &CACHE_TTL,
+        0,
+        31_536_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
     GucRegistry::define_int_guc(
         c"immuta.kms_timeout",
         c"Longest time one AWS KMS call may take, retries included.",
@@ -62,6 +101,14 @@ pub fn init() {
         GucContext::Sighup,
         GucFlags::SUPERUSER_ONLY,
     );
+}
+
+pub fn shared_cache_keys() -> usize {
+    SHARED_CACHE_KEYS.get().max(0) as usize
+}
+
+pub fn cache_ttl_seconds() -> i32 {
+    CACHE_TTL.get().max(0)
 }
 
 /// `immuta.kms_timeout` as a duration.

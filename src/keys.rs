@@ -24,7 +24,7 @@ use pgrx::{pg_sys, PgSqlErrorCode};
 use crate::backend::{self, BACKEND};
 use crate::catalog;
 use crate::errors::{self, raise, OrRaise};
-use crate::providers;
+use crate::{providers, shared_cache};
 
 /// Lock mode for creating keys: conflicts with itself and with writers, not with readers.
 const KEY_CREATION_LOCK: pg_sys::LOCKMODE = pg_sys::ShareRowExclusiveLock as pg_sys::LOCKMODE;
@@ -154,7 +154,7 @@ fn create_key(reason: RotationReason, rolled_over_from: Option<i64>) -> KeyId {
     let wrapped = provider.wrap(id, &key).or_raise();
     catalog::insert_key(id, &wrapped.by, &wrapped.key, reason, rolled_over_from);
     backend::key_created_in_this_transaction(oids());
-    backend::insert_cipher(DataCipher::new(id, &key));
+    backend::insert_cipher(DataCipher::new(id, &key), shared_cache::expiry_from_now());
     set_current(id, backend::transaction_now());
     id
 }
@@ -176,13 +176,14 @@ pub fn rewrap() -> i32 {
     keys.len() as i32
 }
 
-/// Makes sure the ring holds the cipher of key `id`, unwrapping it if needed.
-pub fn ensure_cipher(id: KeyId) {
-    if BACKEND.with_borrow(|b| b.ring.cipher(id).is_some()) {
+/// Makes sure the ring holds an unexpired cipher of key `id`, taking the key from the shared
+/// cache or unwrapping it.
+pub fn ensure_cipher(id: KeyId, now: UnixMicros) {
+    if BACKEND.with_borrow(|b| b.ring.cipher(id, now).is_some()) {
         return;
     }
     let row = catalog::key_row(id).ok_or(Error::UnknownKey { key_id: id.get() as u64 }).or_raise();
     let config = BACKEND.with_borrow(|b| b.config());
-    let key = providers::unwrap(&row, &config);
-    backend::insert_cipher(DataCipher::new(id, &key));
+    let (key, expires_at) = shared_cache::key_for(&row, &config);
+    backend::insert_cipher(DataCipher::new(id, &key), expires_at);
 }

@@ -9,6 +9,7 @@
 //! | `backend.rs` | backend-local key ring, invalidation, the hot path |
 //! | `keys.rs` | key creation, rollover, rotation, loading keys |
 //! | `providers.rs` | which provider wraps new keys and unwraps existing ones |
+//! | `shared_cache.rs` | the cluster-wide cache of unwrapped keys in shared memory |
 //! | `config_source.rs` | where the configuration comes from, and when it is re-read |
 //! | `catalog.rs` | SPI access to the extension's tables |
 //! | `gucs.rs` | the settings |
@@ -25,6 +26,7 @@ mod functions;
 mod gucs;
 mod keys;
 mod providers;
+mod shared_cache;
 mod varlena;
 
 ::pgrx::pg_module_magic!(name, version);
@@ -37,6 +39,13 @@ pub extern "C-unwind" fn _PG_init() {
     require_cpu_features();
     gucs::init();
     backend::register_callbacks();
+    // SAFETY: reads a flag PostgreSQL sets while it loads shared_preload_libraries.
+    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        gucs::init_shared_cache_size();
+        if gucs::shared_cache_keys() > 0 {
+            shared_cache::request_shared_memory();
+        }
+    }
 }
 
 /// immuta is compiled with AES-NI and PCLMULQDQ enabled (.cargo/config.toml): refuse to load on a

@@ -24,7 +24,9 @@ pub struct CurrentKey {
 #[derive(Default)]
 pub struct KeyRing {
     current: Option<CurrentKey>,
-    ciphers: HashMap<KeyId, DataCipher, BuildHasherDefault<KeyIdHasher>>,
+    /// Each cipher with the instant after which its key must be unwrapped again
+    /// (`immuta.cache_ttl`), so that revoking KMS access takes effect.
+    ciphers: HashMap<KeyId, (DataCipher, UnixMicros), BuildHasherDefault<KeyIdHasher>>,
 }
 
 /// Fibonacci hashing of the key id: spreads consecutive ids over the high bits hashbrown uses.
@@ -56,12 +58,22 @@ impl KeyRing {
         self.current = current;
     }
 
-    pub fn cipher(&self, id: KeyId) -> Option<&DataCipher> {
-        self.ciphers.get(&id)
+    /// The cipher of key `id`, unless it is absent or expired at `now`.
+    pub fn cipher(&self, id: KeyId, now: UnixMicros) -> Option<&DataCipher> {
+        self.ciphers.get(&id).filter(|(_, expires)| now < *expires).map(|(c, _)| c)
     }
 
-    pub fn insert(&mut self, cipher: DataCipher) {
-        self.ciphers.insert(cipher.key_id(), cipher);
+    pub fn insert(&mut self, cipher: DataCipher, expires_at: UnixMicros) {
+        self.ciphers.insert(cipher.key_id(), (cipher, expires_at));
+    }
+
+    /// How many keys the ring holds (expired ones included until replaced).
+    pub fn len(&self) -> usize {
+        self.ciphers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ciphers.is_empty()
     }
 
     /// Keeps only the ciphers whose keys `exists`: drops keys created by transactions that rolled
@@ -86,13 +98,14 @@ mod tests {
     fn retain_drops_keys_that_no_longer_exist() {
         let mut ring = KeyRing::default();
         for id in 1..=3 {
-            ring.insert(DataCipher::new(KeyId::new(id).unwrap(), &DataKey::generate()));
+            ring.insert(DataCipher::new(KeyId::new(id).unwrap(), &DataKey::generate()), UnixMicros(100));
         }
         ring.retain(|id| id.get() != 2);
-        assert!(ring.cipher(KeyId::new(1).unwrap()).is_some());
-        assert!(ring.cipher(KeyId::new(2).unwrap()).is_none());
-        assert!(ring.cipher(KeyId::new(3).unwrap()).is_some());
+        assert!(ring.cipher(KeyId::new(1).unwrap(), UnixMicros(0)).is_some());
+        assert!(ring.cipher(KeyId::new(1).unwrap(), UnixMicros(100)).is_none(), "expired");
+        assert!(ring.cipher(KeyId::new(2).unwrap(), UnixMicros(0)).is_none());
+        assert_eq!(ring.len(), 2);
         ring.clear();
-        assert!(ring.cipher(KeyId::new(1).unwrap()).is_none() && ring.current().is_none());
+        assert!(ring.is_empty() && ring.current().is_none());
     }
 }

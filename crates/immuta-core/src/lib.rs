@@ -18,8 +18,10 @@
 //! | `config.rs` | the Immuta YAML configuration |
 //! | `rollover.rs` | the rollover rule and rotation reasons |
 //! | `keyring.rs` | the backend's set of ready ciphers and its current key |
+//! | `cache.rs` | the cluster-wide slot table of unwrapped keys (shared memory) |
 
 pub mod aws_kms;
+pub mod cache;
 pub mod cipher;
 pub mod config;
 pub mod error;
