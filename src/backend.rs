@@ -256,7 +256,7 @@ pub fn encrypt(plaintext: &[u8]) -> varlena::Bytea {
     keys::ensure_cipher(id, now);
     BACKEND.with_borrow_mut(|b| {
         let nonce = b.next_nonce();
-        let cipher = b.ring.cipher(id, now).expect("ensure_cipher loaded it");
+        let cipher = b.ring.loaded(id).expect("ensure_cipher loaded it");
         varlena::bytea(len, |out| cipher.seal_into(&nonce, plaintext, out))
     })
 }
@@ -270,7 +270,7 @@ pub fn decrypt(ciphertext: &[u8]) -> varlena::Text {
         keys::ensure_cipher(sealed.key_id, now);
     }
     BACKEND.with_borrow(|b| {
-        let cipher = b.ring.cipher(sealed.key_id, now).expect("ensure_cipher loaded it");
+        let cipher = b.ring.loaded(sealed.key_id).expect("ensure_cipher loaded it");
         varlena::text(sealed.body.len(), |out| cipher.open_text_into(&sealed, out).or_raise())
     })
 }

@@ -53,8 +53,9 @@ fn immuta_rewrap() -> i32 {
     crate::keys::rewrap()
 }
 
-/// Drops every cached unwrapped data key: the shared cache of the cluster (when preloaded) and
-/// every backend's copies, at their next immuta call. Keys are unwrapped again on next use.
+/// Drops every cached unwrapped data key: the shared cache of the cluster and every backend's
+/// copies at their next immuta call (without preload: this backend's). Keys are unwrapped again on
+/// next use. Not executable by PUBLIC (sql/finalize.sql).
 /// Returns the number of keys dropped from the shared cache.
 #[pg_extern(volatile, parallel_unsafe)]
 fn immuta_cache_reset() -> i64 {

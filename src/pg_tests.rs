@@ -233,6 +233,18 @@ mod tests {
         assert_eq!(one::<String>("SELECT string_agg(immuta_decrypt(c), ',' ORDER BY 1) FROM r"), "a,b");
     }
 
+    #[pg_test]
+    fn without_preload_the_cache_works_per_backend_and_reset_is_not_for_public() {
+        one::<Vec<u8>>("SELECT immuta_encrypt('x')");
+        assert_eq!(one::<String>("SELECT immuta_cache_stats()->>'mode'"), "backend");
+        assert!(one::<i64>("SELECT (immuta_cache_stats()->>'backend_keys')::int8") >= 1);
+        assert_eq!(one::<i64>("SELECT immuta_cache_reset()"), 0, "no shared cache to empty");
+        assert_eq!(one::<i64>("SELECT (immuta_cache_stats()->>'backend_keys')::int8"), 0);
+        assert_eq!(one::<String>("SELECT immuta_decrypt(immuta_encrypt('after reset'))"), "after reset");
+        let public = "SELECT has_function_privilege('public', 'immuta_cache_reset()', 'execute')";
+        assert!(!one::<bool>(public));
+    }
+
     fn hex(bytes: &[u8]) -> String {
         bytes.iter().map(|b| format!("{b:02x}")).collect()
     }

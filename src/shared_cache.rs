@@ -15,18 +15,16 @@
 //! than the time left on the cached keys goes unnoticed.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
 
 use immuta_core::cache::{self, Claim, KeyIdent, Lookup, Slot};
 use immuta_core::config::Config;
 use immuta_core::key::{DataKey, WrappingKeyRef};
 use immuta_core::time::UnixMicros;
+use pgrx::pg_sys;
 use pgrx::prelude::*;
-use pgrx::{pg_sys, PgSqlErrorCode};
 use serde_json::json;
 
 use crate::catalog::KeyRow;
-use crate::errors::raise;
 use crate::{gucs, providers};
 
 /// Counters; in shared memory when preloaded, per backend otherwise.
@@ -211,36 +209,30 @@ pub fn key_for(row: &KeyRow, config: &Config) -> (DataKey, UnixMicros) {
     // SAFETY: MyDatabaseId and MyProcPid are set for every backend and worker.
     let (database, pid) = unsafe { (pg_sys::MyDatabaseId.to_u32(), pg_sys::MyProcPid) };
     let ident = KeyIdent::new(database, row.id, &row.wrapped);
-    let deadline = Instant::now() + gucs::kms_timeout() * 2;
     loop {
+        let now = wall_now();
+        let deadline = UnixMicros(now.0.saturating_add(gucs::kms_timeout().as_micros() as i64 * 2));
         let claim = with_slots(pg_sys::LWLockMode::LW_EXCLUSIVE, |slots, header| {
-            let claim = cache::claim(slots, &ident, pid, now, process_alive);
+            let claim = cache::claim(slots, &ident, pid, now, deadline, process_alive);
             if let Claim::Taken(Lookup::Ready(..)) = claim {
                 cache::touch(slots, &ident, header.tick.fetch_add(1, Ordering::Relaxed));
             }
-            claim
+            (claim, header.epoch.load(Ordering::Acquire))
         })
         .expect("shared memory is present");
         match claim {
-            Claim::Taken(Lookup::Ready(mut bytes, expires_at)) => {
+            (Claim::Taken(Lookup::Ready(mut bytes, expires_at)), _) => {
                 stats().hits.fetch_add(1, Ordering::Relaxed);
                 return (DataKey::from_bytes(&mut bytes), expires_at);
             }
-            Claim::Taken(_) => {
+            (Claim::Taken(_), _) => {
                 // Another backend is unwrapping this key: wait for it rather than call KMS too.
-                if Instant::now() > deadline {
-                    raise(
-                        PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE,
-                        format!("timed out waiting for another backend to unwrap immuta data key {}", row.id),
-                        None,
-                        Some("The backend unwrapping it is waiting for the key service; see immuta.kms_timeout."),
-                    );
-                }
+                // If it overruns its own deadline, the next claim takes the slot over.
                 // SAFETY: sleeps 5 ms; interrupts are checked right after.
                 unsafe { pg_sys::pg_usleep(5_000) };
                 pgrx::check_for_interrupts!();
             }
-            Claim::Claimed { index, evicted } => {
+            (Claim::Claimed { index, evicted }, claimed_epoch) => {
                 if evicted {
                     stats().evictions.fetch_add(1, Ordering::Relaxed);
                 }
@@ -253,14 +245,19 @@ pub fn key_for(row: &KeyRow, config: &Config) -> (DataKey, UnixMicros) {
                         e.rethrow()
                     })
                     .execute();
-                let expires_at = expiry(now);
+                let expires_at = expiry(wall_now());
                 with_slots(pg_sys::LWLockMode::LW_EXCLUSIVE, |slots, header| {
-                    let tick = header.tick.fetch_add(1, Ordering::Relaxed);
-                    cache::fill(slots, index, &ident, key.expose(), expires_at, tick)
+                    // A reset while we were unwrapping: do not bring the old key back.
+                    if header.epoch.load(Ordering::Acquire) == claimed_epoch {
+                        let tick = header.tick.fetch_add(1, Ordering::Relaxed);
+                        cache::fill(slots, index, &ident, pid, key.expose(), expires_at, tick)
+                    } else {
+                        cache::abandon(slots, index, &ident, pid)
+                    }
                 });
                 return (key, expires_at);
             }
-            Claim::Full => {
+            (Claim::Full, _) => {
                 stats().misses.fetch_add(1, Ordering::Relaxed);
                 return (unwrap_counted(row, config), expiry(now));
             }

@@ -48,7 +48,8 @@ pub struct Slot {
     state: u32,
     loader_pid: i32,
     ident: KeyIdent,
-    /// When the key must be unwrapped again (`immuta.cache_ttl`); `i64::MAX` for never.
+    /// READY: when the key must be unwrapped again (`immuta.cache_ttl`); `i64::MAX` for never.
+    /// LOADING: when the loader's own deadline passes; after it, another process takes over.
     expires_at: i64,
     /// Logical clock of the last use, for least-recently-used eviction.
     last_used: u64,
@@ -113,22 +114,24 @@ pub enum Claim {
     Full,
 }
 
-/// Claims a slot for loading `ident` by `pid`: reuses its own expired slot, or an empty one, or
-/// evicts the least recently used ready one (zeroizing it). `alive(pid)` tells whether a loader
-/// still exists: a slot left loading by a process that died is taken over.
+/// Claims a slot for loading `ident` by `pid` until `deadline`: reuses its own expired slot, or
+/// an empty one, or evicts the least recently used ready one (zeroizing it). A slot left loading
+/// by a process that died (`alive(pid)` is false) or that overran its deadline is taken over.
 pub fn claim(
     slots: &mut [Slot],
     ident: &KeyIdent,
     pid: i32,
     now: UnixMicros,
+    deadline: UnixMicros,
     alive: impl Fn(i32) -> bool,
 ) -> Claim {
+    let stuck = |s: &Slot| s.state == LOADING && (!alive(s.loader_pid) || s.expires_at <= now.0);
     let mut target = None;
     for (i, slot) in slots.iter().enumerate() {
         if slot.state != EMPTY && slot.ident == *ident {
             match slot.state {
                 READY if slot.expires_at > now.0 => return Claim::Taken(lookup(slots, ident, now)),
-                LOADING if slot.loader_pid != pid && alive(slot.loader_pid) => {
+                LOADING if slot.loader_pid != pid && !stuck(slot) => {
                     return Claim::Taken(Lookup::Loading { pid: slot.loader_pid })
                 }
                 _ => {
@@ -145,7 +148,7 @@ pub fn claim(
             let victim = slots
                 .iter()
                 .enumerate()
-                .filter(|(_, s)| s.state == READY || (s.state == LOADING && !alive(s.loader_pid)))
+                .filter(|(_, s)| s.state == READY || stuck(s))
                 .min_by_key(|(_, s)| (s.state == READY && s.expires_at > now.0, s.last_used))
                 .map(|(i, _)| i);
             match victim {
@@ -162,20 +165,24 @@ pub fn claim(
     slot.state = LOADING;
     slot.loader_pid = pid;
     slot.ident = *ident;
+    slot.expires_at = deadline.0;
     Claim::Claimed { index, evicted }
 }
 
-/// Publishes the unwrapped key in the slot the caller claimed.
+/// Publishes the unwrapped key in the slot the caller (`pid`) claimed.
 pub fn fill(
     slots: &mut [Slot],
     index: usize,
     ident: &KeyIdent,
+    pid: i32,
     key: &[u8; DATA_KEY_LEN],
     expires_at: UnixMicros,
     tick: u64,
 ) {
     let slot = &mut slots[index];
-    if slot.state == LOADING && slot.ident == *ident {
+    // Only the loader that still holds the claim publishes: one that overran its deadline and was
+    // taken over, or whose slot a reset emptied, does not.
+    if slot.state == LOADING && slot.ident == *ident && slot.loader_pid == pid {
         slot.key = *key;
         slot.expires_at = expires_at.0;
         slot.last_used = tick;
@@ -217,12 +224,12 @@ mod tests {
     #[test]
     fn a_claimed_then_filled_slot_is_found_until_it_expires() {
         let mut slots = [Slot::EMPTY; 2];
-        let Claim::Claimed { index, evicted } = claim(&mut slots, &ident(1), 10, NOW, |_| true) else {
+        let Claim::Claimed { index, evicted } = claim(&mut slots, &ident(1), 10, NOW, LATER, |_| true) else {
             panic!()
         };
         assert!(!evicted);
         assert!(matches!(lookup(&slots, &ident(1), NOW), Lookup::Loading { pid: 10 }));
-        fill(&mut slots, index, &ident(1), &[7; 32], LATER, 1);
+        fill(&mut slots, index, &ident(1), 10, &[7; 32], LATER, 1);
         assert!(matches!(lookup(&slots, &ident(1), NOW), Lookup::Ready(k, _) if k == [7; 32]));
         assert!(matches!(lookup(&slots, &ident(1), LATER), Lookup::Absent), "expired");
         assert_eq!(ready_count(&slots, NOW), 1);
@@ -231,24 +238,42 @@ mod tests {
     #[test]
     fn a_second_loader_waits_for_the_first_unless_it_died() {
         let mut slots = [Slot::EMPTY; 2];
-        claim(&mut slots, &ident(1), 10, NOW, |_| true);
+        claim(&mut slots, &ident(1), 10, NOW, LATER, |_| true);
         assert!(matches!(
-            claim(&mut slots, &ident(1), 11, NOW, |_| true),
+            claim(&mut slots, &ident(1), 11, NOW, LATER, |_| true),
             Claim::Taken(Lookup::Loading { pid: 10 })
         ));
-        assert!(matches!(claim(&mut slots, &ident(1), 11, NOW, |p| p != 10), Claim::Claimed { .. }));
+        assert!(matches!(claim(&mut slots, &ident(1), 11, NOW, LATER, |p| p != 10), Claim::Claimed { .. }));
+    }
+
+    #[test]
+    fn a_loader_that_overran_its_deadline_is_taken_over_and_cannot_publish_late() {
+        let mut slots = [Slot::EMPTY; 1];
+        let Claim::Claimed { index, .. } = claim(&mut slots, &ident(1), 10, NOW, UnixMicros(2_000), |_| true)
+        else {
+            panic!()
+        };
+        let Claim::Claimed { .. } = claim(&mut slots, &ident(1), 11, UnixMicros(2_000), LATER, |_| true)
+        else {
+            panic!("the second process takes over once the deadline passed")
+        };
+        fill(&mut slots, index, &ident(1), 10, &[1; 32], LATER, 1);
+        assert!(
+            matches!(lookup(&slots, &ident(1), NOW), Lookup::Loading { pid: 11 }),
+            "the late loader did not publish"
+        );
     }
 
     #[test]
     fn a_full_table_evicts_the_least_recently_used_key_and_zeroizes_it() {
         let mut slots = [Slot::EMPTY; 2];
         for (id, tick) in [(1, 5), (2, 3)] {
-            let Claim::Claimed { index, .. } = claim(&mut slots, &ident(id), 10, NOW, |_| true) else {
+            let Claim::Claimed { index, .. } = claim(&mut slots, &ident(id), 10, NOW, LATER, |_| true) else {
                 panic!()
             };
-            fill(&mut slots, index, &ident(id), &[id as u8; 32], LATER, tick);
+            fill(&mut slots, index, &ident(id), 10, &[id as u8; 32], LATER, tick);
         }
-        let Claim::Claimed { index, evicted } = claim(&mut slots, &ident(3), 10, NOW, |_| true) else {
+        let Claim::Claimed { index, evicted } = claim(&mut slots, &ident(3), 10, NOW, LATER, |_| true) else {
             panic!()
         };
         assert!(evicted);
@@ -260,8 +285,10 @@ mod tests {
     #[test]
     fn a_key_with_the_same_id_but_other_wrapped_bytes_is_another_key() {
         let mut slots = [Slot::EMPTY; 1];
-        let Claim::Claimed { index, .. } = claim(&mut slots, &ident(1), 10, NOW, |_| true) else { panic!() };
-        fill(&mut slots, index, &ident(1), &[1; 32], LATER, 1);
+        let Claim::Claimed { index, .. } = claim(&mut slots, &ident(1), 10, NOW, LATER, |_| true) else {
+            panic!()
+        };
+        fill(&mut slots, index, &ident(1), 10, &[1; 32], LATER, 1);
         let other = KeyIdent::new(1, KeyId::new(1).unwrap(), &WrappedKey::new(vec![9; 8]));
         assert!(matches!(lookup(&slots, &other, NOW), Lookup::Absent));
     }
@@ -269,11 +296,15 @@ mod tests {
     #[test]
     fn abandon_and_clear_all_zeroize() {
         let mut slots = [Slot::EMPTY; 2];
-        let Claim::Claimed { index, .. } = claim(&mut slots, &ident(1), 10, NOW, |_| true) else { panic!() };
+        let Claim::Claimed { index, .. } = claim(&mut slots, &ident(1), 10, NOW, LATER, |_| true) else {
+            panic!()
+        };
         abandon(&mut slots, index, &ident(1), 10);
         assert!(matches!(lookup(&slots, &ident(1), NOW), Lookup::Absent));
-        let Claim::Claimed { index, .. } = claim(&mut slots, &ident(2), 10, NOW, |_| true) else { panic!() };
-        fill(&mut slots, index, &ident(2), &[2; 32], LATER, 1);
+        let Claim::Claimed { index, .. } = claim(&mut slots, &ident(2), 10, NOW, LATER, |_| true) else {
+            panic!()
+        };
+        fill(&mut slots, index, &ident(2), 10, &[2; 32], LATER, 1);
         assert_eq!(clear_all(&mut slots), 1);
         assert!(slots.iter().all(|s| s.key == [0; 32] && s.state == EMPTY));
     }

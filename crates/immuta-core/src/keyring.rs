@@ -63,6 +63,11 @@ impl KeyRing {
         self.ciphers.get(&id).filter(|(_, expires)| now < *expires).map(|(c, _)| c)
     }
 
+    /// The cipher of key `id` whatever its expiry: for use right after loading it.
+    pub fn loaded(&self, id: KeyId) -> Option<&DataCipher> {
+        self.ciphers.get(&id).map(|(c, _)| c)
+    }
+
     pub fn insert(&mut self, cipher: DataCipher, expires_at: UnixMicros) {
         self.ciphers.insert(cipher.key_id(), (cipher, expires_at));
     }
