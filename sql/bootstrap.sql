@@ -17,7 +17,7 @@ CREATE TABLE immuta.data_keys (
     wrapping_key     text NOT NULL,
     wrapping_region  text,
     wrapped_key      bytea NOT NULL,
-    reason           text NOT NULL CHECK (reason IN ('first use', 'manual', 'rollover')),
+    reason           text NOT NULL CHECK (reason IN ('first use', 'manual', 'schedule', 'usage limit')),
     created_by       name NOT NULL DEFAULT current_user,
     -- The key an automatic rollover replaced (0 for the first key): unique, so two sessions can
     -- never both roll the same key over. NULL for manual rotations.
@@ -30,6 +30,40 @@ COMMENT ON TABLE immuta.data_keys IS 'immuta data keys, wrapped; the newest id e
 -- pg_dump must carry the keys (and their sequence, so restored databases never reuse an id).
 SELECT pg_catalog.pg_extension_config_dump('immuta.data_keys', '');
 SELECT pg_catalog.pg_extension_config_dump('immuta.data_keys_id_seq', '');
+
+-- Encryptions counted per key (the usage limit, immuta.max_encryptions_per_key). Append-only:
+-- a row reserves a block of encryptions *before* they are used, so the sum per key is never
+-- less than what committed transactions encrypted, and a crash loses no reservation that
+-- committed. Concurrent sessions append without waiting for each other (no row is updated).
+-- About a thousand rows per key over its life; see docs/FORMAT.md, "Usage limit".
+CREATE TABLE immuta.key_usage (
+    key_id       bigint NOT NULL,
+    encryptions  bigint NOT NULL CHECK (encryptions > 0),
+    reserved_at  timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX key_usage_key_id ON immuta.key_usage (key_id);
+COMMENT ON TABLE immuta.key_usage IS 'immuta encryptions counted per data key, reserved ahead in blocks';
+SELECT pg_catalog.pg_extension_config_dump('immuta.key_usage', '');
+
+-- Every key event: created, rotated (and why), rewrapped, cache reset; with who and when.
+-- Readable by superusers only (no privilege is granted on the schema). Carried by pg_dump.
+CREATE SEQUENCE immuta.audit_log_id_seq AS bigint;
+CREATE TABLE immuta.audit_log (
+    id           bigint PRIMARY KEY DEFAULT nextval('immuta.audit_log_id_seq'),
+    at           timestamptz NOT NULL DEFAULT now(),
+    event        text NOT NULL CHECK (event IN ('key created', 'key rotated', 'key rewrapped', 'cache reset')),
+    key_id       bigint,
+    reason       text NOT NULL CHECK (reason IN ('first use', 'manual', 'schedule', 'usage limit')),
+    -- The role whose privileges ran the event, and the role that logged in (they differ after
+    -- SET ROLE or in a SECURITY DEFINER function).
+    role         name NOT NULL DEFAULT current_user,
+    session_role name NOT NULL DEFAULT session_user,
+    detail       jsonb NOT NULL DEFAULT '{}'
+);
+ALTER SEQUENCE immuta.audit_log_id_seq OWNED BY immuta.audit_log.id;
+COMMENT ON TABLE immuta.audit_log IS 'immuta key events: creation, rotation with its reason, rewrap, cache reset';
+SELECT pg_catalog.pg_extension_config_dump('immuta.audit_log', '');
+SELECT pg_catalog.pg_extension_config_dump('immuta.audit_log_id_seq', '');
 
 -- The configuration stored by immuta_configure(): one row of YAML.
 CREATE TABLE immuta.config (

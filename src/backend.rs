@@ -2,7 +2,8 @@
 //! invalidation that keeps them current without a query per row.
 //!
 //! The hot path (`encrypt`, `decrypt`) reads a process-local transaction id, compares two
-//! counters, and looks the key up in the ring; it runs no SPI and takes no lock. Everything that
+//! counters, and looks the key up in the ring; encryption also decrements this backend's grant
+//! of the key's usage counter (`usage.rs`). It runs no SPI and takes no lock. Everything that
 //! can change the ring (a rotation, a rollback of a rotation, a configuration change, DROP
 //! EXTENSION) sends a relcache invalidation for `immuta.data_keys` or `immuta.config`; PostgreSQL
 //! delivers it to every backend at its next transaction start or lock acquisition, and only after
@@ -15,6 +16,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use immuta_core::cipher::DataCipher;
 use immuta_core::config::Config;
 use immuta_core::format;
+use immuta_core::key::KeyId;
 use immuta_core::keyring::{CurrentKey, KeyRing};
 use immuta_core::nonce::NonceSource;
 use immuta_core::time::UnixMicros;
@@ -27,6 +29,7 @@ use crate::config_source::{self, Effective};
 use crate::errors::{raise, OrRaise};
 use crate::keys;
 use crate::shared_cache;
+use crate::usage;
 use crate::varlena;
 
 /// Bumped by every invalidation that concerns immuta; starts at 1 so a fresh backend is stale.
@@ -49,8 +52,12 @@ pub struct Backend {
     pub rollover_given_up_in: Option<u32>,
     /// The shared cache's epoch the ring reflects (`immuta_cache_reset()` moves it).
     cache_epoch: u64,
-    /// Whether this session already warned that it cannot roll over.
-    pub warned_cannot_rollover: bool,
+    /// The rollover reasons (bit `1 << reason`) this session already warned it cannot act on.
+    pub warned_cannot_rollover: u8,
+    /// Encryptions this backend may still do under `budget_key` before it asks the usage
+    /// counter again (`usage.rs`): the hot path only decrements it.
+    budget: u64,
+    budget_key: Option<KeyId>,
     nonces: Option<(i32, NonceSource)>,
 }
 
@@ -64,7 +71,9 @@ thread_local! {
         now: UnixMicros(0),
         rollover_given_up_in: None,
         cache_epoch: 0,
-        warned_cannot_rollover: false,
+        warned_cannot_rollover: 0,
+        budget: 0,
+        budget_key: None,
         nonces: None,
     });
 }
@@ -84,6 +93,13 @@ impl Backend {
                 nonce
             }
         }
+    }
+
+    /// The current key and what is left of this backend's grant under it, if the key is not due
+    /// and the grant not spent.
+    fn spendable(&self, now: UnixMicros) -> Option<(KeyId, u64)> {
+        let current = self.ring.current().filter(|c| now < c.due_at)?;
+        (self.budget > 0 && self.budget_key == Some(current.id)).then_some((current.id, self.budget))
     }
 
     pub fn config(&self) -> Rc<Config> {
@@ -131,8 +147,12 @@ extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut st
             if CREATED_KEY.replace(false) {
                 INVALIDATIONS.fetch_add(1, Ordering::Relaxed);
             }
+            usage::at_transaction_end(false);
         }
-        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT | XACT_EVENT_PREPARE => CREATED_KEY.set(false),
+        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT | XACT_EVENT_PREPARE => {
+            CREATED_KEY.set(false);
+            usage::at_transaction_end(true);
+        }
         _ => {}
     }
 }
@@ -140,12 +160,20 @@ extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut st
 #[pg_guard]
 extern "C-unwind" fn on_subxact_event(
     event: pg_sys::SubXactEvent::Type,
-    _sub: pg_sys::SubTransactionId,
-    _parent: pg_sys::SubTransactionId,
+    sub: pg_sys::SubTransactionId,
+    parent: pg_sys::SubTransactionId,
     _arg: *mut std::ffi::c_void,
 ) {
-    if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB && CREATED_KEY.get() {
-        INVALIDATIONS.fetch_add(1, Ordering::Relaxed);
+    use pg_sys::SubXactEvent::*;
+    match event {
+        SUBXACT_EVENT_ABORT_SUB => {
+            if CREATED_KEY.get() {
+                INVALIDATIONS.fetch_add(1, Ordering::Relaxed);
+            }
+            usage::at_subtransaction_end(sub, parent, false);
+        }
+        SUBXACT_EVENT_COMMIT_SUB => usage::at_subtransaction_end(sub, parent, true),
+        _ => {}
     }
 }
 
@@ -238,23 +266,28 @@ fn refresh() {
     });
 }
 
-/// `immuta_encrypt`: seals under the current key, rolling over first when it is due. Returns
-/// the `bytea`, built in place.
+/// `immuta_encrypt`: seals under the current key, rolling over first when it is due by age or
+/// by usage. Returns the `bytea`, built in place.
 pub fn encrypt(plaintext: &[u8]) -> varlena::Bytea {
     let now = prepare();
     let len = format::sealed_len(plaintext.len());
     let fast = BACKEND.with_borrow_mut(|b| {
-        let current = b.ring.current().filter(|c| now < c.due_at)?;
+        let (id, _) = b.spendable(now)?;
         let nonce = b.next_nonce();
-        let cipher = b.ring.cipher(current.id, now)?;
-        Some(varlena::bytea(len, |out| cipher.seal_into(&nonce, plaintext, out)))
+        let cipher = b.ring.cipher(id, now)?;
+        let sealed = varlena::bytea(len, |out| cipher.seal_into(&nonce, plaintext, out));
+        b.budget -= 1;
+        Some(sealed)
     });
     if let Some(sealed) = fast {
         return sealed;
     }
-    let id = keys::current_for_encrypt(now);
+    let spendable = BACKEND.with_borrow(|b| b.spendable(now));
+    let (id, granted) = spendable.unwrap_or_else(|| keys::current_for_encrypt(now));
     keys::ensure_cipher(id, now);
     BACKEND.with_borrow_mut(|b| {
+        b.budget_key = Some(id);
+        b.budget = granted - 1;
         let nonce = b.next_nonce();
         let cipher = b.ring.loaded(id).expect("ensure_cipher loaded it");
         varlena::bytea(len, |out| cipher.seal_into(&nonce, plaintext, out))

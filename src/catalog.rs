@@ -62,7 +62,9 @@ pub fn table_oids() -> TableOids {
     TableOids { data_keys, config }
 }
 
-fn spi<T>(result: Result<T, pgrx::spi::SpiError>) -> T {
+/// The value of an SPI call; an SPI-level failure (not an SQL error, which raises by itself) is an
+/// internal error.
+pub fn spi<T>(result: Result<T, pgrx::spi::SpiError>) -> T {
     result.unwrap_or_else(|e| {
         raise(
             PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
@@ -308,4 +310,89 @@ pub fn store_config(yaml: &str) {
         )?;
         Ok(())
     }))
+}
+
+/// The encryptions reserved for key `id` in `immuta.key_usage` (committed, plus this
+/// transaction's own rows).
+pub fn usage_sum(id: KeyId) -> u64 {
+    read_latest(
+        c"SELECT COALESCE(sum(encryptions), 0)::int8 FROM immuta.key_usage WHERE key_id = $1",
+        &[(pg_sys::INT8OID, pg_sys::Datum::from(id.get()))],
+        |row| row.get::<i64>(1),
+    )
+    .into_iter()
+    .next()
+    .flatten()
+    .unwrap_or(0)
+    .max(0) as u64
+}
+
+/// Appends a reservation of `encryptions` for key `id`.
+pub fn insert_usage(id: KeyId, encryptions: u64) {
+    let encryptions = i64::try_from(encryptions).unwrap_or(i64::MAX);
+    spi(Spi::connect_mut(|client| {
+        client.update(
+            "INSERT INTO immuta.key_usage (key_id, encryptions) VALUES ($1, $2)",
+            None,
+            &[id.get().into(), encryptions.into()],
+        )?;
+        Ok(())
+    }))
+}
+
+/// A row of `immuta.audit_log`.
+pub struct AuditEvent<'a> {
+    pub event: &'a str,
+    pub key_id: Option<KeyId>,
+    pub reason: &'a str,
+    pub detail: serde_json::Value,
+}
+
+/// Appends a key event to `immuta.audit_log` (time and roles are the columns' defaults).
+pub fn insert_audit(event: AuditEvent) {
+    spi(Spi::connect_mut(|client| {
+        client.update(
+            "INSERT INTO immuta.audit_log (event, key_id, reason, detail) VALUES ($1, $2, $3, $4)",
+            None,
+            &[
+                event.event.into(),
+                event.key_id.map(KeyId::get).into(),
+                event.reason.into(),
+                pgrx::JsonB(event.detail).into(),
+            ],
+        )?;
+        Ok(())
+    }))
+}
+
+/// The current key as `immuta_status()` shows it: id, creation, age, when and whether it is due
+/// for rollover after `rollover_days`, and its wrapping. `None` before the first key.
+pub fn current_key_summary(rollover_days: u32) -> Option<serde_json::Value> {
+    read_latest(
+        c"SELECT jsonb_build_object(
+                'id', id,
+                'created_at', created_at,
+                'age_days', round((extract(epoch FROM now() - created_at) / 86400)::numeric, 2),
+                'rollover_due_at', created_at + make_interval(days => $1),
+                'rollover_due', now() >= created_at + make_interval(days => $1),
+                'provider', provider,
+                'wrapping_key', wrapping_key,
+                'wrapping_region', wrapping_region,
+                'reason', reason)
+          FROM immuta.data_keys ORDER BY id DESC LIMIT 1",
+        &[(pg_sys::INT4OID, pg_sys::Datum::from(rollover_days as i32))],
+        |row| row.get::<pgrx::JsonB>(1).map(|j| j.0),
+    )
+    .into_iter()
+    .next()
+    .flatten()
+}
+
+/// How many data keys exist.
+pub fn key_count() -> i64 {
+    read_latest(c"SELECT count(*) FROM immuta.data_keys", &[], |row| row.get::<i64>(1))
+        .into_iter()
+        .next()
+        .flatten()
+        .unwrap_or(0)
 }

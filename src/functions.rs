@@ -45,6 +45,42 @@ fn immuta_rotate() -> i64 {
     crate::keys::rotate().get()
 }
 
+/// Rolls the current key over if it is `schedule.dataKeyRollOverLength` days old or has reached
+/// `immuta.max_encryptions_per_key`; returns the new key's id, or NULL when nothing was due, no
+/// key exists yet, or the server is a standby or the transaction read-only (so one scheduled job
+/// can run on every node of a replicated cluster).
+#[pg_extern(volatile, parallel_unsafe)]
+fn immuta_rotate_if_due() -> Option<i64> {
+    crate::keys::rotate_if_due().map(|id| id.get())
+}
+
+/// Registers, or updates, this database's pg_cron job that runs `immuta_rotate_if_due()` on
+/// `schedule` (cron syntax, in GMT as pg_cron reads it); returns the pg_cron job id.
+#[pg_extern(
+    volatile,
+    strict,
+    parallel_unsafe,
+    sql = "CREATE FUNCTION immuta_schedule_rotation(schedule text DEFAULT '0 3 * * *') RETURNS bigint \
+           VOLATILE STRICT PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_schedule_rotation_wrapper';"
+)]
+fn immuta_schedule_rotation(schedule: &str) -> i64 {
+    crate::cron::schedule(schedule)
+}
+
+/// Removes this database's rotation job; returns whether there was one.
+#[pg_extern(volatile, parallel_unsafe)]
+fn immuta_unschedule_rotation() -> bool {
+    crate::cron::unschedule()
+}
+
+/// A summary of key management in this database: the current key (age, rollover due date,
+/// encryptions against the limit, provider and wrapping key), the key count, the provider for
+/// new keys, the cache mode, and the pg_cron rotation job.
+#[pg_extern(volatile, parallel_unsafe)]
+fn immuta_status() -> JsonB {
+    JsonB(crate::status::status())
+}
+
 /// Wraps every data key again with the provider and key configured now (e.g. from the local
 /// master key to AWS KMS, or from one KMS key to another); returns the number of keys. Stored
 /// ciphertexts are untouched and all still decrypt.
@@ -62,6 +98,20 @@ fn immuta_cache_reset() -> i64 {
     backend::prepare();
     let dropped = crate::shared_cache::reset();
     BACKEND.with_borrow_mut(|b| b.ring.clear());
+    let detail = serde_json::json!({
+        "scope": if crate::shared_cache::is_shared() { "cluster" } else { "backend" },
+        "shared_keys_dropped": dropped,
+    });
+    match crate::keys::write_blocker() {
+        None => catalog::insert_audit(catalog::AuditEvent {
+            event: "cache reset",
+            key_id: None,
+            reason: "manual",
+            detail,
+        }),
+        // A standby's cache is reset too, but nothing can be written there: the server log keeps it.
+        Some(why) => pgrx::log!("immuta key cache reset ({detail}); not in immuta.audit_log because {why}"),
+    }
     dropped
 }
 
@@ -128,5 +178,19 @@ mod immuta {
     fn rollover_length_days() -> i32 {
         backend::prepare();
         BACKEND.with_borrow(|b| b.config()).rollover().days() as i32
+    }
+
+    /// Encryptions counted under key `key_id` (used by the view `immuta.keys`).
+    #[pg_extern(stable, strict, parallel_unsafe)]
+    fn encryptions_counted(key_id: i64) -> Option<i64> {
+        backend::prepare();
+        let id = immuta_core::key::KeyId::new(key_id)?;
+        Some(crate::usage::counted(id).min(i64::MAX as u64) as i64)
+    }
+
+    /// `immuta.max_encryptions_per_key` (used by the view `immuta.keys`).
+    #[pg_extern(stable, parallel_safe)]
+    fn max_encryptions_per_key() -> i64 {
+        crate::gucs::usage_limit().get() as i64
     }
 }

@@ -35,7 +35,8 @@ pub static KMS_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(5000);
 
 /// `immuta.shared_cache_keys`: how many unwrapped data keys the shared cache holds for the whole
 /// cluster (the least recently used is evicted when it is full). Postmaster-only: it sizes a
-/// shared memory segment (about 100 bytes a slot), and only when immuta is preloaded. Default 128:
+/// shared memory segment (about 130 bytes a slot: an unwrapped key, and a key's usage counter),
+/// and only when immuta is preloaded. Default 128:
 /// a cluster of a few databases with yearly, or even monthly, rollover over many years fits.
 pub static SHARED_CACHE_KEYS: GucSetting<i32> = GucSetting::<i32>::new(128);
 
@@ -45,6 +46,14 @@ pub static SHARED_CACHE_KEYS: GucSetting<i32> = GucSetting::<i32>::new(128);
 /// rotation, rewrap, `immuta_cache_reset()` or restart. Default one hour. Checked at transaction
 /// start in each backend.
 pub static CACHE_TTL: GucSetting<i32> = GucSetting::<i32>::new(3600);
+
+/// `immuta.max_encryptions_per_key`: encryptions after which a data key rolls over (reason
+/// `usage limit`), whatever its age. AES-GCM with random nonces allows at most 2^32 per key
+/// (NIST SP 800-38D); the default, 2·10^9, keeps more than half of that as a margin for what a
+/// crash or read-only sessions can leave uncounted (README, "Usage limit"). Past 2^32 immuta
+/// refuses to encrypt under the key at all. Reload-time (`SIGHUP`) so that every backend of the
+/// cluster applies the same limit; set low (it goes down to 1) to exercise rollover in tests.
+pub static MAX_ENCRYPTIONS_PER_KEY: GucSetting<i32> = GucSetting::<i32>::new(2_000_000_000);
 
 /// Defines `immuta.shared_cache_keys`. Only while shared_preload_libraries is being loaded:
 /// PostgreSQL refuses postmaster-context settings defined later, and without preload there is no
@@ -63,6 +72,16 @@ pub fn init_shared_cache_size() {
 }
 
 pub fn init() {
+    GucRegistry::define_int_guc(
+        c"immuta.max_encryptions_per_key",
+        c"Encryptions after which a data key rolls over.",
+        c"AES-GCM with random nonces allows at most 2^32 per key; immuta refuses to encrypt past that.",
+        &MAX_ENCRYPTIONS_PER_KEY,
+        1,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
     GucRegistry::define_int_guc(
         c"immuta.cache_ttl",
         c"Seconds an unwrapped data key may be used before it is unwrapped again.",
@@ -105,6 +124,11 @@ pub fn init() {
 
 pub fn shared_cache_keys() -> usize {
     SHARED_CACHE_KEYS.get().max(0) as usize
+}
+
+/// `immuta.max_encryptions_per_key`.
+pub fn usage_limit() -> immuta_core::usage::UsageLimit {
+    immuta_core::usage::UsageLimit::new(MAX_ENCRYPTIONS_PER_KEY.get().max(1) as u64)
 }
 
 pub fn cache_ttl_seconds() -> i32 {

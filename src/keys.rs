@@ -14,25 +14,28 @@
 //! `rolled_over_from`: two sessions can never both replace the same key.
 
 use immuta_core::cipher::DataCipher;
-use immuta_core::key::{DataKey, KeyId};
+use immuta_core::key::{DataKey, KeyId, WrappingKeyRef};
 use immuta_core::keyring::CurrentKey;
 use immuta_core::rollover::RotationReason;
 use immuta_core::time::UnixMicros;
 use immuta_core::Error;
 use pgrx::{pg_sys, PgSqlErrorCode};
 
+use serde_json::json;
+
 use crate::backend::{self, BACKEND};
-use crate::catalog;
+use crate::catalog::{self, AuditEvent};
 use crate::errors::{self, raise, OrRaise};
-use crate::{providers, shared_cache};
+use crate::usage::{self, Against};
+use crate::{gucs, providers, shared_cache};
 
 /// Lock mode for creating keys: conflicts with itself and with writers, not with readers.
 const KEY_CREATION_LOCK: pg_sys::LOCKMODE = pg_sys::ShareRowExclusiveLock as pg_sys::LOCKMODE;
 /// `rolled_over_from` of the first key, so that two first uses cannot both create one.
 const FIRST_KEY_MARKER: i64 = 0;
 
-/// Why this transaction cannot create a key, if it cannot.
-fn write_blocker() -> Option<&'static str> {
+/// Why this transaction cannot create a key (or write a usage reservation), if it cannot.
+pub fn write_blocker() -> Option<&'static str> {
     // SAFETY: reads of PostgreSQL's transaction and recovery state.
     unsafe {
         if pg_sys::RecoveryInProgress() {
@@ -51,42 +54,80 @@ fn oids() -> catalog::TableOids {
     BACKEND.with_borrow(|b| b.oids).expect("prepare() looked the tables up")
 }
 
-/// The key to encrypt with when the ring has no current key or the current key is due.
-pub fn current_for_encrypt(now: UnixMicros) -> KeyId {
-    match BACKEND.with_borrow(|b| b.ring.current()) {
+/// The key to encrypt with, and a grant of encryptions under it, when the fast path cannot
+/// encrypt: no current key, the current key is due, or this backend's grant is spent.
+pub fn current_for_encrypt(now: UnixMicros) -> (KeyId, u64) {
+    let id = match BACKEND.with_borrow(|b| b.ring.current()) {
         Some(current) if now < current.due_at => current.id,
-        Some(due) => rollover(due, now),
+        Some(due) => rollover(due.id, RotationReason::Schedule, now),
         None => first_key(),
+    };
+    if let Some(granted) = usage::take(id, Against::Soft) {
+        return (id, granted);
+    }
+    let next = rollover(id, RotationReason::UsageLimit, now);
+    if next != id {
+        if let Some(granted) = usage::take(next, Against::Soft) {
+            return (next, granted);
+        }
+    }
+    // The key cannot be rolled over here (read-only, standby, or another session is rolling it
+    // over): it may go on up to the hard limit of AES-GCM, and not one encryption further.
+    match usage::take(next, Against::Hard) {
+        Some(granted) => (next, granted),
+        None => raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("immuta data key {next} has reached the AES-GCM limit of 2^32 encryptions"),
+            Some("NIST SP 800-38D forbids more encryptions with random nonces under one key; it could not be rolled over earlier because no read-write transaction on the primary encrypted after it reached immuta.max_encryptions_per_key.".into()),
+            Some("Run SELECT immuta_rotate(); on the primary."),
+        ),
     }
 }
 
-fn rollover(due: CurrentKey, now: UnixMicros) -> KeyId {
+/// Replaces key `from`, which is due for `reason`, by a new key, or adopts the key another
+/// session created meanwhile. Returns `from` when this transaction cannot or should not wait.
+fn rollover(from: KeyId, reason: RotationReason, now: UnixMicros) -> KeyId {
     if let Some(why) = write_blocker() {
-        let warn = BACKEND.with_borrow_mut(|b| !std::mem::replace(&mut b.warned_cannot_rollover, true));
+        let flag = 1u8 << (reason as u8);
+        let warn = BACKEND.with_borrow_mut(|b| {
+            let first = b.warned_cannot_rollover & flag == 0;
+            b.warned_cannot_rollover |= flag;
+            first
+        });
         if warn {
+            let state = match reason {
+                RotationReason::UsageLimit => format!(
+                    "has reached immuta.max_encryptions_per_key ({})",
+                    gucs::usage_limit().get()
+                ),
+                _ => "is due for rollover".to_string(),
+            };
             errors::warn(
                 PgSqlErrorCode::ERRCODE_WARNING,
-                format!("immuta data key {} is due for rollover, but {why}", due.id),
+                format!("immuta data key {from} {state}, but {why}"),
                 Some("Values are encrypted with the current key until a writable transaction on the primary rolls it over. This warning is given once per session.".into()),
                 Some("Run SELECT immuta_rotate(); on the primary, or encrypt in a read-write transaction."),
             );
         }
-        return due.id;
+        return from;
     }
     let lxid = backend::local_xid();
     if BACKEND.with_borrow(|b| b.rollover_given_up_in == Some(lxid)) {
-        return due.id;
+        return from;
     }
     // SAFETY: a conditional lock on our own table by OID, released at transaction end.
     if !unsafe { pg_sys::ConditionalLockRelationOid(oids().data_keys, KEY_CREATION_LOCK) } {
         BACKEND.with_borrow_mut(|b| b.rollover_given_up_in = Some(lxid));
-        return due.id;
+        return from;
     }
-    let rollover = BACKEND.with_borrow(|b| b.config().rollover());
+    let length = BACKEND.with_borrow(|b| b.config().rollover());
     match adopt_latest() {
-        Some((id, created)) if !rollover.is_due(created, now) => id,
-        Some((id, _)) => create_key(RotationReason::Rollover, Some(id.get())),
-        None => create_key(RotationReason::FirstUse, Some(FIRST_KEY_MARKER)),
+        // Another session rolled over (or rotated) first.
+        Some((id, _)) if id != from => id,
+        // The configured length grew meanwhile: not due after all.
+        Some((id, created)) if reason == RotationReason::Schedule && !length.is_due(created, now) => id,
+        Some((id, _)) => create_key(reason, Some(id)),
+        None => create_key(RotationReason::FirstUse, None),
     }
 }
 
@@ -103,7 +144,7 @@ fn first_key() -> KeyId {
     unsafe { pg_sys::LockRelationOid(oids().data_keys, KEY_CREATION_LOCK) };
     match adopt_latest() {
         Some((id, _)) => id,
-        None => create_key(RotationReason::FirstUse, Some(FIRST_KEY_MARKER)),
+        None => create_key(RotationReason::FirstUse, None),
     }
 }
 
@@ -124,7 +165,37 @@ fn set_current(id: KeyId, created: UnixMicros) {
 /// `immuta_rotate()`: a new key that encrypts from now on.
 pub fn rotate() -> KeyId {
     lock_for_key_change("rotate");
-    create_key(RotationReason::Manual, None)
+    let previous = adopt_latest().map(|(id, _)| id);
+    create_key(RotationReason::Manual, previous)
+}
+
+/// `immuta_rotate_if_due()`: rolls the current key over if it is `dataKeyRollOverLength` days
+/// old or has reached the usage limit; `None` when nothing is due, no key exists yet, or this
+/// transaction cannot write (a standby, a read-only transaction), so that one scheduled job can
+/// run on every node.
+pub fn rotate_if_due() -> Option<KeyId> {
+    if write_blocker().is_some() {
+        return None;
+    }
+    let now = backend::prepare();
+    // Decide without the lock first: a job that finds nothing due never waits for a session
+    // that holds the lock.
+    due_reason(catalog::current_key()?, now)?;
+    // SAFETY: a blocking lock on our own table by OID, released at transaction end.
+    unsafe { pg_sys::LockRelationOid(oids().data_keys, KEY_CREATION_LOCK) };
+    let latest = adopt_latest()?;
+    let reason = due_reason(latest, now)?;
+    Some(create_key(reason, Some(latest.0)))
+}
+
+fn due_reason((id, created): (KeyId, UnixMicros), now: UnixMicros) -> Option<RotationReason> {
+    if BACKEND.with_borrow(|b| b.config().rollover()).is_due(created, now) {
+        Some(RotationReason::Schedule)
+    } else if usage::counted(id) >= gucs::usage_limit().get() {
+        Some(RotationReason::UsageLimit)
+    } else {
+        None
+    }
 }
 
 /// Checks that this transaction may write keys, and takes the key creation lock (blocking).
@@ -143,16 +214,33 @@ fn lock_for_key_change(verb: &str) {
     unsafe { pg_sys::LockRelationOid(oids().data_keys, KEY_CREATION_LOCK) };
 }
 
-/// Creates, wraps and stores a key, and makes it current in this backend. We hold the key
-/// creation lock and have read the newest key with the latest snapshot, so the unique
-/// `rolled_over_from` cannot conflict; if it ever did, the INSERT's error would stand.
-fn create_key(reason: RotationReason, rolled_over_from: Option<i64>) -> KeyId {
+/// Creates, wraps and stores a key replacing `previous`, records the event in the audit log,
+/// and makes the key current in this backend. We hold the key creation lock and have read the
+/// newest key with the latest snapshot, so the unique `rolled_over_from` cannot conflict; if it
+/// ever did, the INSERT's error would stand.
+fn create_key(reason: RotationReason, previous: Option<KeyId>) -> KeyId {
     let config = BACKEND.with_borrow(|b| b.config());
     let provider = providers::for_new_keys(&config);
     let id = catalog::next_key_id();
     let key = DataKey::generate();
     let wrapped = provider.wrap(id, &key).or_raise();
+    let rolled_over_from = match reason {
+        RotationReason::FirstUse => Some(FIRST_KEY_MARKER),
+        RotationReason::Manual => None,
+        RotationReason::Schedule | RotationReason::UsageLimit => previous.map(KeyId::get),
+    };
     catalog::insert_key(id, &wrapped.by, &wrapped.key, reason, rolled_over_from);
+    catalog::insert_audit(AuditEvent {
+        event: if reason == RotationReason::FirstUse { "key created" } else { "key rotated" },
+        key_id: Some(id),
+        reason: reason.as_str(),
+        detail: json!({
+            "previous_key": previous.map(KeyId::get),
+            "previous_key_encryptions": previous.map(usage::counted),
+            "provider": wrapped.by.provider().as_str(),
+            "wrapping_key": wrapped.by.key_column(),
+        }),
+    });
     backend::key_created_in_this_transaction(oids());
     backend::insert_cipher(DataCipher::new(id, &key), shared_cache::expiry_from_now());
     set_current(id, backend::transaction_now());
@@ -161,19 +249,33 @@ fn create_key(reason: RotationReason, rolled_over_from: Option<i64>) -> KeyId {
 
 /// `immuta_rewrap()`: wraps every data key again with the provider and key configured now
 /// (local to KMS, KMS key A to key B, KMS to local), in this transaction. The data keys
-/// themselves, and so every stored ciphertext, are unchanged.
+/// themselves, and so every stored ciphertext, are unchanged. Each key's rewrap is audited.
 pub fn rewrap() -> i32 {
     lock_for_key_change("rewrap");
     let config = BACKEND.with_borrow(|b| b.config());
     let rows = catalog::key_rows(None);
-    let keys: Vec<_> = rows.iter().map(|row| (row.id, providers::unwrap(row, &config))).collect();
+    let keys: Vec<_> = rows.iter().map(|row| (row, providers::unwrap(row, &config))).collect();
     let provider = providers::for_new_keys(&config);
-    for (id, key) in &keys {
-        let wrapped = provider.wrap(*id, key).or_raise();
-        catalog::update_wrapping(*id, &wrapped.by, &wrapped.key);
+    for (row, key) in &keys {
+        let wrapped = provider.wrap(row.id, key).or_raise();
+        catalog::update_wrapping(row.id, &wrapped.by, &wrapped.key);
+        catalog::insert_audit(AuditEvent {
+            event: "key rewrapped",
+            key_id: Some(row.id),
+            reason: RotationReason::Manual.as_str(),
+            detail: json!({ "from": wrapping_json(&row.wrapping), "to": wrapping_json(&wrapped.by) }),
+        });
     }
     backend::key_created_in_this_transaction(oids());
     keys.len() as i32
+}
+
+fn wrapping_json(wrapping: &WrappingKeyRef) -> serde_json::Value {
+    json!({
+        "provider": wrapping.provider().as_str(),
+        "wrapping_key": wrapping.key_column(),
+        "region": wrapping.region_column(),
+    })
 }
 
 /// Makes sure the ring holds an unexpired cipher of key `id`, taking the key from the shared

@@ -8,6 +8,9 @@
 //! | `functions.rs` | the SQL functions |
 //! | `backend.rs` | backend-local key ring, invalidation, the hot path |
 //! | `keys.rs` | key creation, rollover, rotation, loading keys |
+//! | `usage.rs` | counting encryptions per key (the usage limit) |
+//! | `cron.rs` | the pg_cron job that runs scheduled rollover |
+//! | `status.rs` | `immuta_status()` |
 //! | `providers.rs` | which provider wraps new keys and unwraps existing ones |
 //! | `shared_cache.rs` | the cluster-wide cache of unwrapped keys in shared memory |
 //! | `config_source.rs` | where the configuration comes from, and when it is re-read |
@@ -21,12 +24,15 @@ use pgrx::prelude::*;
 mod backend;
 mod catalog;
 mod config_source;
+mod cron;
 mod errors;
 mod functions;
 mod gucs;
 mod keys;
 mod providers;
 mod shared_cache;
+mod status;
+mod usage;
 mod varlena;
 
 ::pgrx::pg_module_magic!(name, version);

@@ -245,6 +245,88 @@ mod tests {
         assert!(!one::<bool>(public));
     }
 
+    #[pg_test]
+    fn every_key_event_is_audited_with_its_reason_and_role() {
+        let since: i64 = one("SELECT COALESCE(max(id), 0) FROM immuta.audit_log");
+        let first_existed = one::<i64>("SELECT count(*) FROM immuta.data_keys") > 0;
+        one::<Vec<u8>>("SELECT immuta_encrypt('x')");
+        let rotated: i64 = one("SELECT immuta_rotate()");
+        one::<i32>("SELECT immuta_rewrap()");
+        one::<i64>("SELECT immuta_cache_reset()");
+        let events: String = Spi::get_one_with_args(
+            "SELECT string_agg(event || '/' || reason, ',' ORDER BY id) FROM immuta.audit_log WHERE id > $1",
+            &[since.into()],
+        )
+        .unwrap()
+        .unwrap();
+        let keys: i64 = one("SELECT count(*) FROM immuta.data_keys");
+        let mut expected = Vec::new();
+        if !first_existed {
+            expected.push("key created/first use".to_string());
+        }
+        expected.push("key rotated/manual".into());
+        expected.extend((0..keys).map(|_| "key rewrapped/manual".to_string()));
+        expected.push("cache reset/manual".into());
+        assert_eq!(events, expected.join(","));
+        let row = Spi::get_three_with_args::<String, bool, i64>(
+            "SELECT detail->>'provider', role = current_user AND session_role = session_user,                     (detail->>'previous_key')::int8 FROM immuta.audit_log WHERE key_id = $1 AND event = 'key rotated'",
+            &[rotated.into()],
+        )
+        .unwrap();
+        assert_eq!(row.0.as_deref(), Some("local"));
+        assert_eq!(row.1, Some(true));
+        assert_eq!(row.2, Some(rotated - 1));
+        assert!(!one::<bool>("SELECT has_table_privilege('public', 'immuta.audit_log', 'select')"));
+    }
+
+    #[pg_test]
+    fn rotate_if_due_rolls_over_only_an_overdue_key_and_says_why() {
+        let current: i64 = one("SELECT immuta_rotate()");
+        assert_eq!(Spi::get_one::<i64>("SELECT immuta_rotate_if_due()").unwrap(), None, "nothing due");
+        assert_eq!(one::<i64>("SELECT max(id) FROM immuta.data_keys"), current);
+        Spi::run("UPDATE immuta.data_keys SET created_at = now() - interval '366 days' WHERE id = (SELECT max(id) FROM immuta.data_keys)")
+            .unwrap();
+        let new: i64 = one("SELECT immuta_rotate_if_due()");
+        assert!(new > current);
+        let (reason, from) = Spi::get_two_with_args::<String, i64>(
+            "SELECT reason, rolled_over_from FROM immuta.data_keys WHERE id = $1",
+            &[new.into()],
+        )
+        .unwrap();
+        assert_eq!((reason.as_deref(), from), (Some("schedule"), Some(current)));
+        assert_eq!(
+            one::<String>("SELECT reason FROM immuta.audit_log ORDER BY id DESC LIMIT 1"),
+            "schedule"
+        );
+        assert_eq!(Spi::get_one::<i64>("SELECT immuta_rotate_if_due()").unwrap(), None, "the new key is not due");
+    }
+
+    #[pg_test]
+    fn status_describes_the_current_key_and_the_missing_pg_cron() {
+        let current: i64 = one("SELECT immuta_rotate()");
+        one::<Vec<u8>>("SELECT immuta_encrypt('x')");
+        let status: pgrx::JsonB = one("SELECT immuta_status()");
+        let s = status.0;
+        assert_eq!(s["current_key"]["id"].as_i64(), Some(current));
+        assert_eq!(s["current_key"]["provider"], "local");
+        assert_eq!(s["current_key"]["rollover_due"], false);
+        assert_eq!(s["current_key"]["max_encryptions_per_key"].as_i64(), Some(2_000_000_000));
+        assert!(s["current_key"]["encryptions"].as_i64().unwrap() >= 1);
+        assert_eq!(s["cache_mode"], "backend");
+        assert_eq!(s["pg_cron_loaded"], false);
+        assert_eq!(s["rotation_job_present"], false);
+        assert!(s["rotation_job_error"].as_str().unwrap().contains("pg_cron is not installed"));
+        assert_eq!(sqlstate_of("SELECT immuta_schedule_rotation()"), "42704");
+        assert_eq!(sqlstate_of("SELECT immuta_schedule_rotation(repeat('*', 300))"), "22023");
+        assert!(!one::<bool>("SELECT has_function_privilege('public', 'immuta_schedule_rotation(text)', 'execute')"));
+        let (counted, limit) = Spi::get_two::<i64, i64>(
+            "SELECT encryptions, max_encryptions FROM immuta.keys WHERE is_current",
+        )
+        .unwrap();
+        assert!(counted.unwrap() >= 1);
+        assert_eq!(limit, Some(2_000_000_000));
+    }
+
     fn hex(bytes: &[u8]) -> String {
         bytes.iter().map(|b| format!("{b:02x}")).collect()
     }

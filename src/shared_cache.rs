@@ -20,6 +20,7 @@ use immuta_core::cache::{self, Claim, KeyIdent, Lookup, Slot};
 use immuta_core::config::Config;
 use immuta_core::key::{DataKey, WrappingKeyRef};
 use immuta_core::time::UnixMicros;
+use immuta_core::usage::CounterSlot;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use serde_json::json;
@@ -51,6 +52,7 @@ struct Header {
 struct Shared {
     header: *mut Header,
     slots: *mut Slot,
+    counters: *mut CounterSlot,
     lock: *mut pg_sys::LWLock,
 }
 
@@ -69,8 +71,9 @@ static mut PREV_STARTUP_HOOK: pg_sys::shmem_startup_hook_type = None;
 
 const NAME: &std::ffi::CStr = c"immuta key cache";
 
+/// The segment: the header, `slots` key slots, then as many usage counter slots (`usage.rs`).
 fn size(slots: usize) -> usize {
-    std::mem::size_of::<Header>() + slots * std::mem::size_of::<Slot>()
+    std::mem::size_of::<Header>() + slots * (std::mem::size_of::<Slot>() + std::mem::size_of::<CounterSlot>())
 }
 
 /// Called from `_PG_init` while shared_preload_libraries is being processed.
@@ -113,6 +116,7 @@ unsafe extern "C-unwind" fn on_shmem_startup() {
         let base = pg_sys::ShmemInitStruct(NAME.as_ptr(), size(slots), &mut found).cast::<u8>();
         let header = base.cast::<Header>();
         let slot_ptr = base.add(std::mem::size_of::<Header>()).cast::<Slot>();
+        let counter_ptr = slot_ptr.add(slots).cast::<CounterSlot>();
         if !found {
             header.write(Header {
                 epoch: AtomicU64::new(1),
@@ -122,11 +126,12 @@ unsafe extern "C-unwind" fn on_shmem_startup() {
             });
             for i in 0..slots {
                 slot_ptr.add(i).write(Slot::EMPTY);
+                counter_ptr.add(i).write(CounterSlot::EMPTY);
             }
         }
         let lock = &raw mut (*pg_sys::GetNamedLWLockTranche(NAME.as_ptr())).lock;
         pg_sys::LWLockRelease(init_lock);
-        SHARED = Some(Shared { header, slots: slot_ptr, lock });
+        SHARED = Some(Shared { header, slots: slot_ptr, counters: counter_ptr, lock });
     }
 }
 
@@ -160,6 +165,27 @@ fn with_slots<R>(mode: pg_sys::LWLockMode::Type, f: impl FnOnce(&mut [Slot], &He
         pg_sys::LWLockAcquire(s.lock, mode);
         let header = &*s.header;
         let result = f(std::slice::from_raw_parts_mut(s.slots, header.slots), header);
+        pg_sys::LWLockRelease(s.lock);
+        Some(result)
+    }
+}
+
+/// Whether the cluster-wide cache (and usage counters) exist: immuta is preloaded.
+pub fn is_shared() -> bool {
+    shared().is_some()
+}
+
+/// Runs `f` on the usage counter slots under the cache lock, with a fresh tick for recency.
+/// `None` without preload.
+pub fn with_counters<R>(f: impl FnOnce(&mut [CounterSlot], u64) -> R) -> Option<R> {
+    let s = shared()?;
+    // SAFETY: as in `with_slots`: the counter slots follow the key slots in the same segment,
+    // as many of them, and the same LWLock guards them.
+    unsafe {
+        pg_sys::LWLockAcquire(s.lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+        let header = &*s.header;
+        let tick = header.tick.fetch_add(1, Ordering::Relaxed);
+        let result = f(std::slice::from_raw_parts_mut(s.counters, header.slots), tick);
         pg_sys::LWLockRelease(s.lock);
         Some(result)
     }

@@ -183,7 +183,27 @@ impl Cluster {
     }
 
     pub fn connect(&self) -> postgres::Client {
-        self.config().connect(postgres::NoTls).unwrap_or_else(|e| panic!("connect: {e}\n{}", self.log()))
+        self.connect_to("postgres")
+    }
+
+    /// A connection to database `dbname`.
+    pub fn connect_to(&self, dbname: &str) -> postgres::Client {
+        self.config()
+            .dbname(dbname)
+            .connect(postgres::NoTls)
+            .unwrap_or_else(|e| panic!("connect: {e}\n{}", self.log()))
+    }
+
+    /// Stops the server as a crash would (no checkpoint, no shutdown of backends), then starts
+    /// it again: crash recovery runs.
+    pub fn crash_and_restart(&self) {
+        as_postgres_ok(
+            "pg_ctl",
+            &["-D", self.data.to_str().unwrap(), "-w", "-t", "60", "-m", "immediate", "stop"],
+            &[],
+            || self.log(),
+        );
+        self.pg_ctl_start();
     }
 
     /// A connection that records every NOTICE/WARNING it receives.

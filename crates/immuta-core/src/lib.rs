@@ -19,6 +19,7 @@
 //! | `rollover.rs` | the rollover rule and rotation reasons |
 //! | `keyring.rs` | the backend's set of ready ciphers and its current key |
 //! | `cache.rs` | the cluster-wide slot table of unwrapped keys (shared memory) |
+//! | `usage.rs` | the usage limit per key and how encryptions are counted |
 
 pub mod aws_kms;
 pub mod cache;
@@ -33,6 +34,7 @@ pub mod nonce;
 pub mod provider;
 pub mod rollover;
 pub mod time;
+pub mod usage;
 
 pub use error::Error;
 

@@ -41,24 +41,28 @@ impl Default for RolloverLength {
     }
 }
 
-/// Why a data key was created; recorded on its row.
+/// Why a data key was created; recorded on its row and in the audit log.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RotationReason {
     /// The first encryption found no key.
     FirstUse,
     /// `immuta_rotate()`.
     Manual,
-    /// An encryption found the current key older than the rollover length.
-    Rollover,
+    /// The current key was `dataKeyRollOverLength` days old: rolled over by the scheduled
+    /// `immuta_rotate_if_due()` or by the first encryption that noticed.
+    Schedule,
+    /// The current key had counted `immuta.max_encryptions_per_key` encryptions.
+    UsageLimit,
 }
 
 impl RotationReason {
-    /// The value of the `reason` column.
+    /// The value of the `reason` columns.
     pub fn as_str(self) -> &'static str {
         match self {
             RotationReason::FirstUse => "first use",
             RotationReason::Manual => "manual",
-            RotationReason::Rollover => "rollover",
+            RotationReason::Schedule => "schedule",
+            RotationReason::UsageLimit => "usage limit",
         }
     }
 }

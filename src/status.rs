@@ -1,0 +1,52 @@
+//! `immuta_status()`: one document that answers "is key management healthy here?": the current
+//! key (age, due date, usage against the limit, wrapping), the provider for new keys, the cache
+//! mode, and whether the scheduled rollover job exists in pg_cron.
+
+use serde_json::{json, Value};
+
+use crate::backend::{self, BACKEND};
+use crate::{catalog, cron, gucs, shared_cache, usage};
+
+pub fn status() -> Value {
+    backend::prepare();
+    let config = BACKEND.with_borrow(|b| b.config());
+    let limit = gucs::usage_limit().get();
+    let days = config.rollover().days();
+    let current = catalog::current_key_summary(days).map(|mut key| {
+        let id = key["id"].as_i64().and_then(immuta_core::key::KeyId::new);
+        if let Some(id) = id {
+            let counted = usage::counted(id);
+            key["encryptions"] = json!(counted);
+            key["max_encryptions_per_key"] = json!(limit);
+            key["usage_limit_reached"] = json!(counted >= limit);
+        }
+        key
+    });
+    let (job, job_error) = match cron::lookup() {
+        Ok(Some(job)) => (
+            json!({
+                "job_id": job.id,
+                "job_name": job.name,
+                "schedule": job.schedule,
+                "active": job.active,
+                "username": job.username,
+            }),
+            Value::Null,
+        ),
+        Ok(None) => (Value::Null, Value::Null),
+        Err(why) => (Value::Null, json!(why)),
+    };
+    let local_keys = BACKEND.with_borrow(|b| b.ring.len());
+    json!({
+        "current_key": current,
+        "keys": catalog::key_count(),
+        "rollover_length_days": days,
+        "max_encryptions_per_key": limit,
+        "provider_for_new_keys": if config.aws_kms().is_some() { "awsKms" } else { "local" },
+        "cache_mode": shared_cache::stats_json(local_keys)["mode"],
+        "pg_cron_loaded": cron::loaded(),
+        "rotation_job_present": !job.is_null(),
+        "rotation_job": job,
+        "rotation_job_error": job_error,
+    })
+}

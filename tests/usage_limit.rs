@@ -1,0 +1,111 @@
+//! The usage limit (`immuta.max_encryptions_per_key`): rollover after exactly that many
+//! encryptions, across sessions with the shared counter, in read-only sessions, and across a
+//! crash.
+
+mod support;
+
+use support::*;
+
+const PRELOADED: &str = "shared_preload_libraries = 'immuta'";
+
+fn keys_by_use(c: &mut postgres::Client, table: &str) -> Vec<(i64, i64)> {
+    c.query(&format!("SELECT immuta_key_id(v), count(*) FROM {table} GROUP BY 1 ORDER BY 1"), &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+#[test]
+fn after_exactly_the_limit_the_next_encryption_is_under_a_new_key_with_or_without_preload() {
+    for settings in [&[][..], &[PRELOADED][..]] {
+        let pg = Cluster::start(settings);
+        let mut c = pg.connect();
+        set_server_setting(&mut c, "immuta.max_encryptions_per_key", "1000");
+        drop(c);
+        let mut c = pg.connect();
+        c.batch_execute("CREATE TABLE t AS SELECT immuta_encrypt('v' || i) AS v FROM generate_series(1, 1000) i")
+            .unwrap();
+        assert_eq!(keys_by_use(&mut c, "t"), vec![(1, 1000)], "{settings:?}");
+        assert_eq!(encrypted_key_id(&mut c, "the 1001st"), 2, "{settings:?}");
+        let row = c
+            .query_one(
+                "SELECT k.reason, k.rolled_over_from, a.reason, a.detail->>'previous_key_encryptions' \
+                 FROM immuta.data_keys k JOIN immuta.audit_log a ON a.key_id = k.id AND a.event = 'key rotated' \
+                 WHERE k.id = 2",
+                &[],
+            )
+            .unwrap();
+        assert_eq!(row.get::<_, String>(0), "usage limit");
+        assert_eq!(row.get::<_, Option<i64>>(1), Some(1));
+        assert_eq!(row.get::<_, String>(2), "usage limit");
+        assert_eq!(row.get::<_, String>(3), "1000");
+        let counted: i64 = c.query_one("SELECT encryptions FROM immuta.keys WHERE id = 1", &[]).unwrap().get(0);
+        assert_eq!(counted, 1000, "{settings:?}");
+        let all: i64 = c.query_one("SELECT count(*) FROM t WHERE immuta_decrypt(v) LIKE 'v%'", &[]).unwrap().get(0);
+        assert_eq!(all, 1000);
+    }
+}
+
+#[test]
+fn concurrent_sessions_share_one_counter_when_preloaded() {
+    let pg = std::sync::Arc::new(Cluster::start(&[PRELOADED]));
+    let mut c = pg.connect();
+    set_server_setting(&mut c, "immuta.max_encryptions_per_key", "200");
+    c.batch_execute("CREATE TABLE t (v bytea)").unwrap();
+    drop(c);
+    in_parallel_sessions(&pg, 4, |_, c| {
+        for i in 0..150 {
+            c.execute("INSERT INTO t VALUES (immuta_encrypt($1))", &[&format!("v{i}")]).unwrap();
+        }
+    });
+    let mut c = pg.connect();
+    let keys = keys_by_use(&mut c, "t");
+    assert_eq!(keys.iter().map(|k| k.1).sum::<i64>(), 600);
+    assert!(keys.len() >= 3, "{keys:?}");
+    // A session that loses the race to roll a key over keeps it for the rest of its transaction
+    // (here one row): at most one encryption per other session past the limit.
+    assert!(keys.iter().all(|k| k.1 <= 200 + 3), "{keys:?}");
+}
+
+#[test]
+fn a_read_only_session_past_the_limit_warns_once_and_is_counted() {
+    let pg = Cluster::start(&[PRELOADED]);
+    let mut c = pg.connect();
+    set_server_setting(&mut c, "immuta.max_encryptions_per_key", "100");
+    encrypt(&mut c, "first");
+    drop(c);
+    let (mut ro, notices) = pg.connect_recording_notices();
+    ro.batch_execute("SET default_transaction_read_only = on").unwrap();
+    let ids: Vec<i64> = ro
+        .query("SELECT immuta_key_id(immuta_encrypt('v' || i)) FROM generate_series(1, 150) i", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(ids.iter().all(|&id| id == 1), "a read-only transaction cannot roll over");
+    let notices = notices.lock().unwrap().clone();
+    assert_eq!(notices.len(), 1, "{notices:?}");
+    assert!(notices[0].contains("has reached immuta.max_encryptions_per_key (100)"), "{notices:?}");
+    let mut c = pg.connect();
+    let counted: i64 = c.query_one("SELECT encryptions FROM immuta.keys WHERE id = 1", &[]).unwrap().get(0);
+    assert!(counted >= 151, "the shared counter holds the read-only encryptions: {counted}");
+    assert_eq!(encrypted_key_id(&mut c, "read-write"), 2);
+}
+
+#[test]
+fn a_crash_loses_no_committed_count() {
+    for settings in [&["synchronous_commit = on"][..], &["synchronous_commit = on", PRELOADED][..]] {
+        let pg = Cluster::start(settings);
+        let mut c = pg.connect();
+        c.batch_execute("CREATE TABLE t AS SELECT immuta_encrypt('v' || i) AS v FROM generate_series(1, 20000) i")
+            .unwrap();
+        drop(c);
+        pg.crash_and_restart();
+        let mut c = pg.connect();
+        let counted: i64 =
+            c.query_one("SELECT encryptions FROM immuta.keys WHERE is_current", &[]).unwrap().get(0);
+        assert!(counted >= 20000, "{settings:?}: {counted}");
+        assert!(counted <= 20000 + 2_000_000, "at most one block ahead: {counted}");
+    }
+}
