@@ -35,7 +35,7 @@ SELECT pg_catalog.pg_extension_config_dump('immuta.data_keys_id_seq', '');
 -- a row reserves a block of encryptions *before* they are used, so the sum per key is never
 -- less than what committed transactions encrypted, and a crash loses no reservation that
 -- committed. Concurrent sessions append without waiting for each other (no row is updated).
--- About a thousand rows per key over its life; see docs/FORMAT.md, "Usage limit".
+-- About a thousand rows per key over its life; see README.md, "Usage limit".
 CREATE TABLE immuta.key_usage (
     key_id       bigint NOT NULL,
     encryptions  bigint NOT NULL CHECK (encryptions > 0),

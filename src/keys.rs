@@ -112,12 +112,20 @@ fn rollover(from: KeyId, reason: RotationReason, now: UnixMicros) -> KeyId {
         return from;
     }
     let lxid = backend::local_xid();
-    if BACKEND.with_borrow(|b| b.rollover_given_up_in == Some(lxid)) {
-        return from;
-    }
-    // SAFETY: a conditional lock on our own table by OID, released at transaction end.
-    if !unsafe { pg_sys::ConditionalLockRelationOid(oids().data_keys, KEY_CREATION_LOCK) } {
+    let given_up = BACKEND.with_borrow(|b| b.rollover_given_up_in == Some(lxid))
+        // SAFETY: a conditional lock on our own table by OID, released at transaction end.
+        || !unsafe { pg_sys::ConditionalLockRelationOid(oids().data_keys, KEY_CREATION_LOCK) };
+    if given_up {
         BACKEND.with_borrow_mut(|b| b.rollover_given_up_in = Some(lxid));
+        // Another session is rolling the key over. A key past its usage limit is left as soon
+        // as that session commits (checked once per grant); a key that is merely old is kept
+        // for the rest of this transaction.
+        if reason == RotationReason::UsageLimit {
+            if let Some((id, created)) = catalog::current_key().filter(|(id, _)| *id != from) {
+                set_current(id, created);
+                return id;
+            }
+        }
         return from;
     }
     let length = BACKEND.with_borrow(|b| b.config().rollover());

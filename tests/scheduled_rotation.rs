@@ -20,7 +20,8 @@ const WITH_PG_CRON: &[&str] = &[
 fn cluster_with_pg_cron_and_appdb() -> (Cluster, postgres::Client, postgres::Client) {
     let pg = Cluster::start(WITH_PG_CRON);
     let mut cron_db = pg.connect();
-    cron_db.batch_execute("CREATE EXTENSION pg_cron; CREATE DATABASE appdb").unwrap();
+    cron_db.batch_execute("CREATE EXTENSION pg_cron").unwrap();
+    cron_db.batch_execute("CREATE DATABASE appdb").unwrap();
     let mut app = pg.connect_to("appdb");
     app.batch_execute("CREATE EXTENSION immuta").unwrap();
     (pg, cron_db, app)
