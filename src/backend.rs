@@ -149,9 +149,13 @@ extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut st
             }
             usage::at_transaction_end(false);
         }
-        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT | XACT_EVENT_PREPARE => {
+        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
             CREATED_KEY.set(false);
             usage::at_transaction_end(true);
+        }
+        XACT_EVENT_PREPARE => {
+            CREATED_KEY.set(false);
+            usage::at_transaction_end(false);
         }
         _ => {}
     }
@@ -254,6 +258,9 @@ fn refresh() {
         if b.oids.is_some_and(|o| o != oids) {
             // The extension was dropped and created again: the old key ids mean other keys now.
             b.ring.clear();
+            b.budget = 0;
+            b.budget_key = None;
+            usage::forget();
         }
         b.ring.retain(|id| ids.contains(&id));
         b.ring.set_current(
@@ -282,12 +289,13 @@ pub fn encrypt(plaintext: &[u8]) -> varlena::Bytea {
     if let Some(sealed) = fast {
         return sealed;
     }
-    let spendable = BACKEND.with_borrow(|b| b.spendable(now));
-    let (id, granted) = spendable.unwrap_or_else(|| keys::current_for_encrypt(now));
+    let held = BACKEND.with_borrow(|b| b.budget_key.map(|id| (id, b.budget)));
+    let (id, budget) = keys::current_for_encrypt(now, held);
+    // Kept before the key is loaded: a failing unwrap must not waste the grant.
+    BACKEND.with_borrow_mut(|b| (b.budget_key, b.budget) = (Some(id), budget));
     keys::ensure_cipher(id, now);
     BACKEND.with_borrow_mut(|b| {
-        b.budget_key = Some(id);
-        b.budget = granted - 1;
+        b.budget -= 1;
         let nonce = b.next_nonce();
         let cipher = b.ring.loaded(id).expect("ensure_cipher loaded it");
         varlena::bytea(len, |out| cipher.seal_into(&nonce, plaintext, out))

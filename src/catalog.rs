@@ -373,8 +373,8 @@ pub fn current_key_summary(rollover_days: u32) -> Option<serde_json::Value> {
                 'id', id,
                 'created_at', created_at,
                 'age_days', round((extract(epoch FROM now() - created_at) / 86400)::numeric, 2),
-                'rollover_due_at', created_at + make_interval(days => $1),
-                'rollover_due', now() >= created_at + make_interval(days => $1),
+                'rollover_due_at', created_at + make_interval(secs => $1 * 86400.0),
+                'rollover_due', now() >= created_at + make_interval(secs => $1 * 86400.0),
                 'provider', provider,
                 'wrapping_key', wrapping_key,
                 'wrapping_region', wrapping_region,
@@ -395,4 +395,23 @@ pub fn key_count() -> i64 {
         .next()
         .flatten()
         .unwrap_or(0)
+}
+
+/// Folds each key's reservation rows into one, so that `immuta.key_usage` stays small however
+/// many sessions reserved. Only committed rows are folded; rows of transactions in progress are
+/// left to them.
+pub fn compact_usage() {
+    spi(Spi::connect_mut(|client| {
+        client.update(
+            "WITH gone AS (
+                 DELETE FROM immuta.key_usage
+                 WHERE key_id IN (SELECT key_id FROM immuta.key_usage GROUP BY key_id HAVING count(*) > 1)
+                 RETURNING key_id, encryptions)
+             INSERT INTO immuta.key_usage (key_id, encryptions)
+             SELECT key_id, sum(encryptions) FROM gone GROUP BY key_id",
+            None,
+            &[],
+        )?;
+        Ok(())
+    }))
 }

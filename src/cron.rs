@@ -11,7 +11,7 @@
 
 use std::ffi::{CStr, CString};
 
-use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime};
 use pgrx::pg_sys::panic::{CaughtError, ErrorReportWithLevel};
 use pgrx::prelude::*;
 use pgrx::{pg_sys, PgSqlErrorCode};
@@ -19,8 +19,6 @@ use pgrx::{pg_sys, PgSqlErrorCode};
 use crate::catalog::spi;
 use crate::errors::raise;
 
-/// What the job runs, in this database.
-const COMMAND: &str = "SELECT immuta_rotate_if_due()";
 /// Longest schedule accepted (it travels in a fixed-size field to the worker); a five-field cron
 /// expression is far shorter.
 const SCHEDULE_MAX: usize = 255;
@@ -45,6 +43,9 @@ enum Op {
 /// A request, made here or in pg_cron's database.
 struct Request {
     op: Op,
+    /// What the job runs: `SELECT <immuta's schema>.immuta_rotate_if_due()`, qualified so that
+    /// neither the job's search_path nor an object planted in another schema changes it.
+    command: String,
     role: String,
     cron_database: String,
     database: String,
@@ -120,6 +121,7 @@ fn request(op: Op, schedule: &str) -> Result<Outcome, Failure> {
     let database = current_database();
     let request = Request {
         op,
+        command: format!("SELECT {}.immuta_rotate_if_due()", extension_schema()),
         // SAFETY: the current user's name, inside a transaction.
         role: unsafe { owned(pg_sys::GetUserNameFromId(pg_sys::GetUserId(), false)) },
         job_name: job_name(&database),
@@ -132,6 +134,15 @@ fn request(op: Op, schedule: &str) -> Result<Outcome, Failure> {
     } else {
         via_worker(&request)
     }
+}
+
+/// The schema immuta is installed in, quoted as an identifier.
+fn extension_schema() -> String {
+    spi(Spi::get_one::<String>(
+        "SELECT quote_ident(n.nspname) FROM pg_catalog.pg_extension e \
+         JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'immuta'",
+    ))
+    .unwrap_or_else(|| "public".into())
 }
 
 /// One job per database: its name says which database it rotates keys in.
@@ -216,7 +227,7 @@ fn run(request: &Request) -> Outcome {
                 &[
                     request.job_name.as_str().into(),
                     request.schedule.as_str().into(),
-                    COMMAND.into(),
+                    request.command.as_str().into(),
                     request.database.as_str().into(),
                 ],
             ))
@@ -241,7 +252,7 @@ fn run(request: &Request) -> Outcome {
         Op::Lookup => Outcome::Found(spi(Spi::connect(|client| {
             let rows = client.select(
                 "SELECT jobid, jobname::text, schedule, active, username FROM cron.job \
-                 WHERE jobname = $1 ORDER BY jobid LIMIT 1",
+                 WHERE jobname = $1 AND username = current_user ORDER BY jobid LIMIT 1",
                 None,
                 &[request.job_name.as_str().into()],
             )?;
@@ -296,6 +307,7 @@ struct Exchange {
     cron_database: Text<64>,
     database: Text<64>,
     job_name: Text<64>,
+    command: Text<256>,
     schedule: Text<{ SCHEDULE_MAX + 1 }>,
     username: Text<64>,
     message: Text<1024>,
@@ -306,43 +318,71 @@ struct Exchange {
 fn via_worker(request: &Request) -> Result<Outcome, Failure> {
     let size = std::mem::size_of::<Exchange>();
     // SAFETY: creates a segment owned by the current resource owner (detached at transaction end
-    // even if we error out); it is zero-filled before use, and every field of Exchange is valid
-    // as zeroes.
-    let (segment, exchange) = unsafe {
+    // even if we error out) and zero-fills it; every field of Exchange is valid as zeroes. The
+    // request is written before the worker exists.
+    let segment = unsafe {
         let segment = pg_sys::dsm_create(size, 0);
-        let address = pg_sys::dsm_segment_address(segment).cast::<Exchange>();
-        std::ptr::write_bytes(address.cast::<u8>(), 0, size);
-        (segment, &mut *address)
+        std::ptr::write_bytes(pg_sys::dsm_segment_address(segment).cast::<u8>(), 0, size);
+        segment
     };
+    // SAFETY: see above; this is the only reference while no worker runs.
+    let exchange = unsafe { &mut *pg_sys::dsm_segment_address(segment).cast::<Exchange>() };
     exchange.op = request.op as u32;
     exchange.role.set(&request.role);
     exchange.cron_database.set(&request.cron_database);
     exchange.database.set(&request.database);
     exchange.job_name.set(&request.job_name);
+    exchange.command.set(&request.command);
     exchange.schedule.set(&request.schedule);
-    // SAFETY: the handle of the segment just created; MyProcPid is this backend.
-    let (handle, pid) = unsafe { (pg_sys::dsm_segment_handle(segment), pg_sys::MyProcPid) };
-    let worker = BackgroundWorkerBuilder::new("immuta pg_cron request")
+    // SAFETY: the handle of the segment just created; MyProcPid is this backend; reads whether
+    // this server is a standby.
+    let (handle, pid, standby) =
+        unsafe { (pg_sys::dsm_segment_handle(segment), pg_sys::MyProcPid, pg_sys::RecoveryInProgress()) };
+    let builder = BackgroundWorkerBuilder::new("immuta pg_cron request")
         .set_type("immuta pg_cron request")
         .set_library("immuta")
         .set_function("immuta_cron_worker_main")
         .set_argument(Some(pg_sys::Datum::from(handle)))
         .enable_spi_access()
-        .set_start_time(BgWorkerStartTime::RecoveryFinished)
+        // A standby starts workers once consistent (a lookup reads the replicated cron.job);
+        // one that waited for the end of recovery would never start there.
+        .set_start_time(if standby { BgWorkerStartTime::ConsistentState } else { BgWorkerStartTime::RecoveryFinished })
         .set_restart_time(None)
-        .set_notify_pid(pid)
-        .load_dynamic();
-    let Ok(worker) = worker else {
+        .set_notify_pid(pid);
+    let mut worker: pg_sys::BackgroundWorker = (&builder).into();
+    let mut bgw_handle: *mut pg_sys::BackgroundWorkerHandle = std::ptr::null_mut();
+    // SAFETY: registers a dynamic worker described by `worker`; on success PostgreSQL sets the
+    // handle, valid for this backend's lifetime.
+    if !unsafe { pg_sys::RegisterDynamicBackgroundWorker(&mut worker, &mut bgw_handle) } {
+        // SAFETY: the segment was created above and no worker uses it.
+        unsafe { pg_sys::dsm_detach(segment) };
         return Err(Failure {
             code: PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
             message: "could not start a background worker to reach pg_cron's database".into(),
             detail: Some(format!("pg_cron runs in database \"{}\"; immuta reaches it with a background worker.", request.cron_database)),
             hint: Some("Raise max_worker_processes, or call this function in that database.".into()),
         });
-    };
-    let _ = worker.wait_for_shutdown();
-    let outcome = if exchange.done == 0 {
-        Err(Failure {
+    }
+    // Wait for the worker to exit. If this backend is cancelled meanwhile, stop the worker too,
+    // so that a request the caller saw fail is not carried out behind its back.
+    PgTryBuilder::new(|| {
+        // SAFETY: waits on the handle registered above (interrupts are checked while waiting).
+        unsafe { pg_sys::WaitForBackgroundWorkerShutdown(bgw_handle) };
+    })
+    .catch_others(|caught| {
+        // SAFETY: asks the postmaster to stop the worker of a valid handle.
+        unsafe { pg_sys::TerminateBackgroundWorker(bgw_handle) };
+        caught.rethrow()
+    })
+    .execute();
+    // SAFETY: the worker has exited, so nothing writes the segment any more; read it through a
+    // volatile copy, as another process wrote it.
+    let exchange: Exchange =
+        unsafe { std::ptr::read_volatile(pg_sys::dsm_segment_address(segment).cast::<Exchange>()) };
+    // SAFETY: the segment was created above and the worker has exited.
+    unsafe { pg_sys::dsm_detach(segment) };
+    if exchange.done == 0 {
+        return Err(Failure {
             code: PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE,
             message: format!("could not reach pg_cron's database \"{}\"", request.cron_database),
             detail: Some(format!(
@@ -350,31 +390,28 @@ fn via_worker(request: &Request) -> Result<Outcome, Failure> {
                 request.role
             )),
             hint: Some("The role must be allowed to log in and to connect to that database.".into()),
-        })
-    } else if exchange.failed != 0 {
-        let text = |t: &dyn Fn() -> String| Some(t()).filter(|s| !s.is_empty());
-        Err(Failure {
+        });
+    }
+    if exchange.failed != 0 {
+        let text = |t: String| Some(t).filter(|s| !s.is_empty());
+        return Err(Failure {
             code: PgSqlErrorCode::from(exchange.sqlstate),
             message: exchange.message.get(),
-            detail: text(&|| exchange.detail.get()),
-            hint: text(&|| exchange.hint.get()),
-        })
-    } else {
-        Ok(match request.op {
-            Op::Schedule => Outcome::Scheduled(exchange.job_id),
-            Op::Unschedule => Outcome::Unscheduled(exchange.found != 0),
-            Op::Lookup => Outcome::Found((exchange.found != 0).then(|| Job {
-                id: exchange.job_id,
-                name: request.job_name.clone(),
-                schedule: exchange.schedule.get(),
-                active: exchange.active != 0,
-                username: exchange.username.get(),
-            })),
-        })
-    };
-    // SAFETY: the segment was created above and the worker has exited.
-    unsafe { pg_sys::dsm_detach(segment) };
-    outcome
+            detail: text(exchange.detail.get()),
+            hint: text(exchange.hint.get()),
+        });
+    }
+    Ok(match request.op {
+        Op::Schedule => Outcome::Scheduled(exchange.job_id),
+        Op::Unschedule => Outcome::Unscheduled(exchange.found != 0),
+        Op::Lookup => Outcome::Found((exchange.found != 0).then(|| Job {
+            id: exchange.job_id,
+            name: request.job_name.clone(),
+            schedule: exchange.schedule.get(),
+            active: exchange.active != 0,
+            username: exchange.username.get(),
+        })),
+    })
 }
 
 /// The background worker: connects to pg_cron's database, makes the request found in the
@@ -382,7 +419,10 @@ fn via_worker(request: &Request) -> Result<Outcome, Failure> {
 #[pg_guard]
 #[no_mangle]
 pub extern "C-unwind" fn immuta_cron_worker_main(arg: pg_sys::Datum) {
-    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGTERM);
+    // Keep PostgreSQL's default SIGTERM handler for workers (it ends the worker at once), so a
+    // fast shutdown or pg_terminate_backend() stops a request stuck on a lock.
+    // SAFETY: unblocks signals in a background worker, as every worker must.
+    unsafe { pg_sys::BackgroundWorkerUnblockSignals() };
     // SAFETY: attaches the segment whose handle the requesting backend passed; NULL if that
     // backend already gave up (then there is nobody to answer).
     let segment = unsafe { pg_sys::dsm_attach(arg.value() as pg_sys::dsm_handle) };
@@ -403,6 +443,9 @@ pub extern "C-unwind" fn immuta_cron_worker_main(arg: pg_sys::Datum) {
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
     }
     PgTryBuilder::new(|| {
+        // Never wait long on pg_cron's tables: the requesting backend waits for this worker.
+        spi(Spi::run("SET LOCAL lock_timeout = '10s'"));
+        spi(Spi::run("SET LOCAL statement_timeout = '60s'"));
         let outcome = run(&request);
         // SAFETY: this worker is the only writer of the segment until it exits.
         let exchange = unsafe { &mut *exchange };
@@ -454,6 +497,7 @@ fn request_in(exchange: &Exchange) -> Request {
         cron_database: exchange.cron_database.get(),
         database: exchange.database.get(),
         job_name: exchange.job_name.get(),
+        command: exchange.command.get(),
         schedule: exchange.schedule.get(),
     }
 }

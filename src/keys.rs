@@ -54,14 +54,21 @@ fn oids() -> catalog::TableOids {
     BACKEND.with_borrow(|b| b.oids).expect("prepare() looked the tables up")
 }
 
-/// The key to encrypt with, and a grant of encryptions under it, when the fast path cannot
-/// encrypt: no current key, the current key is due, or this backend's grant is spent.
-pub fn current_for_encrypt(now: UnixMicros) -> (KeyId, u64) {
+/// The key to encrypt with, and how many encryptions this backend may do under it (at least
+/// one), when the fast path cannot encrypt: no current key, the current key is due, this
+/// backend's grant is spent, or the key is not loaded. `held` is what is left of the grant this
+/// backend holds, and for which key: it is used up before another is taken (a key that is due
+/// but cannot be rolled over here comes back here for every row).
+pub fn current_for_encrypt(now: UnixMicros, held: Option<(KeyId, u64)>) -> (KeyId, u64) {
     let id = match BACKEND.with_borrow(|b| b.ring.current()) {
         Some(current) if now < current.due_at => current.id,
         Some(due) => rollover(due.id, RotationReason::Schedule, now),
         None => first_key(),
     };
+    match held {
+        Some((held_id, left)) if held_id == id && left > 0 => return (id, left),
+        _ => {}
+    }
     if let Some(granted) = usage::take(id, Against::Soft) {
         return (id, granted);
     }
@@ -180,12 +187,14 @@ pub fn rotate() -> KeyId {
 /// `immuta_rotate_if_due()`: rolls the current key over if it is `dataKeyRollOverLength` days
 /// old or has reached the usage limit; `None` when nothing is due, no key exists yet, or this
 /// transaction cannot write (a standby, a read-only transaction), so that one scheduled job can
-/// run on every node.
+/// run on every node. Also folds each key's rows of `immuta.key_usage` into one.
 pub fn rotate_if_due() -> Option<KeyId> {
     if write_blocker().is_some() {
         return None;
     }
     let now = backend::prepare();
+    // The scheduled job also keeps the usage table small.
+    catalog::compact_usage();
     // Decide without the lock first: a job that finds nothing due never waits for a session
     // that holds the lock.
     due_reason(catalog::current_key()?, now)?;

@@ -299,6 +299,15 @@ mod tests {
             "schedule"
         );
         assert_eq!(Spi::get_one::<i64>("SELECT immuta_rotate_if_due()").unwrap(), None, "the new key is not due");
+        Spi::run(
+            "INSERT INTO immuta.key_usage (key_id, encryptions) SELECT k, n FROM generate_series(1, 5) n, \
+             (SELECT max(id) AS k FROM immuta.data_keys) m",
+        )
+        .unwrap();
+        let before: i64 = one("SELECT sum(encryptions)::int8 FROM immuta.key_usage");
+        assert_eq!(Spi::get_one::<i64>("SELECT immuta_rotate_if_due()").unwrap(), None);
+        assert_eq!(one::<i64>("SELECT sum(encryptions)::int8 FROM immuta.key_usage"), before, "folded, not lost");
+        assert_eq!(one::<i64>("SELECT count(*) - count(DISTINCT key_id) FROM immuta.key_usage"), 0, "one row per key");
     }
 
     #[pg_test]

@@ -1,45 +1,54 @@
-//! Counting encryptions per data key for the usage limit. The rule and the protocol (grants,
-//! reservations written ahead of use) are `immuta_core::usage`; this file places the counters
-//! and writes the reservations to `immuta.key_usage`.
+//! Counting encryptions per data key for the usage limit. The rule and the protocol (grants
+//! from a counter, rows written ahead of use that only their writer spends) are
+//! `immuta_core::usage`; this file places the counters and writes the rows to
+//! `immuta.key_usage`.
 //!
 //! Preloaded, each key's counter is in shared memory next to the key cache, so the limit holds
-//! for the whole cluster: a process takes `grant_size` (up to 1024) encryptions at a time under
-//! the cache's LWLock and spends them with a plain decrement (`backend.rs`), so the lock is
-//! taken once per thousand rows, never per row. Not preloaded, each backend counts for itself,
-//! starting from the table's sum; backends see each other's reservations only through the
-//! table, so the limit can be overrun by what the sessions hold unspent (a block each at most).
+//! for the whole cluster: a process takes up to 1,024 encryptions at a time under the cache's
+//! LWLock and spends them with a plain decrement (`backend.rs`), so the lock is taken once per
+//! thousand rows, never per row; and spending by processes that cannot write is recorded there
+//! until a writer covers it. Not preloaded, each backend keeps its own estimate of the counter,
+//! starting from the table's sum and refreshed from it at each row it writes; backends can then
+//! pass the limit together by what they hold unspent, and spending that cannot be written (a
+//! read-only transaction, a parallel worker) is lost when the process exits.
 //!
-//! A reservation row belongs to the transaction that wrote it: if that transaction (or the
-//! subtransaction) aborts, the row is gone, and the abort callbacks take the block back out of
-//! the counter, so the next writer persists it again.
+//! A row belongs to the transaction that wrote it: if that transaction (or subtransaction)
+//! aborts, the abort callbacks undo it in the counter, so what was spent under it is covered
+//! again by the next row.
 
 use std::cell::RefCell;
 
 use immuta_core::key::KeyId;
-use immuta_core::usage::{self as rule, Counter, CounterIdent, Step, UsageLimit, HARD_LIMIT};
+use immuta_core::usage::{self as rule, Counter, CounterIdent, Coverage, Grant, Reservation, UsageLimit, HARD_LIMIT};
 use pgrx::pg_sys;
 
 use crate::backend::BACKEND;
 use crate::{catalog, gucs, keys, shared_cache};
 
-/// This backend's own counter, when the counter is not in shared memory.
+/// This backend's estimate of a key's counter, when the counter is not in shared memory.
 struct Local {
     ident: CounterIdent,
     counter: Counter,
-    /// Reservations this backend made for the key: blocks grow with each (`UsageLimit::block`).
-    reservations: u32,
+}
+
+/// What this backend reserved for a key and has not spent (one key at a time: the current one;
+/// coverage left on a replaced key is simply not used, an over-count).
+struct Own {
+    ident: CounterIdent,
+    coverage: Coverage,
 }
 
 /// A reservation row written by the transaction in progress.
 struct Reserved {
     ident: CounterIdent,
     shared: bool,
-    amount: u64,
+    reservation: Reservation,
     subxact: pg_sys::SubTransactionId,
 }
 
 thread_local! {
     static LOCAL: RefCell<Option<Local>> = const { RefCell::new(None) };
+    static OWN: RefCell<Option<Own>> = const { RefCell::new(None) };
     static RESERVED: RefCell<Vec<Reserved>> = const { RefCell::new(Vec::new()) };
 }
 
@@ -59,8 +68,20 @@ fn ident(id: KeyId) -> CounterIdent {
     CounterIdent { database, keys_table, key_id: id.get() }
 }
 
+/// Runs `f` on this backend's coverage of `ident` (a fresh one if it held another key's).
+fn with_own<R>(ident: &CounterIdent, f: impl FnOnce(&mut Coverage) -> R) -> R {
+    OWN.with_borrow_mut(|own| {
+        let own = match own {
+            Some(o) if o.ident == *ident => o,
+            slot => slot.insert(Own { ident: *ident, coverage: Coverage::default() }),
+        };
+        f(&mut own.coverage)
+    })
+}
+
 /// Takes a grant of encryptions under key `id`: how many this process may encrypt before it asks
-/// again (at least 1), or `None` when the key has reached the limit.
+/// again (at least 1), or `None` when the key has reached the limit. Writes a reservation row
+/// first when this process's coverage does not suffice and the transaction can write.
 pub fn take(id: KeyId, against: Against) -> Option<u64> {
     let usage = gucs::usage_limit();
     let limit = match against {
@@ -69,74 +90,62 @@ pub fn take(id: KeyId, against: Against) -> Option<u64> {
     };
     let can_write = keys::write_blocker().is_none();
     let ident = ident(id);
-    if shared_cache::is_shared() {
-        if let Some(granted) = take_shared(&ident, usage, limit, can_write) {
-            return granted;
+    let granted = if shared_cache::is_shared() {
+        grant_shared(&ident, usage, limit, can_write)
+    } else {
+        grant_local(&ident, usage, limit, can_write)
+    }?;
+    if let Some(reservation) = granted.reserve {
+        reserve(&ident, shared_cache::is_shared(), reservation);
+        if !shared_cache::is_shared() {
+            // Learn what other backends reserved meanwhile: all of it may be spent, while our
+            // own unspent coverage is not.
+            let total = catalog::usage_sum(id);
+            let unspent = with_own(&ident, |own| own.unspent);
+            with_local(&ident, |l| {
+                let spent = total.saturating_sub(unspent) + l.counter.uncovered;
+                l.counter.granted = l.counter.granted.max(spent);
+            });
         }
     }
-    take_local(&ident, usage, limit, can_write)
+    Some(granted.count)
 }
 
-/// From the shared counter; the outer `None` when no counter slot could be had.
-fn take_shared(ident: &CounterIdent, usage: UsageLimit, limit: u64, can_write: bool) -> Option<Option<u64>> {
+/// From the key's counter in shared memory (created from the table's sum on first use).
+fn grant_shared(ident: &CounterIdent, usage: UsageLimit, limit: u64, can_write: bool) -> Option<Grant> {
     let id = KeyId::new(ident.key_id).expect("a key id");
     loop {
-        let step = shared_cache::with_counters(|slots, tick| {
+        let outcome = shared_cache::with_counters(|slots, tick| {
             let index = rule::find(slots, ident, tick)?;
-            let counter = &mut slots[index].counter;
-            let step = rule::next_step(*counter, usage.grant_size(), limit, usage.max_block(), can_write);
-            match step {
-                Step::Grant(n) => counter.granted += n,
-                // Optimistically counted as persisted now, so that concurrent processes do not
-                // write the same block; taken back if this transaction aborts.
-                Step::Persist(n) => counter.persisted += n,
-                Step::Exhausted => {}
-            }
-            Some(step)
-        })?;
-        match step {
+            Some(with_own(ident, |own| {
+                let want = rule::want(usage, own);
+                rule::grant(&mut slots[index].counter, own, want, limit, usage, can_write)
+            }))
+        })
+        .expect("immuta is preloaded");
+        match outcome {
+            Some(granted) => return granted,
             None => {
                 let baseline = catalog::usage_sum(id);
-                shared_cache::with_counters(|slots, tick| rule::insert(slots, ident, baseline, tick))??;
+                shared_cache::with_counters(|slots, tick| rule::insert(slots, ident, baseline, tick));
             }
-            Some(Step::Grant(n)) => return Some(Some(n)),
-            Some(Step::Exhausted) => return Some(None),
-            Some(Step::Persist(n)) => reserve(ident, true, n),
         }
     }
 }
 
-/// From this backend's own counter.
-fn take_local(ident: &CounterIdent, usage: UsageLimit, limit: u64, can_write: bool) -> Option<u64> {
-    let id = KeyId::new(ident.key_id).expect("a key id");
-    loop {
-        let state = LOCAL.with_borrow(|l| l.as_ref().filter(|l| l.ident == *ident).map(|l| (l.counter, l.reservations)));
-        let Some((counter, reservations)) = state else {
-            let baseline = catalog::usage_sum(id);
-            let counter = Counter { granted: baseline, persisted: baseline };
-            LOCAL.set(Some(Local { ident: *ident, counter, reservations: 0 }));
-            continue;
-        };
-        match rule::next_step(counter, usage.grant_size(), limit, usage.block(reservations), can_write) {
-            Step::Grant(n) => {
-                with_local(ident, |l| l.counter.granted += n);
-                return Some(n);
-            }
-            Step::Exhausted => return None,
-            Step::Persist(n) => {
-                with_local(ident, |l| l.counter.persisted += n);
-                reserve(ident, false, n);
-                // The table also shows what other backends reserved meanwhile: all of it is
-                // spoken for, and of our row, what we had already spent unpersisted.
-                let total = catalog::usage_sum(id);
-                let behind = counter.granted.saturating_sub(counter.persisted);
-                with_local(ident, |l| {
-                    l.counter = Counter { granted: total.saturating_sub(n) + behind, persisted: total };
-                    l.reservations += 1;
-                });
-            }
-        }
+/// From this backend's estimate of the key's counter.
+fn grant_local(ident: &CounterIdent, usage: UsageLimit, limit: u64, can_write: bool) -> Option<Grant> {
+    if !LOCAL.with_borrow(|l| l.as_ref().is_some_and(|l| l.ident == *ident)) {
+        let baseline = catalog::usage_sum(KeyId::new(ident.key_id).expect("a key id"));
+        LOCAL.set(Some(Local { ident: *ident, counter: Counter { granted: baseline, uncovered: 0 } }));
     }
+    LOCAL.with_borrow_mut(|l| {
+        let counter = &mut l.as_mut().expect("set above").counter;
+        with_own(ident, |own| {
+            let want = rule::want(usage, own);
+            rule::grant(counter, own, want, limit, usage, can_write)
+        })
+    })
 }
 
 fn with_local(ident: &CounterIdent, f: impl FnOnce(&mut Local)) {
@@ -148,44 +157,54 @@ fn with_local(ident: &CounterIdent, f: impl FnOnce(&mut Local)) {
 }
 
 /// Writes a reservation row, remembering it first so that an abort (even of this very insert)
-/// takes it back out of the counter.
-fn reserve(ident: &CounterIdent, shared: bool, amount: u64) {
+/// undoes it in the counter.
+fn reserve(ident: &CounterIdent, shared: bool, reservation: Reservation) {
     // SAFETY: reads the current subtransaction id, inside a transaction.
     let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
-    RESERVED.with_borrow_mut(|r| r.push(Reserved { ident: *ident, shared, amount, subxact }));
-    catalog::insert_usage(KeyId::new(ident.key_id).expect("a key id"), amount);
+    RESERVED.with_borrow_mut(|r| r.push(Reserved { ident: *ident, shared, reservation, subxact }));
+    catalog::insert_usage(KeyId::new(ident.key_id).expect("a key id"), reservation.row);
 }
 
-/// Encryptions counted under key `id`: what the table holds, or what the counter in memory has
-/// granted if that is more (grants by read-only sessions not yet persisted).
+/// Encryptions counted under key `id`. Preloaded, the shared counter's grants: exact for the
+/// cluster (it started from the table). Otherwise what the table holds, which is ahead of what
+/// was spent by the unspent part of each session's last block, or this backend's own estimate
+/// if that is more.
 pub fn counted(id: KeyId) -> u64 {
     let ident = ident(id);
-    let persisted = catalog::usage_sum(id);
     let shared = shared_cache::with_counters(|slots, tick| {
         rule::find(slots, &ident, tick).map(|i| slots[i].counter.granted)
     })
     .flatten();
+    if let Some(granted) = shared {
+        return granted;
+    }
     let local = LOCAL.with_borrow(|l| l.as_ref().filter(|l| l.ident == ident).map(|l| l.counter.granted));
-    persisted.max(shared.unwrap_or(0)).max(local.unwrap_or(0))
+    catalog::usage_sum(id).max(local.unwrap_or(0))
 }
 
-/// Takes the reservations of rolled-back rows back out of their counters.
+/// Undoes rolled-back rows in their counters.
 fn undo(rows: Vec<Reserved>) {
     for row in rows {
+        let apply = |counter: &mut Counter| {
+            OWN.with_borrow_mut(|own| {
+                let own = own.as_mut().filter(|o| o.ident == row.ident).map(|o| &mut o.coverage);
+                rule::undo(counter, own, &row.reservation)
+            })
+        };
         if row.shared {
             shared_cache::with_counters(|slots, tick| {
                 if let Some(i) = rule::find(slots, &row.ident, tick) {
-                    let c = &mut slots[i].counter;
-                    c.persisted = c.persisted.saturating_sub(row.amount);
+                    apply(&mut slots[i].counter)
                 }
             });
         } else {
-            with_local(&row.ident, |l| l.counter.persisted = l.counter.persisted.saturating_sub(row.amount));
+            with_local(&row.ident, |l| apply(&mut l.counter));
         }
     }
 }
 
-/// Transaction end: committed rows stay; rolled-back ones are taken back.
+/// Transaction end: committed rows stay; rolled-back ones are undone. A prepared transaction
+/// counts as rolled back (it may yet be): at worst an over-count.
 pub fn at_transaction_end(committed: bool) {
     let rows = RESERVED.take();
     if !committed {
@@ -207,4 +226,10 @@ pub fn at_subtransaction_end(sub: pg_sys::SubTransactionId, parent: pg_sys::SubT
         }
     });
     undo(rolled_back);
+}
+
+/// Forgets every counter estimate and coverage: the extension was dropped and created again.
+pub fn forget() {
+    LOCAL.set(None);
+    OWN.set(None);
 }

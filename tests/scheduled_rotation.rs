@@ -57,7 +57,7 @@ fn a_job_every_minute_rolls_an_overdue_key_over_and_does_nothing_while_none_is_d
     let job: i64 = app.query_one("SELECT immuta_schedule_rotation('* * * * *')", &[]).unwrap().get(0);
     let row = cron_db.query_one("SELECT database, command, schedule FROM cron.job WHERE jobid = $1", &[&job]).unwrap();
     assert_eq!(row.get::<_, String>(0), "appdb");
-    assert_eq!(row.get::<_, String>(1), "SELECT immuta_rotate_if_due()");
+    assert_eq!(row.get::<_, String>(1), "SELECT public.immuta_rotate_if_due()");
     assert_eq!(row.get::<_, String>(2), "* * * * *");
 
     // A run while nothing is due creates no key.

@@ -39,9 +39,13 @@ fn after_exactly_the_limit_the_next_encryption_is_under_a_new_key_with_or_withou
         assert_eq!(row.get::<_, String>(0), "usage limit");
         assert_eq!(row.get::<_, Option<i64>>(1), Some(1));
         assert_eq!(row.get::<_, String>(2), "usage limit");
-        assert_eq!(row.get::<_, String>(3), "1000");
+        // Exact with the shared counter; without it, the table is ahead by the unspent rest of
+        // the session's last block (at most 64 with this limit).
+        let slack = if settings.is_empty() { 64 } else { 0 };
+        let audited: i64 = row.get::<_, String>(3).parse().unwrap();
+        assert!((1000..=1000 + slack).contains(&audited), "{settings:?}: {audited}");
         let counted: i64 = c.query_one("SELECT encryptions FROM immuta.keys WHERE id = 1", &[]).unwrap().get(0);
-        assert_eq!(counted, 1000, "{settings:?}");
+        assert!((1000..=1000 + slack).contains(&counted), "{settings:?}: {counted}");
         let all: i64 = c.query_one("SELECT count(*) FROM t WHERE immuta_decrypt(v) LIKE 'v%'", &[]).unwrap().get(0);
         assert_eq!(all, 1000);
     }
@@ -127,5 +131,25 @@ fn a_crash_loses_no_committed_count() {
             c.query_one("SELECT encryptions FROM immuta.keys WHERE is_current", &[]).unwrap().get(0);
         assert!(counted >= 20000, "{settings:?}: {counted}");
         assert!(counted <= 20000 + 2_000_000, "at most one block ahead: {counted}");
+    }
+}
+
+#[test]
+fn encryptions_of_a_rolled_back_transaction_are_counted_by_the_next_row() {
+    for settings in [&[][..], &[PRELOADED][..]] {
+        let pg = Cluster::start(settings);
+        let mut c = pg.connect();
+        encrypt(&mut c, "creates the key");
+        drop(c);
+        let mut c = pg.connect();
+        let rows_before: i64 = c.query_one("SELECT count(*) FROM immuta.key_usage", &[]).unwrap().get(0);
+        let mut tx = c.transaction().unwrap();
+        tx.batch_execute("SELECT immuta_encrypt('v' || i) FROM generate_series(1, 10) i").unwrap();
+        let reserved: i64 = tx.query_one("SELECT count(*) FROM immuta.key_usage", &[]).unwrap().get(0);
+        assert_eq!(reserved, rows_before + 1, "{settings:?}: the session reserved a row");
+        tx.rollback().unwrap();
+        encrypt(&mut c, "after the rollback");
+        let counted: i64 = c.query_one("SELECT sum(encryptions)::int8 FROM immuta.key_usage", &[]).unwrap().get(0);
+        assert!(counted >= 1 + 10 + 1, "{settings:?}: the rolled-back ten are covered again: {counted}");
     }
 }

@@ -8,13 +8,16 @@
 //! can only happen when rollover has been impossible for two billion encryptions (a standby, or
 //! read-only transactions only).
 //!
-//! Counting never costs the hot path more than a decrement: a process takes a *grant* of
-//! several encryptions at a time from a counter and spends it locally. The counter says how many
-//! encryptions have been granted (`granted`) and how many of those are already written to the
-//! table `immuta.key_usage` (`persisted`). Writes happen *ahead* of use: before a grant goes
-//! beyond what is persisted, the granting transaction appends a row reserving a further block,
-//! so a crash loses no count that was persisted, and a committed block is counted even if it is
-//! never used up (an over-count, the safe direction). See [`next_step`].
+//! Counting never costs the hot path more than a decrement: a process takes a *grant* of several
+//! encryptions at a time from the key's [`Counter`] (the limit applies to what is granted) and
+//! spends it locally. Persisting is separate and happens *ahead* of use: each process covers
+//! what it spends with rows it appends to `immuta.key_usage`, each reserving a block beyond what
+//! it needs at the moment ([`Coverage`]). A process spends only its own coverage, which is either
+//! committed or belongs to its transaction in progress, so no committed encryption ever depends
+//! on another transaction's uncommitted row: a crash loses no committed count, and a block that
+//! is never used up is an over-count, the safe direction. A process that cannot write (a
+//! read-only transaction, a standby, a parallel worker) records what it spent as `uncovered` in
+//! the counter, and the next process that writes a row adopts it. See [`grant`].
 
 /// The hard limit of NIST SP 800-38D for random nonces.
 pub const HARD_LIMIT: u64 = 1 << 32;
@@ -65,47 +68,100 @@ impl Default for UsageLimit {
     }
 }
 
-/// The state of one key's counter (shared by the cluster, or private to a backend).
+/// One key's counter: in shared memory for the whole cluster when immuta is preloaded, else a
+/// backend's own estimate.
+#[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counter {
-    /// Encryptions handed out to processes (used or about to be).
+    /// Encryptions granted to processes, used or about to be: the limit applies to this.
     pub granted: u64,
-    /// Encryptions reserved in `immuta.key_usage`, committed or by a transaction in progress.
-    pub persisted: u64,
+    /// Encryptions spent by processes that could not write, which no row covers yet.
+    pub uncovered: u64,
 }
 
-/// What a process must do to encrypt `want` more values under a key.
+/// What one process has reserved in `immuta.key_usage` for a key and not spent yet.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Coverage {
+    pub unspent: u64,
+    /// Rows this process wrote for the key: the blocks grow with each ([`UsageLimit::block`]).
+    pub reservations: u32,
+}
+
+/// A row to append to `immuta.key_usage` before spending a grant.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Step {
-    /// Spend this many (at least one) from the counter: `granted` grows by it.
-    Grant(u64),
-    /// First append a row reserving this many more encryptions (`persisted` grows by it), then
-    /// ask again.
-    Persist(u64),
-    /// The key has reached `limit`: roll it over (or, when that is impossible, ask again with
-    /// the hard limit).
-    Exhausted,
+pub struct Reservation {
+    /// The row's `encryptions`.
+    pub row: u64,
+    /// Of it, the counter's `uncovered` encryptions this row adopts.
+    pub adopted: u64,
+    /// Of it, what covers this process's spending: the grant's uncovered part plus a block.
+    pub covers: u64,
 }
 
-/// The next step for a counter. `block` is how much a reservation row should cover beyond what
-/// is granted (capped by [`UsageLimit::max_block`] by the caller); `can_write` says whether this
-/// transaction can append to `immuta.key_usage` (not on a standby, in a read-only transaction
-/// or in a parallel worker). A process that cannot write is granted encryptions anyway, counted
-/// in memory only, and the next process that can write persists them.
-pub fn next_step(counter: Counter, want: u64, limit: u64, block: u64, can_write: bool) -> Step {
+/// Encryptions a process may do now under a key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Grant {
+    /// At least one.
+    pub count: u64,
+    /// A row to write first, when the process can write and its coverage does not suffice.
+    pub reserve: Option<Reservation>,
+}
+
+/// How many encryptions a process asks for at once: few at first, so a short session wastes
+/// little of the key's budget, growing to [`UsageLimit::grant_size`].
+pub fn want(usage: UsageLimit, own: &Coverage) -> u64 {
+    usage.grant_size().min(usage.block(own.reservations))
+}
+
+/// Grants `want` encryptions (fewer near `limit`), or `None` when the counter has reached
+/// `limit`. Called under the counter's lock (a shared counter) or on the backend's own; the
+/// returned reservation must be written before the grant is spent. `can_write` says whether
+/// this transaction can append to `immuta.key_usage`.
+pub fn grant(
+    counter: &mut Counter,
+    own: &mut Coverage,
+    want: u64,
+    limit: u64,
+    usage: UsageLimit,
+    can_write: bool,
+) -> Option<Grant> {
     if counter.granted >= limit {
-        return Step::Exhausted;
+        return None;
     }
-    let room = limit - counter.granted;
-    if counter.persisted > counter.granted {
-        return Step::Grant(want.max(1).min(counter.persisted - counter.granted).min(room));
+    let count = want.max(1).min(limit - counter.granted);
+    counter.granted += count;
+    let from_own = own.unspent.min(count);
+    own.unspent -= from_own;
+    let rest = count - from_own;
+    if !can_write {
+        counter.uncovered += rest;
+        return Some(Grant { count, reserve: None });
     }
-    if can_write {
-        // Cover what was granted unpersisted, plus a block, but never past the limit.
-        let behind = counter.granted - counter.persisted;
-        return Step::Persist(behind + block.max(1).min(room));
+    // Write when this grant needs it, or to persist a large backlog of read-only spending.
+    if rest == 0 && counter.uncovered < usage.max_block() {
+        return Some(Grant { count, reserve: None });
     }
-    Step::Grant(want.max(1).min(room))
+    let adopted = std::mem::take(&mut counter.uncovered);
+    let extra = usage.block(own.reservations);
+    own.unspent += extra;
+    own.reservations += 1;
+    let covers = rest + extra;
+    Some(Grant { count, reserve: Some(Reservation { row: covers + adopted, adopted, covers }) })
+}
+
+/// A reservation's row was rolled back: the counter gets back what the row adopted, and what
+/// the process already spent of the coverage it lost becomes uncovered. `own` is `None` when the
+/// process no longer tracks that key: then all of the coverage counts as spent.
+pub fn undo(counter: &mut Counter, own: Option<&mut Coverage>, reservation: &Reservation) {
+    let lost = match own {
+        Some(own) => {
+            let lost = reservation.covers.saturating_sub(own.unspent);
+            own.unspent = own.unspent.saturating_sub(reservation.covers);
+            lost
+        }
+        None => reservation.covers,
+    };
+    counter.uncovered += reservation.adopted + lost;
 }
 
 /// Identity of a key's counter in shared memory: the database, the keys table (a dropped and
@@ -130,7 +186,7 @@ pub struct CounterSlot {
 impl CounterSlot {
     pub const EMPTY: CounterSlot = CounterSlot {
         ident: CounterIdent { database: 0, keys_table: 0, key_id: 0 },
-        counter: Counter { granted: 0, persisted: 0 },
+        counter: Counter { granted: 0, uncovered: 0 },
         last_used: 0,
     };
 }
@@ -143,9 +199,9 @@ pub fn find(slots: &mut [CounterSlot], ident: &CounterIdent, tick: u64) -> Optio
 }
 
 /// Starts counting `ident` from `baseline` (what `immuta.key_usage` holds), unless a slot
-/// appeared meanwhile. Takes a free slot, or evicts the least recently used one that has nothing
-/// unpersisted (its count is in the table and is read again if needed). `None` when every slot
-/// holds unpersisted grants: the caller counts privately instead.
+/// appeared meanwhile. Takes a free slot, or evicts the least recently used one, preferring one
+/// with nothing uncovered (its count is in the table and is read again when needed). `None`
+/// only for an empty table.
 pub fn insert(slots: &mut [CounterSlot], ident: &CounterIdent, baseline: u64, tick: u64) -> Option<usize> {
     if let Some(index) = find(slots, ident, tick) {
         return Some(index);
@@ -155,13 +211,12 @@ pub fn insert(slots: &mut [CounterSlot], ident: &CounterIdent, baseline: u64, ti
         None => slots
             .iter()
             .enumerate()
-            .filter(|(_, s)| s.counter.granted <= s.counter.persisted)
-            .min_by_key(|(_, s)| s.last_used)
+            .min_by_key(|(_, s)| (s.counter.uncovered > 0, s.last_used))
             .map(|(i, _)| i)?,
     };
     slots[index] = CounterSlot {
         ident: *ident,
-        counter: Counter { granted: baseline, persisted: baseline },
+        counter: Counter { granted: baseline, uncovered: 0 },
         last_used: tick,
     };
     Some(index)
@@ -171,86 +226,103 @@ pub fn insert(slots: &mut [CounterSlot], ident: &CounterIdent, baseline: u64, ti
 mod tests {
     use super::*;
 
-    #[test]
-    fn counter_slots_are_found_created_and_evicted_only_when_persisted() {
-        let mut slots = [CounterSlot::EMPTY; 2];
-        let a = CounterIdent { database: 1, keys_table: 10, key_id: 1 };
-        let b = CounterIdent { key_id: 2, ..a };
-        let c = CounterIdent { key_id: 3, ..a };
-        assert_eq!(find(&mut slots, &a, 1), None);
-        let ia = insert(&mut slots, &a, 500, 1).unwrap();
-        assert_eq!(slots[ia].counter, Counter { granted: 500, persisted: 500 });
-        assert_eq!(insert(&mut slots, &a, 0, 2), Some(ia), "an existing slot is kept, baseline ignored");
-        let ib = insert(&mut slots, &b, 0, 3).unwrap();
-        slots[ib].counter.granted = 1; // b has an unpersisted grant
-        let ic = insert(&mut slots, &c, 7, 4).unwrap();
-        assert_eq!(ic, ia, "a, fully persisted, is evicted; b is not");
-        slots[ic].counter.granted = 8;
-        assert_eq!(insert(&mut slots, &a, 0, 5), None, "nothing evictable");
-        let other_table = CounterIdent { keys_table: 11, ..b };
-        assert_eq!(find(&mut slots, &other_table, 6), None);
-    }
-
-    /// Spends `n` encryptions one at a time the way a process does, writing when told to.
-    fn spend(counter: &mut Counter, n: u64, limit: u64, block: u64, can_write: bool) -> Result<u64, u64> {
-        let mut writes = 0;
+    /// A process spending `n` encryptions one grant at a time, writing the rows it is told to.
+    /// Returns the rows written, or how many it spent before the key was exhausted.
+    fn spend(
+        counter: &mut Counter,
+        own: &mut Coverage,
+        n: u64,
+        limit: u64,
+        usage: UsageLimit,
+        can_write: bool,
+    ) -> Result<Vec<Reservation>, u64> {
+        let mut rows = Vec::new();
         let mut left = n;
         while left > 0 {
-            match next_step(*counter, left, limit, block, can_write) {
-                Step::Grant(g) => {
-                    assert!(g >= 1 && g <= left);
-                    counter.granted += g;
-                    left -= g;
-                }
-                Step::Persist(p) => {
-                    counter.persisted += p;
-                    writes += 1;
-                }
-                Step::Exhausted => return Err(n - left),
-            }
+            let w = want(usage, own).min(left);
+            let Some(g) = grant(counter, own, w, limit, usage, can_write) else { return Err(n - left) };
+            assert!(g.count >= 1 && g.count <= w);
+            rows.extend(g.reserve);
+            left -= g.count;
         }
-        Ok(writes)
+        Ok(rows)
+    }
+
+    fn total(rows: &[Reservation]) -> u64 {
+        rows.iter().map(|r| r.row).sum()
     }
 
     #[test]
     fn exactly_the_limit_is_granted_then_the_key_is_exhausted() {
-        let mut c = Counter::default();
-        assert_eq!(spend(&mut c, 1000, 1000, 64, true).map(|_| ()), Ok(()));
+        let usage = UsageLimit::new(1000);
+        let (mut c, mut own) = (Counter::default(), Coverage::default());
+        spend(&mut c, &mut own, 1000, 1000, usage, true).unwrap();
         assert_eq!(c.granted, 1000);
-        assert_eq!(next_step(c, 1, 1000, 64, true), Step::Exhausted);
+        assert_eq!(grant(&mut c, &mut own, 1, 1000, usage, true), None);
+        assert_eq!(spend(&mut c, &mut own, 5, 1000, usage, true), Err(0));
     }
 
     #[test]
-    fn writable_processes_persist_before_they_spend() {
+    fn what_a_writer_spends_is_always_covered_by_its_own_rows_a_block_ahead_at_most() {
+        let usage = UsageLimit::default();
+        let (mut c, mut own) = (Counter::default(), Coverage::default());
+        let mut rows = Vec::new();
+        for spent in [1u64, 63, 1000, 100_000, 5_000_000] {
+            rows.extend(spend(&mut c, &mut own, spent, HARD_LIMIT, usage, true).unwrap());
+            assert!(total(&rows) >= c.granted, "covered");
+            assert_eq!(total(&rows) - c.granted, own.unspent);
+            assert!(own.unspent <= usage.max_block());
+        }
+        assert!(rows.len() < 20, "blocks grow: {} rows", rows.len());
+        let (mut c, mut own) = (Counter::default(), Coverage::default());
+        let rows = spend(&mut c, &mut own, 1, HARD_LIMIT, usage, true).unwrap();
+        assert_eq!(total(&rows), 65, "a one-encryption session reserves little");
+    }
+
+    #[test]
+    fn read_only_spending_is_adopted_by_the_next_row() {
+        let usage = UsageLimit::default();
         let mut c = Counter::default();
-        let writes = spend(&mut c, 10_000, 1_000_000, 1000, true).unwrap();
-        assert_eq!(writes, 10);
-        assert!(c.persisted >= c.granted, "nothing granted is unpersisted");
-        assert!(c.persisted - c.granted < 1000, "at most a block ahead");
+        let mut reader = Coverage::default();
+        assert_eq!(spend(&mut c, &mut reader, 500, HARD_LIMIT, usage, false), Ok(vec![]));
+        assert_eq!(c, Counter { granted: 500, uncovered: 500 });
+        let mut writer = Coverage::default();
+        let rows = spend(&mut c, &mut writer, 1, HARD_LIMIT, usage, true).unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].adopted, 500);
+        assert_eq!(c.uncovered, 0);
+        assert_eq!(total(&rows), c.granted + writer.unspent);
     }
 
     #[test]
-    fn read_only_grants_are_caught_up_by_the_next_writer() {
-        let mut c = Counter::default();
-        assert_eq!(spend(&mut c, 500, 1_000_000, 100, false), Ok(0));
-        assert_eq!(c, Counter { granted: 500, persisted: 0 });
-        assert_eq!(next_step(c, 1, 1_000_000, 100, true), Step::Persist(600));
+    fn undoing_a_rolled_back_row_uncovers_what_was_spent_of_it() {
+        let usage = UsageLimit::default();
+        let mut c = Counter { granted: 0, uncovered: 10 };
+        let mut own = Coverage::default();
+        let g = grant(&mut c, &mut own, 64, HARD_LIMIT, usage, true).unwrap();
+        let r = g.reserve.unwrap();
+        assert_eq!(r, Reservation { row: 138, adopted: 10, covers: 128 });
+        // Spend 30 more of the coverage, then the row rolls back.
+        grant(&mut c, &mut own, 30, HARD_LIMIT, usage, true).unwrap();
+        assert_eq!(own.unspent, 34);
+        undo(&mut c, Some(&mut own), &r);
+        assert_eq!(own.unspent, 0);
+        assert_eq!(c.uncovered, 10 + 94, "adopted back, plus the 94 spent under the lost row");
+        let mut c2 = Counter::default();
+        undo(&mut c2, None, &r);
+        assert_eq!(c2.uncovered, 138, "a forgotten key: everything counts as spent");
     }
 
     #[test]
-    fn a_reservation_never_goes_past_the_limit() {
-        let c = Counter { granted: 990, persisted: 990 };
-        assert_eq!(next_step(c, 5, 1000, 100, true), Step::Persist(10));
-        let c = Counter { granted: 990, persisted: 1000 };
-        assert_eq!(next_step(c, 50, 1000, 100, true), Step::Grant(10));
-    }
-
-    #[test]
-    fn the_hard_limit_still_stops_a_key_that_cannot_roll_over() {
-        let c = Counter { granted: HARD_LIMIT - 1, persisted: 0 };
-        assert_eq!(next_step(c, 10, HARD_LIMIT, 100, false), Step::Grant(1));
-        let c = Counter { granted: HARD_LIMIT, persisted: 0 };
-        assert_eq!(next_step(c, 10, HARD_LIMIT, 100, false), Step::Exhausted);
+    fn a_reservation_never_grants_past_the_limit_and_the_hard_limit_stops_a_key() {
+        let usage = UsageLimit::new(1000);
+        let mut c = Counter { granted: 990, uncovered: 0 };
+        let g = grant(&mut c, &mut Coverage::default(), 64, 1000, usage, true).unwrap();
+        assert_eq!(g.count, 10);
+        let mut c = Counter { granted: HARD_LIMIT - 1, uncovered: 0 };
+        let mut own = Coverage::default();
+        assert_eq!(grant(&mut c, &mut own, 10, HARD_LIMIT, usage, false).unwrap().count, 1);
+        assert_eq!(grant(&mut c, &mut own, 10, HARD_LIMIT, usage, false), None);
     }
 
     #[test]
@@ -263,7 +335,26 @@ mod tests {
         assert_eq!(UsageLimit::default().block(99), 2_000_000);
         assert_eq!(UsageLimit::default().grant_size(), 1024);
         assert_eq!(UsageLimit::default().max_block(), 2_000_000);
+        assert_eq!(want(UsageLimit::default(), &Coverage::default()), 64);
         assert_eq!(UsageLimit::new(0).get(), 1);
         assert_eq!(UsageLimit::new(u64::MAX).get(), HARD_LIMIT - 1);
+    }
+
+    #[test]
+    fn counter_slots_are_found_created_and_evicted_preferring_fully_covered_ones() {
+        let mut slots = [CounterSlot::EMPTY; 2];
+        let a = CounterIdent { database: 1, keys_table: 10, key_id: 1 };
+        let b = CounterIdent { key_id: 2, ..a };
+        let c = CounterIdent { key_id: 3, ..a };
+        assert_eq!(find(&mut slots, &a, 1), None);
+        let ia = insert(&mut slots, &a, 500, 1).unwrap();
+        assert_eq!(slots[ia].counter, Counter { granted: 500, uncovered: 0 });
+        assert_eq!(insert(&mut slots, &a, 0, 2), Some(ia), "an existing slot is kept, baseline ignored");
+        let ib = insert(&mut slots, &b, 0, 3).unwrap();
+        slots[ia].counter.uncovered = 1; // a holds uncovered spending, b does not
+        let ic = insert(&mut slots, &c, 7, 4).unwrap();
+        assert_eq!(ic, ib, "b, fully covered, is evicted although a is older");
+        let other_table = CounterIdent { keys_table: 11, ..a };
+        assert_eq!(find(&mut slots, &other_table, 6), None);
     }
 }
