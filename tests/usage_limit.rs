@@ -150,6 +150,6 @@ fn encryptions_of_a_rolled_back_transaction_are_counted_by_the_next_row() {
         tx.rollback().unwrap();
         encrypt(&mut c, "after the rollback");
         let counted: i64 = c.query_one("SELECT sum(encryptions)::int8 FROM immuta.key_usage", &[]).unwrap().get(0);
-        assert!(counted >= 1 + 10 + 1, "{settings:?}: the rolled-back ten are covered again: {counted}");
+        assert!(counted >= 12, "{settings:?}: the rolled-back ten are covered again: {counted}");
     }
 }
