@@ -58,6 +58,9 @@ pub struct Backend {
     /// counter again (`usage.rs`): the hot path only decrements it.
     budget: u64,
     budget_key: Option<KeyId>,
+    /// The grant was taken where no row could cover it (read-only, standby, parallel): it is
+    /// dropped as soon as this backend could write one.
+    budget_uncovered: bool,
     nonces: Option<(i32, NonceSource)>,
 }
 
@@ -74,6 +77,7 @@ thread_local! {
         warned_cannot_rollover: 0,
         budget: 0,
         budget_key: None,
+        budget_uncovered: false,
         nonces: None,
     });
 }
@@ -97,9 +101,18 @@ impl Backend {
 
     /// The current key and what is left of this backend's grant under it, if the key is not due
     /// and the grant not spent.
-    fn spendable(&self, now: UnixMicros) -> Option<(KeyId, u64)> {
+    fn spendable(&mut self, now: UnixMicros) -> Option<(KeyId, u64)> {
         let current = self.ring.current().filter(|c| now < c.due_at)?;
+        if self.budget_uncovered && usage::grants_are_covered() {
+            self.drop_grant();
+        }
         (self.budget > 0 && self.budget_key == Some(current.id)).then_some((current.id, self.budget))
+    }
+
+    fn drop_grant(&mut self) {
+        self.budget = 0;
+        self.budget_key = None;
+        self.budget_uncovered = false;
     }
 
     pub fn config(&self) -> Rc<Config> {
@@ -258,8 +271,7 @@ fn refresh() {
         if b.oids.is_some_and(|o| o != oids) {
             // The extension was dropped and created again: the old key ids mean other keys now.
             b.ring.clear();
-            b.budget = 0;
-            b.budget_key = None;
+            b.drop_grant();
             usage::forget();
         }
         b.ring.retain(|id| ids.contains(&id));
@@ -289,10 +301,22 @@ pub fn encrypt(plaintext: &[u8]) -> varlena::Bytea {
     if let Some(sealed) = fast {
         return sealed;
     }
-    let held = BACKEND.with_borrow(|b| b.budget_key.map(|id| (id, b.budget)));
+    let held = BACKEND.with_borrow_mut(|b| {
+        if b.budget_uncovered && usage::grants_are_covered() {
+            b.drop_grant();
+        }
+        b.budget_key.map(|id| (id, b.budget))
+    });
     let (id, budget) = keys::current_for_encrypt(now, held);
     // Kept before the key is loaded: a failing unwrap must not waste the grant.
-    BACKEND.with_borrow_mut(|b| (b.budget_key, b.budget) = (Some(id), budget));
+    let covered = usage::grants_are_covered();
+    BACKEND.with_borrow_mut(|b| {
+        let fresh = held != Some((id, budget));
+        (b.budget_key, b.budget) = (Some(id), budget);
+        if fresh {
+            b.budget_uncovered = !covered;
+        }
+    });
     keys::ensure_cipher(id, now);
     BACKEND.with_borrow_mut(|b| {
         b.budget -= 1;
@@ -314,6 +338,17 @@ pub fn decrypt(ciphertext: &[u8]) -> varlena::Text {
         let cipher = b.ring.loaded(sealed.key_id).expect("ensure_cipher loaded it");
         varlena::text(sealed.body.len(), |out| cipher.open_text_into(&sealed, out).or_raise())
     })
+}
+
+/// Forgets this backend's grant of the usage counter (see `usage.rs`). Called from abort
+/// callbacks, when no borrow of the state is active (an error unwinds out of every borrow first);
+/// if one were, there would be nothing safe to do but skip.
+pub fn drop_grant() {
+    BACKEND.with(|b| {
+        if let Ok(mut b) = b.try_borrow_mut() {
+            b.drop_grant()
+        }
+    });
 }
 
 /// Adds a cipher to the ring.

@@ -100,17 +100,36 @@ impl Row {
 /// is never consumed by a read that cannot yet see its cause. It assigns no transaction id, so it
 /// works on standbys. Inside a parallel operation, where no new snapshot may be taken, the
 /// statement's snapshot is used.
-fn read_latest<R>(
+fn read_latest<R>(query: &CStr, args: &[(pg_sys::Oid, pg_sys::Datum)], each: impl FnMut(&Row) -> R) -> Vec<R> {
+    read_with(query, args, Visibility::Latest, each)
+}
+
+/// Which rows a catalog read sees.
+#[derive(Clone, Copy)]
+enum Visibility {
+    /// The latest MVCC snapshot (see [`read_latest`]).
+    Latest,
+    /// Every row committed when it is read, and this transaction's own (PostgreSQL's
+    /// `SnapshotSelf`). Not an MVCC snapshot, so it takes no SERIALIZABLE predicate lock: for
+    /// `immuta.key_usage`, an append-only tally that many sessions write, a predicate lock would
+    /// make concurrent SERIALIZABLE sessions that reserve fail each other with 40001.
+    SelfAndCommitted,
+}
+
+fn read_with<R>(
     query: &CStr,
     args: &[(pg_sys::Oid, pg_sys::Datum)],
+    visibility: Visibility,
     mut each: impl FnMut(&Row) -> R,
 ) -> Vec<R> {
     let mut types: Vec<pg_sys::Oid> = args.iter().map(|a| a.0).collect();
     let mut values: Vec<pg_sys::Datum> = args.iter().map(|a| a.1).collect();
     Spi::connect(|_client| {
         // SAFETY: inside an SPI connection (Spi::connect); the query is a fixed, NUL-terminated
-        // string with as many parameters as `types`; the snapshot is either a fresh MVCC
-        // snapshot or InvalidSnapshot ("the usual one"); SPI_tuptable and SPI_processed describe
+        // string with as many parameters as `types`; the snapshot is a fresh MVCC snapshot,
+        // PostgreSQL's static SnapshotSelf (SPI copies it; plans from SPI_prepare are never
+        // parallel, so it is not serialized), or InvalidSnapshot ("the usual one");
+        // SPI_tuptable and SPI_processed describe
         // the result of this very call and are read before the connection closes.
         unsafe {
             let plan = pg_sys::SPI_prepare(query.as_ptr(), types.len() as i32, types.as_mut_ptr());
@@ -122,8 +141,11 @@ fn read_latest<R>(
                     None,
                 );
             }
-            let snapshot =
-                if pg_sys::IsInParallelMode() { std::ptr::null_mut() } else { pg_sys::GetLatestSnapshot() };
+            let snapshot = match visibility {
+                _ if pg_sys::IsInParallelMode() => std::ptr::null_mut(),
+                Visibility::Latest => pg_sys::GetLatestSnapshot(),
+                Visibility::SelfAndCommitted => &raw mut pg_sys::SnapshotSelfData,
+            };
             let status = pg_sys::SPI_execute_snapshot(
                 plan,
                 values.as_mut_ptr(),
@@ -313,11 +335,12 @@ pub fn store_config(yaml: &str) {
 }
 
 /// The encryptions reserved for key `id` in `immuta.key_usage` (committed, plus this
-/// transaction's own rows).
+/// transaction's own rows), read without predicate locks.
 pub fn usage_sum(id: KeyId) -> u64 {
-    read_latest(
+    read_with(
         c"SELECT COALESCE(sum(encryptions), 0)::int8 FROM immuta.key_usage WHERE key_id = $1",
         &[(pg_sys::INT8OID, pg_sys::Datum::from(id.get()))],
+        Visibility::SelfAndCommitted,
         |row| row.get::<i64>(1),
     )
     .into_iter()

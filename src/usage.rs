@@ -90,14 +90,14 @@ pub fn take(id: KeyId, against: Against) -> Option<u64> {
     };
     let can_write = keys::write_blocker().is_none();
     let ident = ident(id);
-    let granted = if shared_cache::is_shared() {
-        grant_shared(&ident, usage, limit, can_write)
-    } else {
-        grant_local(&ident, usage, limit, can_write)
-    }?;
+    let (shared, granted) = match shared_cache::is_shared().then(|| grant_shared(&ident, usage, limit, can_write)) {
+        Some(Some(granted)) => (true, granted),
+        _ => (false, grant_local(&ident, usage, limit, can_write)),
+    };
+    let granted = granted?;
     if let Some(reservation) = granted.reserve {
-        reserve(&ident, shared_cache::is_shared(), reservation);
-        if !shared_cache::is_shared() {
+        reserve(&ident, shared, reservation);
+        if !shared {
             // Learn what other backends reserved meanwhile: all of it may be spent, while our
             // own unspent coverage is not.
             let total = catalog::usage_sum(id);
@@ -108,28 +108,42 @@ pub fn take(id: KeyId, against: Against) -> Option<u64> {
             });
         }
     }
+    // A grant no row covers must not be spent by a later transaction that could have written
+    // one: `backend.rs` drops it when this transaction can write again.
     Some(granted.count)
 }
 
-/// From the key's counter in shared memory (created from the table's sum on first use).
-fn grant_shared(ident: &CounterIdent, usage: UsageLimit, limit: u64, can_write: bool) -> Option<Grant> {
+/// Whether grants taken now are covered by rows (this transaction can write them).
+pub fn grants_are_covered() -> bool {
+    keys::write_blocker().is_none()
+}
+
+/// From the key's counter in shared memory (created from the table's sum on first use). The
+/// outer `None` when no slot is free of uncovered spending: the caller counts on its own.
+fn grant_shared(ident: &CounterIdent, usage: UsageLimit, limit: u64, can_write: bool) -> Option<Option<Grant>> {
     let id = KeyId::new(ident.key_id).expect("a key id");
+    // A standby never writes, and its counter would not learn what the primary spends: bring
+    // it up to the replicated table at each grant (once per thousand rows).
+    // SAFETY: reads whether this server is in recovery.
+    let replicated = unsafe { pg_sys::RecoveryInProgress() }.then(|| catalog::usage_sum(id));
     loop {
         let outcome = shared_cache::with_counters(|slots, tick| {
             let index = rule::find(slots, ident, tick)?;
+            let counter = &mut slots[index].counter;
+            if let Some(total) = replicated {
+                counter.granted = counter.granted.max(total + counter.uncovered);
+            }
             Some(with_own(ident, |own| {
                 let want = rule::want(usage, own);
-                rule::grant(&mut slots[index].counter, own, want, limit, usage, can_write)
+                rule::grant(counter, own, want, limit, usage, can_write)
             }))
         })
         .expect("immuta is preloaded");
-        match outcome {
-            Some(granted) => return granted,
-            None => {
-                let baseline = catalog::usage_sum(id);
-                shared_cache::with_counters(|slots, tick| rule::insert(slots, ident, baseline, tick));
-            }
+        if let Some(granted) = outcome {
+            return Some(granted);
         }
+        let baseline = catalog::usage_sum(id);
+        shared_cache::with_counters(|slots, tick| rule::insert(slots, ident, baseline, tick)).flatten()?;
     }
 }
 
@@ -171,19 +185,20 @@ fn reserve(ident: &CounterIdent, shared: bool, reservation: Reservation) {
 /// if that is more.
 pub fn counted(id: KeyId) -> u64 {
     let ident = ident(id);
-    let shared = shared_cache::with_counters(|slots, tick| {
-        rule::find(slots, &ident, tick).map(|i| slots[i].counter.granted)
-    })
-    .flatten();
-    if let Some(granted) = shared {
-        return granted;
+    let shared = shared_cache::with_counters(|slots, _| rule::peek(slots, &ident)).flatten();
+    if let Some(counter) = shared {
+        return counter.granted;
     }
     let local = LOCAL.with_borrow(|l| l.as_ref().filter(|l| l.ident == ident).map(|l| l.counter.granted));
     catalog::usage_sum(id).max(local.unwrap_or(0))
 }
 
-/// Undoes rolled-back rows in their counters.
+/// Undoes rolled-back rows in their counters, and drops this backend's grant: part of it may
+/// have been covered by a rolled-back row (the undo counts all of it as spent).
 fn undo(rows: Vec<Reserved>) {
+    if rows.is_empty() {
+        return;
+    }
     for row in rows {
         let apply = |counter: &mut Counter| {
             OWN.with_borrow_mut(|own| {
@@ -191,16 +206,27 @@ fn undo(rows: Vec<Reserved>) {
                 rule::undo(counter, own, &row.reservation)
             })
         };
+        let mut applied = false;
         if row.shared {
             shared_cache::with_counters(|slots, tick| {
                 if let Some(i) = rule::find(slots, &row.ident, tick) {
-                    apply(&mut slots[i].counter)
+                    apply(&mut slots[i].counter);
+                    applied = true;
                 }
             });
         } else {
-            with_local(&row.ident, |l| apply(&mut l.counter));
+            with_local(&row.ident, |l| {
+                apply(&mut l.counter);
+                applied = true;
+            });
+        }
+        if !applied {
+            // The counter is gone (evicted, or replaced by another key's): the coverage lost
+            // must still leave this backend.
+            apply(&mut Counter::default());
         }
     }
+    crate::backend::drop_grant();
 }
 
 /// Transaction end: committed rows stay; rolled-back ones are undone. A prepared transaction

@@ -134,22 +134,40 @@ fn a_crash_loses_no_committed_count() {
     }
 }
 
+fn usage_sum(c: &mut impl postgres::GenericClient) -> i64 {
+    c.query_one("SELECT COALESCE(sum(encryptions), 0)::int8 FROM immuta.key_usage", &[]).unwrap().get(0)
+}
+
 #[test]
-fn encryptions_of_a_rolled_back_transaction_are_counted_by_the_next_row() {
+fn committed_encryptions_are_covered_by_committed_rows_after_a_rollback_or_a_read_only_transaction() {
     for settings in [&[][..], &[PRELOADED][..]] {
         let pg = Cluster::start(settings);
         let mut c = pg.connect();
         encrypt(&mut c, "creates the key");
         drop(c);
+        let before = usage_sum(&mut pg.connect());
+
+        // A grant whose row rolls back must not be spent by the transactions that follow.
         let mut c = pg.connect();
-        let rows_before: i64 = c.query_one("SELECT count(*) FROM immuta.key_usage", &[]).unwrap().get(0);
         let mut tx = c.transaction().unwrap();
         tx.batch_execute("SELECT immuta_encrypt('v' || i) FROM generate_series(1, 10) i").unwrap();
-        let reserved: i64 = tx.query_one("SELECT count(*) FROM immuta.key_usage", &[]).unwrap().get(0);
-        assert_eq!(reserved, rows_before + 1, "{settings:?}: the session reserved a row");
+        assert!(usage_sum(&mut tx) > before, "{settings:?}: the session reserved a row");
         tx.rollback().unwrap();
-        encrypt(&mut c, "after the rollback");
-        let counted: i64 = c.query_one("SELECT sum(encryptions)::int8 FROM immuta.key_usage", &[]).unwrap().get(0);
-        assert!(counted >= 12, "{settings:?}: the rolled-back ten are covered again: {counted}");
+        for i in 0..5 {
+            encrypt(&mut c, &format!("committed {i}"));
+        }
+        let after = usage_sum(&mut pg.connect());
+        assert!(after - before >= 10 + 5, "{settings:?}: {before} -> {after}");
+        drop(c);
+
+        // Nor a grant taken in a read-only transaction.
+        let before = after;
+        let mut c = pg.connect();
+        c.batch_execute("BEGIN READ ONLY; SELECT immuta_encrypt('read only'); COMMIT").unwrap();
+        for i in 0..5 {
+            encrypt(&mut c, &format!("committed {i}"));
+        }
+        let after = usage_sum(&mut pg.connect());
+        assert!(after - before >= 1 + 5, "{settings:?}: {before} -> {after}");
     }
 }

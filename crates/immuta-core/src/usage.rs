@@ -198,10 +198,16 @@ pub fn find(slots: &mut [CounterSlot], ident: &CounterIdent, tick: u64) -> Optio
     Some(index)
 }
 
+/// The counter of `ident`, without marking it used (for reports, which must not keep a key's
+/// slot from being evicted).
+pub fn peek(slots: &[CounterSlot], ident: &CounterIdent) -> Option<Counter> {
+    slots.iter().find(|s| s.ident.key_id != 0 && s.ident == *ident).map(|s| s.counter)
+}
+
 /// Starts counting `ident` from `baseline` (what `immuta.key_usage` holds), unless a slot
-/// appeared meanwhile. Takes a free slot, or evicts the least recently used one, preferring one
-/// with nothing uncovered (its count is in the table and is read again when needed). `None`
-/// only for an empty table.
+/// appeared meanwhile. Takes a free slot, or evicts the least recently used one with nothing
+/// uncovered (its count is in the table and is read again when needed). `None` when every slot
+/// holds uncovered spending, which only the slot knows: the caller counts on its own instead.
 pub fn insert(slots: &mut [CounterSlot], ident: &CounterIdent, baseline: u64, tick: u64) -> Option<usize> {
     if let Some(index) = find(slots, ident, tick) {
         return Some(index);
@@ -211,7 +217,8 @@ pub fn insert(slots: &mut [CounterSlot], ident: &CounterIdent, baseline: u64, ti
         None => slots
             .iter()
             .enumerate()
-            .min_by_key(|(_, s)| (s.counter.uncovered > 0, s.last_used))
+            .filter(|(_, s)| s.counter.uncovered == 0)
+            .min_by_key(|(_, s)| s.last_used)
             .map(|(i, _)| i)?,
     };
     slots[index] = CounterSlot {
@@ -341,7 +348,7 @@ mod tests {
     }
 
     #[test]
-    fn counter_slots_are_found_created_and_evicted_preferring_fully_covered_ones() {
+    fn counter_slots_are_found_created_and_evicted_only_when_fully_covered() {
         let mut slots = [CounterSlot::EMPTY; 2];
         let a = CounterIdent { database: 1, keys_table: 10, key_id: 1 };
         let b = CounterIdent { key_id: 2, ..a };
@@ -354,7 +361,10 @@ mod tests {
         slots[ia].counter.uncovered = 1; // a holds uncovered spending, b does not
         let ic = insert(&mut slots, &c, 7, 4).unwrap();
         assert_eq!(ic, ib, "b, fully covered, is evicted although a is older");
+        slots[ic].counter.uncovered = 1;
+        assert_eq!(insert(&mut slots, &b, 0, 5), None, "no slot holding uncovered spending is evicted");
         let other_table = CounterIdent { keys_table: 11, ..a };
         assert_eq!(find(&mut slots, &other_table, 6), None);
+        assert_eq!(peek(&slots, &a).map(|c| c.uncovered), Some(1));
     }
 }
