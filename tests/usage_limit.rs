@@ -171,3 +171,24 @@ fn committed_encryptions_are_covered_by_committed_rows_after_a_rollback_or_a_rea
         assert!(after - before >= 1 + 5, "{settings:?}: {before} -> {after}");
     }
 }
+
+#[test]
+fn serializable_sessions_reserving_at_once_do_not_fail_each_other() {
+    let pg = std::sync::Arc::new(Cluster::start(&[]));
+    let mut c = pg.connect();
+    c.batch_execute("CREATE TABLE t (v bytea)").unwrap();
+    encrypt(&mut c, "creates the key");
+    drop(c);
+    for _ in 0..5 {
+        // Fresh sessions: each reads the key's rows and writes its own at the same moment.
+        let failures = in_parallel_sessions(&pg, 4, |_, c| {
+            let mut tx = c.build_transaction().isolation_level(postgres::IsolationLevel::Serializable).start().unwrap();
+            let inserted = tx.execute("INSERT INTO t SELECT immuta_encrypt('v' || i) FROM generate_series(1, 100) i", &[]);
+            sqlstate(inserted.and_then(|_| tx.commit()))
+        });
+        assert!(failures.iter().all(|s| s == "00000"), "{failures:?}");
+    }
+    let mut c = pg.connect();
+    let rows: i64 = c.query_one("SELECT count(*) FROM t", &[]).unwrap().get(0);
+    assert_eq!(rows, 5 * 4 * 100);
+}
