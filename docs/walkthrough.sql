@@ -1,4 +1,5 @@
--- The `make demo` walkthrough: encrypt, decrypt, rotate, and an old value still decrypting.
+-- The `make demo` walkthrough: encrypt, decrypt, rotate, an old value still decrypting, status,
+-- the audit log and scheduled rollover.
 \set ON_ERROR_STOP on
 \pset footer off
 DROP DATABASE IF EXISTS immuta_demo;
@@ -40,3 +41,25 @@ SELECT immuta_cache_stats();
 \set ON_ERROR_STOP off
 SELECT immuta_decrypt('\x0102'::bytea);
 SELECT immuta_decrypt(set_byte(ssn_enc, 30, get_byte(ssn_enc, 30) # 1)) FROM patients WHERE id = 1;
+\set ON_ERROR_STOP on
+
+\echo
+\echo '== 5. Key status, usage and the audit log'
+SELECT jsonb_pretty(immuta_status() - 'rotation_job_error') AS status;
+SELECT id, reason, encryptions, max_encryptions FROM immuta.keys ORDER BY id;
+SELECT id, at::timestamp(0) AS at, event, key_id, reason, role FROM immuta.audit_log ORDER BY id;
+
+\echo
+\echo '== 6. Scheduled rollover with pg_cron (the demo preloads it; its jobs live in database postgres)'
+SELECT current_setting('cron.database_name', true) IS NOT NULL AS has_cron \gset
+\if :has_cron
+\c postgres
+CREATE EXTENSION IF NOT EXISTS pg_cron;
+\c immuta_demo
+SELECT immuta_schedule_rotation('0 3 * * *') AS job_id;
+SELECT immuta_status()->'rotation_job' AS rotation_job;
+\echo 'Each night at 03:00 the job runs immuta_rotate_if_due(); run it by hand (nothing is due yet):'
+SELECT immuta_rotate_if_due() AS new_key_id;
+\else
+\echo 'pg_cron is not loaded in this demo cluster (it predates this walkthrough): make demo-stop, then make demo.'
+\endif
