@@ -12,6 +12,12 @@
 //! rollover committed meanwhile is adopted, not repeated, at every isolation level. As a last
 //! guard, an automatic rollover records the key it replaces in the unique column
 //! `rolled_over_from`: two sessions can never both replace the same key.
+//!
+//! A key is due by age (`schedule.dataKeyRollOverLength`) or by use
+//! (`immuta.max_encryptions_per_key`, counted in `usage.rs`). The scheduled
+//! `immuta_rotate_if_due()` decides without the lock, and only takes it (waiting) when something
+//! is due. Every key creation, rotation and rewrap is appended to `immuta.audit_log` in the same
+//! transaction.
 
 use immuta_core::cipher::DataCipher;
 use immuta_core::key::{DataKey, KeyId, WrappingKeyRef};
