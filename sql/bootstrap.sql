@@ -5,6 +5,29 @@
 CREATE SCHEMA immuta;
 COMMENT ON SCHEMA immuta IS 'immuta internals: data keys (wrapped), configuration';
 
+-- The three roles (README, "Roles"). Roles belong to the cluster, not to a database: they are
+-- created when absent and left in place by DROP EXTENSION, since other databases may use them.
+-- NOLOGIN: they are granted to login roles.
+DO $roles$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'immuta_admin') THEN
+        CREATE ROLE immuta_admin NOLOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'immuta_encryptor') THEN
+        CREATE ROLE immuta_encryptor NOLOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'immuta_decryptor') THEN
+        CREATE ROLE immuta_decryptor NOLOGIN;
+    END IF;
+END
+$roles$;
+COMMENT ON ROLE immuta_admin IS 'immuta: rotate, configure, rewrap, schedule, reset the key cache, read status and audit';
+COMMENT ON ROLE immuta_encryptor IS 'immuta: immuta_encrypt()';
+COMMENT ON ROLE immuta_decryptor IS 'immuta: immuta_decrypt()';
+-- Whoever installs immuta (a superuser, or a database owner where the extension is trusted)
+-- holds the three roles and may grant them on.
+GRANT immuta_admin, immuta_encryptor, immuta_decryptor TO @extowner@ WITH ADMIN OPTION;
+
 -- Data keys. A row holds the key only wrapped (encrypted) by its provider, plus what is needed
 -- to find the wrapping key again: the provider, the master key fingerprint or KMS key, and for
 -- KMS the region. The newest id is the key that encrypts.
@@ -46,7 +69,7 @@ COMMENT ON TABLE immuta.key_usage IS 'immuta encryptions counted per data key, r
 SELECT pg_catalog.pg_extension_config_dump('immuta.key_usage', '');
 
 -- Every key event: created, rotated (and why), rewrapped, cache reset; with who and when.
--- Readable by superusers only (no privilege is granted on the schema). Carried by pg_dump.
+-- Readable by immuta_admin (sql/finalize.sql). Carried by pg_dump.
 CREATE SEQUENCE immuta.audit_log_id_seq AS bigint;
 CREATE TABLE immuta.audit_log (
     id           bigint PRIMARY KEY DEFAULT nextval('immuta.audit_log_id_seq'),
@@ -67,9 +90,14 @@ SELECT pg_catalog.pg_extension_config_dump('immuta.audit_log_id_seq', '');
 
 -- The configuration stored by immuta_configure(): one row of YAML.
 CREATE TABLE immuta.config (
-    singleton  boolean PRIMARY KEY DEFAULT true CHECK (singleton),
-    yaml       text NOT NULL,
-    updated_at timestamptz NOT NULL DEFAULT now(),
-    updated_by name NOT NULL DEFAULT current_user
+    singleton        boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    yaml             text NOT NULL,
+    -- Whether the YAML holds AWS credentials (extraKmsConfig.credentials).
+    has_credentials  boolean NOT NULL DEFAULT false,
+    updated_at       timestamptz NOT NULL DEFAULT now(),
+    updated_by       name NOT NULL DEFAULT current_user
 );
 COMMENT ON TABLE immuta.config IS 'immuta configuration (Immuta Advanced Configuration YAML), set by immuta_configure()';
+-- pg_dump carries the configuration, except one that holds credentials: a dump file is not a
+-- place for secrets. After restoring such a database, run immuta_configure() again.
+SELECT pg_catalog.pg_extension_config_dump('immuta.config', 'WHERE NOT has_credentials');

@@ -19,10 +19,39 @@ FROM immuta.data_keys k
 CROSS JOIN (SELECT max(id) AS current_id FROM immuta.data_keys) c;
 COMMENT ON VIEW immuta.keys IS 'immuta data keys: which encrypts now, when it rolls over, how much it was used';
 
--- Emptying the cluster's key cache forces KMS calls in every database: not for PUBLIC. (The
--- complete role model, immuta_admin and friends, comes with the security milestone.)
+-- Privileges (README, "Roles"). Nothing is executable by PUBLIC; each role gets what it is for.
+-- The functions read and write immuta's tables with the tables' owner's privileges and a fixed
+-- search_path, only for their own fixed queries (src/catalog.rs, `as_owner`), so no role
+-- needs, or gets, any privilege on the tables themselves.
+REVOKE ALL ON SCHEMA immuta FROM PUBLIC;
+REVOKE ALL ON ALL TABLES IN SCHEMA immuta FROM PUBLIC;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA immuta FROM PUBLIC;
+REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA immuta FROM PUBLIC;
+
+REVOKE EXECUTE ON FUNCTION immuta_encrypt(text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION immuta_decrypt(bytea) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION immuta_key_id(bytea) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION immuta_rotate() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION immuta_rotate_if_due() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION immuta_rewrap() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION immuta_cache_reset() FROM PUBLIC;
--- Registering jobs with pg_cron is an administrator's decision (pg_cron itself revokes
--- cron.schedule_in_database from PUBLIC).
+REVOKE EXECUTE ON FUNCTION immuta_cache_stats() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION immuta_configure(text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION immuta_config() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION immuta_schedule_rotation(text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION immuta_unschedule_rotation() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION immuta_status() FROM PUBLIC;
+
+GRANT EXECUTE ON FUNCTION immuta_encrypt(text) TO immuta_encryptor;
+GRANT EXECUTE ON FUNCTION immuta_decrypt(bytea) TO immuta_decryptor;
+-- Reading a value's key id (its header) reveals nothing secret; every immuta role may.
+GRANT EXECUTE ON FUNCTION immuta_key_id(bytea) TO immuta_admin, immuta_encryptor, immuta_decryptor;
+GRANT EXECUTE ON FUNCTION immuta_rotate(), immuta_rotate_if_due(), immuta_rewrap(), immuta_cache_reset(),
+    immuta_cache_stats(), immuta_configure(text), immuta_config(), immuta_schedule_rotation(text),
+    immuta_unschedule_rotation(), immuta_status() TO immuta_admin;
+
+-- The admin reads the keys (without key bytes) and the audit log.
+GRANT USAGE ON SCHEMA immuta TO immuta_admin;
+GRANT SELECT ON immuta.keys, immuta.audit_log TO immuta_admin;
+GRANT EXECUTE ON FUNCTION immuta.rollover_length_days(), immuta.encryptions_counted(bigint),
+    immuta.max_encryptions_per_key() TO immuta_admin;

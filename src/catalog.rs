@@ -3,6 +3,13 @@
 //! Only the slow path comes here: loading a key the backend has not seen, noticing a rotation,
 //! creating a key, storing the configuration. Encryption and decryption of a row never do.
 //! Queries are fixed strings with parameters; nothing is spliced into SQL.
+//!
+//! Every query on immuta's tables runs through [`as_owner`]: with the privileges of the tables'
+//! owner and `search_path = pg_catalog, pg_temp`, as a `SECURITY DEFINER` function with a fixed
+//! search_path would, but only around these fixed queries, so the SQL functions need no
+//! privilege on the tables (no role gets any) and the hot path pays nothing for it (a
+//! `SECURITY DEFINER` function with `SET search_path` costs a GUC save and restore on every
+//! call). Objects a caller planted in its own schemas or in `pg_temp` are never looked up.
 
 use immuta_core::key::{KeyId, WrappedKey, WrappingKeyRef};
 use immuta_core::rollover::RotationReason;
@@ -59,6 +66,19 @@ pub fn table_oids() -> TableOids {
             Some("Run CREATE EXTENSION immuta."),
         );
     }
+    // SAFETY: a syscache lookup of an existing relation by OID; the tuple is read while pinned
+    // and released at once.
+    let owner = unsafe {
+        let tuple = pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::RELOID as i32, pg_sys::Datum::from(data_keys));
+        if tuple.is_null() {
+            pg_sys::InvalidOid
+        } else {
+            let owner = (*pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_class>(tuple)).relowner;
+            pg_sys::ReleaseSysCache(tuple);
+            owner
+        }
+    };
+    OWNER.set(owner);
     TableOids { data_keys, config }
 }
 
@@ -72,6 +92,71 @@ pub fn spi<T>(result: Result<T, pgrx::spi::SpiError>) -> T {
             None,
             None,
         )
+    })
+}
+
+thread_local! {
+    /// The owner of immuta's tables (set by [`table_oids`]).
+    static OWNER: std::cell::Cell<pg_sys::Oid> = const { std::cell::Cell::new(pg_sys::InvalidOid) };
+}
+
+/// Runs `f` as the owner of immuta's tables with `search_path = pg_catalog, pg_temp`, then
+/// restores the caller's identity and search_path (an error aborts the (sub)transaction, which
+/// restores both too).
+fn as_owner<R>(f: impl FnOnce() -> R) -> R {
+    let owner = OWNER.get();
+    if owner == pg_sys::InvalidOid {
+        raise(
+            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+            "immuta accessed its tables before looking them up",
+            None,
+            None,
+        );
+    }
+    let (mut user, mut context) = (pg_sys::InvalidOid, 0);
+    // SAFETY: saves the current user and security context, then switches to the tables' owner
+    // with a local user id change (SET ROLE is refused meanwhile) and opens a GUC nest level in
+    // which search_path is set with GUC_ACTION_SAVE (allowed in parallel workers, undone by
+    // AtEOXact_GUC below or by the abort of the (sub)transaction).
+    let nest = unsafe {
+        pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
+        pg_sys::SetUserIdAndSecContext(owner, context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
+        let nest = pg_sys::NewGUCNestLevel();
+        pg_sys::set_config_option(
+            c"search_path".as_ptr(),
+            c"pg_catalog, pg_temp".as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_SAVE,
+            true,
+            0,
+            false,
+        );
+        nest
+    };
+    let result = f();
+    // SAFETY: undoes exactly what was done above, in reverse order.
+    unsafe {
+        pg_sys::AtEOXact_GUC(true, nest);
+        pg_sys::SetUserIdAndSecContext(user, context);
+    }
+    result
+}
+
+/// The calling role and the session's login role, as OIDs, for the columns that record who did
+/// something (the queries run as the tables' owner, so `current_user` there is not the caller).
+fn caller() -> (pg_sys::Oid, pg_sys::Oid) {
+    // SAFETY: reads the current and session user ids.
+    unsafe { (pg_sys::GetUserId(), pg_sys::GetSessionUserId()) }
+}
+
+/// Runs a statement that writes immuta's tables, as their owner.
+fn write(query: &str, args: &[DatumWithOid]) {
+    as_owner(|| {
+        spi(Spi::connect_mut(|client| {
+            client.update(query, None, args)?;
+            Ok(())
+        }))
     })
 }
 
@@ -101,7 +186,7 @@ impl Row {
 /// works on standbys. Inside a parallel operation, where no new snapshot may be taken, the
 /// statement's snapshot is used.
 fn read_latest<R>(query: &CStr, args: &[(pg_sys::Oid, pg_sys::Datum)], each: impl FnMut(&Row) -> R) -> Vec<R> {
-    read_with(query, args, Visibility::Latest, each)
+    as_owner(|| read_with(query, args, Visibility::Latest, each))
 }
 
 /// Which rows a catalog read sees.
@@ -261,15 +346,11 @@ fn wrapping_args<'a>(
 
 /// Records a new wrapping of key `id` (`immuta_rewrap()`).
 pub fn update_wrapping(id: KeyId, wrapping: &WrappingKeyRef, wrapped: &WrappedKey) {
-    spi(Spi::connect_mut(|client| {
-        client.update(
-            "UPDATE immuta.data_keys SET provider = $2, wrapping_key = $3, wrapping_region = $4, wrapped_key = $5 \
-             WHERE id = $1",
-            None,
-            &wrapping_args(id, wrapping, wrapped),
-        )?;
-        Ok(())
-    }))
+    write(
+        "UPDATE immuta.data_keys SET provider = $2, wrapping_key = $3, wrapping_region = $4, wrapped_key = $5 \
+         WHERE id = $1",
+        &wrapping_args(id, wrapping, wrapped),
+    )
 }
 
 /// Whether any key is wrapped by a local master key (then a missing master key file is an error,
@@ -280,7 +361,7 @@ pub fn any_local_key() -> bool {
 
 /// A new key id from `immuta.data_keys_id_seq`.
 pub fn next_key_id() -> KeyId {
-    let id = spi(Spi::get_one::<i64>("SELECT nextval('immuta.data_keys_id_seq')"));
+    let id = as_owner(|| spi(Spi::get_one::<i64>("SELECT nextval('immuta.data_keys_id_seq')")));
     id.and_then(KeyId::new).unwrap_or_else(|| {
         raise(
             PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
@@ -300,16 +381,13 @@ pub fn insert_key(
     rolled_over_from: Option<i64>,
 ) {
     let [id_, provider, key, region, bytes] = wrapping_args(id, wrapping, wrapped);
-    spi(Spi::connect_mut(|client| {
-        client.update(
-            "INSERT INTO immuta.data_keys \
-                 (id, provider, wrapping_key, wrapping_region, wrapped_key, reason, rolled_over_from) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            None,
-            &[id_, provider, key, region, bytes, reason.as_str().into(), rolled_over_from.into()],
-        )?;
-        Ok(())
-    }))
+    let (role, _) = caller();
+    write(
+        "INSERT INTO immuta.data_keys \
+             (id, provider, wrapping_key, wrapping_region, wrapped_key, reason, rolled_over_from, created_by) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, pg_catalog.pg_get_userbyid($8))",
+        &[id_, provider, key, region, bytes, reason.as_str().into(), rolled_over_from.into(), role.into()],
+    )
 }
 
 /// The YAML stored by `immuta_configure()`, if any.
@@ -320,29 +398,31 @@ pub fn stored_config() -> Option<String> {
         .flatten()
 }
 
-/// Stores the configuration YAML (one row).
-pub fn store_config(yaml: &str) {
-    spi(Spi::connect_mut(|client| {
-        client.update(
-            "INSERT INTO immuta.config (singleton, yaml) VALUES (true, $1) \
-             ON CONFLICT (singleton) DO UPDATE \
-             SET yaml = EXCLUDED.yaml, updated_at = now(), updated_by = current_user",
-            None,
-            &[yaml.into()],
-        )?;
-        Ok(())
-    }))
+/// Stores the configuration YAML (one row), noting whether it holds credentials (then pg_dump
+/// leaves it out).
+pub fn store_config(yaml: &str, has_credentials: bool) {
+    let (role, _) = caller();
+    write(
+        "INSERT INTO immuta.config (singleton, yaml, has_credentials, updated_by) \
+         VALUES (true, $1, $2, pg_catalog.pg_get_userbyid($3)) \
+         ON CONFLICT (singleton) DO UPDATE \
+         SET yaml = EXCLUDED.yaml, has_credentials = EXCLUDED.has_credentials, \
+             updated_at = pg_catalog.now(), updated_by = EXCLUDED.updated_by",
+        &[yaml.into(), has_credentials.into(), role.into()],
+    )
 }
 
 /// The encryptions reserved for key `id` in `immuta.key_usage` (committed, plus this
 /// transaction's own rows), read without predicate locks.
 pub fn usage_sum(id: KeyId) -> u64 {
-    read_with(
-        c"SELECT COALESCE(sum(encryptions), 0)::int8 FROM immuta.key_usage WHERE key_id = $1",
-        &[(pg_sys::INT8OID, pg_sys::Datum::from(id.get()))],
-        Visibility::SelfAndCommitted,
-        |row| row.get::<i64>(1),
-    )
+    as_owner(|| {
+        read_with(
+            c"SELECT COALESCE(sum(encryptions), 0)::int8 FROM immuta.key_usage WHERE key_id = $1",
+            &[(pg_sys::INT8OID, pg_sys::Datum::from(id.get()))],
+            Visibility::SelfAndCommitted,
+            |row| row.get::<i64>(1),
+        )
+    })
     .into_iter()
     .next()
     .flatten()
@@ -353,14 +433,7 @@ pub fn usage_sum(id: KeyId) -> u64 {
 /// Appends a reservation of `encryptions` for key `id`.
 pub fn insert_usage(id: KeyId, encryptions: u64) {
     let encryptions = i64::try_from(encryptions).unwrap_or(i64::MAX);
-    spi(Spi::connect_mut(|client| {
-        client.update(
-            "INSERT INTO immuta.key_usage (key_id, encryptions) VALUES ($1, $2)",
-            None,
-            &[id.get().into(), encryptions.into()],
-        )?;
-        Ok(())
-    }))
+    write("INSERT INTO immuta.key_usage (key_id, encryptions) VALUES ($1, $2)", &[id.get().into(), encryptions.into()])
 }
 
 /// A row of `immuta.audit_log`.
@@ -373,19 +446,19 @@ pub struct AuditEvent<'a> {
 
 /// Appends a key event to `immuta.audit_log` (time and roles are the columns' defaults).
 pub fn insert_audit(event: AuditEvent) {
-    spi(Spi::connect_mut(|client| {
-        client.update(
-            "INSERT INTO immuta.audit_log (event, key_id, reason, detail) VALUES ($1, $2, $3, $4)",
-            None,
-            &[
-                event.event.into(),
-                event.key_id.map(KeyId::get).into(),
-                event.reason.into(),
-                pgrx::JsonB(event.detail).into(),
-            ],
-        )?;
-        Ok(())
-    }))
+    let (role, session_role) = caller();
+    write(
+        "INSERT INTO immuta.audit_log (event, key_id, reason, detail, role, session_role) \
+         VALUES ($1, $2, $3, $4, pg_catalog.pg_get_userbyid($5), pg_catalog.pg_get_userbyid($6))",
+        &[
+            event.event.into(),
+            event.key_id.map(KeyId::get).into(),
+            event.reason.into(),
+            pgrx::JsonB(event.detail).into(),
+            role.into(),
+            session_role.into(),
+        ],
+    )
 }
 
 /// The current key as `immuta_status()` shows it: id, creation, age, when and whether it is due
@@ -424,17 +497,13 @@ pub fn key_count() -> i64 {
 /// many sessions reserved. Only committed rows are folded; rows of transactions in progress are
 /// left to them.
 pub fn compact_usage() {
-    spi(Spi::connect_mut(|client| {
-        client.update(
-            "WITH gone AS (
-                 DELETE FROM immuta.key_usage
-                 WHERE key_id IN (SELECT key_id FROM immuta.key_usage GROUP BY key_id HAVING count(*) > 1)
-                 RETURNING key_id, encryptions)
-             INSERT INTO immuta.key_usage (key_id, encryptions)
-             SELECT key_id, sum(encryptions) FROM gone GROUP BY key_id",
-            None,
-            &[],
-        )?;
-        Ok(())
-    }))
+    write(
+        "WITH gone AS (
+             DELETE FROM immuta.key_usage
+             WHERE key_id IN (SELECT key_id FROM immuta.key_usage GROUP BY key_id HAVING count(*) > 1)
+             RETURNING key_id, encryptions)
+         INSERT INTO immuta.key_usage (key_id, encryptions)
+         SELECT key_id, sum(encryptions) FROM gone GROUP BY key_id",
+        &[],
+    )
 }

@@ -140,7 +140,8 @@ fn request(op: Op, schedule: &str) -> Result<Outcome, Failure> {
 fn extension_schema() -> String {
     spi(Spi::get_one::<String>(
         "SELECT quote_ident(n.nspname) FROM pg_catalog.pg_extension e \
-         JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'immuta'",
+         JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) e.extnamespace \
+         WHERE e.extname OPERATOR(pg_catalog.=) 'immuta'",
     ))
     .unwrap_or_else(|| "public".into())
 }
@@ -202,7 +203,7 @@ fn cron_database() -> Result<String, Failure> {
 }
 
 fn pg_cron_installed() -> bool {
-    spi(Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_cron')"))
+    spi(Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname OPERATOR(pg_catalog.=) 'pg_cron')"))
         .unwrap_or(false)
 }
 

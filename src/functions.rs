@@ -4,7 +4,7 @@
 use immuta_core::config::Config;
 use immuta_core::format;
 use pgrx::prelude::*;
-use pgrx::{JsonB, PgSqlErrorCode};
+use pgrx::{pg_sys, JsonB, PgSqlErrorCode};
 
 use crate::backend::{self, BACKEND};
 use crate::catalog;
@@ -153,8 +153,17 @@ fn immuta_configure(yaml: Option<&str>) -> JsonB {
             Some("Prefer an IAM role (EC2 instance profile, EKS/IRSA, ECS task role) and remove extraKmsConfig.credentials."),
         );
     }
+    // SAFETY: reads whether the current user is a superuser.
+    if config.aws_kms().is_some() && !config.has_explicit_credentials() && !unsafe { pg_sys::superuser() } {
+        raise(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            "only a superuser may configure AWS KMS with the server's own AWS identity",
+            Some("Without extraKmsConfig.credentials, immuta calls KMS as the server (its instance profile, task role or environment), an identity that belongs to whoever runs the server.".into()),
+            Some("Ask a superuser to store this configuration, or give credentials in extraKmsConfig.credentials."),
+        );
+    }
     backend::prepare();
-    catalog::store_config(yaml);
+    catalog::store_config(yaml, config.has_explicit_credentials());
     backend::invalidate_config(BACKEND.with_borrow(|b| b.oids).expect("prepare() looked the tables up"));
     JsonB(config.to_redacted_json())
 }

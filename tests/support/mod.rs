@@ -194,6 +194,49 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("connect: {e}\n{}", self.log()))
     }
 
+    /// A connection as `user` to database `dbname`.
+    pub fn connect_as(&self, user: &str, dbname: &str) -> postgres::Client {
+        self.config()
+            .user(user)
+            .dbname(dbname)
+            .connect(postgres::NoTls)
+            .unwrap_or_else(|e| panic!("connect as {user}: {e}\n{}", self.log()))
+    }
+
+    /// Runs a PostgreSQL client program (pg_dump, psql, ...) as `postgres` against this cluster's
+    /// socket; fails the test, with the program's output, if it fails. Returns its stdout.
+    pub fn run_client(&self, program: &str, args: &[&str]) -> Vec<u8> {
+        let port = PORT.to_string();
+        let mut all = vec!["-h", self.root.to_str().unwrap(), "-p", &port, "-U", "postgres"];
+        all.extend_from_slice(args);
+        let out = as_postgres(program, &all);
+        assert!(out.status.success(), "{program} failed: {}\n{}", String::from_utf8_lossy(&out.stderr), self.log());
+        out.stdout
+    }
+
+    /// A streaming standby of this cluster, made with `pg_basebackup -R` (so it has this
+    /// cluster's master key file), listening on its own socket directory, and started.
+    pub fn start_standby(&self) -> Cluster {
+        let root = PathBuf::from(format!(
+            "/tmp/immuta-systest-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = fs::remove_dir_all(&root);
+        fs::create_dir_all(&root).unwrap();
+        chown_to_postgres(&root);
+        let data = root.join("data");
+        self.run_client("pg_basebackup", &["-D", data.to_str().unwrap(), "-R", "-X", "stream", "-c", "fast"]);
+        let standby = Cluster { root, data, env: self.env.clone() };
+        let conf = standby.data.join("postgresql.conf");
+        let mut text = fs::read_to_string(&conf).unwrap();
+        text.push_str(&format!("\nunix_socket_directories = '{}'\n", standby.root.display()));
+        fs::write(&conf, text).unwrap();
+        chown_to_postgres(&standby.root);
+        standby.pg_ctl_start();
+        standby
+    }
+
     /// Stops the server as a crash would (no checkpoint, no shutdown of backends), then starts
     /// it again: crash recovery runs.
     pub fn crash_and_restart(&self) {
