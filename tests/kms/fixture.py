@@ -4,6 +4,9 @@ Usage: fixture.py ENDPOINT COMMAND [ARGS]
   create-key [ALIAS]            print the new key's ARN (and create alias/ALIAS for it)
   create-user NAME ACTION...    a user allowed ACTION... (e.g. kms:Encrypt) on "*";
                                 print "ACCESS_KEY_ID SECRET_ACCESS_KEY"
+  decrypt HEX KEY_ID ACCESS SECRET
+                                unwrap a data key immuta wrapped (encryption context
+                                immuta_key_id=KEY_ID) with the given credentials; print it in hex
 Every call is one moto action; the IAM test counts them for INITIAL_NO_AUTH_ACTION_COUNT.
 """
 import json
@@ -14,13 +17,13 @@ import boto3
 REGION = "us-east-1"
 
 
-def client(service, endpoint):
+def client(service, endpoint, access="testing", secret="testing"):
     return boto3.client(
         service,
         endpoint_url=endpoint,
         region_name=REGION,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
+        aws_access_key_id=access,
+        aws_secret_access_key=secret,
     )
 
 
@@ -40,6 +43,12 @@ def main(endpoint, command, *args):
         iam.put_user_policy(UserName=name, PolicyName="immuta", PolicyDocument=json.dumps(policy))
         key = iam.create_access_key(UserName=name)["AccessKey"]
         print(key["AccessKeyId"], key["SecretAccessKey"])
+    elif command == "decrypt":
+        blob, key_id, access, secret = args
+        kms = client("kms", endpoint, access, secret)
+        plain = kms.decrypt(CiphertextBlob=bytes.fromhex(blob),
+                            EncryptionContext={"immuta_key_id": key_id})["Plaintext"]
+        print(plain.hex())
     else:
         sys.exit(f"unknown command {command}")
 
