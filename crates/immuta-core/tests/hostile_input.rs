@@ -87,3 +87,81 @@ proptest! {
         }
     }
 }
+
+/// Decodes like `immuta_decrypt`, naming the documented error a value gets.
+fn outcome(c: &DataCipher, bytes: &[u8]) -> Result<String, &'static str> {
+    use immuta_core::Error;
+    let sealed = format::parse(bytes).map_err(|e| match e {
+        Error::CiphertextTruncated { .. } => "22P03",
+        Error::UnsupportedVersion { .. } => "0A000",
+        Error::UnknownKey { .. } => "42704",
+        _ => "undocumented parse error",
+    })?;
+    if sealed.key_id != c.key_id() {
+        return Err("42704");
+    }
+    c.open_text(&sealed).map_err(|e| match e {
+        Error::AuthenticationFailed { .. } => "22000",
+        Error::InvalidText { .. } => "22021",
+        _ => "undocumented open error",
+    })
+}
+
+/// A million inputs, from a seeded generator so a failure can be replayed: a quarter random
+/// bytes, the rest valid ciphertexts of random text changed by one to three mutations (bit
+/// flips, truncations, extensions, byte changes, other key ids, other versions), plus the
+/// unchanged ciphertexts. Each is the original plaintext (only if unchanged) or a documented error.
+#[test]
+fn a_million_random_and_mutated_ciphertexts_give_the_original_or_a_documented_error() {
+    use rand_chacha::rand_core::{RngCore, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0x1_33_7a);
+    let c = cipher();
+    let mut counts = std::collections::BTreeMap::<&str, u32>::new();
+    for _ in 0..1_000_000 {
+        let len = (rng.next_u32() % 80) as usize;
+        if rng.next_u32() % 4 == 0 {
+            let mut bytes = vec![0u8; (rng.next_u32() % 200) as usize];
+            rng.fill_bytes(&mut bytes);
+            let result = outcome(&c, &bytes);
+            assert!(result.is_err(), "random bytes decrypted: {bytes:?}");
+            *counts.entry(result.unwrap_err()).or_default() += 1;
+            continue;
+        }
+        let plaintext: String = (0..len).map(|_| char::from(b' ' + (rng.next_u32() % 95) as u8)).collect();
+        let mut nonce = [0u8; 12];
+        rng.fill_bytes(&mut nonce);
+        let original = c.seal(&nonce, plaintext.as_bytes());
+        let mut bytes = original.clone();
+        for _ in 0..rng.next_u32() % 4 {
+            let r = rng.next_u64() as usize;
+            let m = match rng.next_u32() % 6 {
+                0 => Mutation::FlipBit(r, (r % 8) as u8),
+                1 => Mutation::Truncate(r),
+                2 => {
+                    let mut tail = vec![0u8; 1 + r % 40];
+                    rng.fill_bytes(&mut tail);
+                    Mutation::Extend(tail)
+                }
+                3 => Mutation::SetByte(r, (r >> 8) as u8),
+                4 => Mutation::OtherKeyId(rng.next_u64() % 8),
+                _ => Mutation::OtherVersion((r % 4) as u8),
+            };
+            bytes = apply(bytes, &m);
+        }
+        match outcome(&c, &bytes) {
+            Ok(text) => {
+                assert_eq!(bytes, original, "a changed ciphertext decrypted");
+                assert_eq!(text, plaintext);
+                *counts.entry("original").or_default() += 1;
+            }
+            Err(state) => {
+                assert_ne!(bytes, original, "the unchanged ciphertext failed: {state}");
+                assert!(!state.starts_with("undocumented"), "{state}");
+                *counts.entry(state).or_default() += 1;
+            }
+        }
+    }
+    for state in ["original", "22P03", "0A000", "42704", "22000"] {
+        assert!(counts.get(state).copied().unwrap_or(0) > 1000, "too few {state}: {counts:?}");
+    }
+}
