@@ -101,3 +101,10 @@ COMMENT ON TABLE immuta.config IS 'immuta configuration (Immuta Advanced Configu
 -- pg_dump carries the configuration, except one that holds credentials: a dump file is not a
 -- place for secrets. After restoring such a database, run immuta_configure() again.
 SELECT pg_catalog.pg_extension_config_dump('immuta.config', 'WHERE NOT has_credentials');
+
+-- What a restore does to these tables (COPY their rows, setval their sequences), the role that
+-- installed immuta may do, so that a database owner who is not a superuser can restore a dump
+-- (as on managed platforms). It may add rows; it may neither read nor change nor delete any.
+GRANT USAGE ON SCHEMA immuta TO @extowner@;
+GRANT INSERT ON immuta.data_keys, immuta.key_usage, immuta.audit_log, immuta.config TO @extowner@;
+GRANT UPDATE ON SEQUENCE immuta.data_keys_id_seq, immuta.audit_log_id_seq TO @extowner@;

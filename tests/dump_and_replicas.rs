@@ -77,6 +77,31 @@ fn a_restored_database_decrypts_everything_and_continues_the_key_sequence() {
 }
 
 #[test]
+fn a_database_owner_who_is_not_a_superuser_restores_a_dump_with_pg_restore() {
+    let source = Cluster::start(&[]);
+    populated(&source);
+    let dump = source.root.join("app.dump");
+    source.run_client("pg_dump", &["-Fc", "-d", "app", "-f", dump.to_str().unwrap()]);
+    let target = Cluster::start(&[]);
+    let key = std::fs::read_to_string(source.master_key_file()).unwrap();
+    target.write_file(&target.master_key_file(), &key, 0o600);
+    target.connect().batch_execute("CREATE ROLE owner LOGIN").unwrap();
+    target.connect().batch_execute("CREATE DATABASE app OWNER owner").unwrap();
+    // As managed platforms restore: as the database owner, without ownership or privileges.
+    target.run_client(
+        "pg_restore",
+        &["-U", "owner", "--no-owner", "--no-privileges", "--exit-on-error", "-d", "app", dump.to_str().unwrap()],
+    );
+    let mut app = target.connect_as("owner", "app");
+    assert_eq!(all_decrypt(&mut app), 100);
+    let next: i64 = app.query_one("SELECT immuta_rotate()", &[]).unwrap().get(0);
+    assert_eq!(next, 4);
+    // Restoring needed to add rows; it did not open the tables to the owner.
+    assert_eq!(sqlstate(app.batch_execute("SELECT * FROM immuta.data_keys")), "42501");
+    assert_eq!(sqlstate(app.batch_execute("DELETE FROM immuta.audit_log")), "42501");
+}
+
+#[test]
 fn stored_credentials_are_not_dumped() {
     let source = Cluster::start(&[]);
     let mut app = populated(&source);
