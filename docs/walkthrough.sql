@@ -1,5 +1,5 @@
--- The `make demo` walkthrough: encrypt, decrypt, rotate, an old value still decrypting, status,
--- the audit log and scheduled rollover.
+-- The `make demo` walkthrough: encrypt, decrypt, rotate, an old value still decrypting, roles,
+-- status, the audit log and scheduled rollover.
 \set ON_ERROR_STOP on
 \pset footer off
 DROP DATABASE IF EXISTS immuta_demo;
@@ -41,16 +41,28 @@ SELECT immuta_cache_stats();
 \set ON_ERROR_STOP off
 SELECT immuta_decrypt('\x0102'::bytea);
 SELECT immuta_decrypt(set_byte(ssn_enc, 30, get_byte(ssn_enc, 30) # 1)) FROM patients WHERE id = 1;
+
+\echo
+\echo '== 5. Roles: an ingest job that may encrypt but not decrypt'
+DROP ROLE IF EXISTS ingest_demo;
+CREATE ROLE ingest_demo;
+GRANT immuta_encryptor TO ingest_demo;
+GRANT SELECT, INSERT ON patients TO ingest_demo;
+SET ROLE ingest_demo;
+INSERT INTO patients VALUES (4, 'Barbara', immuta_encrypt('222-33-4444'));
+SELECT immuta_decrypt(ssn_enc) FROM patients WHERE id = 4;
+SELECT * FROM immuta.data_keys;
+RESET ROLE;
 \set ON_ERROR_STOP on
 
 \echo
-\echo '== 5. Key status, usage and the audit log'
+\echo '== 6. Key status, usage and the audit log'
 SELECT jsonb_pretty(immuta_status() - 'rotation_job_error') AS status;
 SELECT id, reason, encryptions, max_encryptions FROM immuta.keys ORDER BY id;
 SELECT id, at::timestamp(0) AS at, event, key_id, reason, role FROM immuta.audit_log ORDER BY id;
 
 \echo
-\echo '== 6. Scheduled rollover with pg_cron (the demo preloads it; its jobs live in database postgres)'
+\echo '== 7. Scheduled rollover with pg_cron (the demo preloads it; its jobs live in database postgres)'
 SELECT current_setting('cron.database_name', true) IS NOT NULL AS has_cron \gset
 \if :has_cron
 \c postgres
