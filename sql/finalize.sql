@@ -9,14 +9,15 @@ SELECT k.id,
        k.wrapping_region,
        k.reason,
        k.created_by,
-       k.id = c.current_id AS is_current,
-       CASE WHEN k.id = c.current_id
-            THEN k.created_at + make_interval(secs => immuta.rollover_length_days() * 86400.0)
+       k.id OPERATOR(pg_catalog.=) c.current_id AS is_current,
+       CASE WHEN k.id OPERATOR(pg_catalog.=) c.current_id
+            THEN k.created_at OPERATOR(pg_catalog.+) pg_catalog.make_interval(
+                     secs => immuta.rollover_length_days()::pg_catalog.float8 OPERATOR(pg_catalog.*) 86400.0::pg_catalog.float8)
        END AS rollover_due_at,
        immuta.encryptions_counted(k.id) AS encryptions,
-       CASE WHEN k.id = c.current_id THEN immuta.max_encryptions_per_key() END AS max_encryptions
+       CASE WHEN k.id OPERATOR(pg_catalog.=) c.current_id THEN immuta.max_encryptions_per_key() END AS max_encryptions
 FROM immuta.data_keys k
-CROSS JOIN (SELECT max(id) AS current_id FROM immuta.data_keys) c;
+CROSS JOIN (SELECT pg_catalog.max(id) AS current_id FROM immuta.data_keys) c;
 COMMENT ON VIEW immuta.keys IS 'immuta data keys: which encrypts now, when it rolls over, how much it was used';
 
 -- Privileges (README, "Roles"). Nothing is executable by PUBLIC; each role gets what it is for.
@@ -26,7 +27,8 @@ COMMENT ON VIEW immuta.keys IS 'immuta data keys: which encrypts now, when it ro
 REVOKE ALL ON SCHEMA immuta FROM PUBLIC;
 REVOKE ALL ON ALL TABLES IN SCHEMA immuta FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA immuta FROM PUBLIC;
-REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA immuta FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION immuta.rollover_length_days(), immuta.encryptions_counted(bigint),
+    immuta.max_encryptions_per_key() FROM PUBLIC;
 
 REVOKE EXECUTE ON FUNCTION immuta_encrypt(text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION immuta_decrypt(bytea) FROM PUBLIC;
@@ -49,6 +51,16 @@ GRANT EXECUTE ON FUNCTION immuta_key_id(bytea) TO immuta_admin, immuta_encryptor
 GRANT EXECUTE ON FUNCTION immuta_rotate(), immuta_rotate_if_due(), immuta_rewrap(), immuta_cache_reset(),
     immuta_cache_stats(), immuta_configure(text), immuta_config(), immuta_schedule_rotation(text),
     immuta_unschedule_rotation(), immuta_status() TO immuta_admin;
+
+-- The role that installed immuta may use it in this database and pass that on (GRANT OPTION):
+-- privileges on functions are per database, unlike membership in the three roles.
+GRANT EXECUTE ON FUNCTION immuta_encrypt(text), immuta_decrypt(bytea), immuta_key_id(bytea), immuta_rotate(),
+    immuta_rotate_if_due(), immuta_rewrap(), immuta_cache_reset(), immuta_cache_stats(), immuta_configure(text),
+    immuta_config(), immuta_schedule_rotation(text), immuta_unschedule_rotation(), immuta_status()
+    TO @extowner@ WITH GRANT OPTION;
+GRANT SELECT ON immuta.keys, immuta.audit_log TO @extowner@ WITH GRANT OPTION;
+GRANT EXECUTE ON FUNCTION immuta.rollover_length_days(), immuta.encryptions_counted(bigint),
+    immuta.max_encryptions_per_key() TO @extowner@ WITH GRANT OPTION;
 
 -- The admin reads the keys (without key bytes) and the audit log.
 GRANT USAGE ON SCHEMA immuta TO immuta_admin;

@@ -139,7 +139,7 @@ fn request(op: Op, schedule: &str) -> Result<Outcome, Failure> {
 /// The schema immuta is installed in, quoted as an identifier.
 fn extension_schema() -> String {
     spi(Spi::get_one::<String>(
-        "SELECT quote_ident(n.nspname) FROM pg_catalog.pg_extension e \
+        "SELECT pg_catalog.quote_ident(n.nspname::pg_catalog.text) FROM pg_catalog.pg_extension e \
          JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) e.extnamespace \
          WHERE e.extname OPERATOR(pg_catalog.=) 'immuta'",
     ))
@@ -238,7 +238,8 @@ fn run(request: &Request) -> Outcome {
             let ids = spi(Spi::connect(|client| {
                 client
                     .select(
-                        "SELECT jobid FROM cron.job WHERE jobname = $1 AND username = current_user",
+                        "SELECT jobid FROM cron.job WHERE jobname OPERATOR(pg_catalog.=) $1 \
+                         AND username OPERATOR(pg_catalog.=) CURRENT_USER",
                         None,
                         &[request.job_name.as_str().into()],
                     )?
@@ -252,8 +253,9 @@ fn run(request: &Request) -> Outcome {
         }
         Op::Lookup => Outcome::Found(spi(Spi::connect(|client| {
             let rows = client.select(
-                "SELECT jobid, jobname::text, schedule, active, username FROM cron.job \
-                 WHERE jobname = $1 AND username = current_user ORDER BY jobid LIMIT 1",
+                "SELECT jobid, jobname::pg_catalog.text, schedule, active, username FROM cron.job \
+                 WHERE jobname OPERATOR(pg_catalog.=) $1 AND username OPERATOR(pg_catalog.=) CURRENT_USER \
+                 ORDER BY jobid LIMIT 1",
                 None,
                 &[request.job_name.as_str().into()],
             )?;
@@ -445,6 +447,7 @@ pub extern "C-unwind" fn immuta_cron_worker_main(arg: pg_sys::Datum) {
     }
     PgTryBuilder::new(|| {
         // Never wait long on pg_cron's tables: the requesting backend waits for this worker.
+        spi(Spi::run("SET LOCAL search_path = pg_catalog, pg_temp"));
         spi(Spi::run("SET LOCAL lock_timeout = '10s'"));
         spi(Spi::run("SET LOCAL statement_timeout = '60s'"));
         let outcome = run(&request);

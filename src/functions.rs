@@ -154,7 +154,16 @@ fn immuta_configure(yaml: Option<&str>) -> JsonB {
         );
     }
     // SAFETY: reads whether the current user is a superuser.
-    if config.aws_kms().is_some() && !config.has_explicit_credentials() && !unsafe { pg_sys::superuser() } {
+    let superuser = unsafe { pg_sys::superuser() };
+    if config.has_custom_endpoint() && !superuser {
+        raise(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            "only a superuser may set the AWS KMS endpoint",
+            Some("Data keys are sent to that endpoint to be wrapped, and existing keys to be unwrapped.".into()),
+            Some("Leave extraKmsConfig.endpoint out (the regional AWS endpoint is used), or ask a superuser."),
+        );
+    }
+    if config.aws_kms().is_some() && !config.has_explicit_credentials() && !superuser {
         raise(
             PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
             "only a superuser may configure AWS KMS with the server's own AWS identity",

@@ -92,7 +92,7 @@ fn each_role_can_do_what_it_is_for_and_nothing_else() {
 }
 
 #[test]
-fn a_database_owner_who_is_not_a_superuser_installs_and_uses_immuta() {
+fn a_database_owner_who_is_not_a_superuser_installs_and_uses_immuta_in_that_database_only() {
     let pg = Cluster::start(&[]);
     pg.connect().batch_execute("CREATE ROLE owner LOGIN; CREATE ROLE clerk LOGIN").unwrap();
     pg.connect().batch_execute("CREATE DATABASE shop OWNER owner").unwrap();
@@ -102,12 +102,19 @@ fn a_database_owner_who_is_not_a_superuser_installs_and_uses_immuta() {
         owner.query_one("SELECT immuta_decrypt(immuta_encrypt('card 4111'))", &[]).unwrap().get(0);
     assert_eq!(back, "card 4111");
     owner.query_one("SELECT immuta_rotate()", &[]).unwrap();
+    owner.query_one("SELECT count(*) FROM immuta.keys", &[]).unwrap();
 
-    // The installer holds the roles with ADMIN OPTION and hands them on.
-    owner.batch_execute("GRANT immuta_encryptor TO clerk").unwrap();
+    // The installer passes privileges on in its database (GRANT OPTION), but gets no membership
+    // in the cluster-wide roles: those would reach into every other database.
+    owner.batch_execute("GRANT EXECUTE ON FUNCTION immuta_encrypt(text) TO clerk").unwrap();
     let mut clerk = pg.connect_as("clerk", "shop");
     clerk.query_one("SELECT immuta_encrypt('x')", &[]).unwrap();
     assert_eq!(sqlstate(clerk.query_one("SELECT immuta_decrypt(immuta_encrypt('x'))", &[])), "42501");
+    assert_eq!(sqlstate(owner.batch_execute("GRANT immuta_decryptor TO clerk")), "42501");
+    let mut elsewhere = pg.connect_as("owner", "postgres");
+    for denied in ["SELECT immuta_rotate()", "SELECT immuta_decrypt(immuta_encrypt('x'))", "SELECT immuta_status()"] {
+        assert_eq!(sqlstate(elsewhere.batch_execute(denied)), "42501", "owner in postgres: {denied}");
+    }
 
     // What a non-superuser could abuse stays out of reach, even for the owner.
     for (denied, state) in [
@@ -118,13 +125,64 @@ fn a_database_owner_who_is_not_a_superuser_installs_and_uses_immuta() {
         ("SET immuta.kms_timeout = 1000", "42501"),
         ("SELECT * FROM immuta.data_keys", "42501"),
         ("UPDATE immuta.config SET yaml = ''", "42501"),
+        ("DELETE FROM immuta.audit_log", "42501"),
+        // Adding rows directly is for restoring into a fresh installation only.
+        ("INSERT INTO immuta.data_keys (id, provider, wrapping_key, wrapping_region, wrapped_key, reason) \
+          VALUES (99, 'awsKms', 'arn:aws:kms:us-east-1:1:key/x', 'us-east-1', '\\x00', 'manual')", "42501"),
+        ("INSERT INTO immuta.key_usage VALUES (2, 1)", "42501"),
+        ("INSERT INTO immuta.audit_log (event, reason) VALUES ('cache reset', 'manual')", "42501"),
     ] {
         assert_eq!(sqlstate(owner.batch_execute(denied)), state, "owner: {denied}");
     }
-    // Using the server's own AWS identity is a superuser's decision.
+    // A configuration slipped in directly is left out, with a warning.
+    owner.batch_execute("INSERT INTO immuta.config (yaml) VALUES ('schedule: {dataKeyRollOverLength: 1}')").unwrap();
+    let days: i32 = owner.query_one("SELECT (immuta_config()->'schedule'->>'dataKeyRollOverLength')::int", &[]).unwrap().get(0);
+    assert_eq!(days, 365);
+    // Using the server's own AWS identity, or choosing where keys are sent, is a superuser's decision.
     let kms = "plugins: {awsKms: {plugin: awsKms, isKms: true, keyId: alias/x, region: us-east-1}}";
-    let refused = owner.query_one("SELECT immuta_configure($1)", &[&kms]);
-    assert_eq!(sqlstate(refused), "42501");
+    assert_eq!(sqlstate(owner.query_one("SELECT immuta_configure($1)", &[&kms])), "42501");
+    let endpoint = "plugins: {awsKms: {plugin: awsKms, isKms: false, keyId: alias/x, region: us-east-1, \
+                    extraKmsConfig: {endpoint: 'https://kms.example.com'}}}";
+    assert_eq!(sqlstate(owner.query_one("SELECT immuta_configure($1)", &[&endpoint])), "42501");
+}
+
+#[test]
+fn a_role_of_immutas_names_that_can_log_in_is_not_adopted() {
+    let pg = Cluster::start(&[]);
+    let mut c = pg.connect();
+    c.batch_execute("DROP EXTENSION immuta; DROP ROLE immuta_decryptor; CREATE ROLE immuta_decryptor LOGIN").unwrap();
+    let text = error_text(c.batch_execute("CREATE EXTENSION immuta"));
+    assert!(text.contains("\"immuta_decryptor\" exists and can log in"), "{text}");
+    c.batch_execute("ALTER ROLE immuta_decryptor NOLOGIN; CREATE EXTENSION immuta").unwrap();
+}
+
+#[test]
+fn look_alikes_planted_before_installation_never_bind_into_immuta() {
+    let pg = Cluster::start(&[]);
+    pg.connect().batch_execute("CREATE ROLE owner LOGIN").unwrap();
+    pg.connect().batch_execute("CREATE DATABASE shop OWNER owner").unwrap();
+    let mut owner = pg.connect_as("owner", "shop");
+    // Better matches than pg_catalog's for what the install script uses; each raises if called.
+    owner
+        .batch_execute(
+            "CREATE FUNCTION public.nextval(text) RETURNS bigint LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'hijacked nextval'; END $$;
+             CREATE FUNCTION public.mul(integer, numeric) RETURNS numeric LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'hijacked *'; END $$;
+             CREATE OPERATOR public.* (LEFTARG = integer, RIGHTARG = numeric, FUNCTION = public.mul);
+             CREATE FUNCTION public.make_interval(secs numeric) RETURNS interval LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'hijacked make_interval'; END $$;
+             CREATE FUNCTION public.max(bigint) RETURNS bigint LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'hijacked max'; END $$;
+             CREATE FUNCTION public.format(text, text) RETURNS text LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'hijacked format'; END $$;",
+        )
+        .unwrap();
+    owner.batch_execute("CREATE EXTENSION immuta").unwrap();
+    owner
+        .batch_execute(
+            "SELECT immuta_encrypt('x'); SELECT immuta_rotate(); SELECT immuta_cache_reset();
+             SELECT * FROM immuta.keys; SELECT * FROM immuta.audit_log;",
+        )
+        .unwrap();
+    // A superuser reading the view must not run the owner's code either.
+    pg.connect_to("shop").batch_execute("SELECT * FROM immuta.keys").unwrap();
+    assert!(!pg.log().contains("hijacked"), "{}", pg.log());
 }
 
 #[test]

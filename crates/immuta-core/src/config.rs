@@ -187,10 +187,11 @@ impl Config {
             }
             if let Some(extra) = &kms.extra {
                 if let Some(endpoint) = &extra.endpoint {
-                    if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+                    if !(endpoint.starts_with("https://") || is_loopback_http(endpoint)) {
                         return Err(invalid(
                             "plugins.awsKms.extraKmsConfig.endpoint",
-                            "must be an http:// or https:// URL",
+                            "must be an https:// URL (http:// only to this machine: 127.0.0.1, [::1] or localhost), \
+                             since data keys travel to it",
                         ));
                     }
                 }
@@ -226,6 +227,11 @@ impl Config {
             region: kms.region.as_deref()?,
             access: self.aws_access(),
         })
+    }
+
+    /// Whether the document names a KMS endpoint (`extraKmsConfig.endpoint`), enabled or not.
+    pub fn has_custom_endpoint(&self) -> bool {
+        self.aws_access().endpoint.is_some()
     }
 
     /// The endpoint and credentials of the `awsKms` block, whether or not it is enabled.
@@ -301,6 +307,17 @@ fn type_reason(e: &serde_yaml::Error) -> String {
         return format!("invalid value, expected {expected}");
     }
     text
+}
+
+/// `http://` to a loopback address: a KMS stand-in on this machine (tests, a local proxy).
+fn is_loopback_http(url: &str) -> bool {
+    let Some(rest) = url.strip_prefix("http://") else { return false };
+    let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    };
+    host == "localhost" || host == "::1" || host.split('.').next() == Some("127") && host.split('.').count() == 4
 }
 
 #[cfg(test)]
@@ -399,6 +416,10 @@ mod tests {
         );
         assert_eq!(
             err_path(&base("    plugin: awsKms\n    isKms: true\n    keyId: k\n    region: us-east-1\n    extraKmsConfig:\n      endpoint: ftp://x\n")),
+            "plugins.awsKms.extraKmsConfig.endpoint"
+        );
+        assert_eq!(
+            err_path(&base("    plugin: awsKms\n    isKms: true\n    keyId: k\n    region: us-east-1\n    extraKmsConfig:\n      endpoint: http://kms.example.com\n")),
             "plugins.awsKms.extraKmsConfig.endpoint"
         );
         assert_eq!(
