@@ -26,7 +26,7 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 help:
 	@echo "make demo   install prerequisites, build and install immuta, start a demo cluster, run a walkthrough"
 	@echo "make test   install prerequisites, run every test tier (unit, in-backend, system)"
-	@echo "make bench  install, then measure immuta against the function-call floor (bench/run.sh)"
+	@echo "make bench  install, then measure immuta against the function-call floor, pgcrypto, pgbench (bench/run.sh)"
 
 ## Prerequisites: Debian packages, cargo-pgrx $(PGRX_VERSION), pgrx pointed at Debian's PostgreSQL 15,
 ## and moto (AWS KMS on loopback, for the tests) in .venv.

@@ -1,8 +1,17 @@
 #!/usr/bin/env bash
-# immuta benchmark: per-row cost of immuta_encrypt / immuta_decrypt against the function-call
-# floor, on one table of 1,000,000 rows of 96-character text, in one run. Each query runs
-# $RUNS times (default 5) inside the server (plpgsql, clock_timestamp around EXECUTE) and the
-# median is reported. Needs the extension installed (`make bench` does that).
+# immuta benchmark: everything in one run, on one table of 1,000,000 rows of 96-character text,
+# each query timed $RUNS times (default 5) inside the server (plpgsql, clock_timestamp around
+# EXECUTE) and the median reported:
+#   - the floor, count(length(v)), and immuta_encrypt / immuta_decrypt over all rows;
+#   - pgcrypto's encrypt()/decrypt() (raw AES, 32-byte key) over all rows, and pgp_sym_encrypt()
+#     over 20,000 rows, scaled per row;
+#   - the floor and immuta_decrypt in a parallel query with 2 workers;
+#   - AWS KMS unwraps after a restart, with 8 connections decrypting values under 3 keys (moto's
+#     KMS on loopback);
+#   - pgbench: INSERT of a row with an encrypted column against the same INSERT in plain text.
+# One table and the targets go to stdout and to bench/results/latest.txt. Needs the extension
+# installed and moto in .venv (`make bench` does both). Everything runs on this machine: a
+# cluster in $BENCH_DIR on a Unix socket, moto on 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,32 +19,64 @@ PG_BIN=/usr/lib/postgresql/15/bin
 DIR=${BENCH_DIR:-/tmp/immuta-bench}
 PORT=${BENCH_PORT:-5498}
 ROWS=${BENCH_ROWS:-1000000}
+PGP_ROWS=${BENCH_PGP_ROWS:-20000}
 RUNS=${RUNS:-5}
+PGBENCH_SECONDS=${PGBENCH_SECONDS:-15}
 OUT=bench/results/latest.txt
 if [ "$(id -u)" = 0 ]; then AS_PG=(runuser -u postgres --); else AS_PG=(sudo -u postgres); fi
+# The server's environment: nothing of ours, and an AWS SDK that never leaves loopback.
+SERVER_ENV=(env -i PATH=/usr/local/bin:/usr/bin:/bin AWS_EC2_METADATA_DISABLED=true
+            AWS_CONFIG_FILE=/dev/null AWS_SHARED_CREDENTIALS_FILE=/dev/null)
+MOTO_PID=
 
-stop() { "${AS_PG[@]}" "$PG_BIN/pg_ctl" -D "$DIR/data" -m fast -w stop >/dev/null 2>&1 || true; }
+stop() {
+  "${AS_PG[@]}" "$PG_BIN/pg_ctl" -D "$DIR/data" -m fast -w stop >/dev/null 2>&1 || true
+  if [ -n "$MOTO_PID" ]; then kill "$MOTO_PID" 2>/dev/null || true; fi
+}
 trap stop EXIT
+
+pg_start() { "${AS_PG[@]}" "${SERVER_ENV[@]}" "$PG_BIN/pg_ctl" -D "$DIR/data" -l "$DIR/server.log" -w start >/dev/null; }
+psql() { "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h "$DIR" -p "$PORT" -U postgres "$@"; }
 
 stop
 rm -rf "$DIR"; mkdir -p "$DIR"; chown postgres: "$DIR"
 "${AS_PG[@]}" "$PG_BIN/initdb" -D "$DIR/data" -E UTF8 --locale=C -A trust -U postgres >/dev/null
-{
-  cat pgrx-config/postgresql.demo.conf
-  echo "unix_socket_directories = '$DIR'"; echo "port = $PORT"
-  echo "shared_buffers = 1GB"; echo "fsync = off"; echo "synchronous_commit = off"
-  echo "max_parallel_workers_per_gather = 0"; echo "jit = off"
-} | "${AS_PG[@]}" tee -a "$DIR/data/postgresql.conf" >/dev/null
-"${AS_PG[@]}" "$PG_BIN/pg_ctl" -D "$DIR/data" -l "$DIR/server.log" -w start >/dev/null
+cat <<CONF | "${AS_PG[@]}" tee -a "$DIR/data/postgresql.conf" >/dev/null
+listen_addresses = ''
+unix_socket_directories = '$DIR'
+port = $PORT
+shared_preload_libraries = 'immuta'
+shared_buffers = 1GB
+fsync = off
+synchronous_commit = off
+jit = off
+max_parallel_workers_per_gather = 0
+max_worker_processes = 8
+max_parallel_workers = 4
+CONF
+pg_start
 
-psql() { "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h "$DIR" -p "$PORT" -U postgres -d postgres "$@"; }
+# moto's KMS on a free loopback port, and one KMS key.
+MOTO_PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+.venv/bin/moto_server -H 127.0.0.1 -p "$MOTO_PORT" >"$DIR/moto.log" 2>&1 &
+MOTO_PID=$!
+for _ in $(seq 100); do
+  python3 -c "import socket; socket.create_connection(('127.0.0.1', $MOTO_PORT), 0.2)" 2>/dev/null && break
+  sleep 0.1
+done
+KMS_KEY=$(.venv/bin/python tests/kms/fixture.py "http://127.0.0.1:$MOTO_PORT" create-key)
 
-psql <<SQL
+echo "building $ROWS rows and their encrypted copies..." >&2
+psql -d postgres <<SQL
 CREATE EXTENSION immuta;
+CREATE EXTENSION pgcrypto;
 CREATE TABLE t AS SELECT left(repeat(md5(i::text), 3), 96) AS v FROM generate_series(1, $ROWS) i;
 CREATE TABLE c AS SELECT immuta_encrypt(v) AS c FROM t;
-VACUUM (FREEZE, ANALYZE) t; VACUUM (FREEZE, ANALYZE) c;
-CREATE FUNCTION bench(name text, q text, runs int) RETURNS TABLE (label text, median_s float8)
+CREATE TABLE pc AS SELECT encrypt(convert_to(v, 'UTF8'), '\\x$(printf 'ab%.0s' $(seq 32))'::bytea, 'aes') AS c FROM t;
+CREATE TABLE tp AS SELECT v FROM t LIMIT $PGP_ROWS;
+VACUUM (FREEZE, ANALYZE) t; VACUUM (FREEZE, ANALYZE) c; VACUUM (FREEZE, ANALYZE) pc; VACUUM (FREEZE, ANALYZE) tp;
+CREATE TABLE results (ord serial, label text PRIMARY KEY, seconds float8, rows int8);
+CREATE FUNCTION bench(label text, q text, nrows int8, runs int) RETURNS void
 LANGUAGE plpgsql AS \$\$
 DECLARE t0 timestamptz; times float8[] := '{}';
 BEGIN
@@ -45,25 +86,122 @@ BEGIN
     EXECUTE q;
     times := times || extract(epoch FROM clock_timestamp() - t0)::float8;
   END LOOP;
-  RETURN QUERY SELECT name, percentile_cont(0.5) WITHIN GROUP (ORDER BY x) FROM unnest(times) x;
+  INSERT INTO results (label, seconds, rows)
+  SELECT label, percentile_cont(0.5) WITHIN GROUP (ORDER BY x), nrows FROM unnest(times) x;
 END \$\$;
 SQL
+
+echo "timing the queries..." >&2
+KEY="'\\x$(printf 'ab%.0s' $(seq 32))'::bytea"
+psql -d postgres >/dev/null <<SQL
+SELECT bench('floor: count(length(v))', 'SELECT count(length(v)) FROM t', $ROWS, $RUNS);
+SELECT bench('immuta_encrypt(v)', 'SELECT count(immuta_encrypt(v)) FROM t', $ROWS, $RUNS);
+SELECT bench('immuta_decrypt(c)', 'SELECT count(immuta_decrypt(c)) FROM c', $ROWS, $RUNS);
+SELECT bench('pgcrypto encrypt(v, key, ''aes'')',
+             \$q\$SELECT count(encrypt(convert_to(v, 'UTF8'), $KEY, 'aes')) FROM t\$q\$, $ROWS, $RUNS);
+SELECT bench('pgcrypto decrypt(c, key, ''aes'')',
+             \$q\$SELECT count(convert_from(decrypt(c, $KEY, 'aes'), 'UTF8')) FROM pc\$q\$, $ROWS, $RUNS);
+SELECT bench('pgcrypto pgp_sym_encrypt(v, pass)',
+             \$q\$SELECT count(pgp_sym_encrypt(v, 'passphrase')) FROM tp\$q\$, $PGP_ROWS, 3);
+-- Parallel: 2 workers, the leader only gathering.
+SET max_parallel_workers_per_gather = 2;
+SET parallel_leader_participation = off;
+SET parallel_setup_cost = 0;
+SET parallel_tuple_cost = 0;
+SET min_parallel_table_scan_size = 0;
+SELECT bench('parallel, 2 workers: floor', 'SELECT count(length(v)) FROM t', $ROWS, $RUNS);
+SELECT bench('parallel, 2 workers: immuta_decrypt(c)', 'SELECT count(immuta_decrypt(c)) FROM c', $ROWS, $RUNS);
+SELECT bench('parallel, 2 workers: immuta_encrypt(v)', 'SELECT count(immuta_encrypt(v)) FROM t', $ROWS, $RUNS);
+SQL
+PLAN=$(psql -d postgres -At -c "SET max_parallel_workers_per_gather = 2; SET parallel_leader_participation = off;
+  SET parallel_setup_cost = 0; SET parallel_tuple_cost = 0; SET min_parallel_table_scan_size = 0;
+  EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) SELECT count(immuta_decrypt(c)) FROM c" | grep -E 'Workers (Planned|Launched)' | xargs)
+
+echo "AWS KMS: values under 3 keys, a restart, 8 connections..." >&2
+psql -d postgres -c "CREATE DATABASE kms"
+YAML="plugins:
+  awsKms:
+    plugin: awsKms
+    isKms: true
+    keyId: $KMS_KEY
+    region: us-east-1
+    extraKmsConfig:
+      endpoint: http://127.0.0.1:$MOTO_PORT
+      credentials: {accessKeyId: testing, secretAccessKey: testing}"
+psql -d kms -v yaml="$YAML" <<'SQL' 2>/dev/null
+CREATE EXTENSION immuta;
+SELECT immuta_configure(:'yaml') \g /dev/null
+CREATE TABLE kv AS SELECT immuta_encrypt('first ' || i) AS c FROM generate_series(1, 1000) i;
+SELECT immuta_rotate() \g /dev/null
+INSERT INTO kv SELECT immuta_encrypt('second ' || i) FROM generate_series(1, 1000) i;
+SELECT immuta_rotate() \g /dev/null
+INSERT INTO kv SELECT immuta_encrypt('third ' || i) FROM generate_series(1, 1000) i;
+SQL
+"${AS_PG[@]}" "$PG_BIN/pg_ctl" -D "$DIR/data" -m fast -w stop >/dev/null
+pg_start
+READERS=()
+for _ in $(seq 8); do psql -d kms -At -c "SELECT count(immuta_decrypt(c)) FROM kv" >/dev/null & READERS+=($!); done
+wait "${READERS[@]}"
+KEYS_IN_USE=$(psql -d kms -At -c "SELECT count(DISTINCT immuta_key_id(c)) FROM kv")
+KMS_UNWRAPS=$(psql -d kms -At -c "SELECT immuta_cache_stats()->>'kms_unwraps'")
+
+echo "pgbench: INSERT plain vs encrypted, ${PGBENCH_SECONDS}s each, alternating, three rounds..." >&2
+psql -d postgres -c "CREATE TABLE pb_plain (id int, v text); CREATE TABLE pb_encrypted (id int, v bytea)"
+pgbench_tps() {
+  "$PG_BIN/pgbench" -h "$DIR" -p "$PORT" -U postgres -n -M prepared -c 2 -j 2 -T "$PGBENCH_SECONDS" \
+    -f "$1" postgres 2>/dev/null | awk '/^tps = / {print $3}'
+}
+PLAIN=(); ENCRYPTED=()
+for _ in 1 2 3; do
+  PLAIN+=("$(pgbench_tps bench/pgbench_plain.sql)")
+  ENCRYPTED+=("$(pgbench_tps bench/pgbench_encrypted.sql)")
+done
+PLAIN_CSV=$(IFS=,; echo "${PLAIN[*]}"); ENCRYPTED_CSV=$(IFS=,; echo "${ENCRYPTED[*]}")
 
 {
   echo "immuta benchmark, $(date -u +%Y-%m-%dT%H:%MZ), $ROWS rows of 96-character text, median of $RUNS runs"
   echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}')"
   echo
-  psql -P footer=off <<SQL
-WITH r AS (
-  SELECT * FROM bench('floor: count(length(v))',     'SELECT count(length(v)) FROM t', $RUNS)
-  UNION ALL SELECT * FROM bench('immuta_encrypt(v)', 'SELECT count(immuta_encrypt(v)) FROM t', $RUNS)
-  UNION ALL SELECT * FROM bench('immuta_decrypt(c)', 'SELECT count(immuta_decrypt(c)) FROM c', $RUNS)
-)
-SELECT label AS query,
-       round(median_s::numeric, 3) AS seconds,
-       round((median_s / (SELECT median_s FROM r WHERE label LIKE 'floor%'))::numeric, 2) AS ratio_to_floor,
-       round((median_s * 1e9 / $ROWS)::numeric) AS ns_per_row
-FROM r;
+  psql -d postgres -P footer=off <<SQL
+WITH r AS (SELECT ord, label, seconds * $ROWS / rows AS s FROM results),
+     base AS (SELECT (SELECT s FROM r WHERE label = 'floor: count(length(v))') AS floor,
+                     (SELECT s FROM r WHERE label LIKE 'pgcrypto encrypt%') AS pe,
+                     (SELECT s FROM r WHERE label LIKE 'pgcrypto decrypt%') AS pd,
+                     (SELECT s FROM r WHERE label LIKE 'pgcrypto pgp%') AS pp)
+SELECT r.label AS "query (seconds for $ROWS rows)",
+       round(r.s::numeric, 3) AS seconds,
+       round((r.s * 1e9 / $ROWS)::numeric) AS ns_per_row,
+       round((r.s / floor)::numeric, 2) AS x_floor,
+       round((pe / r.s)::numeric, 1) AS faster_than_pgcrypto_encrypt,
+       round((pd / r.s)::numeric, 1) AS faster_than_pgcrypto_decrypt,
+       round((pp / r.s)::numeric, 0) AS faster_than_pgp_sym_encrypt
+FROM r, base ORDER BY r.ord;
+SQL
+  echo "pgp_sym_encrypt was timed over $PGP_ROWS rows and scaled to $ROWS."
+  echo "parallel plan: $PLAN"
+  echo
+  echo "AWS KMS after a restart, 8 connections decrypting values under $KEYS_IN_USE keys: $KMS_UNWRAPS KMS unwraps"
+  echo "pgbench INSERT tps (2 clients, ${PGBENCH_SECONDS}s, three rounds each, compared by median): plain ${PLAIN[*]}; encrypted ${ENCRYPTED[*]}"
+  echo
+  psql -d postgres -At <<SQL
+WITH r AS (SELECT label, seconds * $ROWS / rows AS s FROM results),
+     v AS (SELECT (SELECT s FROM r WHERE label = 'floor: count(length(v))') AS floor,
+                  (SELECT s FROM r WHERE label = 'immuta_encrypt(v)') AS enc,
+                  (SELECT s FROM r WHERE label = 'immuta_decrypt(c)') AS dec,
+                  (SELECT s FROM r WHERE label LIKE 'pgcrypto encrypt%') AS pe,
+                  (SELECT s FROM r WHERE label LIKE 'pgcrypto decrypt%') AS pd,
+                  (SELECT s FROM r WHERE label LIKE 'pgcrypto pgp%') AS pp,
+                  (SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY x) FROM unnest('{$PLAIN_CSV}'::float8[]) x) AS plain_tps,
+                  (SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY x) FROM unnest('{$ENCRYPTED_CSV}'::float8[]) x) AS enc_tps)
+SELECT format('%-58s %-10s %s', target, CASE WHEN ok THEN 'met' ELSE 'MISSED' END, measured) FROM v, LATERAL (VALUES
+  ('immuta_encrypt at most 1.3x the floor', enc / floor <= 1.3, round((enc / floor)::numeric, 2) || 'x'),
+  ('immuta_decrypt at most 1.3x the floor', dec / floor <= 1.3, round((dec / floor)::numeric, 2) || 'x'),
+  ('immuta_encrypt at least 2.5x faster than pgcrypto encrypt()', pe / enc >= 2.5, round((pe / enc)::numeric, 1) || 'x'),
+  ('immuta_decrypt at least 2.5x faster than pgcrypto decrypt()', pd / dec >= 2.5, round((pd / dec)::numeric, 1) || 'x'),
+  ('immuta_encrypt at least 200x faster than pgp_sym_encrypt', pp / enc >= 200, round((pp / enc)::numeric) || 'x'),
+  ('KMS unwraps after restart = keys in use ($KEYS_IN_USE)', '$KMS_UNWRAPS' = '$KEYS_IN_USE', '$KMS_UNWRAPS unwraps'),
+  ('pgbench INSERT encrypted at least 0.9x plain tps', enc_tps / plain_tps >= 0.9, round((enc_tps / plain_tps)::numeric, 3) || 'x')
+) t(target, ok, measured);
 SQL
 } | tee "$OUT.tmp"
 mkdir -p "$(dirname "$OUT")"; mv "$OUT.tmp" "$OUT"
