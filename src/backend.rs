@@ -101,11 +101,12 @@ impl Backend {
 
     /// The current key and what is left of this backend's grant under it, if the key is not due
     /// and the grant not spent.
+    /// A grant no row covers is dropped here, first, once this transaction could write one.
     fn spendable(&mut self, now: UnixMicros) -> Option<(KeyId, u64)> {
-        let current = self.ring.current().filter(|c| now < c.due_at)?;
         if self.budget_uncovered && usage::grants_are_covered() {
             self.drop_grant();
         }
+        let current = self.ring.current().filter(|c| now < c.due_at)?;
         (self.budget > 0 && self.budget_key == Some(current.id)).then_some((current.id, self.budget))
     }
 
@@ -301,12 +302,8 @@ pub fn encrypt(plaintext: &[u8]) -> varlena::Bytea {
     if let Some(sealed) = fast {
         return sealed;
     }
-    let held = BACKEND.with_borrow_mut(|b| {
-        if b.budget_uncovered && usage::grants_are_covered() {
-            b.drop_grant();
-        }
-        b.budget_key.map(|id| (id, b.budget))
-    });
+    // The fast path's `spendable` has already dropped a grant that must not be spent here.
+    let held = BACKEND.with_borrow(|b| b.budget_key.map(|id| (id, b.budget)));
     let (id, budget) = keys::current_for_encrypt(now, held);
     // Kept before the key is loaded: a failing unwrap must not waste the grant.
     let covered = usage::grants_are_covered();

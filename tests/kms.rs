@@ -5,17 +5,8 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::kms::{Mode, Moto, Proxy, REGION};
+use support::kms::{kms_yaml, Mode, Moto, Proxy, REGION};
 use support::*;
-
-/// The YAML of the Immuta documentation's second shape, pointed at a test endpoint.
-fn kms_yaml(key: &str, endpoint: &str, access_key: &str, secret: &str) -> String {
-    format!(
-        "plugins:\n  awsKms:\n    plugin: awsKms\n    isKms: true\n    keyId: {key}\n    region: {REGION}\n    \
-         extraKmsConfig:\n      endpoint: {endpoint}\n      credentials:\n        accessKeyId: {access_key}\n        \
-         secretAccessKey: {secret}\n"
-    )
-}
 
 fn configure(c: &mut postgres::Client, yaml: &str) {
     c.execute("SELECT immuta_configure($1)", &[&yaml]).unwrap();

@@ -7,19 +7,11 @@ mod support;
 use immuta_core::key::{KeyId, WrappedKey, WrappingKeyRef};
 use immuta_core::local::{Create, LocalProvider};
 use immuta_core::provider::KeyProvider;
-use support::kms::{Moto, REGION};
+use support::kms::{kms_yaml, Moto};
 use support::*;
 
 const FILE_SECRET: &str = "file-secret-in-a-bad-config-file-000000";
 const WRONG_SECRET: &str = "wrong-secret-that-kms-refuses-1111111111";
-
-fn kms_yaml(key: &str, endpoint: &str, access_key: &str, secret: &str) -> String {
-    format!(
-        "plugins:\n  awsKms:\n    plugin: awsKms\n    isKms: true\n    keyId: {key}\n    region: {REGION}\n    \
-         extraKmsConfig:\n      endpoint: {endpoint}\n      credentials:\n        accessKeyId: {access_key}\n        \
-         secretAccessKey: {secret}\n"
-    )
-}
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()

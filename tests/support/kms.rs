@@ -13,6 +13,16 @@ use std::time::{Duration, Instant};
 
 pub const REGION: &str = "us-east-1";
 
+/// The YAML of the Immuta documentation's second shape: KMS key `key` in [`REGION`], reached at
+/// `endpoint` with explicit credentials.
+pub fn kms_yaml(key: &str, endpoint: &str, access_key: &str, secret: &str) -> String {
+    format!(
+        "plugins:\n  awsKms:\n    plugin: awsKms\n    isKms: true\n    keyId: {key}\n    region: {REGION}\n    \
+         extraKmsConfig:\n      endpoint: {endpoint}\n      credentials:\n        accessKeyId: {access_key}\n        \
+         secretAccessKey: {secret}\n"
+    )
+}
+
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }

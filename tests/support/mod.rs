@@ -77,6 +77,19 @@ fn as_postgres_ok(program: &str, args: &[&str], env: &[(String, String)], log: i
     assert!(out.status.success(), "{program} failed: {}\n{}", String::from_utf8_lossy(&out.stderr), log());
 }
 
+/// A new, empty directory for one cluster, owned by `postgres`.
+fn fresh_root() -> PathBuf {
+    let root = PathBuf::from(format!(
+        "/tmp/immuta-systest-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = fs::remove_dir_all(&root);
+    fs::create_dir_all(&root).unwrap();
+    chown_to_postgres(&root);
+    root
+}
+
 fn chown_to_postgres(path: &Path) {
     if is_root() {
         let ok =
@@ -94,14 +107,7 @@ impl Cluster {
 
     /// [`Cluster::start`] with extra environment variables for the server process.
     pub fn start_with_env(settings: &[&str], env: &[(&str, &str)]) -> Cluster {
-        let root = PathBuf::from(format!(
-            "/tmp/immuta-systest-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = fs::remove_dir_all(&root);
-        fs::create_dir_all(&root).unwrap();
-        chown_to_postgres(&root);
+        let root = fresh_root();
         let data = root.join("data");
         let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let cluster = Cluster { root, data, env };
@@ -217,14 +223,7 @@ impl Cluster {
     /// A streaming standby of this cluster, made with `pg_basebackup -R` (so it has this
     /// cluster's master key file), listening on its own socket directory, and started.
     pub fn start_standby(&self) -> Cluster {
-        let root = PathBuf::from(format!(
-            "/tmp/immuta-systest-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = fs::remove_dir_all(&root);
-        fs::create_dir_all(&root).unwrap();
-        chown_to_postgres(&root);
+        let root = fresh_root();
         let data = root.join("data");
         self.run_client("pg_basebackup", &["-D", data.to_str().unwrap(), "-R", "-X", "stream", "-c", "fast"]);
         let standby = Cluster { root, data, env: self.env.clone() };
