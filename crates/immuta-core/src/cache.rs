@@ -10,6 +10,14 @@
 //! A key is identified by database, key id *and* a digest of its wrapped bytes: key ids restart
 //! when the extension is dropped and created again, or a database is restored elsewhere, and the
 //! digest keeps a stale slot from ever answering for a different key with the same id.
+//!
+//! The table is shared by every database of the cluster, and each database may be a different
+//! tenant, so no database may use it against another ([`fair_victim`]): when it is full, the
+//! slot given up is the least recently used one of the database that holds the most slots (the
+//! requesting database's own if it holds as many as any other). A database can take a slot from
+//! another only while it holds fewer than that one, so each keeps at least its fair share
+//! (capacity divided by the databases using the cache) of what it needs, however many keys
+//! another creates. Resets and statistics are per database too ([`DatabaseEntry`]).
 
 use sha2::{Digest, Sha256};
 use zeroize::Zeroize;
@@ -106,8 +114,9 @@ pub fn touch(slots: &mut [Slot], ident: &KeyIdent, tick: u64) {
 
 /// What claiming a slot did.
 pub enum Claim {
-    /// The caller must unwrap the key and `fill` this slot (or `abandon` it).
-    Claimed { index: usize, evicted: bool },
+    /// The caller must unwrap the key and `fill` this slot (or `abandon` it). `evicted` names the
+    /// database whose live key was given up for it, if one was.
+    Claimed { index: usize, evicted: Option<u32> },
     /// Someone else holds it: ready, or being loaded.
     Taken(Lookup),
     /// Every slot is being loaded: unwrap without caching.
@@ -115,7 +124,8 @@ pub enum Claim {
 }
 
 /// Claims a slot for loading `ident` by `pid` until `deadline`: reuses its own expired slot, or
-/// an empty one, or evicts the least recently used ready one (zeroizing it). A slot left loading
+/// an empty, expired or abandoned one, or evicts a live one chosen by [`fair_victim`]
+/// (zeroizing it). A slot left loading
 /// by a process that died (`alive(pid)` is false) or that overran its deadline is taken over.
 pub fn claim(
     slots: &mut [Slot],
@@ -141,19 +151,15 @@ pub fn claim(
             }
         }
     }
-    let mut evicted = false;
-    let index = match target.or_else(|| slots.iter().position(|s| s.state == EMPTY)) {
+    let mut evicted = None;
+    let garbage = |s: &Slot| s.state == EMPTY || (s.state == READY && s.expires_at <= now.0) || stuck(s);
+    let index = match target.or_else(|| slots.iter().position(garbage)) {
         Some(i) => i,
         None => {
-            let victim = slots
-                .iter()
-                .enumerate()
-                .filter(|(_, s)| s.state == READY || stuck(s))
-                .min_by_key(|(_, s)| (s.state == READY && s.expires_at > now.0, s.last_used))
-                .map(|(i, _)| i);
-            match victim {
+            let live = |s: &Slot| s.state == READY;
+            match fair_victim(slots, ident.database, |s| s.ident.database, live, |s| s.last_used) {
                 Some(i) => {
-                    evicted = slots[i].state == READY && slots[i].expires_at > now.0;
+                    evicted = Some(slots[i].ident.database);
                     i
                 }
                 None => return Claim::Full,
@@ -167,6 +173,39 @@ pub fn claim(
     slot.ident = *ident;
     slot.expires_at = deadline.0;
     Claim::Claimed { index, evicted }
+}
+
+/// The slot to give up when a table shared by databases is full and `requester` needs one: the
+/// least recently used (`age`) of the `evictable` slots of the database holding the most slots
+/// (occupied ones: `database` is not 0), or of `requester` itself when it holds as many as
+/// that one. `None` when nothing is evictable. Used for key slots and usage counter slots alike.
+pub fn fair_victim<T>(
+    items: &[T],
+    requester: u32,
+    database: impl Fn(&T) -> u32,
+    evictable: impl Fn(&T) -> bool,
+    age: impl Fn(&T) -> u64,
+) -> Option<usize> {
+    let mut held = std::collections::HashMap::<u32, usize>::new();
+    for item in items {
+        match database(item) {
+            0 => {}
+            db => *held.entry(db).or_default() += 1,
+        }
+    }
+    let mine = held.get(&requester).copied().unwrap_or(0);
+    // Databases by slots held, most first; ties go to the requester, then to the lower oid, so
+    // the choice does not depend on the order of the table.
+    let mut order: Vec<(u32, usize)> = held.into_iter().collect();
+    order.sort_by_key(|&(db, n)| (std::cmp::Reverse(n), db != requester, db));
+    order.into_iter().filter(|&(db, n)| db == requester || n > mine).find_map(|(db, _)| {
+        items
+            .iter()
+            .enumerate()
+            .filter(|(_, item)| database(item) == db && evictable(item))
+            .min_by_key(|(_, item)| age(item))
+            .map(|(i, _)| i)
+    })
 }
 
 /// Publishes the unwrapped key in the slot the caller (`pid`) claimed.
@@ -198,16 +237,134 @@ pub fn abandon(slots: &mut [Slot], index: usize, ident: &KeyIdent, pid: i32) {
     }
 }
 
-/// Zeroizes and empties every slot; returns how many held a key.
-pub fn clear_all(slots: &mut [Slot]) -> usize {
-    let n = slots.iter().filter(|s| s.state == READY).count();
-    slots.iter_mut().for_each(Slot::clear);
+/// Zeroizes and empties every slot of `database`, or every slot of the cluster when `None`;
+/// returns how many held a key.
+pub fn clear(slots: &mut [Slot], database: Option<u32>) -> usize {
+    let mine = |s: &Slot| s.state != EMPTY && database.is_none_or(|db| s.ident.database == db);
+    let n = slots.iter().filter(|s| s.state == READY && mine(s)).count();
+    slots.iter_mut().filter(|s| mine(s)).for_each(Slot::clear);
     n
 }
 
-/// Number of slots holding a ready key.
-pub fn ready_count(slots: &[Slot], now: UnixMicros) -> usize {
-    slots.iter().filter(|s| s.state == READY && s.expires_at > now.0).count()
+/// Number of slots holding a ready key, of `database` or of the whole cluster.
+pub fn ready_count(slots: &[Slot], now: UnixMicros, database: Option<u32>) -> usize {
+    slots
+        .iter()
+        .filter(|s| s.state == READY && s.expires_at > now.0)
+        .filter(|s| database.is_none_or(|db| s.ident.database == db))
+        .count()
+}
+
+/// What one database did with the shared cache since the server started.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DatabaseStats {
+    /// Keys found ready in the shared cache.
+    pub hits: u64,
+    /// Keys that had to be unwrapped (or waited for).
+    pub misses: u64,
+    pub kms_unwraps: u64,
+    pub local_unwraps: u64,
+    /// This database's live keys given up to make room (for this or another database).
+    pub evictions: u64,
+}
+
+impl DatabaseStats {
+    pub fn add(&mut self, other: &DatabaseStats) {
+        self.hits += other.hits;
+        self.misses += other.misses;
+        self.kms_unwraps += other.kms_unwraps;
+        self.local_unwraps += other.local_unwraps;
+        self.evictions += other.evictions;
+    }
+}
+
+/// A database's own state in the shared cache: its reset generation and its statistics. Entries
+/// are never reused for another database while the server runs, so a generation seen once is
+/// never seen again for the same database (no ABA); when the table is full, further databases
+/// share [`DatabaseTable::overflow`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DatabaseEntry {
+    /// The database's oid; 0 for a free entry.
+    pub database: u32,
+    /// Changed by every `immuta_cache_reset()` in the database, to a value never used before.
+    pub reset_generation: u64,
+    pub stats: DatabaseStats,
+}
+
+impl DatabaseEntry {
+    pub const EMPTY: DatabaseEntry = DatabaseEntry {
+        database: 0,
+        reset_generation: 0,
+        stats: DatabaseStats { hits: 0, misses: 0, kms_unwraps: 0, local_unwraps: 0, evictions: 0 },
+    };
+}
+
+/// The entries of the databases that used the cache, and what the rest share.
+pub struct DatabaseTable<'a> {
+    pub entries: &'a mut [DatabaseEntry],
+    /// Statistics of the databases that found no free entry.
+    pub overflow: &'a mut DatabaseStats,
+}
+
+impl DatabaseTable<'_> {
+    /// The entry of `database`, taking a free one if it has none; `None` when the table is full.
+    pub fn entry(&mut self, database: u32) -> Option<&mut DatabaseEntry> {
+        let index = self
+            .entries
+            .iter()
+            .position(|e| e.database == database)
+            .or_else(|| self.entries.iter().position(|e| e.database == 0))?;
+        let entry = &mut self.entries[index];
+        if entry.database == 0 {
+            *entry = DatabaseEntry { database, ..DatabaseEntry::EMPTY };
+        }
+        Some(entry)
+    }
+
+    /// The statistics `database` counts into: its entry's, or the shared overflow.
+    pub fn stats(&mut self, database: u32) -> &mut DatabaseStats {
+        let index = self
+            .entries
+            .iter()
+            .position(|e| e.database == database)
+            .or_else(|| self.entries.iter().position(|e| e.database == 0));
+        match index {
+            Some(i) => {
+                if self.entries[i].database == 0 {
+                    self.entries[i] = DatabaseEntry { database, ..DatabaseEntry::EMPTY };
+                }
+                &mut self.entries[i].stats
+            }
+            None => self.overflow,
+        }
+    }
+
+    /// The reset generation of `database` (0 before its first reset); `None` when it has no entry.
+    pub fn generation(&self, database: u32) -> Option<u64> {
+        self.entries.iter().find(|e| e.database == database).map(|e| e.reset_generation)
+    }
+
+    /// Records a reset of `database` as `generation` (a value never used before). `false` when
+    /// the database has no entry and none is free: the caller must then reset the whole cluster's
+    /// backends instead.
+    pub fn reset(&mut self, database: u32, generation: u64) -> bool {
+        match self.entry(database) {
+            Some(entry) => {
+                entry.reset_generation = generation;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The statistics of the whole cluster.
+    pub fn totals(&self) -> DatabaseStats {
+        let mut all = *self.overflow;
+        self.entries.iter().filter(|e| e.database != 0).for_each(|e| all.add(&e.stats));
+        all
+    }
 }
 
 #[cfg(test)]
@@ -227,12 +384,14 @@ mod tests {
         let Claim::Claimed { index, evicted } = claim(&mut slots, &ident(1), 10, NOW, LATER, |_| true) else {
             panic!()
         };
-        assert!(!evicted);
+        assert_eq!(evicted, None);
         assert!(matches!(lookup(&slots, &ident(1), NOW), Lookup::Loading { pid: 10 }));
         fill(&mut slots, index, &ident(1), 10, &[7; 32], LATER, 1);
         assert!(matches!(lookup(&slots, &ident(1), NOW), Lookup::Ready(k, _) if k == [7; 32]));
         assert!(matches!(lookup(&slots, &ident(1), LATER), Lookup::Absent), "expired");
-        assert_eq!(ready_count(&slots, NOW), 1);
+        assert_eq!(ready_count(&slots, NOW, None), 1);
+        assert_eq!(ready_count(&slots, NOW, Some(1)), 1);
+        assert_eq!(ready_count(&slots, NOW, Some(2)), 0);
     }
 
     #[test]
@@ -276,7 +435,7 @@ mod tests {
         let Claim::Claimed { index, evicted } = claim(&mut slots, &ident(3), 10, NOW, LATER, |_| true) else {
             panic!()
         };
-        assert!(evicted);
+        assert_eq!(evicted, Some(1));
         assert_eq!(slots[index].key, [0; 32], "the evicted key is gone");
         assert!(matches!(lookup(&slots, &ident(2), NOW), Lookup::Absent), "key 2 was least recently used");
         assert!(matches!(lookup(&slots, &ident(1), NOW), Lookup::Ready(..)));
@@ -305,7 +464,104 @@ mod tests {
             panic!()
         };
         fill(&mut slots, index, &ident(2), 10, &[2; 32], LATER, 1);
-        assert_eq!(clear_all(&mut slots), 1);
+        assert_eq!(clear(&mut slots, None), 1);
         assert!(slots.iter().all(|s| s.key == [0; 32] && s.state == EMPTY));
+    }
+
+    fn ident_in(database: u32, id: i64) -> KeyIdent {
+        KeyIdent::new(database, KeyId::new(id).unwrap(), &WrappedKey::new(vec![id as u8; 8]))
+    }
+
+    /// Loads key `id` of `database` into `slots` at `tick`; returns whose key was evicted.
+    fn load(slots: &mut [Slot], database: u32, id: i64, tick: u64) -> Option<u32> {
+        let ident = ident_in(database, id);
+        let Claim::Claimed { index, evicted } = claim(slots, &ident, 10, NOW, LATER, |_| true) else {
+            panic!("claimed")
+        };
+        fill(slots, index, &ident, 10, &[id as u8; 32], LATER, tick);
+        evicted
+    }
+
+    #[test]
+    fn a_database_making_many_keys_evicts_its_own_once_it_holds_its_share() {
+        let mut slots = [Slot::EMPTY; 8];
+        // Database 2 holds three keys, used long ago.
+        for id in 1..=3 {
+            load(&mut slots, 2, id, id as u64);
+        }
+        // Database 1 makes 140 keys, each used after the last.
+        let mut evicted_from_2 = 0;
+        for id in 1..=140 {
+            if load(&mut slots, 1, id, 100 + id as u64) == Some(2) {
+                evicted_from_2 += 1;
+            }
+        }
+        assert_eq!(evicted_from_2, 0, "database 2 holds less than its share (4 of 8)");
+        for id in 1..=3 {
+            assert!(
+                matches!(lookup(&slots, &ident_in(2, id), NOW), Lookup::Ready(..)),
+                "key {id} of database 2"
+            );
+        }
+        assert_eq!(ready_count(&slots, NOW, Some(1)), 5);
+    }
+
+    #[test]
+    fn a_database_below_its_share_takes_slots_from_the_largest_holder_down_to_equality() {
+        let mut slots = [Slot::EMPTY; 6];
+        for id in 1..=6 {
+            load(&mut slots, 1, id, id as u64);
+        }
+        for id in 1..=5 {
+            load(&mut slots, 2, id, 10 + id as u64);
+        }
+        assert_eq!((ready_count(&slots, NOW, Some(1)), ready_count(&slots, NOW, Some(2))), (3, 3));
+        assert!(
+            matches!(lookup(&slots, &ident_in(1, 6), NOW), Lookup::Ready(..)),
+            "database 1 lost its oldest"
+        );
+        assert!(matches!(lookup(&slots, &ident_in(2, 1), NOW), Lookup::Absent), "then database 2 its own");
+    }
+
+    #[test]
+    fn expired_slots_go_before_anyone_is_evicted() {
+        let mut slots = [Slot::EMPTY; 2];
+        load(&mut slots, 2, 1, 1);
+        let ident = ident_in(2, 2);
+        let Claim::Claimed { index, .. } = claim(&mut slots, &ident, 10, NOW, LATER, |_| true) else {
+            panic!()
+        };
+        fill(&mut slots, index, &ident, 10, &[2; 32], NOW, 2); // expires at NOW: already expired
+        assert_eq!(load(&mut slots, 1, 1, 3), None, "the expired slot is reused, nothing live is evicted");
+    }
+
+    #[test]
+    fn a_reset_of_one_database_leaves_the_others_keys() {
+        let mut slots = [Slot::EMPTY; 4];
+        load(&mut slots, 1, 1, 1);
+        load(&mut slots, 1, 2, 2);
+        load(&mut slots, 2, 1, 3);
+        assert_eq!(clear(&mut slots, Some(1)), 2);
+        assert!(matches!(lookup(&slots, &ident_in(2, 1), NOW), Lookup::Ready(..)));
+        assert_eq!(ready_count(&slots, NOW, None), 1);
+    }
+
+    #[test]
+    fn database_entries_keep_generations_and_statistics_apart() {
+        let mut entries = [DatabaseEntry::EMPTY; 2];
+        let mut overflow = DatabaseStats::default();
+        let mut table = DatabaseTable { entries: &mut entries, overflow: &mut overflow };
+        assert_eq!(table.generation(1), None);
+        table.stats(1).hits += 2;
+        assert_eq!(table.generation(1), Some(0));
+        assert!(table.reset(2, 7));
+        table.stats(2).misses += 1;
+        assert_eq!(table.generation(2), Some(7));
+        assert_eq!(table.generation(1), Some(0), "a reset of database 2 is not one of database 1");
+        assert!(!table.reset(3, 8), "full: the caller resets everyone");
+        table.stats(3).kms_unwraps += 5;
+        assert_eq!(table.overflow.kms_unwraps, 5);
+        let all = table.totals();
+        assert_eq!((all.hits, all.misses, all.kms_unwraps), (2, 1, 5));
     }
 }

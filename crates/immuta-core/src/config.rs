@@ -21,16 +21,35 @@
 //! offending entry (`plugins.awsKms.region`), so a typo never silently falls back to a default.
 //! Secrets are held in [`Secret`], which cannot be printed and is zeroized on drop, and
 //! [`Config::to_redacted_json`] replaces them with a marker.
+//!
+//! The document comes from users (`immuta_configure()`, a file), so it is bounded before it is
+//! parsed: at most [`MAX_DOCUMENT_BYTES`] bytes and [`MAX_FLOW_COLLECTIONS`] flow collections
+//! (`[`/`{`). libyaml's cost grows with the square of the flow nesting depth: 60,000 `[` took
+//! 20 s in a test, and a megabyte would hold a core for an hour; 256 of them cost a few
+//! milliseconds. A real configuration is a few hundred bytes with a handful of brackets at most.
+//!
+//! Error messages never quote the document: parser and type errors are rewritten into words
+//! that name the position, the problem and what was expected (serde would say `invalid value:
+//! string "<the secret>", expected an integer` for `secretAccessKey: !!int <the secret>`).
 
 use serde::Deserialize;
 use serde_json::{json, Value};
 use zeroize::Zeroizing;
 
+use crate::key::{is_aws_region, is_kms_key_reference, AWS_REGION_RULE, KMS_KEY_RULE};
 use crate::rollover::RolloverLength;
 use crate::{Error, Result};
 
 /// What replaces a secret in [`Config::to_redacted_json`].
 pub const REDACTED: &str = "********";
+
+/// The longest configuration document accepted, in bytes (64 KiB: a hundred times a real one,
+/// which is a few hundred bytes even with a session token).
+pub const MAX_DOCUMENT_BYTES: usize = 64 * 1024;
+
+/// The most `[` and `{` a document may contain (anywhere, quoted or not: counting them all is
+/// the bound that a quote cannot hide). Immuta's YAML needs none; a flow-style document a few.
+pub const MAX_FLOW_COLLECTIONS: usize = 256;
 
 /// A credential secret: no `Debug`, no `Display`, zeroized on drop.
 #[derive(Deserialize)]
@@ -126,24 +145,29 @@ fn invalid(path: &str, reason: impl Into<String>) -> Error {
 
 impl Config {
     /// Parses and validates a YAML document. An empty document (or one of only comments) is the
-    /// default configuration.
+    /// default configuration. The document is bounded ([`check_bounds`]) before it is parsed.
     pub fn from_yaml(text: &str) -> Result<Config> {
+        check_bounds(text.len(), text.as_bytes())?;
         let value: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| {
             let at = e.location().map(|l| format!("line {} column {}", l.line(), l.column()));
-            // serde_yaml's syntax messages describe the structure, never echo the document.
-            invalid(at.as_deref().unwrap_or("(document)"), syntax_reason(&e))
+            invalid(at.as_deref().unwrap_or("(document)"), reason(&e))
         })?;
         if value.is_null() {
             return Ok(Config::default());
         }
-        let raw: Raw = serde_path_to_error::deserialize(value).map_err(|e| {
-            let path = e.path().to_string();
-            invalid(if path == "." { "(document)" } else { &path }, type_reason(e.inner()))
-        })?;
+        let raw: Raw = serde_path_to_error::deserialize(value)
+            .map_err(|e| invalid(&shown_path(e.path()), reason(e.inner())))?;
         Config::validate(raw)
     }
 
-    fn validate(raw: Raw) -> Result<Config> {
+    fn validate(mut raw: Raw) -> Result<Config> {
+        // The Immuta template leaves `sessionToken: ''` when there is none: an empty token sent to
+        // AWS makes every call fail (InvalidClientTokenId), so empty means absent.
+        if let Some(c) = raw.credentials_mut() {
+            if c.session_token.as_ref().is_some_and(|t| t.expose().is_empty()) {
+                c.session_token = None;
+            }
+        }
         let mut rollover = RolloverLength::default();
         if let Some(days) = raw.schedule.as_ref().and_then(|s| s.data_key_roll_over_length) {
             rollover = RolloverLength::from_days(days).ok_or_else(|| {
@@ -174,15 +198,13 @@ impl Config {
             required(&kms.key_id, "keyId")?;
             required(&kms.region, "region")?;
             if let Some(region) = kms.region.as_deref() {
-                let ok = !region.is_empty()
-                    && region.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                    && !region.starts_with('-')
-                    && !region.ends_with('-');
-                if !ok {
-                    return Err(invalid(
-                        "plugins.awsKms.region",
-                        "must be an AWS region name such as us-east-1 (lower-case letters, digits and hyphens)",
-                    ));
+                if !is_aws_region(region) {
+                    return Err(invalid("plugins.awsKms.region", AWS_REGION_RULE));
+                }
+            }
+            if let Some(key) = kms.key_id.as_deref().filter(|k| !k.is_empty()) {
+                if !is_kms_key_reference(key) {
+                    return Err(invalid("plugins.awsKms.keyId", KMS_KEY_RULE));
                 }
             }
             if let Some(extra) = &kms.extra {
@@ -285,28 +307,130 @@ impl Config {
     }
 }
 
-/// The syntax error without the excerpt of the document that serde_yaml may append.
-fn syntax_reason(e: &serde_yaml::Error) -> String {
-    let text = e.to_string();
-    let text = text.split(" at line ").next().unwrap_or(&text);
-    format!("YAML syntax error: {text}")
+impl Raw {
+    fn credentials_mut(&mut self) -> Option<&mut Credentials> {
+        self.plugins.as_mut()?.aws_kms.as_mut()?.extra.as_mut()?.credentials.as_mut()
+    }
 }
 
-/// A structural error from serde. These name types and field names, never values: a wrong-typed
-/// secret must not be echoed back. serde reports "invalid type: string \"…\"", so values quoted
-/// after a colon are cut.
-fn type_reason(e: &serde_yaml::Error) -> String {
+/// Refuses a document too large or with too many flow collections to parse cheaply. `len` is
+/// the whole document's length; `head` what is at hand of it (a file is read only up to the
+/// limit, so a huge one is never read whole).
+pub fn check_bounds(len: usize, head: &[u8]) -> Result<()> {
+    if len > MAX_DOCUMENT_BYTES {
+        return Err(invalid(
+            "(document)",
+            format!("is {len} bytes long; a configuration may have at most {MAX_DOCUMENT_BYTES} bytes"),
+        ));
+    }
+    let brackets = head.iter().filter(|&&b| b == b'[' || b == b'{').count();
+    if brackets > MAX_FLOW_COLLECTIONS {
+        return Err(invalid(
+            "(document)",
+            format!(
+                "has {brackets} '[' or '{{'; a configuration may have at most {MAX_FLOW_COLLECTIONS} \
+                 (write it in block style)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The path of a type error as it may be shown: the document's keys are shown, except under
+/// `credentials`, where a key that is not one of the three might be a pasted secret.
+fn shown_path(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut shown = Vec::new();
+    let mut in_credentials = false;
+    for segment in path.iter() {
+        let text = match segment {
+            Segment::Map { key } | Segment::Enum { variant: key } => {
+                if in_credentials
+                    && !["accessKeyId", "secretAccessKey", "sessionToken"].contains(&key.as_str())
+                {
+                    "(unknown key)".to_owned()
+                } else {
+                    in_credentials = key == "credentials";
+                    key.chars().take(64).collect()
+                }
+            }
+            Segment::Seq { index } => format!("[{index}]"),
+            Segment::Unknown => "?".to_owned(),
+        };
+        shown.push(text);
+    }
+    if shown.is_empty() {
+        "(document)".to_owned()
+    } else {
+        shown.join(".")
+    }
+}
+
+/// Why serde_yaml rejected a document, in words that never quote it. serde and serde_yaml put
+/// scalars of the document in their messages (`invalid value: string "…"`, `duplicate entry
+/// with key "…"`, after a path prefix of their own), so each known kind of message is rewritten
+/// from its fixed parts, and anything unrecognised is reported without its text.
+fn reason(e: &serde_yaml::Error) -> String {
     let text = e.to_string();
-    if let Some(rest) = text.strip_prefix("invalid type: ") {
-        let expected = rest.split(", expected ").nth(1).unwrap_or("another type");
-        let found = rest.split([' ', ',']).next().unwrap_or("value");
-        return format!("expected {expected}, found a {found}");
+    let text = text.split(" at line ").next().unwrap_or(&text);
+    let expected = || {
+        text.split(", expected ")
+            .nth(1)
+            .map(|e| e.replace('`', ""))
+            .filter(|e| !e.contains(['"', '\'']))
+            .unwrap_or_else(|| "another value".to_owned())
+    };
+    if let Some(at) = text.find("invalid type: ") {
+        let found = text[at + 14..].split([' ', ',']).next().unwrap_or("value");
+        let found = if found.chars().all(|c| c.is_ascii_alphabetic()) { found } else { "value" };
+        return format!("expected {}, found a {found}", expected());
     }
-    if let Some(rest) = text.strip_prefix("invalid value: ") {
-        let expected = rest.split(", expected ").nth(1).unwrap_or("another value");
-        return format!("invalid value, expected {expected}");
+    if text.contains("invalid value: ") || text.contains("invalid length ") {
+        return format!("invalid value, expected {}", expected());
     }
-    text
+    if text.contains("unknown variant ") {
+        return format!("unknown value, expected {}", expected());
+    }
+    if text.contains("unknown field ") {
+        return format!("unknown key, expected {}", expected());
+    }
+    if let Some(at) = text.find("missing field `") {
+        let field = text[at + 15..].split('`').next().unwrap_or_default();
+        return format!("missing key {field}");
+    }
+    if text.contains("duplicate entry") {
+        return "a key appears twice in the same mapping".to_owned();
+    }
+    const FIXED: [(&str, &str); 7] = [
+        ("recursion limit exceeded", "nests too deeply"),
+        ("repetition limit exceeded", "expands aliases too many times"),
+        ("unknown anchor", "refers to an anchor that is not defined"),
+        ("more than one document", "holds more than one YAML document"),
+        ("EOF while parsing", "ends before a value is complete"),
+        ("empty YAML tag", "has an empty tag"),
+        ("failed to parse YAML number", "has a number that cannot be read"),
+    ];
+    if let Some((_, said)) = FIXED.iter().find(|(key, _)| text.contains(key)) {
+        return (*said).to_owned();
+    }
+    // libyaml's scanner and parser messages are fixed strings ("did not find expected key",
+    // "found character that cannot start any token"); they quote nothing but single punctuation
+    // characters. Anything else is not shown.
+    let problem = text.split(", while ").next().unwrap_or_default();
+    let quotes_only_punctuation = problem
+        .split('\'')
+        .skip(1)
+        .step_by(2)
+        .all(|quoted| quoted.chars().count() <= 1 && !quoted.chars().any(char::is_alphanumeric));
+    if !problem.is_empty()
+        && !problem.contains(['"', '`', ':'])
+        && quotes_only_punctuation
+        && problem.chars().all(|c| c.is_ascii_alphabetic() || " ',[]{}-".contains(c))
+    {
+        format!("YAML syntax error: {problem}")
+    } else {
+        "not valid YAML".to_owned()
+    }
 }
 
 /// `http://` to a loopback address: a KMS stand-in on this machine (tests, a local proxy).
@@ -317,7 +441,9 @@ fn is_loopback_http(url: &str) -> bool {
         Some(v6) => v6.split(']').next().unwrap_or(""),
         None => host.rsplit_once(':').map_or(host, |(h, _)| h),
     };
-    host == "localhost" || host == "::1" || host.split('.').next() == Some("127") && host.split('.').count() == 4
+    host == "localhost"
+        || host == "::1"
+        || host.split('.').next() == Some("127") && host.split('.').count() == 4
 }
 
 #[cfg(test)]
@@ -437,6 +563,109 @@ mod tests {
         let yaml = "plugins:\n  awsKms:\n    plugin: awsKms\n    isKms: true\n    keyId: k\n    region: us-east-1\n    extraKmsConfig:\n      credentials:\n        accessKeyId: A\n        secretAccessKey: 'hunter2-secret\n";
         let msg = Config::from_yaml(yaml).err().unwrap().to_string();
         assert!(!msg.contains("hunter2"), "{msg}");
+    }
+
+    /// A credentials block with `field` written as `value` (raw YAML text after the colon); the
+    /// other fields are valid.
+    fn with_credential(field: &str, value: &str) -> String {
+        let secret = if field == "secretAccessKey" { "" } else { "        secretAccessKey: s\n" };
+        format!(
+            "plugins:\n  awsKms:\n    plugin: awsKms\n    isKms: true\n    keyId: k\n    region: us-east-1\n    \
+             extraKmsConfig:\n      credentials:\n        accessKeyId: A\n{secret}        {field}: {value}\n"
+        )
+    }
+
+    #[test]
+    fn no_parse_error_quotes_a_secret_whatever_its_kind() {
+        const SECRET: &str = "wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKEY";
+        let values = [
+            format!("!!int {SECRET}"),
+            format!("!!float {SECRET}"),
+            format!("!!bool {SECRET}"),
+            format!("!!null {SECRET}"),
+            format!("!<tag:yaml.org,2002:int> {SECRET}"),
+            format!("!custom {SECRET}"),
+            format!("[{SECRET}]"),
+            format!("{{{SECRET}: 1}}"),
+            format!("'{SECRET}"),
+            format!("\"{SECRET}\\q\""),
+            format!("*{SECRET}"),
+            format!("{SECRET}\n        secretAccessKey: {SECRET}"),
+            format!("{SECRET}\n\t{SECRET}"),
+            format!("{SECRET}: {SECRET}"),
+            format!("- {SECRET}"),
+            format!("%{SECRET}"),
+            format!("{SECRET}\n       {SECRET}"),
+        ];
+        for field in ["secretAccessKey", "sessionToken"] {
+            for value in &values {
+                let doc = with_credential(field, value);
+                if let Err(e) = Config::from_yaml(&doc) {
+                    let shown = e.to_string();
+                    assert!(!shown.contains("wJalr"), "{field}: {value}\n-> {shown}");
+                }
+            }
+        }
+        // A secret pasted as a key under credentials is not echoed either.
+        let doc = with_credential(SECRET, "x");
+        let shown = Config::from_yaml(&doc).err().expect("an unknown key").to_string();
+        assert!(!shown.contains("wJalr") && shown.contains("(unknown key)"), "{shown}");
+    }
+
+    #[test]
+    fn parse_errors_still_say_what_is_wrong_and_where() {
+        let e =
+            Config::from_yaml(&with_credential("secretAccessKey", "!!int nope")).err().unwrap().to_string();
+        assert!(e.contains("invalid value, expected an integer") && e.contains("line 10"), "{e}");
+        let e = Config::from_yaml(&with_credential("sessionToken", "[x]")).err().unwrap().to_string();
+        assert!(
+            e.contains("credentials.sessionToken") && e.contains("expected a string, found a sequence"),
+            "{e}"
+        );
+        let e = Config::from_yaml("schedule: 1\nschedule: 2\n").err().unwrap().to_string();
+        assert!(e.contains("a key appears twice"), "{e}");
+        let e = Config::from_yaml("schedule: [1\n").err().unwrap().to_string();
+        assert!(e.contains("YAML syntax error: did not find expected ',' or ']'"), "{e}");
+        let e = Config::from_yaml("schedule:\n  dataKeyRollOverLength: [1]\n").err().unwrap().to_string();
+        assert!(e.contains("schedule.dataKeyRollOverLength") && e.contains("found a sequence"), "{e}");
+    }
+
+    #[test]
+    fn documents_are_bounded_before_they_are_parsed() {
+        // Quadratic in libyaml: 60,000 '[' took 20 s before this bound.
+        let deep = format!("schedule: {}", "[".repeat(60_000));
+        let started = std::time::Instant::now();
+        let e = Config::from_yaml(&deep).err().unwrap().to_string();
+        assert!(e.contains("at most 256"), "{e}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(1), "refused before parsing");
+        let big = format!("# {}\n", "x".repeat(MAX_DOCUMENT_BYTES));
+        let e = Config::from_yaml(&big).err().unwrap().to_string();
+        assert!(e.contains("at most 65536 bytes"), "{e}");
+        let at_limit = format!("#{}\n", "x".repeat(MAX_DOCUMENT_BYTES - 2));
+        assert_eq!(at_limit.len(), MAX_DOCUMENT_BYTES);
+        assert!(Config::from_yaml(&at_limit).is_ok());
+        let flow =
+            format!("schedule: {{dataKeyRollOverLength: 30}}\n# {}\n", "[".repeat(MAX_FLOW_COLLECTIONS - 1));
+        assert!(Config::from_yaml(&flow).is_ok(), "256 brackets are allowed, even in a comment");
+    }
+
+    #[test]
+    fn an_empty_session_token_is_absent() {
+        let c = Config::from_yaml(&with_credential("sessionToken", "''")).unwrap();
+        let creds = c.aws_kms().unwrap().access.credentials.unwrap();
+        assert!(creds.session_token.is_none());
+        assert!(c.to_redacted_json()["plugins"]["awsKms"]["extraKmsConfig"]["credentials"]
+            .get("sessionToken")
+            .is_none());
+        let c = Config::from_yaml(&with_credential("sessionToken", "tok")).unwrap();
+        assert!(c.aws_kms().unwrap().access.credentials.unwrap().session_token.is_some());
+    }
+
+    #[test]
+    fn bad_key_references_name_their_path() {
+        let base =
+            "plugins:\n  awsKms:\n    plugin: awsKms\n    isKms: true\n    region: us-east-1\n    keyId: ";
+        assert_eq!(err_path(&format!("{base}\"a\\tb\"\n")), "plugins.awsKms.keyId");
     }
 
     #[test]

@@ -8,6 +8,7 @@
 use std::path::PathBuf;
 
 use crate::key::{Fingerprint, KeyId, WrappingKeyRef};
+use crate::server_identity::Refusal;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -82,6 +83,11 @@ pub enum Error {
     /// id) does not match, or another KMS key wrapped it.
     #[error("AWS KMS refused to unwrap data key {key_id} with {wrapping}: {code}")]
     KmsRejectedWrappedKey { key_id: KeyId, wrapping: WrappingKeyRef, code: String, message: String },
+
+    /// A KMS call would use the server's own AWS identity on behalf of someone who is not a
+    /// superuser (`server_identity.rs`). `key_id` is the key to unwrap, `None` for a new key.
+    #[error("immuta may not call AWS KMS with the server's own identity here")]
+    ServerIdentityRefused { key_id: Option<KeyId>, refusal: Refusal },
 
     /// Any other KMS failure.
     #[error("AWS KMS request for {wrapping} failed: {code}")]

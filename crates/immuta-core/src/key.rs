@@ -117,6 +117,28 @@ pub fn hex_digit(c: u8) -> Option<u8> {
     (c as char).to_digit(16).map(|d| d as u8)
 }
 
+/// The rule [`is_aws_region`] checks, as an error reason.
+pub const AWS_REGION_RULE: &str =
+    "must be an AWS region name such as us-east-1 (lower-case letters, digits and hyphens, at most 32)";
+
+/// The rule [`is_kms_key_reference`] checks, as an error reason.
+pub const KMS_KEY_RULE: &str =
+    "must be a KMS key id, key ARN, alias name or alias ARN (at most 2048 printable characters, no white space)";
+
+/// An AWS region name: it becomes part of the KMS endpoint's host name, so nothing else may
+/// pass (a dot or a slash would send data keys to another host).
+pub fn is_aws_region(region: &str) -> bool {
+    (1..=32).contains(&region.len())
+        && region.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !region.starts_with('-')
+        && !region.ends_with('-')
+}
+
+/// A KMS key reference as KMS accepts it: id, ARN, alias name or alias ARN.
+pub fn is_kms_key_reference(key: &str) -> bool {
+    (1..=2048).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic())
+}
+
 /// Which provider wrapped a data key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ProviderKind {
@@ -179,11 +201,15 @@ impl WrappingKeyRef {
     }
 
     /// Rebuilds the reference from a key row; `None` when the row is not one this version wrote.
+    /// A row may have been restored by hand, so a KMS key and region are held to the rules of a
+    /// configured one before they are ever sent anywhere.
     pub fn from_columns(provider: &str, key: &str, region: Option<&str>) -> Option<WrappingKeyRef> {
         match ProviderKind::parse(provider)? {
             ProviderKind::Local => Some(WrappingKeyRef::Local { fingerprint: Fingerprint::parse(key)? }),
             ProviderKind::AwsKms => {
-                Some(WrappingKeyRef::AwsKms { key_id: key.to_owned(), region: region?.to_owned() })
+                let region = region.filter(|r| is_aws_region(r))?;
+                is_kms_key_reference(key)
+                    .then(|| WrappingKeyRef::AwsKms { key_id: key.to_owned(), region: region.to_owned() })
             }
         }
     }
@@ -232,6 +258,25 @@ mod tests {
         let back = WrappingKeyRef::from_columns("awsKms", &kms.key_column(), kms.region_column());
         assert_eq!(back, Some(kms));
         assert_eq!(WrappingKeyRef::from_columns("vault", "x", None), None);
+    }
+
+    #[test]
+    fn regions_and_key_references_are_validated_for_what_they_become() {
+        for good in ["us-east-1", "eu-central-2", "us-gov-west-1", "cn-north-1"] {
+            assert!(is_aws_region(good), "{good}");
+        }
+        for bad in ["", "US-EAST-1", "us-east-1.evil.example", "x/y", "-us", "us-", "a b", &"a".repeat(33)] {
+            assert!(!is_aws_region(bad), "{bad}");
+        }
+        assert!(is_kms_key_reference(
+            "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+        ));
+        assert!(is_kms_key_reference("alias/pii"));
+        for bad in ["", "alias /x", "a\nb", &"k".repeat(2049)] {
+            assert!(!is_kms_key_reference(bad), "{bad:?}");
+        }
+        assert_eq!(WrappingKeyRef::from_columns("awsKms", "alias/x", Some("us-east-1.evil.example#")), None);
+        assert_eq!(WrappingKeyRef::from_columns("awsKms", "alias /x", Some("us-east-1")), None);
     }
 
     #[test]

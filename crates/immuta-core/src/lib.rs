@@ -15,8 +15,10 @@
 //! | `provider.rs` | the wrap/unwrap provider trait |
 //! | `local.rs` | the local master key provider and its key file |
 //! | `aws_kms.rs` | the AWS KMS provider (Encrypt/Decrypt only) |
-//! | `config.rs` | the Immuta YAML configuration |
+//! | `config.rs` | the Immuta YAML configuration, bounded and parsed without echoing it |
+//! | `server_identity.rs` | when KMS may be called with the server's own AWS identity |
 //! | `rollover.rs` | the rollover rule and rotation reasons |
+//! | `restore.rs` | what a row added by a restore must satisfy before immuta uses it |
 //! | `keyring.rs` | the backend's set of ready ciphers and its current key |
 //! | `cache.rs` | the cluster-wide slot table of unwrapped keys (shared memory) |
 //! | `usage.rs` | the usage limit per key and how encryptions are counted |
@@ -32,7 +34,9 @@ pub mod keyring;
 pub mod local;
 pub mod nonce;
 pub mod provider;
+pub mod restore;
 pub mod rollover;
+pub mod server_identity;
 pub mod time;
 pub mod usage;
 

@@ -55,6 +55,16 @@ impl UsageLimit {
         (self.0 / 1000).max(self.0.min(64))
     }
 
+    /// How far past the limit writable sessions may go on encrypting under a key while another
+    /// session is rolling it over, before they wait for that rollover to commit: one block
+    /// ([`max_block`](Self::max_block), a thousandth of the limit). With the shared counter the
+    /// key then counts at most `limit + overrun()` encryptions from writable sessions, whatever
+    /// the timing; only sessions that cannot roll over at all (read-only, standby) go further,
+    /// up to [`HARD_LIMIT`].
+    pub fn overrun(self) -> u64 {
+        self.max_block()
+    }
+
     /// The block of the `nth` reservation (from 0) a process makes for itself: 64, doubling up to
     /// [`max_block`](Self::max_block), so a short session reserves about what it uses.
     pub fn block(self, nth: u32) -> u64 {
@@ -205,27 +215,26 @@ pub fn peek(slots: &[CounterSlot], ident: &CounterIdent) -> Option<Counter> {
 }
 
 /// Starts counting `ident` from `baseline` (what `immuta.key_usage` holds), unless a slot
-/// appeared meanwhile. Takes a free slot, or evicts the least recently used one with nothing
-/// uncovered (its count is in the table and is read again when needed). `None` when every slot
-/// holds uncovered spending, which only the slot knows: the caller counts on its own instead.
+/// appeared meanwhile. Takes a free slot, or evicts one with nothing uncovered (its count is in
+/// the table and is read again when needed), chosen as key slots are (`cache::fair_victim`:
+/// the least recently used of the database holding the most, so one database cannot take
+/// another's counters). `None` when no slot can be taken: the caller counts on its own instead.
 pub fn insert(slots: &mut [CounterSlot], ident: &CounterIdent, baseline: u64, tick: u64) -> Option<usize> {
     if let Some(index) = find(slots, ident, tick) {
         return Some(index);
     }
     let index = match slots.iter().position(|s| s.ident.key_id == 0) {
         Some(free) => free,
-        None => slots
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.counter.uncovered == 0)
-            .min_by_key(|(_, s)| s.last_used)
-            .map(|(i, _)| i)?,
+        None => crate::cache::fair_victim(
+            slots,
+            ident.database,
+            |s| if s.ident.key_id == 0 { 0 } else { s.ident.database },
+            |s| s.counter.uncovered == 0,
+            |s| s.last_used,
+        )?,
     };
-    slots[index] = CounterSlot {
-        ident: *ident,
-        counter: Counter { granted: baseline, uncovered: 0 },
-        last_used: tick,
-    };
+    slots[index] =
+        CounterSlot { ident: *ident, counter: Counter { granted: baseline, uncovered: 0 }, last_used: tick };
     Some(index)
 }
 
@@ -343,6 +352,8 @@ mod tests {
         assert_eq!(UsageLimit::default().grant_size(), 1024);
         assert_eq!(UsageLimit::default().max_block(), 2_000_000);
         assert_eq!(want(UsageLimit::default(), &Coverage::default()), 64);
+        assert_eq!(UsageLimit::new(200).overrun(), 64);
+        assert_eq!(UsageLimit::default().overrun(), 2_000_000);
         assert_eq!(UsageLimit::new(0).get(), 1);
         assert_eq!(UsageLimit::new(u64::MAX).get(), HARD_LIMIT - 1);
     }
