@@ -37,10 +37,26 @@ $roles$;
 -- Data keys. A row holds the key only wrapped (encrypted) by its provider, plus what is needed
 -- to find the wrapping key again: the provider, the master key fingerprint or KMS key, and for
 -- KMS the region. The newest id is the key that encrypts.
+--
+-- The two sequences that dumps carry (data_keys_id_seq, audit_log_id_seq) are set by every
+-- restore, so the role that installed immuta may move them (see the grants below): they decide
+-- nothing. Key ids come from immuta.key_ids, which no role but immuta's own queries can move and
+-- which is not dumped (immuta raises it past the highest restored id before use); audit ids are
+-- one above the highest, under the key creation lock.
 CREATE SEQUENCE immuta.data_keys_id_seq AS bigint;
+CREATE SEQUENCE immuta.key_ids AS bigint;
+COMMENT ON SEQUENCE immuta.key_ids IS 'immuta data key ids: private, never reused';
+
+-- Marks the installation as in use: immuta calls nextval() on it before its first own write.
+-- Not rolled back, seen by every transaction whatever its snapshot, never waited for: once it
+-- has been called, the restore window (src/restore.rs) is closed for good. Not dumped: a
+-- restored database is a fresh installation until immuta writes in it.
+CREATE SEQUENCE immuta.in_use_marker AS bigint;
+COMMENT ON SEQUENCE immuta.in_use_marker IS 'immuta has written in this installation once it has been called';
 
 CREATE TABLE immuta.data_keys (
-    id               bigint PRIMARY KEY DEFAULT pg_catalog.nextval('immuta.data_keys_id_seq'::pg_catalog.regclass),
+    id               bigint PRIMARY KEY DEFAULT pg_catalog.nextval('immuta.data_keys_id_seq'::pg_catalog.regclass)
+                     CHECK (id OPERATOR(pg_catalog.>) 0),
     created_at       timestamptz NOT NULL DEFAULT pg_catalog.now(),
     provider         text NOT NULL CHECK (provider OPERATOR(pg_catalog.=) ANY (ARRAY['local', 'awsKms']::pg_catalog.text[])),
     wrapping_key     text NOT NULL,
@@ -51,6 +67,11 @@ CREATE TABLE immuta.data_keys (
     -- The key an automatic rollover replaced (0 for the first key): unique, so two sessions can
     -- never both roll the same key over. NULL for manual rotations.
     rolled_over_from bigint UNIQUE,
+    -- Who added the row: immuta's functions, or directly (a restore) a superuser or the role that
+    -- installed immuta. immuta never reaches the KMS key of an 'owner' row with the server's own
+    -- AWS identity (README, "Security notes"); set by the restore trigger, not by the inserter.
+    origin           text NOT NULL DEFAULT 'immuta'
+                     CHECK (origin OPERATOR(pg_catalog.=) ANY (ARRAY['immuta', 'superuser', 'owner']::pg_catalog.text[])),
     CHECK ((provider OPERATOR(pg_catalog.=) 'awsKms') OPERATOR(pg_catalog.=) (wrapping_region IS NOT NULL))
 );
 ALTER SEQUENCE immuta.data_keys_id_seq OWNED BY immuta.data_keys.id;
@@ -100,6 +121,9 @@ CREATE TABLE immuta.config (
     yaml             text NOT NULL,
     -- Whether the YAML holds AWS credentials (extraKmsConfig.credentials).
     has_credentials  boolean NOT NULL DEFAULT false,
+    -- Whether a superuser stored it: only then may it make immuta call AWS KMS with the server's
+    -- own identity (src/providers.rs).
+    by_superuser     boolean NOT NULL DEFAULT false,
     updated_at       timestamptz NOT NULL DEFAULT pg_catalog.now(),
     updated_by       name NOT NULL DEFAULT current_user
 );
@@ -110,74 +134,12 @@ SELECT pg_catalog.pg_extension_config_dump('immuta.config', 'WHERE NOT has_crede
 
 -- Restoring a dump (pg_restore COPYs these tables' rows and sets their sequences) must work for
 -- a database owner who is not a superuser, as on managed platforms. So the role that installed
--- immuta may add rows and set the sequences, and nothing else; the triggers below confine even
--- that to a restore: rows may be added directly only to a table that is still empty (a fresh
--- installation), and a configuration added directly by a role that is not a superuser is left
--- out with a WARNING (it could make immuta use the server's own AWS identity). immuta's own
--- writes run as the tables' owner and pass straight through.
+-- immuta may add rows and set the dumped sequences, and nothing else; the trigger
+-- immuta.guard_direct_insert() (src/restore.rs; its triggers are in finalize.sql) confines even that to a
+-- restore: only into a fresh installation (immuta has never written in it, and the table has no
+-- rows of other transactions, both read whatever the inserter's snapshot), only rows immuta
+-- could have written, and a configuration added by a role that is not a superuser is left out
+-- with a WARNING. immuta's own writes pass straight through.
 GRANT USAGE ON SCHEMA immuta TO @extowner@;
 GRANT INSERT ON immuta.data_keys, immuta.key_usage, immuta.audit_log, immuta.config TO @extowner@;
 GRANT UPDATE ON SEQUENCE immuta.data_keys_id_seq, immuta.audit_log_id_seq TO @extowner@;
-
--- Whether a direct insert comes from immuta itself (the tables' owner) or a superuser.
-CREATE FUNCTION immuta.inserter_is_trusted(rel pg_catalog.oid) RETURNS boolean
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT (SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) rel)
-               OPERATOR(pg_catalog.=) (SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) CURRENT_USER)
-        OR (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) CURRENT_USER)
-$$;
-
--- Whether one of immuta's restorable tables has rows (the inserter may not read them).
-CREATE FUNCTION immuta.table_has_rows(rel pg_catalog.oid) RETURNS boolean
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    IF rel OPERATOR(pg_catalog.=) 'immuta.data_keys'::pg_catalog.regclass THEN
-        RETURN EXISTS (SELECT 1 FROM immuta.data_keys);
-    ELSIF rel OPERATOR(pg_catalog.=) 'immuta.key_usage'::pg_catalog.regclass THEN
-        RETURN EXISTS (SELECT 1 FROM immuta.key_usage);
-    ELSIF rel OPERATOR(pg_catalog.=) 'immuta.audit_log'::pg_catalog.regclass THEN
-        RETURN EXISTS (SELECT 1 FROM immuta.audit_log);
-    END IF;
-    RETURN true;
-END
-$$;
-
-CREATE FUNCTION immuta.guard_restore() RETURNS trigger
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    IF NOT immuta.inserter_is_trusted(TG_RELID) AND immuta.table_has_rows(TG_RELID) THEN
-        RAISE EXCEPTION 'rows may be added to immuta.% directly only by a restore into a fresh installation', TG_TABLE_NAME
-            USING ERRCODE = '42501',
-                  DETAIL = 'The table already has rows: immuta adds rows itself, through its functions.',
-                  HINT = 'Restore into a new database where CREATE EXTENSION immuta has just run, or ask a superuser.';
-    END IF;
-    RETURN NULL;
-END
-$$;
-
-CREATE FUNCTION immuta.guard_config_restore() RETURNS trigger
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    IF immuta.inserter_is_trusted(TG_RELID) THEN
-        RETURN NEW;
-    END IF;
-    RAISE WARNING 'immuta configuration not restored'
-        USING DETAIL = 'Only a superuser may store a configuration other than through immuta_configure().',
-              HINT = 'Run SELECT immuta_configure(...) with the configuration.';
-    RETURN NULL;
-END
-$$;
-
-CREATE TRIGGER restore_only BEFORE INSERT ON immuta.data_keys
-    FOR EACH STATEMENT EXECUTE FUNCTION immuta.guard_restore();
-CREATE TRIGGER restore_only BEFORE INSERT ON immuta.key_usage
-    FOR EACH STATEMENT EXECUTE FUNCTION immuta.guard_restore();
-CREATE TRIGGER restore_only BEFORE INSERT ON immuta.audit_log
-    FOR EACH STATEMENT EXECUTE FUNCTION immuta.guard_restore();
-CREATE TRIGGER restore_only BEFORE INSERT ON immuta.config
-    FOR EACH ROW EXECUTE FUNCTION immuta.guard_config_restore();
-
-REVOKE ALL ON FUNCTION immuta.inserter_is_trusted(pg_catalog.oid), immuta.table_has_rows(pg_catalog.oid),
-    immuta.guard_restore(), immuta.guard_config_restore() FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION immuta.inserter_is_trusted(pg_catalog.oid), immuta.table_has_rows(pg_catalog.oid),
-    immuta.guard_restore(), immuta.guard_config_restore() TO @extowner@;

@@ -1,5 +1,16 @@
 -- immuta finalize: objects that depend on the functions.
 
+-- Rows added to immuta's tables by a role rather than by immuta (a restore): see bootstrap.sql
+-- and src/restore.rs.
+CREATE TRIGGER restore_only BEFORE INSERT ON immuta.data_keys
+    FOR EACH ROW EXECUTE FUNCTION immuta.guard_direct_insert();
+CREATE TRIGGER restore_only BEFORE INSERT ON immuta.key_usage
+    FOR EACH ROW EXECUTE FUNCTION immuta.guard_direct_insert();
+CREATE TRIGGER restore_only BEFORE INSERT ON immuta.audit_log
+    FOR EACH ROW EXECUTE FUNCTION immuta.guard_direct_insert();
+CREATE TRIGGER restore_only BEFORE INSERT ON immuta.config
+    FOR EACH ROW EXECUTE FUNCTION immuta.guard_direct_insert();
+
 -- One row per data key, without the wrapped key bytes.
 CREATE VIEW immuta.keys AS
 SELECT k.id,
@@ -15,7 +26,8 @@ SELECT k.id,
                      secs => immuta.rollover_length_days()::pg_catalog.float8 OPERATOR(pg_catalog.*) 86400.0::pg_catalog.float8)
        END AS rollover_due_at,
        immuta.encryptions_counted(k.id) AS encryptions,
-       CASE WHEN k.id OPERATOR(pg_catalog.=) c.current_id THEN immuta.max_encryptions_per_key() END AS max_encryptions
+       CASE WHEN k.id OPERATOR(pg_catalog.=) c.current_id THEN immuta.max_encryptions_per_key() END AS max_encryptions,
+       k.origin
 FROM immuta.data_keys k
 CROSS JOIN (SELECT pg_catalog.max(id) AS current_id FROM immuta.data_keys) c;
 COMMENT ON VIEW immuta.keys IS 'immuta data keys: which encrypts now, when it rolls over, how much it was used';
@@ -28,7 +40,7 @@ REVOKE ALL ON SCHEMA immuta FROM PUBLIC;
 REVOKE ALL ON ALL TABLES IN SCHEMA immuta FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA immuta FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION immuta.rollover_length_days(), immuta.encryptions_counted(bigint),
-    immuta.max_encryptions_per_key() FROM PUBLIC;
+    immuta.max_encryptions_per_key(), immuta.guard_direct_insert() FROM PUBLIC;
 
 REVOKE EXECUTE ON FUNCTION immuta_encrypt(text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION immuta_decrypt(bytea) FROM PUBLIC;
@@ -36,27 +48,29 @@ REVOKE EXECUTE ON FUNCTION immuta_key_id(bytea) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION immuta_rotate() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION immuta_rotate_if_due() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION immuta_rewrap() FROM PUBLIC;
-REVOKE EXECUTE ON FUNCTION immuta_cache_reset() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION immuta_cache_reset(boolean) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION immuta_cache_stats() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION immuta_configure(text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION immuta_config() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION immuta_schedule_rotation(text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION immuta_unschedule_rotation() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION immuta_status() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION pg_catalog.immuta_rotation_job() FROM PUBLIC;
 
 GRANT EXECUTE ON FUNCTION immuta_encrypt(text) TO immuta_encryptor;
 GRANT EXECUTE ON FUNCTION immuta_decrypt(bytea) TO immuta_decryptor;
 -- Reading a value's key id (its header) reveals nothing secret; every immuta role may.
 GRANT EXECUTE ON FUNCTION immuta_key_id(bytea) TO immuta_admin, immuta_encryptor, immuta_decryptor;
-GRANT EXECUTE ON FUNCTION immuta_rotate(), immuta_rotate_if_due(), immuta_rewrap(), immuta_cache_reset(),
+GRANT EXECUTE ON FUNCTION immuta_rotate(), immuta_rotate_if_due(), immuta_rewrap(), immuta_cache_reset(boolean),
     immuta_cache_stats(), immuta_configure(text), immuta_config(), immuta_schedule_rotation(text),
-    immuta_unschedule_rotation(), immuta_status() TO immuta_admin;
+    immuta_unschedule_rotation(), immuta_status(), pg_catalog.immuta_rotation_job() TO immuta_admin;
 
 -- The role that installed immuta may use it in this database and pass that on (GRANT OPTION):
 -- privileges on functions are per database, unlike membership in the three roles.
 GRANT EXECUTE ON FUNCTION immuta_encrypt(text), immuta_decrypt(bytea), immuta_key_id(bytea), immuta_rotate(),
-    immuta_rotate_if_due(), immuta_rewrap(), immuta_cache_reset(), immuta_cache_stats(), immuta_configure(text),
-    immuta_config(), immuta_schedule_rotation(text), immuta_unschedule_rotation(), immuta_status()
+    immuta_rotate_if_due(), immuta_rewrap(), immuta_cache_reset(boolean), immuta_cache_stats(), immuta_configure(text),
+    immuta_config(), immuta_schedule_rotation(text), immuta_unschedule_rotation(), immuta_status(),
+    pg_catalog.immuta_rotation_job()
     TO @extowner@ WITH GRANT OPTION;
 GRANT SELECT ON immuta.keys, immuta.audit_log TO @extowner@ WITH GRANT OPTION;
 GRANT EXECUTE ON FUNCTION immuta.rollover_length_days(), immuta.encryptions_counted(bigint),

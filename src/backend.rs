@@ -50,8 +50,11 @@ pub struct Backend {
     now: UnixMicros,
     /// The transaction in which a rollover lost the try-lock: do not try again in it.
     pub rollover_given_up_in: Option<u32>,
-    /// The shared cache's epoch the ring reflects (`immuta_cache_reset()` moves it).
+    /// The shared cache's epoch the ring reflects (`immuta_cache_reset()` anywhere moves it).
     cache_epoch: u64,
+    /// The resets of every database and of this one the ring reflects (see
+    /// `shared_cache::resets_of_this_database`).
+    cache_resets: (u64, Option<u64>),
     /// The rollover reasons (bit `1 << reason`) this session already warned it cannot act on.
     pub warned_cannot_rollover: u8,
     /// Encryptions this backend may still do under `budget_key` before it asks the usage
@@ -74,6 +77,7 @@ thread_local! {
         now: UnixMicros(0),
         rollover_given_up_in: None,
         cache_epoch: 0,
+        cache_resets: (0, None),
         warned_cannot_rollover: 0,
         budget: 0,
         budget_key: None,
@@ -119,6 +123,11 @@ impl Backend {
     pub fn config(&self) -> Rc<Config> {
         self.config.as_ref().map(|e| e.config.clone()).unwrap_or_default()
     }
+
+    /// The configuration in force and where it came from.
+    pub fn effective(&self) -> Effective {
+        self.config.clone().unwrap_or_default()
+    }
 }
 
 /// Registers the relcache and transaction callbacks. Called from `_PG_init`, once per process.
@@ -157,18 +166,22 @@ thread_local! {
 extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
     use pg_sys::XactEvent::*;
     match event {
+        XACT_EVENT_PRE_PREPARE => keys::before_prepare(),
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => {
             if CREATED_KEY.replace(false) {
                 INVALIDATIONS.fetch_add(1, Ordering::Relaxed);
             }
+            keys::at_transaction_end();
             usage::at_transaction_end(false);
         }
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
             CREATED_KEY.set(false);
+            keys::at_transaction_end();
             usage::at_transaction_end(true);
         }
         XACT_EVENT_PREPARE => {
             CREATED_KEY.set(false);
+            keys::at_transaction_end();
             usage::at_transaction_end(false);
         }
         _ => {}
@@ -236,10 +249,15 @@ pub fn prepare() -> UnixMicros {
         }
         let epoch = shared_cache::epoch();
         if b.cache_epoch != epoch {
-            // immuta_cache_reset() ran somewhere: drop (and zeroize) every key this backend holds.
+            // immuta_cache_reset() ran somewhere: if it concerned this database, drop (and
+            // zeroize) every key this backend holds.
             b.cache_epoch = epoch;
-            b.ring.clear();
-            b.valid_as_of = 0;
+            let resets = shared_cache::resets_of_this_database();
+            if b.cache_resets != resets {
+                b.cache_resets = resets;
+                b.ring.clear();
+                b.valid_as_of = 0;
+            }
         }
         (b.valid_as_of != INVALIDATIONS.load(Ordering::Relaxed), b.now)
     });

@@ -10,13 +10,26 @@
 //! privilege on the tables (no role gets any) and the hot path pays nothing for it (a
 //! `SECURITY DEFINER` function with `SET search_path` costs a GUC save and restore on every
 //! call). Objects a caller planted in its own schemas or in `pg_temp` are never looked up.
+//!
+//! What PostgreSQL raises inside these queries is never shown as it is: its DETAIL may hold row
+//! values (`Key (rolled_over_from)=(7) already exists`). [`guarded`] turns it into immuta's own
+//! error, and lets through only the conditions a caller acts on (a cancel, a lock timeout, a
+//! serialization failure, a read-only transaction, lack of resources), without their DETAIL.
+//!
+//! Two facts the restore path (`restore.rs`) relies on live here too: every write of immuta's
+//! own is marked as such while it runs ([`immuta_is_writing`]), and the first one in an
+//! installation closes the restore window for good ([`in_use`]).
 
-use immuta_core::key::{KeyId, WrappedKey, WrappingKeyRef};
+use immuta_core::key::{KeyId, ProviderKind, WrappedKey, WrappingKeyRef};
 use immuta_core::rollover::RotationReason;
+use immuta_core::server_identity::KeyOrigin;
 use immuta_core::time::UnixMicros;
+use std::cell::Cell;
 use std::ffi::CStr;
+use std::panic::AssertUnwindSafe;
 
 use pgrx::datum::DatumWithOid;
+use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
 use pgrx::{pg_sys, PgSqlErrorCode};
 
@@ -35,6 +48,8 @@ pub struct KeyRow {
     pub id: KeyId,
     pub wrapping: WrappingKeyRef,
     pub wrapped: WrappedKey,
+    /// Who added the row (immuta, or a restore by a superuser or by the owner).
+    pub origin: KeyOrigin,
 }
 
 /// The OIDs of the tables whose changes invalidate backend caches.
@@ -58,7 +73,16 @@ pub fn table_oids() -> TableOids {
         };
         (namespace, rel(c"data_keys"), rel(c"config"))
     };
-    if namespace == pg_sys::InvalidOid || data_keys == pg_sys::InvalidOid || config == pg_sys::InvalidOid {
+    // The schema must be the extension's own: after DROP EXTENSION, a database owner could
+    // create a schema `immuta` with tables of these names.
+    // SAFETY: catalog lookups by name and by OID, inside a transaction.
+    let extensions = unsafe {
+        let extension = pg_sys::get_extension_oid(c"immuta".as_ptr(), true);
+        namespace != pg_sys::InvalidOid
+            && extension != pg_sys::InvalidOid
+            && pg_sys::getExtensionOfObject(pg_sys::NamespaceRelationId, namespace) == extension
+    };
+    if !extensions || data_keys == pg_sys::InvalidOid || config == pg_sys::InvalidOid {
         raise(
             PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
             "immuta is not installed in this database",
@@ -69,7 +93,10 @@ pub fn table_oids() -> TableOids {
     // SAFETY: a syscache lookup of an existing relation by OID; the tuple is read while pinned
     // and released at once.
     let owner = unsafe {
-        let tuple = pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::RELOID as i32, pg_sys::Datum::from(data_keys));
+        let tuple = pg_sys::SearchSysCache1(
+            pg_sys::SysCacheIdentifier::RELOID as i32,
+            pg_sys::Datum::from(data_keys),
+        );
         if tuple.is_null() {
             pg_sys::InvalidOid
         } else {
@@ -79,11 +106,12 @@ pub fn table_oids() -> TableOids {
         }
     };
     OWNER.set(owner);
+    OWNER_TABLE.set(data_keys);
     TableOids { data_keys, config }
 }
 
-/// The value of an SPI call; an SPI-level failure (not an SQL error, which raises by itself) is an
-/// internal error.
+/// The value of an SPI call; an SPI-level failure (not an SQL error, which raises by itself, see
+/// [`guarded`]) is an internal error.
 pub fn spi<T>(result: Result<T, pgrx::spi::SpiError>) -> T {
     result.unwrap_or_else(|e| {
         raise(
@@ -97,9 +125,66 @@ pub fn spi<T>(result: Result<T, pgrx::spi::SpiError>) -> T {
 
 thread_local! {
     /// The owner of immuta's tables (set by [`table_oids`]).
-    static OWNER: std::cell::Cell<pg_sys::Oid> = const { std::cell::Cell::new(pg_sys::InvalidOid) };
+    static OWNER: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
+    /// `immuta.data_keys` as [`table_oids`] found it: which installation this backend serves.
+    static OWNER_TABLE: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
+    /// An insert of immuta's own is running (see [`immuta_is_writing`]).
+    static WRITING: Cell<bool> = const { Cell::new(false) };
+    /// The `immuta.data_keys` whose installation this backend has marked as in use.
+    static MARKED_IN_USE: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
 }
 
+/// Whether the row being inserted comes from immuta's own functions (through [`write`]), not
+/// from a role inserting directly. Only immuta's fixed statements run while it is set: no user
+/// code runs inside them (immuta's tables have no triggers, rules or defaults but immuta's).
+pub fn immuta_is_writing() -> bool {
+    WRITING.get()
+}
+
+/// SQLSTATEs of conditions that are not about immuta's data and that callers act on: they pass
+/// through (without DETAIL, which could hold row values).
+const PASSED_THROUGH: &[PgSqlErrorCode] = &[
+    PgSqlErrorCode::ERRCODE_QUERY_CANCELED,
+    PgSqlErrorCode::ERRCODE_ADMIN_SHUTDOWN,
+    PgSqlErrorCode::ERRCODE_CRASH_SHUTDOWN,
+    PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE,
+    PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,
+    PgSqlErrorCode::ERRCODE_T_R_DEADLOCK_DETECTED,
+    PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION,
+    PgSqlErrorCode::ERRCODE_OUT_OF_MEMORY,
+    PgSqlErrorCode::ERRCODE_DISK_FULL,
+    PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+    PgSqlErrorCode::ERRCODE_IO_ERROR,
+    PgSqlErrorCode::ERRCODE_IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
+];
+
+/// Runs a statement on immuta's tables; an error PostgreSQL raises in it becomes immuta's own
+/// (see the module documentation). `table` names the table for the message.
+fn guarded<R>(table: &str, f: impl FnOnce() -> R) -> R {
+    PgTryBuilder::new(AssertUnwindSafe(f))
+        .catch_others(|caught| {
+            let CaughtError::PostgresError(report) = &caught else { caught.rethrow() };
+            let code = report.sql_error_code();
+            if PASSED_THROUGH.contains(&code) {
+                raise(code, report.message().to_owned(), None, report.hint());
+            }
+            if code == PgSqlErrorCode::ERRCODE_UNIQUE_VIOLATION {
+                raise(
+                    PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,
+                    format!("immuta could not add a row to {table}: another one took its place"),
+                    Some("A row was added to the table outside immuta's key creation lock (by a superuser, or a restore running at the same time).".into()),
+                    Some("Retry the statement."),
+                );
+            }
+            raise(
+                PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
+                format!("immuta could not use its table {table}"),
+                Some(format!("PostgreSQL refused immuta's statement with SQLSTATE {}.", crate::errors::sqlstate_text(report.sql_error_code()))),
+                Some("The table or its constraints were changed by hand; restore the extension's objects from a backup, or recreate the extension."),
+            )
+        })
+        .execute()
+}
 /// Runs `f` as the owner of immuta's tables with `search_path = pg_catalog, pg_temp`, then
 /// restores the caller's identity and search_path (an error aborts the (sub)transaction, which
 /// restores both too).
@@ -150,14 +235,71 @@ fn caller() -> (pg_sys::Oid, pg_sys::Oid) {
     unsafe { (pg_sys::GetUserId(), pg_sys::GetSessionUserId()) }
 }
 
-/// Runs a statement that writes immuta's tables, as their owner.
-fn write(query: &str, args: &[DatumWithOid]) {
+/// Runs a statement that writes immuta's tables, as their owner, marked as immuta's own. The
+/// first write of this backend in an installation marks the installation as in use first.
+fn write(table: &str, query: &str, args: &[DatumWithOid]) {
+    mark_in_use();
     as_owner(|| {
-        spi(Spi::connect_mut(|client| {
-            client.update(query, None, args)?;
-            Ok(())
-        }))
+        guarded(table, || {
+            let was = WRITING.replace(true);
+            PgTryBuilder::new(AssertUnwindSafe(|| {
+                spi(Spi::connect_mut(|client| {
+                    client.update(query, None, args)?;
+                    Ok(())
+                }))
+            }))
+            .finally(|| WRITING.set(was))
+            .execute()
+        })
     })
+}
+
+/// Marks the installation as in use: its restore window is closed for good (`restore.rs`). The
+/// mark is a call of `nextval` on the private sequence `immuta.in_use_marker`: not rolled back,
+/// seen at once by every transaction whatever its snapshot, and never waited for. Once per
+/// backend and installation.
+fn mark_in_use() {
+    let data_keys = OWNER_TABLE.get();
+    if MARKED_IN_USE.get() == data_keys {
+        return;
+    }
+    as_owner(|| {
+        guarded("immuta.in_use_marker", || {
+            spi(Spi::get_one::<i64>("SELECT pg_catalog.nextval('immuta.in_use_marker'::pg_catalog.regclass)"))
+        })
+    });
+    MARKED_IN_USE.set(data_keys);
+}
+
+/// Whether immuta has written in this installation (see [`mark_in_use`]).
+pub fn in_use() -> bool {
+    as_owner(|| {
+        guarded("immuta.in_use_marker", || {
+            spi(Spi::get_one::<bool>(
+                "SELECT pg_catalog.pg_sequence_last_value('immuta.in_use_marker'::pg_catalog.regclass) IS NOT NULL",
+            ))
+        })
+    })
+    .unwrap_or(true)
+}
+
+/// Whether `table` (one of immuta's) holds rows committed by other transactions, read with the
+/// latest snapshot: the caller's own rows (a restore adding rows in several statements of one
+/// transaction) do not count.
+pub fn has_rows_of_others(table: &str) -> bool {
+    let query = match table {
+        "data_keys" => c"SELECT xmin::text::int8 FROM immuta.data_keys",
+        "key_usage" => c"SELECT xmin::text::int8 FROM immuta.key_usage",
+        "audit_log" => c"SELECT xmin::text::int8 FROM immuta.audit_log",
+        _ => c"SELECT xmin::text::int8 FROM immuta.config",
+    };
+    read_latest(query, &[], |row| row.get::<i64>(1))
+        .into_iter()
+        .flatten()
+        // SAFETY: asks whether an xid is one of this transaction's, inside a transaction.
+        .any(|xmin| !unsafe {
+            pg_sys::TransactionIdIsCurrentTransactionId(pg_sys::TransactionId::from(xmin as u32))
+        })
 }
 
 /// A row of a [`read_latest`] result.
@@ -185,8 +327,12 @@ impl Row {
 /// is never consumed by a read that cannot yet see its cause. It assigns no transaction id, so it
 /// works on standbys. Inside a parallel operation, where no new snapshot may be taken, the
 /// statement's snapshot is used.
-fn read_latest<R>(query: &CStr, args: &[(pg_sys::Oid, pg_sys::Datum)], each: impl FnMut(&Row) -> R) -> Vec<R> {
-    as_owner(|| read_with(query, args, Visibility::Latest, each))
+fn read_latest<R>(
+    query: &CStr,
+    args: &[(pg_sys::Oid, pg_sys::Datum)],
+    each: impl FnMut(&Row) -> R,
+) -> Vec<R> {
+    as_owner(|| guarded("immuta's tables", || read_with(query, args, Visibility::Latest, each)))
 }
 
 /// Which rows a catalog read sees.
@@ -287,27 +433,27 @@ pub fn key_row(id: KeyId) -> Option<KeyRow> {
 pub fn key_rows(id: Option<KeyId>) -> Vec<KeyRow> {
     let rows = match id {
         Some(id) => read_latest(
-            c"SELECT id, provider, wrapping_key, wrapping_region, wrapped_key FROM immuta.data_keys WHERE id = $1",
+            c"SELECT id, provider, wrapping_key, wrapping_region, wrapped_key, origin FROM immuta.data_keys \
+              WHERE id = $1",
             &[(pg_sys::INT8OID, pg_sys::Datum::from(id.get()))],
             key_row_columns,
         ),
         None => read_latest(
-            c"SELECT id, provider, wrapping_key, wrapping_region, wrapped_key FROM immuta.data_keys ORDER BY id",
+            c"SELECT id, provider, wrapping_key, wrapping_region, wrapped_key, origin FROM immuta.data_keys \
+              ORDER BY id",
             &[],
             key_row_columns,
         ),
     };
     rows.into_iter()
-        .map(|(id, provider, key, region, wrapped)| {
-            let id = KeyId::new(id).unwrap_or_else(|| corrupt_row(id, &provider, &key));
-            let wrapping = WrappingKeyRef::from_columns(&provider, &key, region.as_deref())
-                .unwrap_or_else(|| corrupt_row(id.get(), &provider, &key));
-            KeyRow { id, wrapping, wrapped: WrappedKey::new(wrapped) }
+        .map(|(id, provider, key, region, wrapped, origin)| {
+            let parsed = crate::restore::key_row(id, &provider, &key, region.as_deref(), wrapped, &origin);
+            parsed.unwrap_or_else(|why| corrupt_row(id, why))
         })
         .collect()
 }
 
-type KeyColumns = (i64, String, String, Option<String>, Vec<u8>);
+type KeyColumns = (i64, String, String, Option<String>, Vec<u8>, String);
 
 fn key_row_columns(row: &Row) -> KeyColumns {
     (
@@ -316,15 +462,18 @@ fn key_row_columns(row: &Row) -> KeyColumns {
         row.get::<String>(3).unwrap_or_default(),
         row.get::<String>(4),
         row.get::<Vec<u8>>(5).unwrap_or_default(),
+        row.get::<String>(6).unwrap_or_default(),
     )
 }
 
-fn corrupt_row(id: i64, provider: &str, key: &str) -> ! {
+/// A key row immuta cannot have written. Its values are not quoted: a row restored by hand
+/// holds whatever its author chose.
+fn corrupt_row(id: i64, why: &str) -> ! {
     raise(
         PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
-        format!("immuta data key {id} has an unrecognised wrapping key"),
-        Some(format!("provider \"{provider}\" with wrapping key \"{key}\" is not one this immuta wrote.")),
-        Some("The row of immuta.data_keys was altered; restore it from a backup."),
+        format!("immuta data key {id} has a row immuta cannot use"),
+        Some(format!("The row of immuta.data_keys {why}.")),
+        Some("The row was altered or restored from a damaged dump; restore it from a backup."),
     )
 }
 
@@ -347,29 +496,56 @@ fn wrapping_args<'a>(
 /// Records a new wrapping of key `id` (`immuta_rewrap()`).
 pub fn update_wrapping(id: KeyId, wrapping: &WrappingKeyRef, wrapped: &WrappedKey) {
     write(
+        "immuta.data_keys",
         "UPDATE immuta.data_keys SET provider = $2, wrapping_key = $3, wrapping_region = $4, wrapped_key = $5 \
          WHERE id = $1",
         &wrapping_args(id, wrapping, wrapped),
     )
 }
 
-/// Whether any key is wrapped by a local master key (then a missing master key file is an error,
-/// never a reason to generate one).
-pub fn any_local_key() -> bool {
-    !read_latest(c"SELECT 1 FROM immuta.data_keys WHERE provider = 'local' LIMIT 1", &[], |_| ()).is_empty()
+/// Whether any key is wrapped by `provider` (a local master key: then a missing master key file
+/// is an error, never a reason to generate one).
+pub fn any_key_wrapped_by(provider: ProviderKind) -> bool {
+    !read_latest(
+        c"SELECT 1 FROM immuta.data_keys WHERE provider = $1 LIMIT 1",
+        &[(pg_sys::TEXTOID, provider.as_str().into_datum().expect("text"))],
+        |_| (),
+    )
+    .is_empty()
 }
 
-/// A new key id from `immuta.data_keys_id_seq`.
+/// A new key id, above every id that exists and every id ever handed out: from the private
+/// sequence `immuta.key_ids`, first raised past the highest id in the table (restored rows come
+/// with their ids). Only with the key creation lock held, so no other key is being created.
+/// (`immuta.data_keys_id_seq`, which dumps carry and restores set, decides nothing: the role
+/// that installed immuta may move it.)
 pub fn next_key_id() -> KeyId {
-    let id = as_owner(|| spi(Spi::get_one::<i64>("SELECT nextval('immuta.data_keys_id_seq')")));
-    id.and_then(KeyId::new).unwrap_or_else(|| {
-        raise(
-            PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
-            "immuta.data_keys_id_seq returned a non-positive id",
-            None,
-            None,
-        )
-    })
+    let highest = highest_id(c"SELECT COALESCE(max(id), 0) FROM immuta.data_keys");
+    let id = as_owner(|| {
+        guarded("immuta.key_ids", || {
+            spi(Spi::get_one_with_args::<i64>(
+                "SELECT CASE WHEN pg_catalog.nextval('immuta.key_ids'::pg_catalog.regclass) OPERATOR(pg_catalog.>) $1 \
+                             THEN pg_catalog.currval('immuta.key_ids'::pg_catalog.regclass) \
+                             ELSE pg_catalog.setval('immuta.key_ids'::pg_catalog.regclass, $1 OPERATOR(pg_catalog.+) 1) END",
+                &[highest.into()],
+            ))
+        })
+    });
+    id.and_then(KeyId::new).unwrap_or_else(|| ids_exhausted("immuta.data_keys"))
+}
+
+/// The highest id of a table, read with the latest snapshot.
+fn highest_id(query: &CStr) -> i64 {
+    read_latest(query, &[], |row| row.get::<i64>(1)).into_iter().flatten().next().unwrap_or(0)
+}
+
+fn ids_exhausted(table: &str) -> ! {
+    raise(
+        PgSqlErrorCode::ERRCODE_SEQUENCE_GENERATOR_LIMIT_EXCEEDED,
+        format!("{table} has no id left"),
+        Some("Its highest id is the largest bigint; rows with such ids were restored by hand.".into()),
+        Some("Restore the table from a dump of immuta's own."),
+    )
 }
 
 /// Inserts a key row. `rolled_over_from` (unique) names the key an automatic rollover replaces.
@@ -383,6 +559,7 @@ pub fn insert_key(
     let [id_, provider, key, region, bytes] = wrapping_args(id, wrapping, wrapped);
     let (role, _) = caller();
     write(
+        "immuta.data_keys",
         "INSERT INTO immuta.data_keys \
              (id, provider, wrapping_key, wrapping_region, wrapped_key, reason, rolled_over_from, created_by) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, pg_catalog.pg_get_userbyid($8))",
@@ -390,38 +567,61 @@ pub fn insert_key(
     )
 }
 
-/// The YAML stored by `immuta_configure()`, if any.
-pub fn stored_config() -> Option<String> {
-    read_latest(c"SELECT yaml FROM immuta.config", &[], |row| row.get::<String>(1))
-        .into_iter()
-        .next()
-        .flatten()
+/// The configuration stored by `immuta_configure()`.
+pub struct StoredConfig {
+    /// The YAML; `None` when it is longer than a configuration may be (then only its length is
+    /// read, not the text).
+    pub yaml: Option<String>,
+    pub len: usize,
+    /// Stored while a superuser called `immuta_configure()` (`server_identity.rs`).
+    pub by_superuser: bool,
+}
+
+/// The configuration stored by `immuta_configure()`, if any.
+pub fn stored_config() -> Option<StoredConfig> {
+    read_latest(
+        c"SELECT CASE WHEN octet_length(yaml) <= $1 THEN yaml END, octet_length(yaml), by_superuser \
+          FROM immuta.config",
+        &[(pg_sys::INT4OID, pg_sys::Datum::from(immuta_core::config::MAX_DOCUMENT_BYTES as i32))],
+        |row| StoredConfig {
+            yaml: row.get::<String>(1),
+            len: row.get::<i32>(2).unwrap_or_default().max(0) as usize,
+            by_superuser: row.get::<bool>(3).unwrap_or(false),
+        },
+    )
+    .into_iter()
+    .next()
 }
 
 /// Stores the configuration YAML (one row), noting whether it holds credentials (then pg_dump
-/// leaves it out).
-pub fn store_config(yaml: &str, has_credentials: bool) {
+/// leaves it out) and whether a superuser stored it.
+pub fn store_config(yaml: &str, has_credentials: bool, by_superuser: bool) {
     let (role, _) = caller();
     write(
-        "INSERT INTO immuta.config (singleton, yaml, has_credentials, updated_by) \
-         VALUES (true, $1, $2, pg_catalog.pg_get_userbyid($3)) \
+        "immuta.config",
+        "INSERT INTO immuta.config (singleton, yaml, has_credentials, by_superuser, updated_by) \
+         VALUES (true, $1, $2, $3, pg_catalog.pg_get_userbyid($4)) \
          ON CONFLICT (singleton) DO UPDATE \
          SET yaml = EXCLUDED.yaml, has_credentials = EXCLUDED.has_credentials, \
-             updated_at = pg_catalog.now(), updated_by = EXCLUDED.updated_by",
-        &[yaml.into(), has_credentials.into(), role.into()],
+             by_superuser = EXCLUDED.by_superuser, updated_at = pg_catalog.now(), updated_by = EXCLUDED.updated_by",
+        &[yaml.into(), has_credentials.into(), by_superuser.into(), role.into()],
     )
 }
 
 /// The encryptions reserved for key `id` in `immuta.key_usage` (committed, plus this
 /// transaction's own rows), read without predicate locks.
 pub fn usage_sum(id: KeyId) -> u64 {
+    // Capped below 2^63: rows restored by hand could sum past it.
     as_owner(|| {
-        read_with(
-            c"SELECT COALESCE(sum(encryptions), 0)::int8 FROM immuta.key_usage WHERE key_id = $1",
-            &[(pg_sys::INT8OID, pg_sys::Datum::from(id.get()))],
-            Visibility::SelfAndCommitted,
-            |row| row.get::<i64>(1),
-        )
+        guarded("immuta.key_usage", || {
+            read_with(
+                c"SELECT LEAST(COALESCE(sum(encryptions), 0), 4611686018427387904)::int8 \
+                  FROM immuta.key_usage WHERE key_id = $1",
+                &[(pg_sys::INT8OID, pg_sys::Datum::from(id.get()))],
+                Visibility::SelfAndCommitted,
+                |row| row.get::<i64>(1),
+            )
+        })
     })
     .into_iter()
     .next()
@@ -433,7 +633,11 @@ pub fn usage_sum(id: KeyId) -> u64 {
 /// Appends a reservation of `encryptions` for key `id`.
 pub fn insert_usage(id: KeyId, encryptions: u64) {
     let encryptions = i64::try_from(encryptions).unwrap_or(i64::MAX);
-    write("INSERT INTO immuta.key_usage (key_id, encryptions) VALUES ($1, $2)", &[id.get().into(), encryptions.into()])
+    write(
+        "immuta.key_usage",
+        "INSERT INTO immuta.key_usage (key_id, encryptions) VALUES ($1, $2)",
+        &[id.get().into(), encryptions.into()],
+    )
 }
 
 /// A row of `immuta.audit_log`.
@@ -444,12 +648,20 @@ pub struct AuditEvent<'a> {
     pub detail: serde_json::Value,
 }
 
-/// Appends a key event to `immuta.audit_log` (time and roles are the columns' defaults).
+/// Appends a key event to `immuta.audit_log` (the time is the column's default). Its id is one
+/// above the highest, read with the latest snapshot under the key creation lock, which every
+/// writer of the audit log holds (immuta's events, and restores): ids follow commit order, and
+/// nothing a role other than a superuser can move decides them.
 pub fn insert_audit(event: AuditEvent) {
+    crate::keys::lock_key_creation();
+    let id = highest_id(c"SELECT COALESCE(max(id), 0) FROM immuta.audit_log")
+        .checked_add(1)
+        .unwrap_or_else(|| ids_exhausted("immuta.audit_log"));
     let (role, session_role) = caller();
     write(
-        "INSERT INTO immuta.audit_log (event, key_id, reason, detail, role, session_role) \
-         VALUES ($1, $2, $3, $4, pg_catalog.pg_get_userbyid($5), pg_catalog.pg_get_userbyid($6))",
+        "immuta.audit_log",
+        "INSERT INTO immuta.audit_log (id, event, key_id, reason, detail, role, session_role) \
+         VALUES ($7, $1, $2, $3, $4, pg_catalog.pg_get_userbyid($5), pg_catalog.pg_get_userbyid($6))",
         &[
             event.event.into(),
             event.key_id.map(KeyId::get).into(),
@@ -457,6 +669,7 @@ pub fn insert_audit(event: AuditEvent) {
             pgrx::JsonB(event.detail).into(),
             role.into(),
             session_role.into(),
+            id.into(),
         ],
     )
 }
@@ -498,6 +711,7 @@ pub fn key_count() -> i64 {
 /// left to them.
 pub fn compact_usage() {
     write(
+        "immuta.key_usage",
         "WITH gone AS (
              DELETE FROM immuta.key_usage
              WHERE key_id IN (SELECT key_id FROM immuta.key_usage GROUP BY key_id HAVING count(*) > 1)

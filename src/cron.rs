@@ -8,6 +8,15 @@
 //! `cron.schedule_in_database`, writes the outcome (or the error, with its SQLSTATE) into a
 //! dynamic shared memory segment, and exits; this backend waits for it and reads the outcome. No
 //! preload is needed for either. The schedule is always a query parameter, never SQL text.
+//!
+//! The job runs as the role that scheduled it, in a database whose owner may be a tenant, so its
+//! command names nothing that owner controls: [`JOB_COMMAND`] calls a function in `pg_catalog`.
+//!
+//! The worker connects as the calling role without a client connection, so PostgreSQL checks
+//! the role's LOGIN attribute and its CONNECT privilege on pg_cron's database, but not
+//! `pg_hba.conf`. immuta checks the first two itself before starting a worker, with a clear
+//! error; what pg_hba.conf alone forbids (a role allowed only from some addresses, or rejected
+//! for that database) it cannot tell, and the README says so.
 
 use std::ffi::{CStr, CString};
 
@@ -23,6 +32,10 @@ use crate::errors::raise;
 /// expression is far shorter.
 const SCHEDULE_MAX: usize = 255;
 
+/// What the job runs: immuta's own function in `pg_catalog` (see `immuta_rotation_job` in
+/// `functions.rs` for why there).
+pub const JOB_COMMAND: &str = "SELECT pg_catalog.immuta_rotation_job()";
+
 /// The job as pg_cron holds it.
 pub struct Job {
     pub id: i64,
@@ -30,6 +43,7 @@ pub struct Job {
     pub schedule: String,
     pub active: bool,
     pub username: String,
+    pub command: String,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -43,8 +57,7 @@ enum Op {
 /// A request, made here or in pg_cron's database.
 struct Request {
     op: Op,
-    /// What the job runs: `SELECT <immuta's schema>.immuta_rotate_if_due()`, qualified so that
-    /// neither the job's search_path nor an object planted in another schema changes it.
+    /// What the job runs ([`JOB_COMMAND`]).
     command: String,
     role: String,
     cron_database: String,
@@ -79,7 +92,10 @@ pub fn schedule(schedule: &str) -> i64 {
         raise(
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
             "pg_cron schedule is too long",
-            Some(format!("The schedule is {} bytes long; immuta accepts at most {SCHEDULE_MAX}.", schedule.len())),
+            Some(format!(
+                "The schedule is {} bytes long; immuta accepts at most {SCHEDULE_MAX}.",
+                schedule.len()
+            )),
             Some("Use a cron expression such as '0 3 * * *'."),
         );
     }
@@ -121,7 +137,7 @@ fn request(op: Op, schedule: &str) -> Result<Outcome, Failure> {
     let database = current_database();
     let request = Request {
         op,
-        command: format!("SELECT {}.immuta_rotate_if_due()", extension_schema()),
+        command: JOB_COMMAND.to_owned(),
         // SAFETY: the current user's name, inside a transaction.
         role: unsafe { owned(pg_sys::GetUserNameFromId(pg_sys::GetUserId(), false)) },
         job_name: job_name(&database),
@@ -129,21 +145,41 @@ fn request(op: Op, schedule: &str) -> Result<Outcome, Failure> {
         database,
         schedule: schedule.to_owned(),
     };
+    // The job will run as this role, here; the worker would connect as it there.
+    may_connect(&request.role, &request.database)?;
     if request.cron_database == request.database {
         Ok(run(&request))
     } else {
+        may_connect(&request.role, &request.cron_database)?;
         via_worker(&request)
     }
 }
 
-/// The schema immuta is installed in, quoted as an identifier.
-fn extension_schema() -> String {
-    spi(Spi::get_one::<String>(
-        "SELECT pg_catalog.quote_ident(n.nspname::pg_catalog.text) FROM pg_catalog.pg_extension e \
-         JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) e.extnamespace \
-         WHERE e.extname OPERATOR(pg_catalog.=) 'immuta'",
-    ))
-    .unwrap_or_else(|| "public".into())
+/// What PostgreSQL requires of a role to start a session in `database` (LOGIN, CONNECT, the
+/// database accepting connections), checked here so that neither the worker nor pg_cron's job
+/// is started for a role that could not connect. pg_hba.conf is not consulted (module docs).
+fn may_connect(role: &str, database: &str) -> Result<(), Failure> {
+    let refused = spi(Spi::get_one_with_args::<String>(
+        "SELECT CASE \
+             WHEN NOT r.rolcanlogin THEN 'the role cannot log in (NOLOGIN)' \
+             WHEN NOT d.datallowconn THEN 'the database does not accept connections' \
+             WHEN NOT pg_catalog.has_database_privilege(r.oid, d.oid, 'CONNECT') \
+                 THEN 'the role has no CONNECT privilege on the database' END \
+         FROM pg_catalog.pg_roles r, pg_catalog.pg_database d \
+         WHERE r.rolname OPERATOR(pg_catalog.=) $1 AND d.datname OPERATOR(pg_catalog.=) $2",
+        &[role.into(), database.into()],
+    ));
+    match refused {
+        None => Ok(()),
+        Some(why) => Err(Failure {
+            code: PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            message: format!("role \"{role}\" may not connect to database \"{database}\""),
+            detail: Some(format!(
+                "Scheduled rotation runs as the calling role in this database, and reaches pg_cron's database as it: {why}."
+            )),
+            hint: Some("Schedule the rotation as a role that can log in to both databases.".into()),
+        }),
+    }
 }
 
 /// One job per database: its name says which database it rotates keys in.
@@ -196,7 +232,9 @@ fn cron_database() -> Result<String, Failure> {
             code: PgSqlErrorCode::ERRCODE_INVALID_CATALOG_NAME,
             message: format!("pg_cron's database \"{name}\" does not exist"),
             detail: Some("cron.database_name names a database that does not exist.".into()),
-            hint: Some("Set cron.database_name to the database where CREATE EXTENSION pg_cron was run.".into()),
+            hint: Some(
+                "Set cron.database_name to the database where CREATE EXTENSION pg_cron was run.".into(),
+            ),
         });
     }
     Ok(name)
@@ -253,7 +291,7 @@ fn run(request: &Request) -> Outcome {
         }
         Op::Lookup => Outcome::Found(spi(Spi::connect(|client| {
             let rows = client.select(
-                "SELECT jobid, jobname::pg_catalog.text, schedule, active, username FROM cron.job \
+                "SELECT jobid, jobname::pg_catalog.text, schedule, active, username, command FROM cron.job \
                  WHERE jobname OPERATOR(pg_catalog.=) $1 AND username OPERATOR(pg_catalog.=) CURRENT_USER \
                  ORDER BY jobid LIMIT 1",
                 None,
@@ -267,6 +305,7 @@ fn run(request: &Request) -> Outcome {
                     schedule: row.get::<String>(3)?.unwrap_or_default(),
                     active: row.get::<bool>(4)?.unwrap_or_default(),
                     username: row.get::<String>(5)?.unwrap_or_default(),
+                    command: row.get::<String>(6)?.unwrap_or_default(),
                 });
             }
             Ok::<_, pgrx::spi::SpiError>(found)
@@ -313,6 +352,7 @@ struct Exchange {
     command: Text<256>,
     schedule: Text<{ SCHEDULE_MAX + 1 }>,
     username: Text<64>,
+    job_command: Text<256>,
     message: Text<1024>,
     detail: Text<1024>,
     hint: Text<512>,
@@ -349,7 +389,11 @@ fn via_worker(request: &Request) -> Result<Outcome, Failure> {
         .enable_spi_access()
         // A standby starts workers once consistent (a lookup reads the replicated cron.job);
         // one that waited for the end of recovery would never start there.
-        .set_start_time(if standby { BgWorkerStartTime::ConsistentState } else { BgWorkerStartTime::RecoveryFinished })
+        .set_start_time(if standby {
+            BgWorkerStartTime::ConsistentState
+        } else {
+            BgWorkerStartTime::RecoveryFinished
+        })
         .set_restart_time(None)
         .set_notify_pid(pid);
     let mut worker: pg_sys::BackgroundWorker = (&builder).into();
@@ -362,7 +406,10 @@ fn via_worker(request: &Request) -> Result<Outcome, Failure> {
         return Err(Failure {
             code: PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
             message: "could not start a background worker to reach pg_cron's database".into(),
-            detail: Some(format!("pg_cron runs in database \"{}\"; immuta reaches it with a background worker.", request.cron_database)),
+            detail: Some(format!(
+                "pg_cron runs in database \"{}\"; immuta reaches it with a background worker.",
+                request.cron_database
+            )),
             hint: Some("Raise max_worker_processes, or call this function in that database.".into()),
         });
     }
@@ -413,6 +460,7 @@ fn via_worker(request: &Request) -> Result<Outcome, Failure> {
             schedule: exchange.schedule.get(),
             active: exchange.active != 0,
             username: exchange.username.get(),
+            command: exchange.job_command.get(),
         })),
     })
 }
@@ -463,6 +511,7 @@ pub extern "C-unwind" fn immuta_cron_worker_main(arg: pg_sys::Datum) {
                     exchange.active = job.active as u32;
                     exchange.schedule.set(&job.schedule);
                     exchange.username.set(&job.username);
+                    exchange.job_command.set(&job.command);
                 }
             }
         }

@@ -169,6 +169,29 @@ pub fn report(error: Error, origin: ConfigOrigin) -> ! {
             Some(kms_detail(&code, &message)),
             Some("The wrapped key, its encryption context (the key id) or its KMS key does not match the row of immuta.data_keys; restore the row from a backup."),
         ),
+        Error::ServerIdentityRefused { key_id, refusal } => {
+            use immuta_core::server_identity::Refusal;
+            let what = match key_id {
+                Some(id) => format!("to unwrap immuta data key {id}"),
+                None => "to wrap a new data key".to_owned(),
+            };
+            let (detail, hint) = match refusal {
+                Refusal::ConfigurationNotBySuperuser => (
+                    "The configuration in force has no extraKmsConfig.credentials, so KMS would be called as the server itself (its instance profile, task role or environment), and it was not put in force by a superuser.",
+                    "Give credentials in extraKmsConfig.credentials, or ask a superuser to store the configuration (immuta_configure()) or to set immuta.config_file.",
+                ),
+                Refusal::RowAddedByOwner => (
+                    "The key's row was added directly by the database owner (a restore, origin 'owner'), so its KMS key, region and wrapped bytes were chosen by that role; immuta never unwraps such a key as the server itself.",
+                    "Give credentials in extraKmsConfig.credentials, or ask a superuser to vouch for the row (UPDATE immuta.data_keys SET origin = 'superuser').",
+                ),
+            };
+            raise(
+                ERRCODE_INSUFFICIENT_PRIVILEGE,
+                format!("immuta may not call AWS KMS with the server's own identity {what}"),
+                Some(detail.into()),
+                Some(hint),
+            )
+        }
         Error::KmsFailed { wrapping, code, message } => raise(
             ERRCODE_SYSTEM_ERROR,
             format!("AWS KMS request failed for {wrapping}"),
@@ -206,6 +229,12 @@ fn kms_detail(code: &str, message: &str) -> String {
     } else {
         format!("KMS error code: {code}. {message}")
     }
+}
+
+/// The five characters of a SQLSTATE (PostgreSQL packs them six bits each, `MAKE_SQLSTATE`).
+pub fn sqlstate_text(code: PgSqlErrorCode) -> String {
+    let packed = code as isize as u32;
+    (0..5).map(|i| char::from(b'0' + ((packed >> (6 * i)) & 0x3F) as u8)).collect()
 }
 
 /// "it is x" -> "It is x."

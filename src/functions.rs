@@ -3,6 +3,7 @@
 
 use immuta_core::config::Config;
 use immuta_core::format;
+use immuta_core::key::ProviderKind;
 use pgrx::prelude::*;
 use pgrx::{pg_sys, JsonB, PgSqlErrorCode};
 
@@ -54,6 +55,23 @@ fn immuta_rotate_if_due() -> Option<i64> {
     crate::keys::rotate_if_due().map(|id| id.get())
 }
 
+/// What the pg_cron job of `immuta_schedule_rotation()` runs: `immuta_rotate_if_due()`.
+///
+/// It lives in `pg_catalog`, the one schema in which no database owner can create, rename or
+/// replace anything, because the job runs as the role that scheduled it (often a superuser):
+/// a job command naming any other schema (`public`, even `immuta`, which a database owner could
+/// create after dropping the extension) could be made to run the owner's code as that role. After
+/// `DROP EXTENSION` the function is gone with it, and a job left behind fails harmlessly.
+#[pg_extern(
+    volatile,
+    parallel_unsafe,
+    sql = "CREATE FUNCTION pg_catalog.immuta_rotation_job() RETURNS bigint \
+           VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_rotation_job_wrapper';"
+)]
+fn immuta_rotation_job() -> Option<i64> {
+    crate::keys::rotate_if_due().map(|id| id.get())
+}
+
 /// Registers, or updates, this database's pg_cron job that runs `immuta_rotate_if_due()` on
 /// `schedule` (cron syntax, in GMT as pg_cron reads it); returns the pg_cron job id.
 #[pg_extern(
@@ -89,19 +107,31 @@ fn immuta_rewrap() -> i32 {
     crate::keys::rewrap()
 }
 
-/// Drops every cached unwrapped data key: the shared cache of the cluster and every backend's
-/// copies at their next immuta call (without preload: this backend's). Keys are unwrapped again on
-/// next use. Not executable by PUBLIC (sql/finalize.sql).
+/// Drops the cached unwrapped data keys of this database: from the shared cache and from every
+/// backend of this database at its next immuta call (without preload: this backend's). With
+/// `all_databases` (superusers only), those of every database of the cluster. Keys are unwrapped
+/// again on next use. Not executable by PUBLIC (sql/finalize.sql).
 /// Returns the number of keys dropped from the shared cache.
 #[pg_extern(volatile, parallel_unsafe)]
-fn immuta_cache_reset() -> i64 {
+fn immuta_cache_reset(all_databases: default!(bool, false)) -> i64 {
+    // SAFETY: reads whether the current user is a superuser.
+    if all_databases && !unsafe { pg_sys::superuser() } {
+        raise(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            "only a superuser may reset the key cache of every database",
+            Some("Other databases' cached keys belong to them; dropping them costs their sessions a KMS call each.".into()),
+            Some("Call immuta_cache_reset() without all_databases to reset this database's keys."),
+        );
+    }
     backend::prepare();
-    let dropped = crate::shared_cache::reset();
+    let dropped = crate::shared_cache::reset(all_databases);
     BACKEND.with_borrow_mut(|b| b.ring.clear());
-    let detail = serde_json::json!({
-        "scope": if crate::shared_cache::is_shared() { "cluster" } else { "backend" },
-        "shared_keys_dropped": dropped,
-    });
+    let scope = match (crate::shared_cache::is_shared(), all_databases) {
+        (false, _) => "backend",
+        (true, false) => "database",
+        (true, true) => "cluster",
+    };
+    let detail = serde_json::json!({ "scope": scope, "shared_keys_dropped": dropped });
     match crate::keys::write_blocker() {
         None => catalog::insert_audit(catalog::AuditEvent {
             event: "cache reset",
@@ -115,13 +145,16 @@ fn immuta_cache_reset() -> i64 {
     dropped
 }
 
-/// Key cache statistics: mode (`shared` when preloaded, else `backend`), capacity, entries, hits
-/// and misses of the shared cache, unwraps through KMS and the local master key, evictions (all
-/// cluster-wide when shared, this backend's otherwise), the TTL, and this backend's key count.
+/// Key cache statistics of this database: mode (`shared` when preloaded, else `backend`),
+/// capacity, this database's entries, hits and misses of the shared cache, unwraps through KMS
+/// and the local master key, evictions of its keys (this backend's alone without preload), the
+/// TTL, and this backend's key count; for a superuser also the cluster's totals (`cluster`).
 #[pg_extern(volatile, parallel_safe)]
 fn immuta_cache_stats() -> JsonB {
     let local = BACKEND.with_borrow(|b| b.ring.len());
-    JsonB(crate::shared_cache::stats_json(local))
+    // SAFETY: reads whether the current user is a superuser.
+    let superuser = unsafe { pg_sys::superuser() };
+    JsonB(crate::shared_cache::stats_json(local, superuser))
 }
 
 /// Stores a new configuration (Immuta Advanced Configuration YAML) and returns it as effective,
@@ -145,6 +178,7 @@ fn immuta_configure(yaml: Option<&str>) -> JsonB {
         );
     }
     let config = Config::from_yaml(yaml).unwrap_or_else(|e| errors::report(e, ConfigOrigin::Argument));
+    pgrx::check_for_interrupts!();
     if config.has_explicit_credentials() {
         errors::warn(
             PgSqlErrorCode::ERRCODE_WARNING,
@@ -159,8 +193,13 @@ fn immuta_configure(yaml: Option<&str>) -> JsonB {
         raise(
             PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
             "only a superuser may set the AWS KMS endpoint",
-            Some("Data keys are sent to that endpoint to be wrapped, and existing keys to be unwrapped.".into()),
-            Some("Leave extraKmsConfig.endpoint out (the regional AWS endpoint is used), or ask a superuser."),
+            Some(
+                "Data keys are sent to that endpoint to be wrapped, and existing keys to be unwrapped."
+                    .into(),
+            ),
+            Some(
+                "Leave extraKmsConfig.endpoint out (the regional AWS endpoint is used), or ask a superuser.",
+            ),
         );
     }
     if config.aws_kms().is_some() && !config.has_explicit_credentials() && !superuser {
@@ -172,7 +211,15 @@ fn immuta_configure(yaml: Option<&str>) -> JsonB {
         );
     }
     backend::prepare();
-    catalog::store_config(yaml, config.has_explicit_credentials());
+    if !superuser && !config.has_explicit_credentials() && catalog::any_key_wrapped_by(ProviderKind::AwsKms) {
+        errors::warn(
+            PgSqlErrorCode::ERRCODE_WARNING,
+            "keys wrapped by AWS KMS will not be unwrapped under this configuration",
+            Some("It has no extraKmsConfig.credentials and is not stored by a superuser, so immuta will not call KMS as the server itself.".into()),
+            Some("Give credentials in extraKmsConfig.credentials, or ask a superuser to store the configuration."),
+        );
+    }
+    catalog::store_config(yaml, config.has_explicit_credentials(), superuser);
     backend::invalidate_config(BACKEND.with_borrow(|b| b.oids).expect("prepare() looked the tables up"));
     JsonB(config.to_redacted_json())
 }

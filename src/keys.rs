@@ -18,6 +18,15 @@
 //! `immuta_rotate_if_due()` decides without the lock, and only takes it (waiting) when something
 //! is due. Every key creation, rotation and rewrap is appended to `immuta.audit_log` in the same
 //! transaction.
+//!
+//! A key past its usage limit is the one case where an encryption may wait: sessions that lose
+//! the try-lock go on under the exhausted key for at most `UsageLimit::overrun()` encryptions
+//! (counted by the same counter), then wait for the rollover to commit, so the limit is passed by
+//! at most that much whatever the timing.
+//!
+//! A transaction that holds the key creation lock cannot be prepared (two-phase commit): it would
+//! hold the lock until `COMMIT PREPARED`, across restarts, and every first encryption and
+//! rotation in the database would wait for it.
 
 use immuta_core::cipher::DataCipher;
 use immuta_core::key::{DataKey, KeyId, WrappingKeyRef};
@@ -40,6 +49,45 @@ const KEY_CREATION_LOCK: pg_sys::LOCKMODE = pg_sys::ShareRowExclusiveLock as pg_
 /// `rolled_over_from` of the first key, so that two first uses cannot both create one.
 const FIRST_KEY_MARKER: i64 = 0;
 
+thread_local! {
+    /// This transaction took the key creation lock (it is held to the transaction's end).
+    static HOLDS_LOCK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Takes the key creation lock, waiting for it. Held to the end of the transaction.
+pub fn lock_key_creation() {
+    // SAFETY: a blocking lock on our own table by OID, released at transaction end.
+    unsafe { pg_sys::LockRelationOid(oids().data_keys, KEY_CREATION_LOCK) };
+    HOLDS_LOCK.set(true);
+}
+
+/// Takes the key creation lock if no other transaction holds it; whether it did.
+fn try_lock_key_creation() -> bool {
+    // SAFETY: a conditional lock on our own table by OID, released at transaction end.
+    let locked = unsafe { pg_sys::ConditionalLockRelationOid(oids().data_keys, KEY_CREATION_LOCK) };
+    if locked {
+        HOLDS_LOCK.set(true);
+    }
+    locked
+}
+
+/// Before PREPARE TRANSACTION: refuses a transaction that holds the key creation lock.
+pub fn before_prepare() {
+    if HOLDS_LOCK.get() {
+        raise(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            "cannot PREPARE a transaction that created or changed immuta data keys",
+            Some("The transaction holds the lock that serialises key creation; prepared, it would hold it until COMMIT PREPARED, and every first encryption and rotation in this database would wait for it.".into()),
+            Some("Commit the transaction instead; create or rotate keys in a transaction that is not prepared."),
+        );
+    }
+}
+
+/// At the end of the transaction (commit, abort or prepare): the lock is gone with it.
+pub fn at_transaction_end() {
+    HOLDS_LOCK.set(false);
+}
+
 /// Why this transaction cannot create a key (or write a usage reservation), if it cannot.
 pub fn write_blocker() -> Option<&'static str> {
     // SAFETY: reads of PostgreSQL's transaction and recovery state.
@@ -57,7 +105,7 @@ pub fn write_blocker() -> Option<&'static str> {
 }
 
 fn oids() -> catalog::TableOids {
-    BACKEND.with_borrow(|b| b.oids).expect("prepare() looked the tables up")
+    BACKEND.with_borrow(|b| b.oids).unwrap_or_else(catalog::table_oids)
 }
 
 /// The key to encrypt with, and how many encryptions this backend may do under it (at least
@@ -78,14 +126,22 @@ pub fn current_for_encrypt(now: UnixMicros, held: Option<(KeyId, u64)>) -> (KeyI
     if let Some(granted) = usage::take(id, Against::Soft) {
         return (id, granted);
     }
-    let next = rollover(id, RotationReason::UsageLimit, now);
+    let mut next = rollover(id, RotationReason::UsageLimit, now);
+    if next == id && write_blocker().is_none() {
+        // Another session is rolling the key over: go on under it for a little while, then wait
+        // for that rollover to commit (module documentation).
+        if let Some(granted) = usage::take(id, Against::Overrun) {
+            return (id, granted);
+        }
+        next = rollover_waiting(id);
+    }
     if next != id {
         if let Some(granted) = usage::take(next, Against::Soft) {
             return (next, granted);
         }
     }
-    // The key cannot be rolled over here (read-only, standby, or another session is rolling it
-    // over): it may go on up to the hard limit of AES-GCM, and not one encryption further.
+    // The key cannot be rolled over here (read-only, standby): it may go on up to the hard
+    // limit of AES-GCM, and not one encryption further.
     match usage::take(next, Against::Hard) {
         Some(granted) => (next, granted),
         None => raise(
@@ -109,10 +165,9 @@ fn rollover(from: KeyId, reason: RotationReason, now: UnixMicros) -> KeyId {
         });
         if warn {
             let state = match reason {
-                RotationReason::UsageLimit => format!(
-                    "has reached immuta.max_encryptions_per_key ({})",
-                    gucs::usage_limit().get()
-                ),
+                RotationReason::UsageLimit => {
+                    format!("has reached immuta.max_encryptions_per_key ({})", gucs::usage_limit().get())
+                }
                 _ => "is due for rollover".to_string(),
             };
             errors::warn(
@@ -125,9 +180,7 @@ fn rollover(from: KeyId, reason: RotationReason, now: UnixMicros) -> KeyId {
         return from;
     }
     let lxid = backend::local_xid();
-    let given_up = BACKEND.with_borrow(|b| b.rollover_given_up_in == Some(lxid))
-        // SAFETY: a conditional lock on our own table by OID, released at transaction end.
-        || !unsafe { pg_sys::ConditionalLockRelationOid(oids().data_keys, KEY_CREATION_LOCK) };
+    let given_up = BACKEND.with_borrow(|b| b.rollover_given_up_in == Some(lxid)) || !try_lock_key_creation();
     if given_up {
         BACKEND.with_borrow_mut(|b| b.rollover_given_up_in = Some(lxid));
         // Another session is rolling the key over. A key past its usage limit is left as soon
@@ -152,6 +205,18 @@ fn rollover(from: KeyId, reason: RotationReason, now: UnixMicros) -> KeyId {
     }
 }
 
+/// Key `exhausted` has passed its usage limit and its overrun while another session rolls it
+/// over: waits for that session (the key creation lock), then adopts its key, or rolls over here
+/// if it gave up.
+fn rollover_waiting(exhausted: KeyId) -> KeyId {
+    lock_key_creation();
+    match adopt_latest() {
+        Some((id, _)) if id != exhausted => id,
+        Some((id, _)) => create_key(RotationReason::UsageLimit, Some(id)),
+        None => create_key(RotationReason::FirstUse, None),
+    }
+}
+
 fn first_key() -> KeyId {
     if let Some(why) = write_blocker() {
         raise(
@@ -161,8 +226,7 @@ fn first_key() -> KeyId {
             Some("Run SELECT immuta_rotate(); on the primary once."),
         );
     }
-    // SAFETY: a blocking lock on our own table by OID, released at transaction end.
-    unsafe { pg_sys::LockRelationOid(oids().data_keys, KEY_CREATION_LOCK) };
+    lock_key_creation();
     match adopt_latest() {
         Some((id, _)) => id,
         None => create_key(RotationReason::FirstUse, None),
@@ -204,8 +268,7 @@ pub fn rotate_if_due() -> Option<KeyId> {
     // Decide without the lock first: a job that finds nothing due never waits for a session
     // that holds the lock.
     due_reason(catalog::current_key()?, now)?;
-    // SAFETY: a blocking lock on our own table by OID, released at transaction end.
-    unsafe { pg_sys::LockRelationOid(oids().data_keys, KEY_CREATION_LOCK) };
+    lock_key_creation();
     let latest = adopt_latest()?;
     let reason = due_reason(latest, now)?;
     Some(create_key(reason, Some(latest.0)))
@@ -232,9 +295,8 @@ fn lock_for_key_change(verb: &str) {
         );
     }
     backend::prepare();
-    // SAFETY: a blocking lock on our own table by OID, released at transaction end: no key is
-    // created or rewrapped concurrently.
-    unsafe { pg_sys::LockRelationOid(oids().data_keys, KEY_CREATION_LOCK) };
+    // No key is created or rewrapped concurrently.
+    lock_key_creation();
 }
 
 /// Creates, wraps and stores a key replacing `previous`, records the event in the audit log,
@@ -242,8 +304,8 @@ fn lock_for_key_change(verb: &str) {
 /// newest key with the latest snapshot, so the unique `rolled_over_from` cannot conflict; if it
 /// ever did, the INSERT's error would stand.
 fn create_key(reason: RotationReason, previous: Option<KeyId>) -> KeyId {
-    let config = BACKEND.with_borrow(|b| b.config());
-    let provider = providers::for_new_keys(&config);
+    let effective = BACKEND.with_borrow(|b| b.effective());
+    let provider = providers::for_new_keys(&effective);
     let id = catalog::next_key_id();
     let key = DataKey::generate();
     let wrapped = provider.wrap(id, &key).or_raise();
@@ -275,10 +337,10 @@ fn create_key(reason: RotationReason, previous: Option<KeyId>) -> KeyId {
 /// themselves, and so every stored ciphertext, are unchanged. Each key's rewrap is audited.
 pub fn rewrap() -> i32 {
     lock_for_key_change("rewrap");
-    let config = BACKEND.with_borrow(|b| b.config());
+    let effective = BACKEND.with_borrow(|b| b.effective());
     let rows = catalog::key_rows(None);
-    let keys: Vec<_> = rows.iter().map(|row| (row, providers::unwrap(row, &config))).collect();
-    let provider = providers::for_new_keys(&config);
+    let keys: Vec<_> = rows.iter().map(|row| (row, providers::unwrap(row, &effective))).collect();
+    let provider = providers::for_new_keys(&effective);
     for (row, key) in &keys {
         let wrapped = provider.wrap(row.id, key).or_raise();
         catalog::update_wrapping(row.id, &wrapped.by, &wrapped.key);
@@ -308,7 +370,7 @@ pub fn ensure_cipher(id: KeyId, now: UnixMicros) {
         return;
     }
     let row = catalog::key_row(id).ok_or(Error::UnknownKey { key_id: id.get() as u64 }).or_raise();
-    let config = BACKEND.with_borrow(|b| b.config());
-    let (key, expires_at) = shared_cache::key_for(&row, &config);
+    let effective = BACKEND.with_borrow(|b| b.effective());
+    let (key, expires_at) = shared_cache::key_for(&row, &effective);
     backend::insert_cipher(DataCipher::new(id, &key), expires_at);
 }

@@ -15,6 +15,7 @@
 //! | `shared_cache.rs` | the cluster-wide cache of unwrapped keys in shared memory |
 //! | `config_source.rs` | where the configuration comes from, and when it is re-read |
 //! | `catalog.rs` | SPI access to the extension's tables |
+//! | `restore.rs` | rows added to the tables by a restore: when, what, with what trust |
 //! | `gucs.rs` | the settings |
 //! | `errors.rs` | errors to SQLSTATEs |
 //! | `varlena.rs` | results built in place |
@@ -30,6 +31,7 @@ mod functions;
 mod gucs;
 mod keys;
 mod providers;
+mod restore;
 mod shared_cache;
 mod status;
 mod usage;
@@ -42,6 +44,7 @@ extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
+    quiet_panics();
     require_cpu_features();
     gucs::init();
     backend::register_callbacks();
@@ -52,6 +55,22 @@ pub extern "C-unwind" fn _PG_init() {
             shared_cache::request_shared_memory();
         }
     }
+}
+
+/// Replaces pgrx's panic hook, which records a backtrace (when `RUST_BACKTRACE` or
+/// `RUST_LIB_BACKTRACE` is set in the server's environment) that pgrx then appends to the DETAIL
+/// of the error every client sees. An error immuta raises itself never carries one; a panic (a
+/// bug) becomes an XX000 error with its message only. A panic on one of the AWS SDK's helper
+/// threads is reported as one line on standard error (the server log), without its message.
+fn quiet_panics() {
+    std::panic::set_hook(Box::new(|_| {
+        // SAFETY: gettid and getpid only read the calling thread's and process's ids.
+        let helper_thread = unsafe { libc::syscall(libc::SYS_gettid) != libc::getpid() as libc::c_long };
+        if helper_thread {
+            use std::io::Write;
+            let _ = std::io::stderr().write_all(b"immuta: a helper thread of the AWS SDK panicked\n");
+        }
+    }));
 }
 
 /// immuta is compiled with AES-NI and PCLMULQDQ enabled (.cargo/config.toml): refuse to load on a

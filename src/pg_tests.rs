@@ -241,7 +241,7 @@ mod tests {
         assert_eq!(one::<i64>("SELECT immuta_cache_reset()"), 0, "no shared cache to empty");
         assert_eq!(one::<i64>("SELECT (immuta_cache_stats()->>'backend_keys')::int8"), 0);
         assert_eq!(one::<String>("SELECT immuta_decrypt(immuta_encrypt('after reset'))"), "after reset");
-        let public = "SELECT has_function_privilege('public', 'immuta_cache_reset()', 'execute')";
+        let public = "SELECT has_function_privilege('public', 'immuta_cache_reset(boolean)', 'execute')";
         assert!(!one::<bool>(public));
     }
 
@@ -294,11 +294,12 @@ mod tests {
         )
         .unwrap();
         assert_eq!((reason.as_deref(), from), (Some("schedule"), Some(current)));
+        assert_eq!(one::<String>("SELECT reason FROM immuta.audit_log ORDER BY id DESC LIMIT 1"), "schedule");
         assert_eq!(
-            one::<String>("SELECT reason FROM immuta.audit_log ORDER BY id DESC LIMIT 1"),
-            "schedule"
+            Spi::get_one::<i64>("SELECT immuta_rotate_if_due()").unwrap(),
+            None,
+            "the new key is not due"
         );
-        assert_eq!(Spi::get_one::<i64>("SELECT immuta_rotate_if_due()").unwrap(), None, "the new key is not due");
         Spi::run(
             "INSERT INTO immuta.key_usage (key_id, encryptions) SELECT k, n FROM generate_series(1, 5) n, \
              (SELECT max(id) AS k FROM immuta.data_keys) m",
@@ -306,8 +307,16 @@ mod tests {
         .unwrap();
         let before: i64 = one("SELECT sum(encryptions)::int8 FROM immuta.key_usage");
         assert_eq!(Spi::get_one::<i64>("SELECT immuta_rotate_if_due()").unwrap(), None);
-        assert_eq!(one::<i64>("SELECT sum(encryptions)::int8 FROM immuta.key_usage"), before, "folded, not lost");
-        assert_eq!(one::<i64>("SELECT count(*) - count(DISTINCT key_id) FROM immuta.key_usage"), 0, "one row per key");
+        assert_eq!(
+            one::<i64>("SELECT sum(encryptions)::int8 FROM immuta.key_usage"),
+            before,
+            "folded, not lost"
+        );
+        assert_eq!(
+            one::<i64>("SELECT count(*) - count(DISTINCT key_id) FROM immuta.key_usage"),
+            0,
+            "one row per key"
+        );
     }
 
     #[pg_test]
@@ -327,11 +336,12 @@ mod tests {
         assert!(s["rotation_job_error"].as_str().unwrap().contains("pg_cron is not installed"));
         assert_eq!(sqlstate_of("SELECT immuta_schedule_rotation()"), "42704");
         assert_eq!(sqlstate_of("SELECT immuta_schedule_rotation(repeat('*', 300))"), "22023");
-        assert!(!one::<bool>("SELECT has_function_privilege('public', 'immuta_schedule_rotation(text)', 'execute')"));
-        let (counted, limit) = Spi::get_two::<i64, i64>(
-            "SELECT encryptions, max_encryptions FROM immuta.keys WHERE is_current",
-        )
-        .unwrap();
+        assert!(!one::<bool>(
+            "SELECT has_function_privilege('public', 'immuta_schedule_rotation(text)', 'execute')"
+        ));
+        let (counted, limit) =
+            Spi::get_two::<i64, i64>("SELECT encryptions, max_encryptions FROM immuta.keys WHERE is_current")
+                .unwrap();
         assert!(counted.unwrap() >= 1);
         assert_eq!(limit, Some(2_000_000_000));
     }

@@ -3,34 +3,61 @@
 //! New keys go to the provider the configuration names now. An existing key is unwrapped by the
 //! provider its row recorded, whatever the configuration says today: changing the configured
 //! wrapping key only affects keys created afterwards.
+//!
+//! Every AWS KMS call made without explicit credentials, which would sign with the server's own
+//! identity, is first put to `immuta_core::server_identity`: only a configuration a superuser
+//! put in force lends that identity, and never to a key row the database owner added.
 
 use immuta_core::aws_kms::{AwsKmsProvider, CallLimits};
-use immuta_core::config::{AwsAccess, Config};
-use immuta_core::key::{DataKey, WrappingKeyRef};
+use immuta_core::config::AwsAccess;
+use immuta_core::key::{DataKey, KeyId, ProviderKind, WrappingKeyRef};
 use immuta_core::local::{Create, LocalProvider};
 use immuta_core::provider::KeyProvider;
+use immuta_core::server_identity::{self, KeyOrigin};
 use immuta_core::Error;
 use pgrx::pg_sys;
 
 use crate::catalog::{self, KeyRow};
+use crate::config_source::Effective;
 use crate::errors::OrRaise;
 use crate::gucs;
 
 /// The provider new data keys are wrapped with.
-pub fn for_new_keys(config: &Config) -> Box<dyn KeyProvider> {
-    if let Some(kms) = config.aws_kms() {
+pub fn for_new_keys(effective: &Effective) -> Box<dyn KeyProvider> {
+    if let Some(kms) = effective.config.aws_kms() {
+        may_reach_kms(&kms.access, effective, None, None);
         return Box::new(aws_kms(kms.key_id, kms.region, &kms.access));
     }
     // The master key may be generated only while no key row of this database depends on a local
     // master key, and no other database's (the marker in the data directory records that).
     let marker = gucs::master_key_marker();
-    let create = if catalog::any_local_key() { Create::Never } else { Create::IfMissing { marker: &marker } };
+    let create = if catalog::any_key_wrapped_by(ProviderKind::Local) {
+        Create::Never
+    } else {
+        Create::IfMissing { marker: &marker }
+    };
     Box::new(LocalProvider::open(&gucs::master_key_file(), create).or_raise())
+}
+
+/// Refuses a KMS call that would sign with the server's own identity when the rule of
+/// `server_identity.rs` does not allow it, for a new key or the key of row `key` of `origin`.
+fn may_reach_kms(
+    access: &AwsAccess<'_>,
+    effective: &Effective,
+    key: Option<KeyId>,
+    origin: Option<KeyOrigin>,
+) {
+    if access.credentials.is_some() {
+        return;
+    }
+    server_identity::check(effective.by_superuser, origin)
+        .map_err(|refusal| server_identity::error(key, refusal))
+        .or_raise();
 }
 
 /// Unwraps the data key of `row` with the provider its row recorded. A KMS key is reached with
 /// the endpoint and credentials the configuration has now.
-pub fn unwrap(row: &KeyRow, config: &Config) -> DataKey {
+pub fn unwrap(row: &KeyRow, effective: &Effective) -> DataKey {
     match &row.wrapping {
         WrappingKeyRef::Local { fingerprint } => {
             let provider = LocalProvider::open(&gucs::master_key_file(), Create::Never)
@@ -43,9 +70,11 @@ pub fn unwrap(row: &KeyRow, config: &Config) -> DataKey {
                 .or_raise();
             provider.unwrap(row.id, &row.wrapping, &row.wrapped).or_raise()
         }
-        WrappingKeyRef::AwsKms { key_id, region } => aws_kms(key_id, region, &config.aws_access())
-            .unwrap(row.id, &row.wrapping, &row.wrapped)
-            .or_raise(),
+        WrappingKeyRef::AwsKms { key_id, region } => {
+            let access = effective.config.aws_access();
+            may_reach_kms(&access, effective, Some(row.id), Some(row.origin));
+            aws_kms(key_id, region, &access).unwrap(row.id, &row.wrapping, &row.wrapped).or_raise()
+        }
     }
 }
 

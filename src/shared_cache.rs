@@ -16,8 +16,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use immuta_core::cache::{self, Claim, KeyIdent, Lookup, Slot};
-use immuta_core::config::Config;
+use immuta_core::cache::{self, Claim, DatabaseEntry, DatabaseStats, DatabaseTable, KeyIdent, Lookup, Slot};
 use immuta_core::key::{DataKey, WrappingKeyRef};
 use immuta_core::time::UnixMicros;
 use immuta_core::usage::CounterSlot;
@@ -26,54 +25,77 @@ use pgrx::prelude::*;
 use serde_json::json;
 
 use crate::catalog::KeyRow;
+use crate::config_source::Effective;
 use crate::{gucs, providers};
 
-/// Counters; in shared memory when preloaded, per backend otherwise.
+/// The segment's counters that are read and moved without the lock.
 #[repr(C)]
-#[derive(Default)]
-struct Stats {
-    hits: AtomicU64,
-    misses: AtomicU64,
-    kms_unwraps: AtomicU64,
-    local_unwraps: AtomicU64,
-    evictions: AtomicU64,
+struct Clocks {
+    /// Bumped by every `immuta_cache_reset()`, in any database: a backend that sees it move looks
+    /// up whether its own database was reset (a lock-free read on the hot path otherwise).
+    epoch: AtomicU64,
+    /// The source of reset generations: each reset takes a value never used before.
+    generation: AtomicU64,
+    /// The generation of the last reset of every database at once (a superuser's, or one whose
+    /// database found no entry in the table).
+    all_generation: AtomicU64,
+    /// Logical clock for least-recently-used eviction.
+    tick: AtomicU64,
 }
 
 #[repr(C)]
 struct Header {
-    /// Bumped by `immuta_cache_reset()`: every backend drops its ring when it sees it move.
-    epoch: AtomicU64,
-    /// Logical clock for least-recently-used eviction.
-    tick: AtomicU64,
-    stats: Stats,
+    clocks: Clocks,
     slots: usize,
+    databases: usize,
+    /// Statistics of the databases that found no entry (under the lock).
+    overflow: DatabaseStats,
 }
 
 struct Shared {
     header: *mut Header,
     slots: *mut Slot,
     counters: *mut CounterSlot,
+    databases: *mut DatabaseEntry,
     lock: *mut pg_sys::LWLock,
+}
+
+/// What the cache lock guards, for one closure.
+struct Guarded<'a> {
+    slots: &'a mut [Slot],
+    databases: DatabaseTable<'a>,
+    clocks: &'a Clocks,
 }
 
 /// Set in the postmaster by the shared memory startup hook and inherited by every child.
 static mut SHARED: Option<Shared> = None;
-static LOCAL_STATS: Stats = Stats {
-    hits: AtomicU64::new(0),
-    misses: AtomicU64::new(0),
-    kms_unwraps: AtomicU64::new(0),
-    local_unwraps: AtomicU64::new(0),
-    evictions: AtomicU64::new(0),
-};
+
+thread_local! {
+    /// Without preload: this backend's own statistics.
+    static LOCAL_STATS: std::cell::Cell<DatabaseStats> = const {
+        std::cell::Cell::new(DatabaseStats { hits: 0, misses: 0, kms_unwraps: 0, local_unwraps: 0, evictions: 0 })
+    };
+}
 
 static mut PREV_REQUEST_HOOK: pg_sys::shmem_request_hook_type = None;
 static mut PREV_STARTUP_HOOK: pg_sys::shmem_startup_hook_type = None;
 
 const NAME: &std::ffi::CStr = c"immuta key cache";
 
-/// The segment: the header, `slots` key slots, then as many usage counter slots (`usage.rs`).
+/// Entries of the per-database table: one more than the databases that can hold a key or a
+/// counter slot at once, and never fewer than 1,024 (64 bytes each), so that databases share the
+/// overflow statistics, and a reset reaches every database's backends, only in clusters where
+/// more databases than that used the cache since the server started.
+fn database_entries(slots: usize) -> usize {
+    (2 * slots + 1).max(1024)
+}
+
+/// The segment: the header, `slots` key slots, as many usage counter slots (`usage.rs`), then
+/// the per-database entries.
 fn size(slots: usize) -> usize {
-    std::mem::size_of::<Header>() + slots * (std::mem::size_of::<Slot>() + std::mem::size_of::<CounterSlot>())
+    std::mem::size_of::<Header>()
+        + slots * (std::mem::size_of::<Slot>() + std::mem::size_of::<CounterSlot>())
+        + database_entries(slots) * std::mem::size_of::<DatabaseEntry>()
 }
 
 /// Called from `_PG_init` while shared_preload_libraries is being processed.
@@ -117,21 +139,32 @@ unsafe extern "C-unwind" fn on_shmem_startup() {
         let header = base.cast::<Header>();
         let slot_ptr = base.add(std::mem::size_of::<Header>()).cast::<Slot>();
         let counter_ptr = slot_ptr.add(slots).cast::<CounterSlot>();
+        let database_ptr = counter_ptr.add(slots).cast::<DatabaseEntry>();
+        let databases = database_entries(slots);
         if !found {
             header.write(Header {
-                epoch: AtomicU64::new(1),
-                tick: AtomicU64::new(0),
-                stats: Stats::default(),
+                clocks: Clocks {
+                    epoch: AtomicU64::new(1),
+                    generation: AtomicU64::new(0),
+                    all_generation: AtomicU64::new(0),
+                    tick: AtomicU64::new(0),
+                },
                 slots,
+                databases,
+                overflow: DatabaseStats::default(),
             });
             for i in 0..slots {
                 slot_ptr.add(i).write(Slot::EMPTY);
                 counter_ptr.add(i).write(CounterSlot::EMPTY);
             }
+            for i in 0..databases {
+                database_ptr.add(i).write(DatabaseEntry::EMPTY);
+            }
         }
         let lock = &raw mut (*pg_sys::GetNamedLWLockTranche(NAME.as_ptr())).lock;
         pg_sys::LWLockRelease(init_lock);
-        SHARED = Some(Shared { header, slots: slot_ptr, counters: counter_ptr, lock });
+        SHARED =
+            Some(Shared { header, slots: slot_ptr, counters: counter_ptr, databases: database_ptr, lock });
     }
 }
 
@@ -141,32 +174,62 @@ fn shared() -> Option<&'static Shared> {
     unsafe { (*(&raw const SHARED)).as_ref() }.filter(|s| !s.header.is_null())
 }
 
-fn stats() -> &'static Stats {
-    match shared() {
-        // SAFETY: the header lives in shared memory for the life of the cluster.
-        Some(s) => unsafe { &(*s.header).stats },
-        None => &LOCAL_STATS,
-    }
-}
-
 /// The epoch of the shared cache (0 without preload): a lock-free read for the hot path.
 pub fn epoch() -> u64 {
     // SAFETY: an atomic load from the header in shared memory.
-    shared().map(|s| unsafe { (*s.header).epoch.load(Ordering::Acquire) }).unwrap_or(0)
+    shared().map(|s| unsafe { (*s.header).clocks.epoch.load(Ordering::Acquire) }).unwrap_or(0)
 }
 
-/// Runs `f` on the slot table under the cache lock.
-fn with_slots<R>(mode: pg_sys::LWLockMode::Type, f: impl FnOnce(&mut [Slot], &Header) -> R) -> Option<R> {
+/// The resets that concern this database: the generation of the last reset of every database,
+/// and of the last reset of this one. A backend whose ring predates either drops it. Read only
+/// after [`epoch`] moved, so under the lock at most once per reset anywhere.
+pub fn resets_of_this_database() -> (u64, Option<u64>) {
+    let database = this_database();
+    with_guarded(pg_sys::LWLockMode::LW_SHARED, |g| {
+        (g.clocks.all_generation.load(Ordering::Acquire), g.databases.generation(database))
+    })
+    .unwrap_or((0, None))
+}
+
+fn this_database() -> u32 {
+    // SAFETY: MyDatabaseId is set for every backend and worker that runs immuta's functions.
+    unsafe { pg_sys::MyDatabaseId.to_u32() }
+}
+
+/// Runs `f` on what the cache lock guards (the key slots and the per-database entries).
+fn with_guarded<R>(mode: pg_sys::LWLockMode::Type, f: impl FnOnce(&mut Guarded) -> R) -> Option<R> {
     let s = shared()?;
-    // SAFETY: the slot table and header live in shared memory for the life of the cluster; the
-    // LWLock serialises access to the slots (the header is atomics only). A Rust panic or
-    // PostgreSQL ERROR while holding it is released by the transaction abort.
+    // SAFETY: the slot table, the per-database entries and the header live in shared memory for
+    // the life of the cluster; the LWLock serialises access to the slots, the entries and the
+    // header's overflow statistics (the clocks are atomics, borrowed apart from the overflow;
+    // a shared-mode caller only reads). A Rust panic or PostgreSQL ERROR while holding the lock
+    // is released by the abort.
     unsafe {
         pg_sys::LWLockAcquire(s.lock, mode);
-        let header = &*s.header;
-        let result = f(std::slice::from_raw_parts_mut(s.slots, header.slots), header);
+        let header = s.header;
+        let mut guarded = Guarded {
+            slots: std::slice::from_raw_parts_mut(s.slots, (*header).slots),
+            databases: DatabaseTable {
+                entries: std::slice::from_raw_parts_mut(s.databases, (*header).databases),
+                overflow: &mut (*header).overflow,
+            },
+            clocks: &(*header).clocks,
+        };
+        let result = f(&mut guarded);
         pg_sys::LWLockRelease(s.lock);
         Some(result)
+    }
+}
+
+/// Adds to this database's statistics: in shared memory (under the lock) or this backend's.
+fn count(f: impl Fn(&mut DatabaseStats)) {
+    let database = this_database();
+    if with_guarded(pg_sys::LWLockMode::LW_EXCLUSIVE, |g| f(g.databases.stats(database))).is_none() {
+        LOCAL_STATS.with(|cell| {
+            let mut stats = cell.get();
+            f(&mut stats);
+            cell.set(stats);
+        });
     }
 }
 
@@ -179,13 +242,12 @@ pub fn is_shared() -> bool {
 /// `None` without preload.
 pub fn with_counters<R>(f: impl FnOnce(&mut [CounterSlot], u64) -> R) -> Option<R> {
     let s = shared()?;
-    // SAFETY: as in `with_slots`: the counter slots follow the key slots in the same segment,
+    // SAFETY: as in `with_guarded`: the counter slots follow the key slots in the same segment,
     // as many of them, and the same LWLock guards them.
     unsafe {
         pg_sys::LWLockAcquire(s.lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
-        let header = &*s.header;
-        let tick = header.tick.fetch_add(1, Ordering::Relaxed);
-        let result = f(std::slice::from_raw_parts_mut(s.counters, header.slots), tick);
+        let tick = (*s.header).clocks.tick.fetch_add(1, Ordering::Relaxed);
+        let result = f(std::slice::from_raw_parts_mut(s.counters, (*s.header).slots), tick);
         pg_sys::LWLockRelease(s.lock);
         Some(result)
     }
@@ -209,13 +271,11 @@ pub fn expiry_from_now() -> UnixMicros {
     expiry(wall_now())
 }
 
-fn unwrap_counted(row: &KeyRow, config: &Config) -> DataKey {
+/// Unwraps the key of `row`, counting the unwrap in this database's statistics.
+fn unwrap_counted(row: &KeyRow, config: &Effective) -> DataKey {
     let key = providers::unwrap(row, config);
-    let counter = match row.wrapping {
-        WrappingKeyRef::AwsKms { .. } => &stats().kms_unwraps,
-        WrappingKeyRef::Local { .. } => &stats().local_unwraps,
-    };
-    counter.fetch_add(1, Ordering::Relaxed);
+    let kms = matches!(row.wrapping, WrappingKeyRef::AwsKms { .. });
+    count(|s| if kms { s.kms_unwraps += 1 } else { s.local_unwraps += 1 });
     key
 }
 
@@ -226,29 +286,39 @@ fn process_alive(pid: i32) -> bool {
 
 /// The data key of `row` and when it expires: from the shared cache, or unwrapped once for the
 /// whole cluster and published there. Without preload: unwrapped by this backend.
-pub fn key_for(row: &KeyRow, config: &Config) -> (DataKey, UnixMicros) {
+pub fn key_for(row: &KeyRow, config: &Effective) -> (DataKey, UnixMicros) {
     let now = wall_now();
     if shared().is_none() {
-        stats().misses.fetch_add(1, Ordering::Relaxed);
+        count(|s| s.misses += 1);
         return (unwrap_counted(row, config), expiry(now));
     }
-    // SAFETY: MyDatabaseId and MyProcPid are set for every backend and worker.
-    let (database, pid) = unsafe { (pg_sys::MyDatabaseId.to_u32(), pg_sys::MyProcPid) };
+    // SAFETY: MyProcPid is set for every backend and worker.
+    let (database, pid) = (this_database(), unsafe { pg_sys::MyProcPid });
     let ident = KeyIdent::new(database, row.id, &row.wrapped);
     loop {
         let now = wall_now();
         let deadline = UnixMicros(now.0.saturating_add(gucs::kms_timeout().as_micros() as i64 * 2));
-        let claim = with_slots(pg_sys::LWLockMode::LW_EXCLUSIVE, |slots, header| {
-            let claim = cache::claim(slots, &ident, pid, now, deadline, process_alive);
-            if let Claim::Taken(Lookup::Ready(..)) = claim {
-                cache::touch(slots, &ident, header.tick.fetch_add(1, Ordering::Relaxed));
+        let claim = with_guarded(pg_sys::LWLockMode::LW_EXCLUSIVE, |g| {
+            let claim = cache::claim(g.slots, &ident, pid, now, deadline, process_alive);
+            match &claim {
+                Claim::Taken(Lookup::Ready(..)) => {
+                    cache::touch(g.slots, &ident, g.clocks.tick.fetch_add(1, Ordering::Relaxed));
+                    g.databases.stats(database).hits += 1;
+                }
+                Claim::Taken(_) => {}
+                Claim::Claimed { evicted, .. } => {
+                    if let Some(victim) = *evicted {
+                        g.databases.stats(victim).evictions += 1;
+                    }
+                    g.databases.stats(database).misses += 1;
+                }
+                Claim::Full => g.databases.stats(database).misses += 1,
             }
-            (claim, header.epoch.load(Ordering::Acquire))
+            (claim, g.clocks.epoch.load(Ordering::Acquire))
         })
         .expect("shared memory is present");
         match claim {
             (Claim::Taken(Lookup::Ready(mut bytes, expires_at)), _) => {
-                stats().hits.fetch_add(1, Ordering::Relaxed);
                 return (DataKey::from_bytes(&mut bytes), expires_at);
             }
             (Claim::Taken(_), _) => {
@@ -258,76 +328,101 @@ pub fn key_for(row: &KeyRow, config: &Config) -> (DataKey, UnixMicros) {
                 unsafe { pg_sys::pg_usleep(5_000) };
                 pgrx::check_for_interrupts!();
             }
-            (Claim::Claimed { index, evicted }, claimed_epoch) => {
-                if evicted {
-                    stats().evictions.fetch_add(1, Ordering::Relaxed);
-                }
-                stats().misses.fetch_add(1, Ordering::Relaxed);
+            (Claim::Claimed { index, .. }, claimed_epoch) => {
                 let key = PgTryBuilder::new(|| unwrap_counted(row, config))
                     .catch_others(|e| {
-                        with_slots(pg_sys::LWLockMode::LW_EXCLUSIVE, |slots, _| {
-                            cache::abandon(slots, index, &ident, pid)
+                        with_guarded(pg_sys::LWLockMode::LW_EXCLUSIVE, |g| {
+                            cache::abandon(g.slots, index, &ident, pid)
                         });
                         e.rethrow()
                     })
                     .execute();
                 let expires_at = expiry(wall_now());
-                with_slots(pg_sys::LWLockMode::LW_EXCLUSIVE, |slots, header| {
+                with_guarded(pg_sys::LWLockMode::LW_EXCLUSIVE, |g| {
                     // A reset while we were unwrapping: do not bring the old key back.
-                    if header.epoch.load(Ordering::Acquire) == claimed_epoch {
-                        let tick = header.tick.fetch_add(1, Ordering::Relaxed);
-                        cache::fill(slots, index, &ident, pid, key.expose(), expires_at, tick)
+                    if g.clocks.epoch.load(Ordering::Acquire) == claimed_epoch {
+                        let tick = g.clocks.tick.fetch_add(1, Ordering::Relaxed);
+                        cache::fill(g.slots, index, &ident, pid, key.expose(), expires_at, tick)
                     } else {
-                        cache::abandon(slots, index, &ident, pid)
+                        cache::abandon(g.slots, index, &ident, pid)
                     }
                 });
                 return (key, expires_at);
             }
-            (Claim::Full, _) => {
-                stats().misses.fetch_add(1, Ordering::Relaxed);
-                return (unwrap_counted(row, config), expiry(now));
-            }
+            (Claim::Full, _) => return (unwrap_counted(row, config), expiry(now)),
         }
     }
 }
 
-/// `immuta_cache_reset()`: drops (and zeroizes) every cached key of the cluster, or of this
-/// backend without preload. Returns how many shared keys were dropped.
-pub fn reset() -> i64 {
-    let dropped = with_slots(pg_sys::LWLockMode::LW_EXCLUSIVE, |slots, header| {
-        let n = cache::clear_all(slots);
-        header.epoch.fetch_add(1, Ordering::AcqRel);
+/// `immuta_cache_reset()`: drops (and zeroizes) the cached keys of this database, or, with
+/// `all_databases` (a superuser's choice, checked by the caller), of the whole cluster; every
+/// backend concerned drops its own copies at its next immuta call. Without preload: only this
+/// backend's. Returns how many shared keys were dropped.
+pub fn reset(all_databases: bool) -> i64 {
+    let database = this_database();
+    let dropped = with_guarded(pg_sys::LWLockMode::LW_EXCLUSIVE, |g| {
+        let n = cache::clear(g.slots, (!all_databases).then_some(database));
+        let generation = g.clocks.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        if all_databases || !g.databases.reset(database, generation) {
+            g.clocks.all_generation.store(generation, Ordering::Release);
+        }
+        g.clocks.epoch.fetch_add(1, Ordering::AcqRel);
         n
     });
     dropped.unwrap_or(0) as i64
 }
 
-/// `immuta_cache_stats()`.
-pub fn stats_json(local_keys: usize) -> serde_json::Value {
-    let s = stats();
-    let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-    let (mode, capacity, entries) = match shared() {
-        Some(sh) => {
-            let now = wall_now();
-            // SAFETY: reading the slot count from the header.
-            let capacity = unsafe { (*sh.header).slots };
-            let entries =
-                with_slots(pg_sys::LWLockMode::LW_SHARED, |slots, _| cache::ready_count(slots, now))
-                    .unwrap_or(0);
-            ("shared", Some(capacity), entries)
-        }
-        None => ("backend", None, local_keys),
-    };
+fn stats_json_of(s: &DatabaseStats) -> serde_json::Value {
     json!({
-        "mode": mode,
-        "capacity": capacity,
-        "entries": entries,
-        "hits": load(&s.hits),
-        "misses": load(&s.misses),
-        "kms_unwraps": load(&s.kms_unwraps),
-        "local_unwraps": load(&s.local_unwraps),
-        "evictions": load(&s.evictions),
-        "ttl_seconds": gucs::cache_ttl_seconds(),
-        "backend_keys": local_keys,
+        "hits": s.hits,
+        "misses": s.misses,
+        "kms_unwraps": s.kms_unwraps,
+        "local_unwraps": s.local_unwraps,
+        "evictions": s.evictions,
     })
+}
+
+/// `immuta_cache_stats()`: this database's use of the cache; for a superuser, also the whole
+/// cluster's (`cluster`). One database sees nothing of another's.
+pub fn stats_json(local_keys: usize, superuser: bool) -> serde_json::Value {
+    let database = this_database();
+    let now = wall_now();
+    let shared = with_guarded(pg_sys::LWLockMode::LW_EXCLUSIVE, |g| {
+        let mine = (cache::ready_count(g.slots, now, Some(database)), *g.databases.stats(database));
+        let all = (cache::ready_count(g.slots, now, None), g.databases.totals());
+        (g.slots.len(), mine, all)
+    });
+    let mut out = match shared {
+        Some((capacity, (entries, stats), (all_entries, all_stats))) => {
+            let mut out = stats_json_of(&stats);
+            out["mode"] = json!("shared");
+            out["capacity"] = json!(capacity);
+            out["entries"] = json!(entries);
+            if superuser {
+                let mut cluster = stats_json_of(&all_stats);
+                cluster["entries"] = json!(all_entries);
+                out["cluster"] = cluster;
+            }
+            out
+        }
+        None => {
+            let mut out = stats_json_of(&LOCAL_STATS.with(|c| c.get()));
+            out["mode"] = json!("backend");
+            out["capacity"] = serde_json::Value::Null;
+            out["entries"] = json!(local_keys);
+            out
+        }
+    };
+    out["ttl_seconds"] = json!(gucs::cache_ttl_seconds());
+    out["backend_keys"] = json!(local_keys);
+    out
+}
+
+/// `shared` when preloaded, `backend` otherwise (for `immuta_status()`).
+pub fn mode() -> &'static str {
+    if is_shared() {
+        "shared"
+    } else {
+        "backend"
+    }
 }

@@ -23,27 +23,36 @@ pub fn status() -> Value {
         key
     });
     let (job, job_error) = match cron::lookup() {
-        Ok(Some(job)) => (
-            json!({
-                "job_id": job.id,
-                "job_name": job.name,
-                "schedule": job.schedule,
-                "active": job.active,
-                "username": job.username,
-            }),
-            Value::Null,
-        ),
+        Ok(Some(job)) => {
+            // A job scheduled by immuta 0.1.0 named the function by the extension's schema,
+            // which the database owner controls: it must be scheduled again.
+            let outdated = job.command != cron::JOB_COMMAND;
+            (
+                json!({
+                    "job_id": job.id,
+                    "job_name": job.name,
+                    "schedule": job.schedule,
+                    "active": job.active,
+                    "username": job.username,
+                    "command": job.command,
+                }),
+                if outdated {
+                    json!("the job runs an outdated command that the database owner could redirect; run SELECT immuta_schedule_rotation() again")
+                } else {
+                    Value::Null
+                },
+            )
+        }
         Ok(None) => (Value::Null, Value::Null),
         Err(why) => (Value::Null, json!(why)),
     };
-    let local_keys = BACKEND.with_borrow(|b| b.ring.len());
     json!({
         "current_key": current,
         "keys": catalog::key_count(),
         "rollover_length_days": days,
         "max_encryptions_per_key": limit,
         "provider_for_new_keys": if config.aws_kms().is_some() { "awsKms" } else { "local" },
-        "cache_mode": shared_cache::stats_json(local_keys)["mode"],
+        "cache_mode": shared_cache::mode(),
         "pg_cron_loaded": cron::loaded(),
         "rotation_job_present": !job.is_null(),
         "rotation_job": job,

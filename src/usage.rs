@@ -19,7 +19,9 @@
 use std::cell::RefCell;
 
 use immuta_core::key::KeyId;
-use immuta_core::usage::{self as rule, Counter, CounterIdent, Coverage, Grant, Reservation, UsageLimit, HARD_LIMIT};
+use immuta_core::usage::{
+    self as rule, Counter, CounterIdent, Coverage, Grant, Reservation, UsageLimit, HARD_LIMIT,
+};
 use pgrx::pg_sys;
 
 use crate::backend::BACKEND;
@@ -57,6 +59,8 @@ thread_local! {
 pub enum Against {
     /// `immuta.max_encryptions_per_key`: reaching it means rolling over.
     Soft,
+    /// The soft limit plus `UsageLimit::overrun()`: while another session rolls the key over.
+    Overrun,
     /// 2^32: for a key that has reached the soft limit but cannot be rolled over here.
     Hard,
 }
@@ -86,14 +90,16 @@ pub fn take(id: KeyId, against: Against) -> Option<u64> {
     let usage = gucs::usage_limit();
     let limit = match against {
         Against::Soft => usage.get(),
+        Against::Overrun => usage.get() + usage.overrun(),
         Against::Hard => HARD_LIMIT,
     };
     let can_write = keys::write_blocker().is_none();
     let ident = ident(id);
-    let (shared, granted) = match shared_cache::is_shared().then(|| grant_shared(&ident, usage, limit, can_write)) {
-        Some(Some(granted)) => (true, granted),
-        _ => (false, grant_local(&ident, usage, limit, can_write)),
-    };
+    let (shared, granted) =
+        match shared_cache::is_shared().then(|| grant_shared(&ident, usage, limit, can_write)) {
+            Some(Some(granted)) => (true, granted),
+            _ => (false, grant_local(&ident, usage, limit, can_write)),
+        };
     let granted = granted?;
     if let Some(reservation) = granted.reserve {
         reserve(&ident, shared, reservation);
@@ -120,7 +126,12 @@ pub fn grants_are_covered() -> bool {
 
 /// From the key's counter in shared memory (created from the table's sum on first use). The
 /// outer `None` when no slot is free of uncovered spending: the caller counts on its own.
-fn grant_shared(ident: &CounterIdent, usage: UsageLimit, limit: u64, can_write: bool) -> Option<Option<Grant>> {
+fn grant_shared(
+    ident: &CounterIdent,
+    usage: UsageLimit,
+    limit: u64,
+    can_write: bool,
+) -> Option<Option<Grant>> {
     let id = KeyId::new(ident.key_id).expect("a key id");
     // A standby never writes, and its counter would not learn what the primary spends: bring
     // it up to the replicated table at each grant (once per thousand rows).
@@ -240,7 +251,11 @@ pub fn at_transaction_end(committed: bool) {
 
 /// Subtransaction end: a released savepoint hands its rows to the parent; a rolled-back one
 /// loses them.
-pub fn at_subtransaction_end(sub: pg_sys::SubTransactionId, parent: pg_sys::SubTransactionId, committed: bool) {
+pub fn at_subtransaction_end(
+    sub: pg_sys::SubTransactionId,
+    parent: pg_sys::SubTransactionId,
+    committed: bool,
+) {
     let rolled_back = RESERVED.with_borrow_mut(|rows| {
         if committed {
             rows.iter_mut().filter(|r| r.subxact == sub).for_each(|r| r.subxact = parent);
