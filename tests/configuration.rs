@@ -22,9 +22,10 @@ fn the_configuration_file_takes_precedence_and_is_reread_when_it_changes() {
     let refused = c.execute("SELECT immuta_configure('')", &[]);
     assert_eq!(sqlstate(refused), "55P02");
 
-    // Sleep so the modification time moves even on coarse clocks.
-    std::thread::sleep(std::time::Duration::from_millis(20));
-    pg.write_file(&file, "schedule:\n  dataKeyRollOverLength: 20\n", 0o600);
+    // A new file renamed over the old one (a new inode: noticed whatever the clock's resolution).
+    let next = pg.root.join("immuta.yaml.new");
+    pg.write_file(&next, "schedule:\n  dataKeyRollOverLength: 20\n", 0o600);
+    std::fs::rename(&next, &file).unwrap();
     assert_eq!(rollover_days(&mut c), 20, "picked up at the next transaction");
 
     pg.write_file(&file, "schedule:\n  dataKeyRollOverLenth: 30\n", 0o600);
@@ -73,4 +74,62 @@ fn secrets_in_the_configuration_never_reach_the_server_log() {
     let bad = "plugins:\n  awsKms:\n    plugin: awsKms\n    isKms: true\n    keyId: alias/x\n    region: us-east-1\n    extraKmsConfig:\n      credentials:\n        accessKeyId: AKIDEXAMPLE\n        secretAccessKey: [Sup3rS3cretValue]\n";
     assert_eq!(sqlstate(c.execute("SELECT immuta_configure($1)", &[&bad])), "22023");
     assert!(!pg.log().contains("Sup3rS3cretValue"), "{}", pg.log());
+}
+
+#[test]
+fn configuration_documents_are_bounded_before_they_are_parsed() {
+    let pg = Cluster::start(&[]);
+    let mut c = pg.connect();
+    // Quadratic in the parser: 60,000 '[' held a backend for 20 s, deaf to cancel. A statement
+    // timeout makes a regression fail here instead of hanging.
+    c.batch_execute("SET statement_timeout = '20s'").unwrap();
+    let deep = c.query_one("SELECT immuta_configure('schedule: ' || repeat('[', 60000))", &[]);
+    let text = error_text(c.query_one("SELECT immuta_configure('schedule: ' || repeat('[', 60000))", &[]));
+    assert_eq!(sqlstate(deep), "22023", "{text}");
+    assert!(text.contains("at most 256"), "{text}");
+    let huge = c.query_one("SELECT immuta_configure('# ' || repeat('x', 1000000))", &[]);
+    let text = error_text(c.query_one("SELECT immuta_configure('# ' || repeat('x', 1000000))", &[]));
+    assert_eq!(sqlstate(huge), "22023", "{text}");
+    assert!(text.contains("at most 65536 bytes"), "{text}");
+
+    // The same limits for the file, which is not even read whole.
+    let file = pg.root.join("immuta.yaml");
+    pg.write_file(&file, &format!("# {}\n", "x".repeat(2 << 20)), 0o600);
+    set_server_setting(&mut c, "immuta.config_file", file.to_str().unwrap());
+    let mut fresh = pg.connect();
+    fresh.batch_execute("SET statement_timeout = '20s'").unwrap();
+    let text = error_text(fresh.query_one("SELECT immuta_config()", &[]));
+    assert_eq!(sqlstate(fresh.query_one("SELECT immuta_config()", &[])), "F0000", "{text}");
+    assert!(text.contains("at most 65536 bytes"), "{text}");
+}
+
+#[test]
+fn no_configuration_error_shows_a_secret_whatever_the_mistake() {
+    let pg = Cluster::start(&["log_min_messages = debug1", "log_error_verbosity = verbose"]);
+    let mut c = pg.connect();
+    const SECRET: &str = "wJalrXUtnFEMIK7MDENGbPxRfiCYSECRETVALUE";
+    let doc = |value: &str| {
+        format!(
+            "plugins:\n  awsKms:\n    plugin: awsKms\n    isKms: true\n    keyId: alias/x\n    region: us-east-1\n    \
+             extraKmsConfig:\n      credentials:\n        accessKeyId: AKIDEXAMPLE\n        secretAccessKey: {value}\n"
+        )
+    };
+    for mistake in [
+        format!("!!int {SECRET}"),
+        format!("!!bool {SECRET}"),
+        format!("{SECRET}\n        secretAccessKey: {SECRET}"),
+        format!("\"{SECRET}\\q\""),
+        format!("{SECRET}\n\t{SECRET}"),
+        format!("{{{SECRET}: 1}}"),
+    ] {
+        let yaml = doc(&mistake);
+        let text = error_text(c.query_one("SELECT immuta_configure($1)", &[&yaml]));
+        assert_eq!(
+            sqlstate(c.query_one("SELECT immuta_configure($1)", &[&yaml])),
+            "22023",
+            "{mistake}: {text}"
+        );
+        assert!(!text.contains("wJalr"), "{mistake}: {text}");
+    }
+    assert!(!pg.log().contains("wJalr"), "{}", pg.log());
 }

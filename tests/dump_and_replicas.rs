@@ -48,7 +48,10 @@ fn dump_and_restore(source: &Cluster, target: &Cluster) -> Vec<u8> {
     source.run_client("pg_dump", &["-d", "app", "-f", dump.to_str().unwrap()]);
     let text = std::fs::read(&dump).unwrap();
     target.connect().batch_execute("CREATE DATABASE app").unwrap();
-    target.run_client("psql", &["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", "app", "-f", dump.to_str().unwrap()]);
+    target.run_client(
+        "psql",
+        &["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", "app", "-f", dump.to_str().unwrap()],
+    );
     text
 }
 
@@ -68,9 +71,15 @@ fn a_restored_database_decrypts_everything_and_continues_the_key_sequence() {
     assert_eq!(encrypted_key_id(&mut app, "new"), 3, "new values use the restored current key");
     let next: i64 = app.query_one("SELECT immuta_rotate()", &[]).unwrap().get(0);
     assert_eq!(next, 4, "key ids continue after the restored ones");
-    let days: i32 = app.query_one("SELECT (immuta_config()->'schedule'->>'dataKeyRollOverLength')::int", &[]).unwrap().get(0);
+    let days: i32 = app
+        .query_one("SELECT (immuta_config()->'schedule'->>'dataKeyRollOverLength')::int", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(days, 90, "the configuration came along");
-    let audited: i64 = app.query_one("SELECT count(*) FROM immuta.audit_log WHERE event = 'key rotated'", &[]).unwrap().get(0);
+    let audited: i64 = app
+        .query_one("SELECT count(*) FROM immuta.audit_log WHERE event = 'key rotated'", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(audited, 3, "the audit log came along (two rotations there, one here)");
     let counted: i64 = app.query_one("SELECT encryptions FROM immuta.keys WHERE id = 1", &[]).unwrap().get(0);
     assert!(counted >= 40, "usage counts came along: {counted}");
@@ -90,7 +99,16 @@ fn a_database_owner_who_is_not_a_superuser_restores_a_dump_with_pg_restore() {
     // As managed platforms restore: as the database owner, without ownership or privileges.
     target.run_client(
         "pg_restore",
-        &["-U", "owner", "--no-owner", "--no-privileges", "--exit-on-error", "-d", "app", dump.to_str().unwrap()],
+        &[
+            "-U",
+            "owner",
+            "--no-owner",
+            "--no-privileges",
+            "--exit-on-error",
+            "-d",
+            "app",
+            dump.to_str().unwrap(),
+        ],
     );
     let mut app = target.connect_as("owner", "app");
     assert_eq!(all_decrypt(&mut app), 100);
@@ -138,22 +156,20 @@ fn restoring_without_the_master_key_fails_clearly_and_destroys_nothing() {
     assert_eq!(all_decrypt(&mut app), 100);
 }
 
-/// Waits until `standby` has replayed everything `primary` has written so far.
-fn wait_for_replay(primary: &Cluster, standby: &Cluster) {
-    // The insert position: with synchronous_commit = off (the test clusters) a commit record may
-    // not be written yet when the commit returns.
-    let lsn: String = primary.connect().query_one("SELECT pg_current_wal_insert_lsn()::text", &[]).unwrap().get(0);
+/// Waits until `standby` has replayed key `key` of database `app` (polled: an LSN-based wait can
+/// stall until the next WAL record when a commit record ends on a page boundary).
+fn wait_for_key(standby: &Cluster, key: i64) {
     let start = Instant::now();
-    let mut c = standby.connect();
+    let mut c = standby.connect_to("app");
     loop {
         let done: bool = c
-            .query_one("SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn", &[&lsn])
+            .query_one("SELECT EXISTS (SELECT 1 FROM immuta.data_keys WHERE id = $1)", &[&key])
             .unwrap()
             .get(0);
         if done {
             return;
         }
-        assert!(start.elapsed() < Duration::from_secs(60), "standby did not replay\n{}", standby.log());
+        assert!(start.elapsed() < Duration::from_secs(120), "standby did not replay\n{}", standby.log());
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -169,10 +185,12 @@ fn a_streaming_standby_decrypts_everything_follows_rotations_and_never_writes() 
 
     // A rotation on the primary is used by the standby's encryptions once replayed.
     let rotated: i64 = primary.connect_to("app").query_one("SELECT immuta_rotate()", &[]).unwrap().get(0);
-    wait_for_replay(&primary, &standby);
+    wait_for_key(&standby, rotated);
     assert_eq!(encrypted_key_id(&mut replica, "after the rotation"), rotated);
-    let v: Vec<u8> = replica.query_one("SELECT immuta_encrypt('written on the standby')", &[]).unwrap().get(0);
-    let back: String = primary.connect_to("app").query_one("SELECT immuta_decrypt($1)", &[&v]).unwrap().get(0);
+    let v: Vec<u8> =
+        replica.query_one("SELECT immuta_encrypt('written on the standby')", &[]).unwrap().get(0);
+    let back: String =
+        primary.connect_to("app").query_one("SELECT immuta_decrypt($1)", &[&v]).unwrap().get(0);
     assert_eq!(back, "written on the standby");
 
     // Nothing on the standby writes: the scheduled job does nothing there, key changes are refused
@@ -180,7 +198,8 @@ fn a_streaming_standby_decrypts_everything_follows_rotations_and_never_writes() 
     let due: Option<i64> = replica.query_one("SELECT immuta_rotate_if_due()", &[]).unwrap().get(0);
     assert_eq!(due, None);
     assert_eq!(sqlstate(replica.query_one("SELECT immuta_rotate()", &[])), "25006");
-    let status: String = replica.query_one("SELECT immuta_status()->'current_key'->>'id'", &[]).unwrap().get(0);
+    let status: String =
+        replica.query_one("SELECT immuta_status()->'current_key'->>'id'", &[]).unwrap().get(0);
     assert_eq!(status, rotated.to_string());
     replica
         .batch_execute("SELECT immuta_encrypt('v' || i) FROM generate_series(1, 5000) i")

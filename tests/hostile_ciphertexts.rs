@@ -90,7 +90,8 @@ fn a_million_hostile_ciphertexts_through_sql_give_the_original_or_a_documented_e
         assert!(hits(documented) > 1000, "every kind of input was exercised: {tally:?}");
     }
     // The server is still up and well.
-    let back: String = c.query_one("SELECT immuta_decrypt(c) FROM originals WHERE id = 7", &[]).unwrap().get(0);
+    let back: String =
+        c.query_one("SELECT immuta_decrypt(c) FROM originals WHERE id = 7", &[]).unwrap().get(0);
     assert!(back.starts_with("value "));
     assert!(!pg.log().contains("PANIC") && !pg.log().contains("server process"), "{}", pg.log());
 }

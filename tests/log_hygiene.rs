@@ -64,15 +64,24 @@ fn the_server_log_at_debug5_holds_no_key_and_no_secret_whatever_fails() {
     for (bad, state) in [
         ("SELECT immuta_decrypt('\\x0102'::bytea)", "22P03"),
         ("SELECT immuta_decrypt(set_byte(v, 30, get_byte(v, 30) # 1)) FROM t LIMIT 1", "22000"),
-        ("SELECT immuta_decrypt(overlay(v PLACING '\\x00000000000000ff'::bytea FROM 2)) FROM t LIMIT 1", "42704"),
+        (
+            "SELECT immuta_decrypt(overlay(v PLACING '\\x00000000000000ff'::bytea FROM 2)) FROM t LIMIT 1",
+            "42704",
+        ),
         ("SELECT immuta_decrypt(set_byte(v, 0, 2)) FROM t LIMIT 1", "0A000"),
     ] {
         assert_eq!(sqlstate(fresh.batch_execute(bad)), state, "{bad}");
     }
 
     // Bad configuration: as an argument, and as a file that also holds a secret.
-    assert_eq!(sqlstate(c.query_one("SELECT immuta_configure('schedule: {dataKeyRollOverLength: -5}')", &[])), "22023");
-    let bad_file = format!("{}schedule:\n  dataKeyRollOverLength: -5\n", kms_yaml(&kms_key, &moto.endpoint(), access, FILE_SECRET));
+    assert_eq!(
+        sqlstate(c.query_one("SELECT immuta_configure('schedule: {dataKeyRollOverLength: -5}')", &[])),
+        "22023"
+    );
+    let bad_file = format!(
+        "{}schedule:\n  dataKeyRollOverLength: -5\n",
+        kms_yaml(&kms_key, &moto.endpoint(), access, FILE_SECRET)
+    );
     use_config_file(&pg, "bad.yaml", &bad_file);
     assert_eq!(sqlstate(pg.connect().batch_execute("SELECT immuta_encrypt('x')")), "F0000");
 
@@ -80,8 +89,10 @@ fn the_server_log_at_debug5_holds_no_key_and_no_secret_whatever_fails() {
     // statement log: see README, "Security notes"): a KMS-wrapped key, then KMS refusing.
     use_config_file(&pg, "kms.yaml", &kms_yaml(&kms_key, &moto.endpoint(), access, secret));
     let mut k = pg.connect();
-    k.batch_execute("SELECT immuta_rotate(); INSERT INTO t SELECT immuta_encrypt('k' || i) FROM generate_series(1, 20) i")
-        .unwrap();
+    k.batch_execute(
+        "SELECT immuta_rotate(); INSERT INTO t SELECT immuta_encrypt('k' || i) FROM generate_series(1, 20) i",
+    )
+    .unwrap();
     pg.connect().batch_execute("SELECT immuta_cache_reset(); SELECT immuta_decrypt(v) FROM t").unwrap();
     use_config_file(&pg, "denied.yaml", &kms_yaml(&kms_key, &moto.endpoint(), access, WRONG_SECRET));
     let mut denied = pg.connect();
@@ -91,7 +102,13 @@ fn the_server_log_at_debug5_holds_no_key_and_no_secret_whatever_fails() {
     // Everything secret there is: the master key, every data key, every credential secret.
     let master = std::fs::read_to_string(pg.master_key_file()).unwrap().trim().to_string();
     let local = LocalProvider::open(&pg.master_key_file(), Create::Never).unwrap();
-    let mut secrets = vec![master.to_lowercase(), master.to_uppercase(), secret.to_string(), WRONG_SECRET.into(), FILE_SECRET.into()];
+    let mut secrets = vec![
+        master.to_lowercase(),
+        master.to_uppercase(),
+        secret.to_string(),
+        WRONG_SECRET.into(),
+        FILE_SECRET.into(),
+    ];
     let rows = c
         .query("SELECT id, provider, wrapping_key, wrapping_region, wrapped_key FROM immuta.data_keys ORDER BY id", &[])
         .unwrap();
@@ -112,8 +129,14 @@ fn the_server_log_at_debug5_holds_no_key_and_no_secret_whatever_fails() {
         secrets.extend([hex(&data_key), hex(&data_key).to_uppercase(), base64(&data_key)]);
     }
     let log = pg.log();
-    assert!(log.contains("DEBUG") && log.contains("statement: SELECT immuta_rotate()"), "logging was verbose");
-    assert!(log.contains("AccessDenied") || log.contains("42501") || log.contains("UnrecognizedClient"), "KMS refused");
+    assert!(
+        log.contains("DEBUG") && log.contains("statement: SELECT immuta_rotate()"),
+        "logging was verbose"
+    );
+    assert!(
+        log.contains("AccessDenied") || log.contains("42501") || log.contains("UnrecognizedClient"),
+        "KMS refused"
+    );
     for s in &secrets {
         assert!(!log.contains(s.as_str()), "a secret reached the server log: {}...", &s[..6]);
     }

@@ -55,20 +55,25 @@ fn a_job_every_minute_rolls_an_overdue_key_over_and_does_nothing_while_none_is_d
     app.batch_execute("CREATE TABLE t (v bytea); INSERT INTO t SELECT immuta_encrypt('value ' || i) FROM generate_series(1, 100) i")
         .unwrap();
     let job: i64 = app.query_one("SELECT immuta_schedule_rotation('* * * * *')", &[]).unwrap().get(0);
-    let row = cron_db.query_one("SELECT database, command, schedule FROM cron.job WHERE jobid = $1", &[&job]).unwrap();
+    let row = cron_db
+        .query_one("SELECT database, command, schedule FROM cron.job WHERE jobid = $1", &[&job])
+        .unwrap();
     assert_eq!(row.get::<_, String>(0), "appdb");
-    assert_eq!(row.get::<_, String>(1), "SELECT public.immuta_rotate_if_due()");
+    assert_eq!(row.get::<_, String>(1), "SELECT pg_catalog.immuta_rotation_job()");
     assert_eq!(row.get::<_, String>(2), "* * * * *");
 
     // A run while nothing is due creates no key.
-    wait_for(Duration::from_secs(90), "a first run of the job", &pg, || finished_runs(&mut cron_db, job).0 >= 1);
+    // pg_cron starts a job at the next minute; a loaded machine may skip a minute.
+    wait_for(Duration::from_secs(200), "a first run of the job", &pg, || {
+        finished_runs(&mut cron_db, job).0 >= 1
+    });
     let (finished, succeeded) = finished_runs(&mut cron_db, job);
     assert_eq!(finished, succeeded, "the runs succeeded");
     assert_eq!(count_keys(&mut app), 1);
 
     // Back-date the key past the rollover length: the next run rolls it over.
     app.batch_execute("UPDATE immuta.data_keys SET created_at = now() - interval '400 days'").unwrap();
-    wait_for(Duration::from_secs(90), "a scheduled rollover", &pg, || count_keys(&mut app) == 2);
+    wait_for(Duration::from_secs(200), "a scheduled rollover", &pg, || count_keys(&mut app) == 2);
     let (event, reason, key): (String, String, i64) = {
         let r = app
             .query_one("SELECT event, reason, key_id FROM immuta.audit_log ORDER BY id DESC LIMIT 1", &[])
@@ -76,15 +81,14 @@ fn a_job_every_minute_rolls_an_overdue_key_over_and_does_nothing_while_none_is_d
         (r.get(0), r.get(1), r.get(2))
     };
     assert_eq!((event.as_str(), reason.as_str(), key), ("key rotated", "schedule", 2));
-    let all_decrypt: i64 = app
-        .query_one("SELECT count(*) FROM t WHERE immuta_decrypt(v) LIKE 'value %'", &[])
-        .unwrap()
-        .get(0);
+    let all_decrypt: i64 =
+        app.query_one("SELECT count(*) FROM t WHERE immuta_decrypt(v) LIKE 'value %'", &[]).unwrap().get(0);
     assert_eq!(all_decrypt, 100, "every old value still decrypts");
     assert_eq!(encrypted_key_id(&mut app, "new"), 2, "new values use the new key");
-    let status: serde_json::Value = app.query_one("SELECT immuta_status()::text", &[]).map(|r| {
-        serde_json::from_str(&r.get::<_, String>(0)).unwrap()
-    }).unwrap();
+    let status: serde_json::Value = app
+        .query_one("SELECT immuta_status()::text", &[])
+        .map(|r| serde_json::from_str(&r.get::<_, String>(0)).unwrap())
+        .unwrap();
     assert_eq!(status["rotation_job_present"], true, "{status}");
     assert_eq!(status["rotation_job"]["job_id"], job);
     assert_eq!(status["rotation_job"]["schedule"], "* * * * *");
@@ -143,7 +147,10 @@ fn without_pg_cron_scheduling_fails_with_a_hint_to_install_it() {
     let pg = Cluster::start(WITH_PG_CRON);
     let mut c = pg.connect();
     let text = error_text(c.query_one("SELECT immuta_schedule_rotation()", &[]));
-    assert!(text.contains("not installed in database \"postgres\"") && text.contains("CREATE EXTENSION pg_cron"), "{text}");
+    assert!(
+        text.contains("not installed in database \"postgres\"") && text.contains("CREATE EXTENSION pg_cron"),
+        "{text}"
+    );
     c.batch_execute("CREATE DATABASE appdb").unwrap();
     let mut app = pg.connect_to("appdb");
     app.batch_execute("CREATE EXTENSION immuta").unwrap();
@@ -164,4 +171,108 @@ fn rotate_if_due_does_nothing_in_a_read_only_transaction() {
     assert_eq!(count_keys(&mut c), 1);
     let id: Option<i64> = c.query_one("SELECT immuta_rotate_if_due()", &[]).unwrap().get(0);
     assert_eq!(id, Some(2));
+}
+
+/// Runs job `job` as pg_cron does: its command, in its database, as its user.
+fn run_job_as_pg_cron_would(
+    pg: &Cluster,
+    cron_db: &mut postgres::Client,
+    job: i64,
+) -> Result<(), postgres::Error> {
+    let row = cron_db
+        .query_one("SELECT database, username, command FROM cron.job WHERE jobid = $1", &[&job])
+        .unwrap();
+    let (database, username, command): (String, String, String) = (row.get(0), row.get(1), row.get(2));
+    pg.connect_as(&username, &database).batch_execute(&command)
+}
+
+fn is_superuser(c: &mut postgres::Client, role: &str) -> bool {
+    c.query_one("SELECT rolsuper FROM pg_roles WHERE rolname = $1", &[&role]).unwrap().get(0)
+}
+
+#[test]
+fn the_rotation_job_never_runs_code_the_database_owner_planted() {
+    let pg = Cluster::start(WITH_PG_CRON);
+    let mut cron_db = pg.connect();
+    cron_db.batch_execute("CREATE EXTENSION pg_cron").unwrap();
+    pg.create_database("shop", Some("tenant"));
+    let mut tenant = pg.connect_as("tenant", "shop");
+    tenant.batch_execute("CREATE EXTENSION immuta; SELECT immuta_encrypt('x')").unwrap();
+    // A superuser schedules the rotation in the tenant's database: the job runs as the superuser.
+    let job: i64 = pg.connect_to("shop").query_one("SELECT immuta_schedule_rotation()", &[]).unwrap().get(0);
+    run_job_as_pg_cron_would(&pg, &mut cron_db, job).unwrap();
+
+    // The tenant owns schema public: it moves it aside and plants look-alikes everywhere a name
+    // could be looked up, each making the tenant a superuser if it ever runs.
+    let escalate = "LANGUAGE plpgsql AS $$ BEGIN EXECUTE 'ALTER ROLE tenant SUPERUSER'; RETURN 1; END $$";
+    tenant
+        .batch_execute(&format!(
+            "ALTER SCHEMA public RENAME TO moved;
+             CREATE SCHEMA public;
+             CREATE FUNCTION public.immuta_rotate_if_due() RETURNS bigint {escalate};
+             CREATE FUNCTION public.immuta_rotation_job() RETURNS bigint {escalate};"
+        ))
+        .unwrap();
+    assert_eq!(
+        sqlstate(tenant.batch_execute(&format!(
+            "CREATE FUNCTION pg_catalog.immuta_rotation_job2() RETURNS bigint {escalate}"
+        ))),
+        "42501",
+        "nobody but a superuser creates anything in pg_catalog"
+    );
+    run_job_as_pg_cron_would(&pg, &mut cron_db, job).unwrap();
+    assert!(!is_superuser(&mut cron_db, "tenant"), "the job ran the tenant's function");
+
+    // Dropping the extension, and creating a schema immuta of its own: a job left behind fails,
+    // harmlessly, and runs nothing of the tenant's.
+    tenant
+        .batch_execute(&format!(
+            "DROP EXTENSION immuta;
+             CREATE SCHEMA immuta;
+             CREATE FUNCTION immuta.rotate_if_due() RETURNS bigint {escalate};
+             CREATE FUNCTION immuta.immuta_rotation_job() RETURNS bigint {escalate};"
+        ))
+        .unwrap();
+    assert_eq!(
+        sqlstate(run_job_as_pg_cron_would(&pg, &mut cron_db, job)),
+        "42883",
+        "function does not exist"
+    );
+    assert!(!is_superuser(&mut cron_db, "tenant"));
+
+    // The extension created again, in another schema: the job reaches immuta's function again.
+    tenant.batch_execute("DROP SCHEMA immuta CASCADE; CREATE EXTENSION immuta SCHEMA moved").unwrap();
+    run_job_as_pg_cron_would(&pg, &mut cron_db, job).unwrap();
+    assert!(!is_superuser(&mut cron_db, "tenant"));
+}
+
+#[test]
+fn scheduling_requires_what_a_connection_to_pg_crons_database_would() {
+    let (pg, mut cron_db, mut app) = cluster_with_pg_cron_and_appdb();
+    cron_db
+        .batch_execute(
+            "CREATE ROLE keeper LOGIN; GRANT immuta_admin TO keeper;
+             CREATE ROLE robot NOLOGIN; GRANT immuta_admin TO robot; GRANT robot TO keeper;
+             REVOKE CONNECT ON DATABASE postgres FROM PUBLIC;",
+        )
+        .unwrap();
+    app.batch_execute("SELECT immuta_encrypt('x')").unwrap();
+    let mut keeper = pg.connect_as("keeper", "appdb");
+    // No CONNECT on pg_cron's database: no worker reaches it as this role.
+    let result = keeper.query_one("SELECT immuta_schedule_rotation()", &[]);
+    let text = error_text(keeper.query_one("SELECT immuta_schedule_rotation()", &[]));
+    assert_eq!(sqlstate(result), "42501", "{text}");
+    assert!(text.contains("CONNECT privilege") && text.contains("\"postgres\""), "{text}");
+    let status: String =
+        keeper.query_one("SELECT immuta_status()->>'rotation_job_error'", &[]).unwrap().get(0);
+    assert!(status.contains("may not connect"), "{status}");
+    // A role that cannot log in cannot have a job run as it, nor a worker connect as it.
+    cron_db.batch_execute("GRANT CONNECT ON DATABASE postgres TO keeper, robot").unwrap();
+    keeper.batch_execute("SET ROLE robot").unwrap();
+    let text = error_text(keeper.query_one("SELECT immuta_schedule_rotation()", &[]));
+    assert!(text.contains("cannot log in"), "{text}");
+    assert_eq!(sqlstate(keeper.query_one("SELECT immuta_schedule_rotation()", &[])), "42501");
+    let jobs: i64 = cron_db.query_one("SELECT count(*) FROM cron.job", &[]).unwrap().get(0);
+    assert_eq!(jobs, 0);
+    assert!(!pg.log().contains("FATAL:  permission denied for database"), "no worker was started");
 }

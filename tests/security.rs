@@ -25,7 +25,11 @@ fn each_role_can_do_what_it_is_for_and_nothing_else() {
 
     // An ingest job encrypts (and creates the first key) but cannot decrypt.
     let mut ingest = pg.connect_as("ingest", "postgres");
-    ingest.batch_execute("INSERT INTO readings SELECT immuta_encrypt('reading ' || i) FROM generate_series(1, 10) i").unwrap();
+    ingest
+        .batch_execute(
+            "INSERT INTO readings SELECT immuta_encrypt('reading ' || i) FROM generate_series(1, 10) i",
+        )
+        .unwrap();
     assert_eq!(sqlstate(ingest.query_one("SELECT immuta_decrypt(v) FROM readings LIMIT 1", &[])), "42501");
     for denied in [
         "SELECT immuta_rotate()",
@@ -112,7 +116,9 @@ fn a_database_owner_who_is_not_a_superuser_installs_and_uses_immuta_in_that_data
     assert_eq!(sqlstate(clerk.query_one("SELECT immuta_decrypt(immuta_encrypt('x'))", &[])), "42501");
     assert_eq!(sqlstate(owner.batch_execute("GRANT immuta_decryptor TO clerk")), "42501");
     let mut elsewhere = pg.connect_as("owner", "postgres");
-    for denied in ["SELECT immuta_rotate()", "SELECT immuta_decrypt(immuta_encrypt('x'))", "SELECT immuta_status()"] {
+    for denied in
+        ["SELECT immuta_rotate()", "SELECT immuta_decrypt(immuta_encrypt('x'))", "SELECT immuta_status()"]
+    {
         assert_eq!(sqlstate(elsewhere.batch_execute(denied)), "42501", "owner in postgres: {denied}");
     }
 
@@ -135,8 +141,13 @@ fn a_database_owner_who_is_not_a_superuser_installs_and_uses_immuta_in_that_data
         assert_eq!(sqlstate(owner.batch_execute(denied)), state, "owner: {denied}");
     }
     // A configuration slipped in directly is left out, with a warning.
-    owner.batch_execute("INSERT INTO immuta.config (yaml) VALUES ('schedule: {dataKeyRollOverLength: 1}')").unwrap();
-    let days: i32 = owner.query_one("SELECT (immuta_config()->'schedule'->>'dataKeyRollOverLength')::int", &[]).unwrap().get(0);
+    owner
+        .batch_execute("INSERT INTO immuta.config (yaml) VALUES ('schedule: {dataKeyRollOverLength: 1}')")
+        .unwrap();
+    let days: i32 = owner
+        .query_one("SELECT (immuta_config()->'schedule'->>'dataKeyRollOverLength')::int", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(days, 365);
     // Using the server's own AWS identity, or choosing where keys are sent, is a superuser's decision.
     let kms = "plugins: {awsKms: {plugin: awsKms, isKms: true, keyId: alias/x, region: us-east-1}}";
@@ -150,7 +161,8 @@ fn a_database_owner_who_is_not_a_superuser_installs_and_uses_immuta_in_that_data
 fn a_role_of_immutas_names_that_can_log_in_is_not_adopted() {
     let pg = Cluster::start(&[]);
     let mut c = pg.connect();
-    c.batch_execute("DROP EXTENSION immuta; DROP ROLE immuta_decryptor; CREATE ROLE immuta_decryptor LOGIN").unwrap();
+    c.batch_execute("DROP EXTENSION immuta; DROP ROLE immuta_decryptor; CREATE ROLE immuta_decryptor LOGIN")
+        .unwrap();
     let text = error_text(c.batch_execute("CREATE EXTENSION immuta"));
     assert!(text.contains("\"immuta_decryptor\" exists and can log in"), "{text}");
     c.batch_execute("ALTER ROLE immuta_decryptor NOLOGIN; CREATE EXTENSION immuta").unwrap();
@@ -215,7 +227,11 @@ fn objects_planted_in_the_callers_schemas_never_run_inside_immuta() {
     // Every path that queries immuta's tables: first key, usage rows, decrypt of a key not yet
     // loaded, rotation with its audit row, status, the keys view, scheduled rollover.
     let v: Vec<u8> = ingest.query_one("SELECT public.immuta_encrypt('x')", &[]).unwrap().get(0);
-    ingest.batch_execute("SELECT public.immuta_rotate(); SELECT public.immuta_status(); SELECT * FROM immuta.keys").unwrap();
+    ingest
+        .batch_execute(
+            "SELECT public.immuta_rotate(); SELECT public.immuta_status(); SELECT * FROM immuta.keys",
+        )
+        .unwrap();
     let fresh = pg.connect_as("ingest", "postgres");
     drop(fresh);
     let mut ingest2 = pg.connect_as("ingest", "postgres");
@@ -224,4 +240,212 @@ fn objects_planted_in_the_callers_schemas_never_run_inside_immuta() {
     assert_eq!(back, "x");
     ingest2.batch_execute("SELECT public.immuta_rotate_if_due(); SELECT public.immuta_rewrap()").unwrap();
     assert!(!pg.log().contains("hijacked"), "{}", pg.log());
+}
+
+/// A database `shop` owned by `tenant`, a role that is not a superuser, with immuta installed by
+/// it; returns a session of the tenant there.
+fn tenant_installation(pg: &Cluster) -> postgres::Client {
+    pg.create_database("shop", Some("tenant"));
+    let mut tenant = pg.connect_as("tenant", "shop");
+    tenant.batch_execute("CREATE EXTENSION immuta").unwrap();
+    tenant
+}
+
+/// Runs `statement` in a savepoint of the open transaction of `c` and returns its SQLSTATE.
+fn in_savepoint(c: &mut postgres::Client, statement: &str) -> String {
+    c.batch_execute("SAVEPOINT attempt").unwrap();
+    let state = sqlstate(c.batch_execute(statement));
+    c.batch_execute("ROLLBACK TO SAVEPOINT attempt").unwrap();
+    state
+}
+
+const FORGED_ROWS: [&str; 3] = [
+    "INSERT INTO immuta.audit_log (id, event, reason) VALUES (100, 'cache reset', 'manual')",
+    "INSERT INTO immuta.key_usage VALUES (1, 4611686018427387904), (1, 4611686018427387904)",
+    "INSERT INTO immuta.data_keys (id, provider, wrapping_key, wrapped_key, reason) \
+     SELECT 50, provider, wrapping_key, wrapped_key, 'manual' FROM (VALUES ('local', 'aaaaaaaaaaaaaaaa', '\\x00'::bytea)) v(provider, wrapping_key, wrapped_key)",
+];
+
+#[test]
+fn an_old_snapshot_cannot_reopen_the_restore_window() {
+    let pg = Cluster::start(&[]);
+    let _tenant = tenant_installation(&pg);
+    // A REPEATABLE READ transaction of the tenant's, begun while the installation was fresh.
+    let mut early = pg.connect_as("tenant", "shop");
+    early.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM pg_class").unwrap();
+    // Then immuta is used.
+    let mut app = pg.connect_to("shop");
+    let value = encrypt(&mut app, "in use");
+    // The old snapshot still sees empty tables; the window is closed anyway.
+    for forged in FORGED_ROWS {
+        assert_eq!(in_savepoint(&mut early, forged), "42501", "{forged}");
+    }
+    early.batch_execute("COMMIT").unwrap();
+    let (keys, current): (i64, i64) = app
+        .query_one("SELECT count(*), max(id) FILTER (WHERE is_current) FROM immuta.keys", &[])
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!((keys, current), (1, 1));
+    let events: i64 = app.query_one("SELECT count(*) FROM immuta.audit_log", &[]).unwrap().get(0);
+    assert_eq!(events, 1);
+    assert_eq!(decrypt(&mut app, &value).unwrap(), "in use");
+}
+
+#[test]
+fn the_restore_window_closes_for_good_at_immutas_first_write() {
+    let pg = Cluster::start(&[]);
+    let mut tenant = tenant_installation(&pg);
+    // A rotation creates a key and an audit entry, but no usage row: key_usage is still empty.
+    tenant.batch_execute("SELECT immuta_rotate()").unwrap();
+    for forged in FORGED_ROWS {
+        assert_eq!(sqlstate(tenant.batch_execute(forged)), "42501", "{forged}");
+    }
+    let text = error_text(tenant.batch_execute(FORGED_ROWS[1]));
+    assert!(text.contains("immuta has been used in this database"), "{text}");
+    // Counting still works: nothing was added.
+    let counted: i64 = tenant.query_one("SELECT encryptions FROM immuta.keys", &[]).unwrap().get(0);
+    assert_eq!(counted, 0);
+}
+
+#[test]
+fn rows_the_owner_restores_are_held_to_what_immuta_writes() {
+    let pg = Cluster::start(&[]);
+    let mut tenant = tenant_installation(&pg);
+    let fingerprint = "aaaaaaaaaaaaaaaa";
+    let wrapped = format!("\\x{}", "00".repeat(61));
+    for (row, why) in [
+        (
+            format!("(9223372036854775807, 'local', '{fingerprint}', NULL, '{wrapped}', 'manual', now())"),
+            "an id no later id fits above",
+        ),
+        (
+            format!("(2, 'local', '{fingerprint}', NULL, '{wrapped}', 'manual', 'infinity')"),
+            "created in the future: never due",
+        ),
+        (
+            format!("(2, 'local', '{fingerprint}', NULL, '\\x00', 'manual', now())"),
+            "a wrapped key of another length",
+        ),
+        (
+            "(2, 'awsKms', 'alias/k', 'us-east-1.attacker.example', '\\x00', 'manual', now())".to_owned(),
+            "a region that is a host name",
+        ),
+        (
+            "(2, 'awsKms', 'alias k', 'us-east-1', '\\x00', 'manual', now())".to_owned(),
+            "a key reference with white space",
+        ),
+    ] {
+        let insert = format!(
+            "INSERT INTO immuta.data_keys (id, provider, wrapping_key, wrapping_region, wrapped_key, reason, created_at) VALUES {row}"
+        );
+        assert_eq!(sqlstate(tenant.batch_execute(&insert)), "22023", "{why}");
+    }
+    let blocks_a_later_rollover = format!(
+        "INSERT INTO immuta.data_keys (id, provider, wrapping_key, wrapped_key, reason, rolled_over_from) \
+         VALUES (2, 'local', '{fingerprint}', '{wrapped}', 'schedule', 3)"
+    );
+    assert_eq!(
+        sqlstate(tenant.batch_execute(&blocks_a_later_rollover)),
+        "22023",
+        "a later key as its predecessor"
+    );
+    assert_eq!(
+        sqlstate(tenant.batch_execute("INSERT INTO immuta.key_usage VALUES (1, 4611686018427387904)")),
+        "22023"
+    );
+    // A row immuta could have written is restored, marked as the owner's.
+    tenant
+        .batch_execute(
+            "INSERT INTO immuta.data_keys (id, provider, wrapping_key, wrapping_region, wrapped_key, reason, origin) \
+             VALUES (2, 'awsKms', 'alias/k', 'us-east-1', '\\x00', 'manual', 'immuta')",
+        )
+        .unwrap();
+    let origin: String =
+        pg.connect_to("shop").query_one("SELECT origin FROM immuta.data_keys", &[]).unwrap().get(0);
+    assert_eq!(origin, "owner");
+}
+
+#[test]
+fn sequences_the_owner_may_move_decide_nothing() {
+    let pg = Cluster::start(&[]);
+    let mut tenant = tenant_installation(&pg);
+    encrypt(&mut tenant, "first");
+    let current = |c: &mut postgres::Client| -> i64 {
+        c.query_one("SELECT id FROM immuta.keys WHERE is_current", &[]).unwrap().get(0)
+    };
+    // Ahead: the next rotation's key is current, whatever the sequence says.
+    tenant.batch_execute("SELECT setval('immuta.data_keys_id_seq', 1000)").unwrap();
+    let r1: i64 = tenant.query_one("SELECT immuta_rotate()", &[]).unwrap().get(0);
+    assert_eq!(current(&mut tenant), r1);
+    // Back: a rotation after a compromise still replaces the key that encrypts.
+    tenant.batch_execute("SELECT setval('immuta.data_keys_id_seq', 1)").unwrap();
+    let r2: i64 = tenant.query_one("SELECT immuta_rotate()", &[]).unwrap().get(0);
+    assert!(r2 > r1, "{r2} > {r1}");
+    assert_eq!(current(&mut tenant), r2);
+    assert_eq!(encrypted_key_id(&mut tenant, "after"), r2);
+    // To the end, and the audit log's back to the start: rotations go on.
+    tenant
+        .batch_execute(
+            "SELECT setval('immuta.data_keys_id_seq', 9223372036854775807);
+             SELECT setval('immuta.audit_log_id_seq', 1, false);",
+        )
+        .unwrap();
+    let r3: i64 = tenant.query_one("SELECT immuta_rotate()", &[]).unwrap().get(0);
+    assert_eq!((r3, current(&mut tenant)), (r2 + 1, r2 + 1));
+    let ids: Vec<i64> = tenant
+        .query("SELECT id FROM immuta.audit_log ORDER BY id", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ids, (1..=ids.len() as i64).collect::<Vec<_>>(), "one event each, in order");
+}
+
+#[test]
+fn a_transaction_holding_the_key_creation_lock_cannot_be_prepared() {
+    let pg = Cluster::start(&["max_prepared_transactions = 4"]);
+    let mut c = pg.connect();
+    create_roles(&mut c);
+    let mut ingest = pg.connect_as("ingest", "postgres");
+    // An encryptor's first encryption creates the first key...
+    ingest.batch_execute("BEGIN; SELECT immuta_encrypt('x')").unwrap();
+    let refused = ingest.batch_execute("PREPARE TRANSACTION 'hold'").unwrap_err();
+    let refused = refused.as_db_error().expect("an error of the server");
+    assert_eq!(refused.code().code(), "0A000", "{}", refused.message());
+    assert!(refused.message().contains("cannot PREPARE"), "{}", refused.message());
+    ingest.batch_execute("ROLLBACK").unwrap();
+    // ...and no prepared transaction holds back every other session's.
+    let mut other = pg.connect();
+    other.batch_execute("SET lock_timeout = '30s'").unwrap();
+    encrypt(&mut other, "y");
+    let mut keeper = pg.connect_as("keeper", "postgres");
+    keeper.batch_execute("BEGIN; SELECT immuta_rotate()").unwrap();
+    assert_eq!(sqlstate(keeper.batch_execute("PREPARE TRANSACTION 'hold2'")), "0A000");
+    // Encrypting under an existing key takes no such lock: that transaction may be prepared.
+    ingest.batch_execute("BEGIN; SELECT immuta_encrypt('z'); PREPARE TRANSACTION 'fine'").unwrap();
+    other.query_one("SELECT immuta_rotate()", &[]).unwrap();
+    c.batch_execute("COMMIT PREPARED 'fine'").unwrap();
+    let prepared: i64 = c.query_one("SELECT count(*) FROM pg_prepared_xacts", &[]).unwrap().get(0);
+    assert_eq!(prepared, 0);
+}
+
+#[test]
+fn errors_inside_immuta_show_neither_internal_ids_nor_a_backtrace() {
+    let pg = Cluster::start_with_env(&[], &[("RUST_BACKTRACE", "1")]);
+    let mut c = pg.connect();
+    for _ in 0..5 {
+        c.batch_execute("SELECT immuta_rotate()").unwrap();
+    }
+    // A superuser's edit makes the next rollover's row collide with an existing one.
+    c.batch_execute(
+        "UPDATE immuta.data_keys SET rolled_over_from = 5 WHERE id = 2;
+         UPDATE immuta.data_keys SET created_at = now() - interval '400 days' WHERE id = 5",
+    )
+    .unwrap();
+    let result = c.query_one("SELECT immuta_rotate_if_due()", &[]);
+    let text = error_text(c.query_one("SELECT immuta_rotate_if_due()", &[]));
+    assert_eq!(sqlstate(result), "40001", "{text}");
+    for internal in ["Key (", "rolled_over_from", "=(5)", "backtrace", ".rs:", "pgrx"] {
+        assert!(!text.contains(internal), "{internal}: {text}");
+    }
 }

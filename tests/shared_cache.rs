@@ -108,30 +108,124 @@ fn a_parallel_query_unwraps_no_key_more_than_once() {
 }
 
 #[test]
-fn the_ttl_makes_keys_unwrap_again_and_a_reset_drops_every_key() {
+fn within_the_ttl_nothing_is_unwrapped_again_after_it_every_key_once_and_a_reset_drops_every_key() {
     let (_moto, proxy, pg) = three_kms_keys(&[PRELOAD]);
     pg.restart();
-    let mut c = pg.connect();
-    set_server_setting(&mut c, "immuta.cache_ttl", "2s");
-    drop(c);
     let before = kms_decrypts(&proxy);
     let mut c = pg.connect();
     assert!(all_decrypt(&mut c));
     assert_eq!(kms_decrypts(&proxy) - before, 3);
+    assert!(all_decrypt(&mut pg.connect()));
     assert!(all_decrypt(&mut c));
-    assert_eq!(kms_decrypts(&proxy) - before, 3, "within the TTL nothing is unwrapped again");
-    std::thread::sleep(Duration::from_millis(2500));
-    assert!(all_decrypt(&mut c));
-    assert_eq!(kms_decrypts(&proxy) - before, 6, "after the TTL every key is unwrapped again, once");
+    assert_eq!(kms_decrypts(&proxy) - before, 3, "within the TTL (one hour) nothing is unwrapped again");
 
-    let mut other = pg.connect();
-    assert!(all_decrypt(&mut other));
+    // A TTL of one second; the reset drops the copies that carry the old expiry. A copy's expiry
+    // is fixed when it is unwrapped and checked against the transaction's start, so a statement
+    // never sees its keys expire, and one that starts 1.5 s after the last unwrap sees them all
+    // expired, whatever the machine's speed.
+    let mut admin = pg.connect();
+    set_server_setting(&mut admin, "immuta.cache_ttl", "1s");
+    let mut c = pg.connect();
     let dropped: i64 = c.query_one("SELECT immuta_cache_reset()", &[]).unwrap().get(0);
     assert_eq!(dropped, 3);
     assert_eq!(stat(&mut c, "entries"), "0");
     let at_reset = kms_decrypts(&proxy);
-    assert!(all_decrypt(&mut other), "a session that held the keys drops them too");
-    assert_eq!(kms_decrypts(&proxy) - at_reset, 3);
+    assert!(all_decrypt(&mut c));
+    assert_eq!(kms_decrypts(&proxy) - at_reset, 3, "after a reset every key is unwrapped again, once");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(all_decrypt(&mut c));
+    assert_eq!(kms_decrypts(&proxy) - at_reset, 6, "after the TTL every key is unwrapped again, once");
+
+    // A reset reaches a session that holds the keys.
+    set_server_setting(&mut admin, "immuta.cache_ttl", "1h");
+    c.query_one("SELECT immuta_cache_reset()", &[]).unwrap();
+    let mut holder = pg.connect();
+    assert!(all_decrypt(&mut holder));
+    let held = kms_decrypts(&proxy);
+    c.query_one("SELECT immuta_cache_reset()", &[]).unwrap();
+    assert!(all_decrypt(&mut holder), "a session that held the keys drops them too");
+    assert_eq!(kms_decrypts(&proxy) - held, 3);
+}
+
+/// `(local_unwraps, entries)` of database `db` after a fresh session there decrypted all of
+/// table `t`.
+fn read_everything(pg: &Cluster, db: &str) -> (i64, i64) {
+    let mut c = pg.connect_to(db);
+    let ok: bool =
+        c.query_one("SELECT bool_and(immuta_decrypt(v) LIKE 'value %') FROM t", &[]).unwrap().get(0);
+    assert!(ok);
+    let row = c
+        .query_one(
+            "SELECT (s->>'local_unwraps')::int8, (s->>'entries')::int8 FROM (SELECT immuta_cache_stats() s) x",
+            &[],
+        )
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+/// Values under `keys` keys in table `t` of the session's database.
+fn values_under_keys(c: &mut postgres::Client, keys: usize) {
+    c.batch_execute("CREATE TABLE t (v bytea)").unwrap();
+    for k in 0..keys {
+        if k > 0 {
+            c.batch_execute("SELECT immuta_rotate()").unwrap();
+        }
+        c.batch_execute("INSERT INTO t SELECT immuta_encrypt('value ' || i) FROM generate_series(1, 5) i")
+            .unwrap();
+    }
+}
+
+#[test]
+fn one_database_cannot_empty_or_crowd_out_anothers_cache_nor_see_its_statistics() {
+    let pg = Cluster::start(&[PRELOAD, "immuta.shared_cache_keys = 8"]);
+    pg.create_database("a", Some("tenant"));
+    pg.create_database("b", None);
+    let mut b = pg.connect_to("b");
+    b.batch_execute("CREATE EXTENSION immuta").unwrap();
+    values_under_keys(&mut b, 3);
+    assert_eq!(read_everything(&pg, "b"), (3, 3), "b's three keys are in the shared cache");
+
+    // The tenant of database a makes forty keys and has each loaded into the shared cache: a
+    // takes the free slots, then gives up its own, never b's (b holds less than its share).
+    let mut tenant = pg.connect_as("tenant", "a");
+    tenant.batch_execute("CREATE EXTENSION immuta").unwrap();
+    values_under_keys(&mut tenant, 40);
+    let mut reader = pg.connect_as("tenant", "a");
+    let ok: bool =
+        reader.query_one("SELECT bool_and(immuta_decrypt(v) LIKE 'value %') FROM t", &[]).unwrap().get(0);
+    assert!(ok);
+    assert_eq!(read_everything(&pg, "b"), (3, 3), "no key of b was evicted");
+
+    // The tenant's reset empties a's entries only, and is audited in a.
+    tenant.query_one("SELECT immuta_cache_reset()", &[]).unwrap();
+    assert_eq!(read_everything(&pg, "b"), (3, 3), "b's keys stayed");
+    let scope: String = tenant
+        .query_one("SELECT detail->>'scope' FROM immuta.audit_log WHERE event = 'cache reset'", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(scope, "database");
+
+    // Statistics: a's own for the tenant; the cluster's too for a superuser.
+    let stats = |c: &mut postgres::Client| -> serde_json::Value {
+        serde_json::from_str(
+            &c.query_one("SELECT immuta_cache_stats()::text", &[]).unwrap().get::<_, String>(0),
+        )
+        .unwrap()
+    };
+    let mine = stats(&mut tenant);
+    assert!(mine.get("cluster").is_none(), "{mine}");
+    let everyone = stats(&mut pg.connect_to("a"));
+    let b_stats = stats(&mut pg.connect_to("b"));
+    assert_eq!(
+        everyone["cluster"]["misses"],
+        mine["misses"].as_i64().unwrap() + b_stats["misses"].as_i64().unwrap()
+    );
+    assert_eq!(mine["local_unwraps"].as_i64().unwrap(), 40, "{mine}");
+
+    // Dropping every database's keys is a superuser's decision.
+    assert_eq!(sqlstate(tenant.query_one("SELECT immuta_cache_reset(all_databases => true)", &[])), "42501");
+    pg.connect_to("a").query_one("SELECT immuta_cache_reset(all_databases => true)", &[]).unwrap();
+    assert_eq!(read_everything(&pg, "b"), (6, 3), "then b unwraps its keys again");
 }
 
 #[test]
@@ -140,22 +234,46 @@ fn a_backend_killed_mid_workload_leads_to_a_crash_restart_after_which_everything
     let mut victim = pg.connect();
     let pid: i32 = victim.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
     let worker = std::thread::spawn(move || {
-        let _ = victim.query_one("SELECT count(immuta_decrypt(c)) FROM t, generate_series(1, 5000)", &[]);
+        let _ = victim.query_one("SELECT count(immuta_decrypt(c)) FROM t, generate_series(1, 50000)", &[]);
     });
-    std::thread::sleep(Duration::from_millis(300));
-    let killed = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
-    assert!(killed.success(), "the backend was still running its workload");
-    let _ = worker.join();
-    // The postmaster restarts every backend and re-creates shared memory.
-    let mut c = None;
-    for _ in 0..100 {
-        if let Ok(client) = pg.config().connect(postgres::NoTls) {
-            c = Some(client);
+    // Kill it once it is running the statement.
+    let mut watcher = pg.connect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let active: bool = watcher
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1 AND state = 'active')",
+                &[&pid],
+            )
+            .unwrap()
+            .get(0);
+        if active {
             break;
         }
+        assert!(std::time::Instant::now() < deadline, "the workload did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(watcher);
+    let log_before = pg.log().len();
+    let killed = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+    assert!(killed.success());
+    let _ = worker.join();
+    // The postmaster restarts every backend and re-creates shared memory: wait until its log says
+    // it is ready again, then connect.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let log = pg.log();
+        let after = &log[log_before.min(log.len())..];
+        let restarted = after
+            .find("reinitializing")
+            .is_some_and(|at| after[at..].contains("ready to accept connections"));
+        if restarted {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no crash restart\n{log}");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let mut c = c.expect("the cluster came back");
+    let mut c = pg.connect();
     assert!(all_decrypt(&mut c));
     assert_eq!(stat(&mut c, "mode"), "shared");
     assert_eq!(stat(&mut c, "entries"), "3", "the cache was rebuilt");

@@ -24,8 +24,10 @@ fn after_exactly_the_limit_the_next_encryption_is_under_a_new_key_with_or_withou
         set_server_setting(&mut c, "immuta.max_encryptions_per_key", "1000");
         drop(c);
         let mut c = pg.connect();
-        c.batch_execute("CREATE TABLE t AS SELECT immuta_encrypt('v' || i) AS v FROM generate_series(1, 1000) i")
-            .unwrap();
+        c.batch_execute(
+            "CREATE TABLE t AS SELECT immuta_encrypt('v' || i) AS v FROM generate_series(1, 1000) i",
+        )
+        .unwrap();
         assert_eq!(keys_by_use(&mut c, "t"), vec![(1, 1000)], "{settings:?}");
         assert_eq!(encrypted_key_id(&mut c, "the 1001st"), 2, "{settings:?}");
         let row = c
@@ -44,9 +46,11 @@ fn after_exactly_the_limit_the_next_encryption_is_under_a_new_key_with_or_withou
         let slack = if settings.is_empty() { 64 } else { 0 };
         let audited: i64 = row.get::<_, String>(3).parse().unwrap();
         assert!((1000..=1000 + slack).contains(&audited), "{settings:?}: {audited}");
-        let counted: i64 = c.query_one("SELECT encryptions FROM immuta.keys WHERE id = 1", &[]).unwrap().get(0);
+        let counted: i64 =
+            c.query_one("SELECT encryptions FROM immuta.keys WHERE id = 1", &[]).unwrap().get(0);
         assert!((1000..=1000 + slack).contains(&counted), "{settings:?}: {counted}");
-        let all: i64 = c.query_one("SELECT count(*) FROM t WHERE immuta_decrypt(v) LIKE 'v%'", &[]).unwrap().get(0);
+        let all: i64 =
+            c.query_one("SELECT count(*) FROM t WHERE immuta_decrypt(v) LIKE 'v%'", &[]).unwrap().get(0);
         assert_eq!(all, 1000);
     }
 }
@@ -70,25 +74,36 @@ fn sessions_taking_turns_share_one_exact_counter_when_preloaded() {
 
 #[test]
 fn concurrent_sessions_roll_over_and_leave_an_exhausted_key_promptly() {
-    let pg = std::sync::Arc::new(Cluster::start(&[PRELOADED]));
+    let pg = std::sync::Arc::new(Cluster::start(&[PRELOADED, "immuta.max_encryptions_per_key = 200"]));
     let mut c = pg.connect();
-    set_server_setting(&mut c, "immuta.max_encryptions_per_key", "200");
     c.batch_execute("CREATE TABLE t (v bytea)").unwrap();
     drop(c);
     in_parallel_sessions(&pg, 4, |_, c| {
         for i in 0..15 {
-            c.execute("INSERT INTO t SELECT immuta_encrypt($1 || g) FROM generate_series(1, 10) g", &[&format!("v{i}-")])
-                .unwrap();
+            c.execute(
+                "INSERT INTO t SELECT immuta_encrypt($1 || g) FROM generate_series(1, 10) g",
+                &[&format!("v{i}-")],
+            )
+            .unwrap();
         }
     });
     let mut c = pg.connect();
     let keys = keys_by_use(&mut c, "t");
     assert_eq!(keys.iter().map(|k| k.1).sum::<i64>(), 600);
+    // A session that finds the key exhausted while another is rolling it over goes on with it for
+    // at most UsageLimit::overrun() encryptions (64 here), counted by the shared counter, then
+    // waits for that rollover: no key takes more than 264, whatever the scheduling, so 600 values
+    // need at least three keys.
+    let bound = 200 + immuta_core::usage::UsageLimit::new(200).overrun() as i64;
+    assert_eq!(bound, 264);
+    assert!(keys.iter().all(|k| k.1 <= bound), "{keys:?}");
     assert!(keys.len() >= 3, "{keys:?}");
-    // A session that finds the key exhausted while another is rolling it over goes on with it
-    // until that rollover commits (it never waits): a few encryptions past the limit at most.
-    assert!(keys.iter().all(|k| k.1 <= 200 + 60), "{keys:?}");
-    let all: i64 = c.query_one("SELECT count(*) FROM t WHERE immuta_decrypt(v) LIKE 'v%'", &[]).unwrap().get(0);
+    assert!(
+        keys[..keys.len() - 1].iter().all(|k| k.1 >= 200),
+        "every key but the newest reached the limit: {keys:?}"
+    );
+    let all: i64 =
+        c.query_one("SELECT count(*) FROM t WHERE immuta_decrypt(v) LIKE 'v%'", &[]).unwrap().get(0);
     assert_eq!(all, 600);
 }
 
@@ -122,8 +137,10 @@ fn a_crash_loses_no_committed_count() {
     for settings in [&["synchronous_commit = on"][..], &["synchronous_commit = on", PRELOADED][..]] {
         let pg = Cluster::start(settings);
         let mut c = pg.connect();
-        c.batch_execute("CREATE TABLE t AS SELECT immuta_encrypt('v' || i) AS v FROM generate_series(1, 20000) i")
-            .unwrap();
+        c.batch_execute(
+            "CREATE TABLE t AS SELECT immuta_encrypt('v' || i) AS v FROM generate_series(1, 20000) i",
+        )
+        .unwrap();
         drop(c);
         pg.crash_and_restart();
         let mut c = pg.connect();
@@ -182,8 +199,13 @@ fn serializable_sessions_reserving_at_once_do_not_fail_each_other() {
     for _ in 0..5 {
         // Fresh sessions: each reads the key's rows and writes its own at the same moment.
         let failures = in_parallel_sessions(&pg, 4, |_, c| {
-            let mut tx = c.build_transaction().isolation_level(postgres::IsolationLevel::Serializable).start().unwrap();
-            let inserted = tx.execute("INSERT INTO t SELECT immuta_encrypt('v' || i) FROM generate_series(1, 100) i", &[]);
+            let mut tx = c
+                .build_transaction()
+                .isolation_level(postgres::IsolationLevel::Serializable)
+                .start()
+                .unwrap();
+            let inserted = tx
+                .execute("INSERT INTO t SELECT immuta_encrypt('v' || i) FROM generate_series(1, 100) i", &[]);
             sqlstate(inserted.and_then(|_| tx.commit()))
         });
         assert!(failures.iter().all(|s| s == "00000"), "{failures:?}");
@@ -191,4 +213,54 @@ fn serializable_sessions_reserving_at_once_do_not_fail_each_other() {
     let mut c = pg.connect();
     let rows: i64 = c.query_one("SELECT count(*) FROM t", &[]).unwrap().get(0);
     assert_eq!(rows, 5 * 4 * 100);
+}
+
+#[test]
+fn sessions_wait_for_a_rollover_in_progress_once_the_overrun_is_spent() {
+    // The limit from postgresql.conf: a reload reaches a session that is already connected only
+    // at a moment of its own choosing.
+    let pg = Cluster::start(&[PRELOADED, "immuta.max_encryptions_per_key = 200"]);
+    let mut c = pg.connect();
+    c.batch_execute("CREATE TABLE t (v bytea); INSERT INTO t VALUES (immuta_encrypt('first'))").unwrap();
+    drop(c);
+    // The winner passes the limit in an open transaction: it rolls the key over and holds the
+    // key creation lock until it commits.
+    let mut winner = pg.connect();
+    winner
+        .batch_execute("BEGIN; INSERT INTO t SELECT immuta_encrypt('w' || i) FROM generate_series(1, 200) i")
+        .unwrap();
+    // Another session goes on under the exhausted key for the overrun (64), then waits.
+    let pg = std::sync::Arc::new(pg);
+    let other = {
+        let pg = pg.clone();
+        std::thread::spawn(move || {
+            let mut c = pg.connect();
+            c.batch_execute("SET lock_timeout = '120s'").unwrap();
+            c.batch_execute("INSERT INTO t SELECT immuta_encrypt('o' || i) FROM generate_series(1, 100) i")
+                .unwrap();
+        })
+    };
+    let mut watcher = pg.connect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let waiting: bool = watcher
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'INSERT INTO t%')",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        if waiting {
+            break;
+        }
+        assert!(!other.is_finished(), "the other session did not wait for the rollover");
+        assert!(std::time::Instant::now() < deadline, "the other session never waited");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    winner.batch_execute("COMMIT").unwrap();
+    other.join().unwrap();
+    let mut c = pg.connect();
+    // Key 1: the first value, the winner's 199 and the other's 64; key 2: the winner's last and
+    // the other's 36.
+    assert_eq!(keys_by_use(&mut c, "t"), vec![(1, 264), (2, 37)]);
 }

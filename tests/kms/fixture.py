@@ -7,6 +7,8 @@ Usage: fixture.py ENDPOINT COMMAND [ARGS]
   decrypt HEX KEY_ID ACCESS SECRET
                                 unwrap a data key immuta wrapped (encryption context
                                 immuta_key_id=KEY_ID) with the given credentials; print it in hex
+  encrypt HEX KMS_KEY KEY_ID    wrap the data key HEX as immuta would for key id KEY_ID, with
+                                KMS key KMS_KEY (what a forged key row would hold); print it in hex
 Every call is one moto action; the IAM test counts them for INITIAL_NO_AUTH_ACTION_COUNT.
 """
 import json
@@ -49,6 +51,11 @@ def main(endpoint, command, *args):
         plain = kms.decrypt(CiphertextBlob=bytes.fromhex(blob),
                             EncryptionContext={"immuta_key_id": key_id})["Plaintext"]
         print(plain.hex())
+    elif command == "encrypt":
+        plain, kms_key, key_id = args
+        blob = kms.encrypt(KeyId=kms_key, Plaintext=bytes.fromhex(plain),
+                           EncryptionContext={"immuta_key_id": key_id})["CiphertextBlob"]
+        print(blob.hex())
     else:
         sys.exit(f"unknown command {command}")
 

@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -27,8 +27,19 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+/// A port for moto. The proxies and the clients take ephemeral ports, which Linux hands out from
+/// 32768 up; moto's come from below that, each once per test process (tests run in threads of
+/// one process, test binaries one after another), so no other test can take a port between the
+/// check here and moto binding it.
+fn moto_port() -> u16 {
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let base = 20_000 + (std::process::id() % 100) as u16 * 100;
+    loop {
+        let port = base + NEXT.fetch_add(1, Ordering::Relaxed) % 100;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// moto's server, stopped when dropped.
@@ -40,16 +51,17 @@ pub struct Moto {
 impl Moto {
     /// Starts moto; with `no_auth_actions`, IAM is enforced after that many requests.
     pub fn start(no_auth_actions: Option<u32>) -> Moto {
-        let port = free_port();
+        let port = moto_port();
         let mut cmd = Command::new(repo().join(".venv/bin/moto_server"));
         cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()]).stdout(Stdio::null()).stderr(Stdio::null());
         if let Some(n) = no_auth_actions {
             cmd.env("INITIAL_NO_AUTH_ACTION_COUNT", n.to_string());
         }
         let child = cmd.spawn().expect("moto_server (make prereqs installs it in .venv)");
-        let moto = Moto { child, port };
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut moto = Moto { child, port };
+        let deadline = Instant::now() + Duration::from_secs(120);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(moto.child.try_wait().unwrap().is_none(), "moto exited before it listened");
             assert!(Instant::now() < deadline, "moto did not start");
             thread::sleep(Duration::from_millis(100));
         }
@@ -102,6 +114,7 @@ pub struct Proxy {
     mode: Arc<AtomicU8>,
     stop: Arc<AtomicBool>,
     actions: Arc<Mutex<Vec<String>>>,
+    headers: Arc<Mutex<Vec<String>>>,
 }
 
 impl Proxy {
@@ -114,8 +127,10 @@ impl Proxy {
             mode: Arc::new(AtomicU8::new(Mode::Forward as u8)),
             stop: Arc::new(AtomicBool::new(false)),
             actions: Arc::new(Mutex::new(Vec::new())),
+            headers: Arc::new(Mutex::new(Vec::new())),
         };
         let (mode, stop, actions) = (proxy.mode.clone(), proxy.stop.clone(), proxy.actions.clone());
+        let headers = proxy.headers.clone();
         thread::spawn(move || {
             let mut held = Vec::new();
             while !stop.load(Ordering::Relaxed) {
@@ -129,8 +144,9 @@ impl Proxy {
                                 thread::spawn(move || answer_with_error(client, m == Mode::Throttle as u8));
                             }
                             _ => {
-                                let (mode, actions) = (mode.clone(), actions.clone());
-                                thread::spawn(move || forward(client, upstream, mode, actions));
+                                let seen = Seen { actions: actions.clone(), headers: headers.clone() };
+                                let mode = mode.clone();
+                                thread::spawn(move || forward(client, upstream, mode, seen));
                             }
                         }
                     }
@@ -156,6 +172,18 @@ impl Proxy {
     pub fn actions(&self) -> Vec<String> {
         self.actions.lock().unwrap().clone()
     }
+
+    /// The header names (lower case) of the requests forwarded so far, each once.
+    pub fn header_names(&self) -> Vec<String> {
+        self.headers.lock().unwrap().clone()
+    }
+}
+
+/// What the proxy records of the requests it forwards.
+#[derive(Clone)]
+struct Seen {
+    actions: Arc<Mutex<Vec<String>>>,
+    headers: Arc<Mutex<Vec<String>>>,
 }
 
 impl Drop for Proxy {
@@ -197,13 +225,9 @@ fn answer_with_error(mut client: TcpStream, throttle: bool) {
     let _ = client.write_all(response.as_bytes());
 }
 
-fn forward(client: TcpStream, upstream: u16, mode: Arc<AtomicU8>, actions: Arc<Mutex<Vec<String>>>) {
+fn forward(client: TcpStream, upstream: u16, mode: Arc<AtomicU8>, seen: Seen) {
     let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else { return };
-    let pump = |mut from: TcpStream,
-                mut to: TcpStream,
-                record: bool,
-                mode: Arc<AtomicU8>,
-                actions: Arc<Mutex<Vec<String>>>| {
+    let pump = |mut from: TcpStream, mut to: TcpStream, record: bool, mode: Arc<AtomicU8>, seen: Seen| {
         from.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
         let mut buf = [0u8; 16384];
         loop {
@@ -216,8 +240,21 @@ fn forward(client: TcpStream, upstream: u16, mode: Arc<AtomicU8>, actions: Arc<M
                     if record {
                         let text = String::from_utf8_lossy(&buf[..n]);
                         for line in text.lines() {
-                            if line.to_ascii_lowercase().starts_with("x-amz-target:") {
-                                actions.lock().unwrap().push(line["x-amz-target:".len()..].trim().to_owned());
+                            let lower = line.to_ascii_lowercase();
+                            if lower.starts_with("x-amz-target:") {
+                                seen.actions
+                                    .lock()
+                                    .unwrap()
+                                    .push(line["x-amz-target:".len()..].trim().to_owned());
+                            }
+                            let header = lower.split_once(':').filter(|(n, _)| {
+                                !n.is_empty() && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                            });
+                            if let Some((name, _)) = header {
+                                let mut headers = seen.headers.lock().unwrap();
+                                if !headers.iter().any(|h| h == name) {
+                                    headers.push(name.to_owned());
+                                }
                             }
                         }
                     }
@@ -234,8 +271,8 @@ fn forward(client: TcpStream, upstream: u16, mode: Arc<AtomicU8>, actions: Arc<M
         let _ = to.shutdown(Shutdown::Both);
     };
     let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-    let (m2, a2) = (mode.clone(), actions.clone());
-    let up = thread::spawn(move || pump(c2, s2, true, m2, a2));
-    pump(server, client, false, mode, actions);
+    let (m2, seen2) = (mode.clone(), seen.clone());
+    let up = thread::spawn(move || pump(c2, s2, true, m2, seen2));
+    pump(server, client, false, mode, seen);
     let _ = up.join();
 }

@@ -192,6 +192,19 @@ impl Cluster {
         self.connect_to("postgres")
     }
 
+    /// Creates database `name` (owned by `owner`, a role created here with LOGIN, when given):
+    /// CREATE DATABASE cannot share a statement batch.
+    pub fn create_database(&self, name: &str, owner: Option<&str>) {
+        let mut c = self.connect();
+        match owner {
+            Some(owner) => {
+                c.batch_execute(&format!("CREATE ROLE {owner} LOGIN")).unwrap();
+                c.batch_execute(&format!("CREATE DATABASE {name} OWNER {owner}")).unwrap();
+            }
+            None => c.batch_execute(&format!("CREATE DATABASE {name}")).unwrap(),
+        }
+    }
+
     /// A connection to database `dbname`.
     pub fn connect_to(&self, dbname: &str) -> postgres::Client {
         self.config()
@@ -216,7 +229,12 @@ impl Cluster {
         let mut all = vec!["-h", self.root.to_str().unwrap(), "-p", &port, "-U", "postgres"];
         all.extend_from_slice(args);
         let out = as_postgres(program, &all);
-        assert!(out.status.success(), "{program} failed: {}\n{}", String::from_utf8_lossy(&out.stderr), self.log());
+        assert!(
+            out.status.success(),
+            "{program} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
         out.stdout
     }
 
@@ -250,10 +268,21 @@ impl Cluster {
 
     /// A connection that records every NOTICE/WARNING it receives.
     pub fn connect_recording_notices(&self) -> (postgres::Client, Arc<Mutex<Vec<String>>>) {
+        self.connect_as_recording_notices("postgres", "postgres")
+    }
+
+    /// A connection as `user` to `dbname` that records every NOTICE/WARNING it receives.
+    pub fn connect_as_recording_notices(
+        &self,
+        user: &str,
+        dbname: &str,
+    ) -> (postgres::Client, Arc<Mutex<Vec<String>>>) {
         let notices = Arc::new(Mutex::new(Vec::new()));
         let sink = notices.clone();
         let client = self
             .config()
+            .user(user)
+            .dbname(dbname)
             .notice_callback(move |n| sink.lock().unwrap().push(format!("{}: {}", n.severity(), n.message())))
             .connect(postgres::NoTls)
             .unwrap();
