@@ -45,7 +45,7 @@ $roles$;
 -- one above the highest, under the key creation lock.
 CREATE SEQUENCE immuta.data_keys_id_seq AS bigint;
 CREATE SEQUENCE immuta.key_ids AS bigint;
-COMMENT ON SEQUENCE immuta.key_ids IS 'immuta data key ids: private, never reused';
+COMMENT ON SEQUENCE immuta.key_ids IS 'immuta data key ids: private, never reused; its lock serialises key creation';
 
 -- Marks the installation as in use: immuta calls nextval() on it before its first own write.
 -- Not rolled back, seen by every transaction whatever its snapshot, never waited for: once it
@@ -67,11 +67,12 @@ CREATE TABLE immuta.data_keys (
     -- The key an automatic rollover replaced (0 for the first key): unique, so two sessions can
     -- never both roll the same key over. NULL for manual rotations.
     rolled_over_from bigint UNIQUE,
-    -- Who added the row: immuta's functions, or directly (a restore) a superuser or the role that
-    -- installed immuta. immuta never reaches the KMS key of an 'owner' row with the server's own
-    -- AWS identity (README, "Security notes"); set by the restore trigger, not by the inserter.
-    origin           text NOT NULL DEFAULT 'immuta'
-                     CHECK (origin OPERATOR(pg_catalog.=) ANY (ARRAY['immuta', 'superuser', 'owner']::pg_catalog.text[])),
+    -- Whether immuta may reach this key's KMS key with the server's own AWS identity: true when
+    -- immuta created or rewrapped the key under a configuration a superuser put in force; false
+    -- for a row added directly (a restore: the trigger sets it, whatever the dump says) or
+    -- wrapped under a configuration a role that is not a superuser stored (README, "Security
+    -- notes"). A superuser may vouch for a row by setting it.
+    server_identity  boolean NOT NULL DEFAULT false,
     CHECK ((provider OPERATOR(pg_catalog.=) 'awsKms') OPERATOR(pg_catalog.=) (wrapping_region IS NOT NULL))
 );
 ALTER SEQUENCE immuta.data_keys_id_seq OWNED BY immuta.data_keys.id;

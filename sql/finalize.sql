@@ -27,7 +27,7 @@ SELECT k.id,
        END AS rollover_due_at,
        immuta.encryptions_counted(k.id) AS encryptions,
        CASE WHEN k.id OPERATOR(pg_catalog.=) c.current_id THEN immuta.max_encryptions_per_key() END AS max_encryptions,
-       k.origin
+       k.server_identity
 FROM immuta.data_keys k
 CROSS JOIN (SELECT pg_catalog.max(id) AS current_id FROM immuta.data_keys) c;
 COMMENT ON VIEW immuta.keys IS 'immuta data keys: which encrypts now, when it rolls over, how much it was used';

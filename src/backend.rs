@@ -54,7 +54,7 @@ pub struct Backend {
     cache_epoch: u64,
     /// The resets of every database and of this one the ring reflects (see
     /// `shared_cache::resets_of_this_database`).
-    cache_resets: (u64, Option<u64>),
+    cache_resets: (u64, u64),
     /// The rollover reasons (bit `1 << reason`) this session already warned it cannot act on.
     pub warned_cannot_rollover: u8,
     /// Encryptions this backend may still do under `budget_key` before it asks the usage
@@ -77,7 +77,7 @@ thread_local! {
         now: UnixMicros(0),
         rollover_given_up_in: None,
         cache_epoch: 0,
-        cache_resets: (0, None),
+        cache_resets: (0, 0),
         warned_cannot_rollover: 0,
         budget: 0,
         budget_key: None,
@@ -171,17 +171,14 @@ extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut st
             if CREATED_KEY.replace(false) {
                 INVALIDATIONS.fetch_add(1, Ordering::Relaxed);
             }
-            keys::at_transaction_end();
             usage::at_transaction_end(false);
         }
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
             CREATED_KEY.set(false);
-            keys::at_transaction_end();
             usage::at_transaction_end(true);
         }
         XACT_EVENT_PREPARE => {
             CREATED_KEY.set(false);
-            keys::at_transaction_end();
             usage::at_transaction_end(false);
         }
         _ => {}
@@ -201,6 +198,7 @@ extern "C-unwind" fn on_subxact_event(
             if CREATED_KEY.get() {
                 INVALIDATIONS.fetch_add(1, Ordering::Relaxed);
             }
+            crate::restore::forget_checks();
             usage::at_subtransaction_end(sub, parent, false);
         }
         SUBXACT_EVENT_COMMIT_SUB => usage::at_subtransaction_end(sub, parent, true),

@@ -22,7 +22,6 @@
 
 use immuta_core::key::{KeyId, ProviderKind, WrappedKey, WrappingKeyRef};
 use immuta_core::rollover::RotationReason;
-use immuta_core::server_identity::KeyOrigin;
 use immuta_core::time::UnixMicros;
 use std::cell::Cell;
 use std::ffi::CStr;
@@ -48,21 +47,24 @@ pub struct KeyRow {
     pub id: KeyId,
     pub wrapping: WrappingKeyRef,
     pub wrapped: WrappedKey,
-    /// Who added the row (immuta, or a restore by a superuser or by the owner).
-    pub origin: KeyOrigin,
+    /// Whether its wrapping was chosen under a superuser's configuration (the `server_identity`
+    /// column: then KMS may be reached as the server for it).
+    pub server_identity: bool,
 }
 
-/// The OIDs of the tables whose changes invalidate backend caches.
+/// The OIDs of the tables whose changes invalidate backend caches, and of the private sequence
+/// whose lock serialises key creation.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct TableOids {
     pub data_keys: pg_sys::Oid,
     pub config: pg_sys::Oid,
+    pub key_ids: pg_sys::Oid,
 }
 
 /// Looks up the extension's tables; an error when the extension is not installed in this database.
 pub fn table_oids() -> TableOids {
     // SAFETY: plain catalog lookups with NUL-terminated names, inside a transaction.
-    let (namespace, data_keys, config) = unsafe {
+    let (namespace, data_keys, config, key_ids) = unsafe {
         let namespace = pg_sys::get_namespace_oid(c"immuta".as_ptr(), true);
         let rel = |name: &std::ffi::CStr| {
             if namespace == pg_sys::InvalidOid {
@@ -71,7 +73,7 @@ pub fn table_oids() -> TableOids {
                 pg_sys::get_relname_relid(name.as_ptr(), namespace)
             }
         };
-        (namespace, rel(c"data_keys"), rel(c"config"))
+        (namespace, rel(c"data_keys"), rel(c"config"), rel(c"key_ids"))
     };
     // The schema must be the extension's own: after DROP EXTENSION, a database owner could
     // create a schema `immuta` with tables of these names.
@@ -82,11 +84,11 @@ pub fn table_oids() -> TableOids {
             && extension != pg_sys::InvalidOid
             && pg_sys::getExtensionOfObject(pg_sys::NamespaceRelationId, namespace) == extension
     };
-    if !extensions || data_keys == pg_sys::InvalidOid || config == pg_sys::InvalidOid {
+    if !extensions || [data_keys, config, key_ids].contains(&pg_sys::InvalidOid) {
         raise(
             PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
             "immuta is not installed in this database",
-            Some("The schema immuta and its tables data_keys and config do not exist.".into()),
+            Some("The schema immuta of the extension immuta, with its tables, does not exist.".into()),
             Some("Run CREATE EXTENSION immuta."),
         );
     }
@@ -107,7 +109,7 @@ pub fn table_oids() -> TableOids {
     };
     OWNER.set(owner);
     OWNER_TABLE.set(data_keys);
-    TableOids { data_keys, config }
+    TableOids { data_keys, config, key_ids }
 }
 
 /// The value of an SPI call; an SPI-level failure (not an SQL error, which raises by itself, see
@@ -407,12 +409,14 @@ fn read_with<R>(
 }
 
 /// The newest key (the one that encrypts) and its creation time.
+/// (The creation time is converted here, saturating, not in SQL, where an infinite time could
+/// not be cast.)
 pub fn current_key() -> Option<(KeyId, UnixMicros)> {
-    let rows = read_latest(
-        c"SELECT id, (extract(epoch FROM created_at) * 1000000)::int8 FROM immuta.data_keys ORDER BY id DESC LIMIT 1",
-        &[],
-        |row| Some((KeyId::new(row.get::<i64>(1)?)?, UnixMicros(row.get::<i64>(2)?))),
-    );
+    let rows =
+        read_latest(c"SELECT id, created_at FROM immuta.data_keys ORDER BY id DESC LIMIT 1", &[], |row| {
+            let created = row.get::<TimestampWithTimeZone>(2)?;
+            Some((KeyId::new(row.get::<i64>(1)?)?, from_pg_timestamp(pg_sys::TimestampTz::from(created))))
+        });
     rows.into_iter().next().flatten()
 }
 
@@ -433,27 +437,29 @@ pub fn key_row(id: KeyId) -> Option<KeyRow> {
 pub fn key_rows(id: Option<KeyId>) -> Vec<KeyRow> {
     let rows = match id {
         Some(id) => read_latest(
-            c"SELECT id, provider, wrapping_key, wrapping_region, wrapped_key, origin FROM immuta.data_keys \
-              WHERE id = $1",
+            c"SELECT id, provider, wrapping_key, wrapping_region, wrapped_key, server_identity \
+              FROM immuta.data_keys WHERE id = $1",
             &[(pg_sys::INT8OID, pg_sys::Datum::from(id.get()))],
             key_row_columns,
         ),
         None => read_latest(
-            c"SELECT id, provider, wrapping_key, wrapping_region, wrapped_key, origin FROM immuta.data_keys \
-              ORDER BY id",
+            c"SELECT id, provider, wrapping_key, wrapping_region, wrapped_key, server_identity \
+              FROM immuta.data_keys ORDER BY id",
             &[],
             key_row_columns,
         ),
     };
     rows.into_iter()
-        .map(|(id, provider, key, region, wrapped, origin)| {
-            let parsed = crate::restore::key_row(id, &provider, &key, region.as_deref(), wrapped, &origin);
-            parsed.unwrap_or_else(|why| corrupt_row(id, why))
+        .map(|(id, provider, key, region, wrapped, server_identity)| {
+            let wrapped = WrappedKey::new(wrapped);
+            let parsed = immuta_core::restore::key_row(id, &provider, &key, region.as_deref(), &wrapped);
+            let (id, wrapping) = parsed.unwrap_or_else(|why| corrupt_row(id, why));
+            KeyRow { id, wrapping, wrapped, server_identity }
         })
         .collect()
 }
 
-type KeyColumns = (i64, String, String, Option<String>, Vec<u8>, String);
+type KeyColumns = (i64, String, String, Option<String>, Vec<u8>, bool);
 
 fn key_row_columns(row: &Row) -> KeyColumns {
     (
@@ -462,7 +468,7 @@ fn key_row_columns(row: &Row) -> KeyColumns {
         row.get::<String>(3).unwrap_or_default(),
         row.get::<String>(4),
         row.get::<Vec<u8>>(5).unwrap_or_default(),
-        row.get::<String>(6).unwrap_or_default(),
+        row.get::<bool>(6).unwrap_or(false),
     )
 }
 
@@ -493,13 +499,15 @@ fn wrapping_args<'a>(
     ]
 }
 
-/// Records a new wrapping of key `id` (`immuta_rewrap()`).
-pub fn update_wrapping(id: KeyId, wrapping: &WrappingKeyRef, wrapped: &WrappedKey) {
+/// Records a new wrapping of key `id` (`immuta_rewrap()`), chosen under a configuration a
+/// superuser did or did not put in force (`server_identity`).
+pub fn update_wrapping(id: KeyId, wrapping: &WrappingKeyRef, wrapped: &WrappedKey, server_identity: bool) {
+    let [id_, provider, key, region, bytes] = wrapping_args(id, wrapping, wrapped);
     write(
         "immuta.data_keys",
-        "UPDATE immuta.data_keys SET provider = $2, wrapping_key = $3, wrapping_region = $4, wrapped_key = $5 \
-         WHERE id = $1",
-        &wrapping_args(id, wrapping, wrapped),
+        "UPDATE immuta.data_keys SET provider = $2, wrapping_key = $3, wrapping_region = $4, wrapped_key = $5, \
+         server_identity = $6 WHERE id = $1",
+        &[id_, provider, key, region, bytes, server_identity.into()],
     )
 }
 
@@ -548,22 +556,26 @@ fn ids_exhausted(table: &str) -> ! {
     )
 }
 
-/// Inserts a key row. `rolled_over_from` (unique) names the key an automatic rollover replaces.
+/// Inserts a key row. `rolled_over_from` (unique) names the key an automatic rollover replaces;
+/// `server_identity` says whether the wrapping was chosen under a superuser's configuration.
 pub fn insert_key(
     id: KeyId,
     wrapping: &WrappingKeyRef,
     wrapped: &WrappedKey,
     reason: RotationReason,
     rolled_over_from: Option<i64>,
+    server_identity: bool,
 ) {
     let [id_, provider, key, region, bytes] = wrapping_args(id, wrapping, wrapped);
     let (role, _) = caller();
+    let (reason, rolled_over_from, role) = (reason.as_str().into(), rolled_over_from.into(), role.into());
     write(
         "immuta.data_keys",
         "INSERT INTO immuta.data_keys \
-             (id, provider, wrapping_key, wrapping_region, wrapped_key, reason, rolled_over_from, created_by) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, pg_catalog.pg_get_userbyid($8))",
-        &[id_, provider, key, region, bytes, reason.as_str().into(), rolled_over_from.into(), role.into()],
+             (id, provider, wrapping_key, wrapping_region, wrapped_key, reason, rolled_over_from, created_by, \
+              server_identity) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, pg_catalog.pg_get_userbyid($8), $9)",
+        &[id_, provider, key, region, bytes, reason, rolled_over_from, role, server_identity.into()],
     )
 }
 

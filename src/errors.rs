@@ -180,9 +180,9 @@ pub fn report(error: Error, origin: ConfigOrigin) -> ! {
                     "The configuration in force has no extraKmsConfig.credentials, so KMS would be called as the server itself (its instance profile, task role or environment), and it was not put in force by a superuser.",
                     "Give credentials in extraKmsConfig.credentials, or ask a superuser to store the configuration (immuta_configure()) or to set immuta.config_file.",
                 ),
-                Refusal::RowAddedByOwner => (
-                    "The key's row was added directly by the database owner (a restore, origin 'owner'), so its KMS key, region and wrapped bytes were chosen by that role; immuta never unwraps such a key as the server itself.",
-                    "Give credentials in extraKmsConfig.credentials, or ask a superuser to vouch for the row (UPDATE immuta.data_keys SET origin = 'superuser').",
+                Refusal::WrappingNotBySuperuser => (
+                    "The key's KMS key, region and wrapped bytes were not chosen under a superuser's configuration (the row was restored, or wrapped under a configuration a role that is not a superuser stored), so immuta does not unwrap it as the server itself.",
+                    "Give credentials in extraKmsConfig.credentials, or ask a superuser to vouch for the row (UPDATE immuta.data_keys SET server_identity = true WHERE id = ...).",
                 ),
             };
             raise(

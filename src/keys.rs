@@ -1,9 +1,9 @@
 //! The data key lifecycle on the slow path: the first key, rollover, manual rotation, and
 //! loading a key this backend has not unwrapped yet.
 //!
-//! Creating a key takes a SHARE ROW EXCLUSIVE lock on `immuta.data_keys` (it conflicts with
-//! itself, not with readers), held to the end of the transaction, so key creations are
-//! serialised in commit order and the newest id is always the current key. Rollover from an
+//! Creating a key takes the key creation lock ([`KEY_CREATION_LOCK`]), held to the end of the
+//! transaction, so key creations are serialised in commit order and the newest id is always the
+//! current key. Rollover from an
 //! encryption only *tries* that lock: a session that loses keeps encrypting with the current key
 //! and does not try again in that transaction, so an encryption never waits behind another
 //! session's rotation. (The very first key is the exception: with no key to fall back on, the
@@ -44,36 +44,57 @@ use crate::errors::{self, raise, OrRaise};
 use crate::usage::{self, Against};
 use crate::{gucs, providers, shared_cache};
 
-/// Lock mode for creating keys: conflicts with itself and with writers, not with readers.
+/// The key creation lock: SHARE ROW EXCLUSIVE (it conflicts with itself) on the private sequence
+/// `immuta.key_ids`. Not on `immuta.data_keys`, on which the role that installed immuta may take
+/// ROW EXCLUSIVE (it may INSERT, for restores) and hold it in a prepared transaction; nobody has
+/// any privilege on the sequence, so only immuta's functions ever lock it.
 const KEY_CREATION_LOCK: pg_sys::LOCKMODE = pg_sys::ShareRowExclusiveLock as pg_sys::LOCKMODE;
 /// `rolled_over_from` of the first key, so that two first uses cannot both create one.
 const FIRST_KEY_MARKER: i64 = 0;
 
 thread_local! {
-    /// This transaction took the key creation lock (it is held to the transaction's end).
-    static HOLDS_LOCK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// The sequence whose lock this backend last took as the key creation lock (whether it still
+    /// holds it is PostgreSQL's lock table's to say: a rolled-back savepoint releases it).
+    static LOCKED: std::cell::Cell<pg_sys::Oid> = const { std::cell::Cell::new(pg_sys::InvalidOid) };
 }
 
 /// Takes the key creation lock, waiting for it. Held to the end of the transaction.
 pub fn lock_key_creation() {
-    // SAFETY: a blocking lock on our own table by OID, released at transaction end.
-    unsafe { pg_sys::LockRelationOid(oids().data_keys, KEY_CREATION_LOCK) };
-    HOLDS_LOCK.set(true);
+    let key_ids = oids().key_ids;
+    LOCKED.set(key_ids);
+    // SAFETY: a blocking lock on our own sequence by OID, released at transaction end.
+    unsafe { pg_sys::LockRelationOid(key_ids, KEY_CREATION_LOCK) };
 }
 
 /// Takes the key creation lock if no other transaction holds it; whether it did.
 fn try_lock_key_creation() -> bool {
-    // SAFETY: a conditional lock on our own table by OID, released at transaction end.
-    let locked = unsafe { pg_sys::ConditionalLockRelationOid(oids().data_keys, KEY_CREATION_LOCK) };
-    if locked {
-        HOLDS_LOCK.set(true);
-    }
-    locked
+    let key_ids = oids().key_ids;
+    LOCKED.set(key_ids);
+    // SAFETY: a conditional lock on our own sequence by OID, released at transaction end.
+    unsafe { pg_sys::ConditionalLockRelationOid(key_ids, KEY_CREATION_LOCK) }
 }
 
-/// Before PREPARE TRANSACTION: refuses a transaction that holds the key creation lock.
+/// Before PREPARE TRANSACTION: refuses a transaction that holds the key creation lock (only
+/// immuta takes it: no role has any privilege on the sequence it is a lock on).
 pub fn before_prepare() {
-    if HOLDS_LOCK.get() {
+    let key_ids = LOCKED.get();
+    if key_ids == pg_sys::InvalidOid {
+        return;
+    }
+    // SAFETY: MyDatabaseId is set in every backend; a relation lock tag as SET_LOCKTAG_RELATION
+    // builds it, looked up in this backend's own lock table.
+    let held = unsafe {
+        let tag = pg_sys::LOCKTAG {
+            locktag_field1: pg_sys::MyDatabaseId.to_u32(),
+            locktag_field2: key_ids.to_u32(),
+            locktag_field3: 0,
+            locktag_field4: 0,
+            locktag_type: pg_sys::LockTagType::LOCKTAG_RELATION as u8,
+            locktag_lockmethodid: pg_sys::DEFAULT_LOCKMETHOD as u8,
+        };
+        pg_sys::LockHeldByMe(&tag, KEY_CREATION_LOCK)
+    };
+    if held {
         raise(
             PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
             "cannot PREPARE a transaction that created or changed immuta data keys",
@@ -81,11 +102,6 @@ pub fn before_prepare() {
             Some("Commit the transaction instead; create or rotate keys in a transaction that is not prepared."),
         );
     }
-}
-
-/// At the end of the transaction (commit, abort or prepare): the lock is gone with it.
-pub fn at_transaction_end() {
-    HOLDS_LOCK.set(false);
 }
 
 /// Why this transaction cannot create a key (or write a usage reservation), if it cannot.
@@ -314,7 +330,7 @@ fn create_key(reason: RotationReason, previous: Option<KeyId>) -> KeyId {
         RotationReason::Manual => None,
         RotationReason::Schedule | RotationReason::UsageLimit => previous.map(KeyId::get),
     };
-    catalog::insert_key(id, &wrapped.by, &wrapped.key, reason, rolled_over_from);
+    catalog::insert_key(id, &wrapped.by, &wrapped.key, reason, rolled_over_from, effective.by_superuser);
     catalog::insert_audit(AuditEvent {
         event: if reason == RotationReason::FirstUse { "key created" } else { "key rotated" },
         key_id: Some(id),
@@ -343,7 +359,7 @@ pub fn rewrap() -> i32 {
     let provider = providers::for_new_keys(&effective);
     for (row, key) in &keys {
         let wrapped = provider.wrap(row.id, key).or_raise();
-        catalog::update_wrapping(row.id, &wrapped.by, &wrapped.key);
+        catalog::update_wrapping(row.id, &wrapped.by, &wrapped.key, effective.by_superuser);
         catalog::insert_audit(AuditEvent {
             event: "key rewrapped",
             key_id: Some(row.id),

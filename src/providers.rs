@@ -6,14 +6,14 @@
 //!
 //! Every AWS KMS call made without explicit credentials, which would sign with the server's own
 //! identity, is first put to `immuta_core::server_identity`: only a configuration a superuser
-//! put in force lends that identity, and never to a key row the database owner added.
+//! put in force lends that identity, and only to a key whose wrapping was chosen under one.
 
 use immuta_core::aws_kms::{AwsKmsProvider, CallLimits};
 use immuta_core::config::AwsAccess;
 use immuta_core::key::{DataKey, KeyId, ProviderKind, WrappingKeyRef};
 use immuta_core::local::{Create, LocalProvider};
 use immuta_core::provider::KeyProvider;
-use immuta_core::server_identity::{self, KeyOrigin};
+use immuta_core::server_identity;
 use immuta_core::Error;
 use pgrx::pg_sys;
 
@@ -40,17 +40,18 @@ pub fn for_new_keys(effective: &Effective) -> Box<dyn KeyProvider> {
 }
 
 /// Refuses a KMS call that would sign with the server's own identity when the rule of
-/// `server_identity.rs` does not allow it, for a new key or the key of row `key` of `origin`.
+/// `server_identity.rs` does not allow it, for a new key or the key of row `key`, whose
+/// `server_identity` column is `row_allows`.
 fn may_reach_kms(
     access: &AwsAccess<'_>,
     effective: &Effective,
     key: Option<KeyId>,
-    origin: Option<KeyOrigin>,
+    row_allows: Option<bool>,
 ) {
     if access.credentials.is_some() {
         return;
     }
-    server_identity::check(effective.by_superuser, origin)
+    server_identity::check(effective.by_superuser, row_allows)
         .map_err(|refusal| server_identity::error(key, refusal))
         .or_raise();
 }
@@ -72,7 +73,7 @@ pub fn unwrap(row: &KeyRow, effective: &Effective) -> DataKey {
         }
         WrappingKeyRef::AwsKms { key_id, region } => {
             let access = effective.config.aws_access();
-            may_reach_kms(&access, effective, Some(row.id), Some(row.origin));
+            may_reach_kms(&access, effective, Some(row.id), Some(row.server_identity));
             aws_kms(key_id, region, &access).unwrap(row.id, &row.wrapping, &row.wrapped).or_raise()
         }
     }

@@ -7,57 +7,68 @@
 //! a restore:
 //!
 //! - **When**: only into a fresh installation. The window closes for good at immuta's first own
-//!   write in the database ([`catalog::in_use`], a mark no snapshot can hide), and a table that
-//!   already holds rows of other transactions takes none. Both are read with the key creation
-//!   lock held, which every writer of keys and audit entries holds, and with the latest snapshot,
-//!   so an old snapshot (a REPEATABLE READ transaction begun before immuta was used) cannot make
-//!   a table in use look empty.
+//!   write in the database ([`catalog::in_use`], a mark no snapshot can hide, read again for every
+//!   row), and a table that already holds rows of other transactions takes none. Both are read
+//!   with the key creation lock held, which every writer of keys and audit entries holds, and with
+//!   the latest snapshot, so an old snapshot (a REPEATABLE READ transaction begun before immuta
+//!   was used) cannot make a table in use look empty. The table check is remembered for the rest
+//!   of the transaction, but forgotten when a savepoint rolls back (the lock goes with it).
 //! - **What**: each row is held to what immuta itself would have written
-//!   (`immuta_core::restore`): bounded ids and counts, no creation time in the future, only an
-//!   older key as the one a key replaced, a KMS key and region a configuration could have named,
-//!   a wrapped key of its provider's length.
-//! - **With what trust**: a key row added by the owner is marked `origin = 'owner'`, and immuta
-//!   never reaches its KMS key with the server's own AWS identity (`server_identity.rs`). A
-//!   configuration added by a role that is not a superuser is left out, with a WARNING.
+//!   (`immuta_core::restore`): bounded ids and counts, a finite creation time not in the future,
+//!   only an older key as the one a key replaced, a KMS key and region a configuration could have
+//!   named, a wrapped key of its provider's length.
+//! - **With what trust**: none. A restored key row gets `server_identity = false`, whoever
+//!   restores and whatever the dump says (a dump may come from a tenant), so immuta never reaches
+//!   its KMS key with the server's own AWS identity until a superuser vouches for it; a restored
+//!   configuration gets `by_superuser = false`, and one added by a role that is not a superuser is
+//!   left out, with a WARNING.
 //!
 //! A superuser may add rows at any time (it could do anything else too); its rows are held to
-//! the same rules, and keep `origin = 'owner'` if the dump says so.
+//! the same rules. Every direct insert into the keys or the configuration tells the other
+//! sessions, at commit, as immuta's own changes do.
+
+use std::cell::RefCell;
 
 use immuta_core::key::WrappedKey;
 use immuta_core::restore;
-use immuta_core::server_identity::KeyOrigin;
 use pgrx::datum::TryFromDatumError;
 use pgrx::prelude::*;
 use pgrx::{pg_sys, PgSqlErrorCode, WhoAllocated};
 
-use crate::catalog::{self, KeyRow};
+use crate::catalog;
 use crate::errors::{self, raise};
 
-/// Checks, and for a key row marks, a row added to one of immuta's tables.
+/// Checks, and for keys and the configuration marks untrusted, a row added to one of immuta's
+/// tables other than by immuta.
 #[pg_trigger(sql = "CREATE FUNCTION immuta.guard_direct_insert() RETURNS trigger \
                     LANGUAGE c AS 'MODULE_PATHNAME', 'guard_direct_insert_wrapper';")]
 fn guard_direct_insert<'a>(
     trigger: &'a pgrx::PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, impl WhoAllocated>>, TryFromDatumError> {
-    let new = trigger.new().expect("a BEFORE INSERT FOR EACH ROW trigger has a new row").into_owned();
+    let mut new = trigger.new().expect("a BEFORE INSERT FOR EACH ROW trigger has a new row").into_owned();
     if catalog::immuta_is_writing() {
         return Ok(Some(new));
     }
     let table = trigger.table_name().unwrap_or_default();
     // SAFETY: reads whether the current user is a superuser.
     let superuser = unsafe { pg_sys::superuser() };
-    catalog::table_oids();
+    let oids = catalog::table_oids();
     if table == "config" {
-        if superuser {
-            return Ok(Some(new));
+        if !superuser {
+            errors::warn(
+                PgSqlErrorCode::ERRCODE_WARNING,
+                "immuta configuration not restored",
+                Some(
+                    "Only a superuser may store a configuration other than through immuta_configure()."
+                        .into(),
+                ),
+                Some("Run SELECT immuta_configure(...) with the configuration."),
+            );
+            return Ok(None);
         }
-        errors::warn(
-            PgSqlErrorCode::ERRCODE_WARNING,
-            "immuta configuration not restored",
-            Some("Only a superuser may store a configuration other than through immuta_configure().".into()),
-            Some("Run SELECT immuta_configure(...) with the configuration."),
-        );
-        return Ok(None);
+        new.set_by_name("by_superuser", false)?;
+        crate::backend::invalidate_config(oids);
+        return Ok(Some(new));
     }
     if !superuser {
         require_fresh_installation(&table);
@@ -66,7 +77,7 @@ fn guard_direct_insert<'a>(
         "data_keys" => {
             let id = new.get_by_name::<i64>("id")?.unwrap_or_default();
             let wrapped = new.get_by_name::<&[u8]>("wrapped_key")?.map(<[u8]>::to_vec);
-            let parsed = restore::key_row(
+            let parsed = restore::restored_key_row(
                 id,
                 &new.get_by_name::<String>("provider")?.unwrap_or_default(),
                 &new.get_by_name::<String>("wrapping_key")?.unwrap_or_default(),
@@ -86,16 +97,11 @@ fn guard_direct_insert<'a>(
             let created_at =
                 catalog::from_pg_timestamp(created_at.map_or(i64::MAX, pg_sys::TimestampTz::from));
             if !restore::created_at_ok(created_at, catalog::from_pg_timestamp(now())) {
-                refuse(&table, "The row was created in the future: it would never roll over.".into());
+                refuse(&table, "Its creation time is not a time from 1970 up to now.".into());
             }
-            let dumped = new.get_by_name::<String>("origin")?.as_deref().and_then(KeyOrigin::parse);
-            let origin = if superuser && dumped != Some(KeyOrigin::Owner) {
-                KeyOrigin::Superuser
-            } else {
-                KeyOrigin::Owner
-            };
-            let mut new = new;
-            new.set_by_name("origin", origin.as_str())?;
+            new.set_by_name("server_identity", false)?;
+            // Sessions that hold keys learn of it as of a rotation: when this transaction commits.
+            crate::backend::key_created_in_this_transaction(oids);
             Ok(Some(new))
         }
         "key_usage" => {
@@ -118,19 +124,24 @@ fn guard_direct_insert<'a>(
     }
 }
 
+thread_local! {
+    /// The tables this transaction was found allowed to restore into.
+    static CHECKED: RefCell<Vec<(u32, String)>> = const { RefCell::new(Vec::new()) };
+}
+
 /// Raises unless this is a fresh installation that `table` may be restored into (see the module
-/// documentation). The answer holds for the rest of the transaction: the key creation lock,
-/// taken here, keeps immuta from creating keys or audit entries meanwhile.
+/// documentation). Whether the table had rows of other transactions is remembered for the rest of
+/// the transaction: the key creation lock, taken here and held to its end, keeps immuta from
+/// adding keys or audit entries meanwhile, and immuta's usage rows come only after the in-use
+/// mark, which is read for every row. A rolled-back savepoint releases the lock, and
+/// [`forget_checks`] forgets what was found under it.
 fn require_fresh_installation(table: &str) {
     crate::keys::lock_key_creation();
     let lxid = crate::backend::local_xid();
     let known = CHECKED.with_borrow(|c| c.iter().any(|(x, t)| *x == lxid && t == table));
-    if known {
-        return;
-    }
     let refusal = if catalog::in_use() {
         Some("immuta has been used in this database")
-    } else if catalog::has_rows_of_others(table) {
+    } else if !known && catalog::has_rows_of_others(table) {
         Some("the table already has rows")
     } else {
         None
@@ -149,15 +160,18 @@ fn require_fresh_installation(table: &str) {
             ),
         );
     }
-    CHECKED.with_borrow_mut(|c| {
-        c.retain(|(x, _)| *x == lxid);
-        c.push((lxid, table.to_owned()));
-    });
+    if !known {
+        CHECKED.with_borrow_mut(|c| {
+            c.retain(|(x, _)| *x == lxid);
+            c.push((lxid, table.to_owned()));
+        });
+    }
 }
 
-thread_local! {
-    /// The tables this transaction was found allowed to restore into.
-    static CHECKED: std::cell::RefCell<Vec<(u32, String)>> = const { std::cell::RefCell::new(Vec::new()) };
+/// A subtransaction rolled back: the key creation lock it may have taken is gone, and so is what
+/// was found under it.
+pub fn forget_checks() {
+    CHECKED.with_borrow_mut(Vec::clear);
 }
 
 fn refuse(table: &str, detail: String) -> ! {
@@ -172,20 +186,4 @@ fn refuse(table: &str, detail: String) -> ! {
 fn now() -> pg_sys::TimestampTz {
     // SAFETY: reads the current time.
     unsafe { pg_sys::GetCurrentTimestamp() }
-}
-
-/// A row of `immuta.data_keys` as read, held to the rules of a restored one; the error completes
-/// "The row of immuta.data_keys ...".
-pub fn key_row(
-    id: i64,
-    provider: &str,
-    key: &str,
-    region: Option<&str>,
-    wrapped: Vec<u8>,
-    origin: &str,
-) -> Result<KeyRow, &'static str> {
-    let wrapped = WrappedKey::new(wrapped);
-    let (id, wrapping) = restore::key_row(id, provider, key, region, &wrapped)?;
-    let origin = KeyOrigin::parse(origin).ok_or("has an origin immuta does not write")?;
-    Ok(KeyRow { id, wrapping, wrapped, origin })
 }

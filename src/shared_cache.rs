@@ -183,12 +183,12 @@ pub fn epoch() -> u64 {
 /// The resets that concern this database: the generation of the last reset of every database,
 /// and of the last reset of this one. A backend whose ring predates either drops it. Read only
 /// after [`epoch`] moved, so under the lock at most once per reset anywhere.
-pub fn resets_of_this_database() -> (u64, Option<u64>) {
+pub fn resets_of_this_database() -> (u64, u64) {
     let database = this_database();
     with_guarded(pg_sys::LWLockMode::LW_SHARED, |g| {
         (g.clocks.all_generation.load(Ordering::Acquire), g.databases.generation(database))
     })
-    .unwrap_or((0, None))
+    .unwrap_or((0, 0))
 }
 
 fn this_database() -> u32 {
@@ -360,6 +360,9 @@ pub fn key_for(row: &KeyRow, config: &Effective) -> (DataKey, UnixMicros) {
 /// backend's. Returns how many shared keys were dropped.
 pub fn reset(all_databases: bool) -> i64 {
     let database = this_database();
+    if !all_databases {
+        make_room_for(database);
+    }
     let dropped = with_guarded(pg_sys::LWLockMode::LW_EXCLUSIVE, |g| {
         let n = cache::clear(g.slots, (!all_databases).then_some(database));
         let generation = g.clocks.generation.fetch_add(1, Ordering::AcqRel) + 1;
@@ -370,6 +373,35 @@ pub fn reset(all_databases: bool) -> i64 {
         n
     });
     dropped.unwrap_or(0) as i64
+}
+
+/// When `database` has no entry of its own and none is free, frees the entries of databases that
+/// were dropped (and their slots), so that its reset stays its own rather than reaching every
+/// database. Which databases exist is looked up without the lock (a catalog lookup may wait).
+fn make_room_for(database: u32) {
+    let held = with_guarded(pg_sys::LWLockMode::LW_SHARED, |g| {
+        (!g.databases.has_room_for(database)).then(|| g.databases.databases())
+    });
+    let Some(Some(held)) = held else { return };
+    // SAFETY: syscache lookups of pg_database by OID, inside a transaction.
+    let exists = |db: u32| unsafe {
+        pg_sys::SearchSysCacheExists(
+            pg_sys::SysCacheIdentifier::DATABASEOID as i32,
+            pg_sys::Datum::from(db),
+            pg_sys::Datum::from(0),
+            pg_sys::Datum::from(0),
+            pg_sys::Datum::from(0),
+        )
+    };
+    let gone: Vec<u32> = held.into_iter().filter(|&db| !exists(db)).collect();
+    if !gone.is_empty() {
+        with_guarded(pg_sys::LWLockMode::LW_EXCLUSIVE, |g| {
+            g.databases.free(&gone);
+            gone.iter().for_each(|&db| {
+                cache::clear(g.slots, Some(db));
+            });
+        });
+    }
 }
 
 fn stats_json_of(s: &DatabaseStats) -> serde_json::Value {
@@ -387,14 +419,17 @@ fn stats_json_of(s: &DatabaseStats) -> serde_json::Value {
 pub fn stats_json(local_keys: usize, superuser: bool) -> serde_json::Value {
     let database = this_database();
     let now = wall_now();
-    let shared = with_guarded(pg_sys::LWLockMode::LW_EXCLUSIVE, |g| {
-        let mine = (cache::ready_count(g.slots, now, Some(database)), *g.databases.stats(database));
+    let shared = with_guarded(pg_sys::LWLockMode::LW_SHARED, |g| {
+        let mine = (cache::ready_count(g.slots, now, Some(database)), g.databases.stats_of(database));
         let all = (cache::ready_count(g.slots, now, None), g.databases.totals());
         (g.slots.len(), mine, all)
     });
     let mut out = match shared {
         Some((capacity, (entries, stats), (all_entries, all_stats))) => {
-            let mut out = stats_json_of(&stats);
+            // A database in the overflow (more databases used the cache than it keeps apart)
+            // shares its counts with others: it is shown none rather than theirs.
+            let mut out = stats_json_of(&stats.unwrap_or_default());
+            out["statistics_kept"] = json!(stats.is_some());
             out["mode"] = json!("shared");
             out["capacity"] = json!(capacity);
             out["entries"] = json!(entries);

@@ -371,11 +371,21 @@ fn a_key_row_the_owner_restored_is_never_unwrapped_with_the_servers_identity() {
         assert!(text.contains("server's own identity"), "{text}");
         assert_eq!(decrypts_sent(&proxy), 0, "KMS was never asked");
     }
-    let origin: String =
-        superuser.query_one("SELECT origin FROM immuta.keys WHERE id = 1", &[]).unwrap().get(0);
-    assert_eq!(origin, "owner");
+    let vouched: bool =
+        superuser.query_one("SELECT server_identity FROM immuta.keys WHERE id = 1", &[]).unwrap().get(0);
+    assert!(!vouched);
+    // A superuser's restore is no more trusted: a dump may come from a tenant.
+    superuser
+        .execute(
+            "INSERT INTO immuta.data_keys (id, provider, wrapping_key, wrapping_region, wrapped_key, reason, server_identity) \
+             VALUES (2, 'awsKms', $1, $2, decode($3, 'hex'), 'manual', true)",
+            &[&key, &REGION, &blob],
+        )
+        .unwrap();
+    assert_eq!(sqlstate(superuser.query_one("SELECT immuta_encrypt('x')", &[])), "42501");
+    superuser.batch_execute("DELETE FROM immuta.data_keys WHERE id = 2").unwrap();
     // A superuser may vouch for the row; then it is unwrapped like any other.
-    superuser.batch_execute("UPDATE immuta.data_keys SET origin = 'superuser'").unwrap();
+    superuser.batch_execute("UPDATE immuta.data_keys SET server_identity = true").unwrap();
     let mut session = pg.connect_as("tenant", "shop");
     session.query_one("SELECT immuta_encrypt('vouched for')", &[]).unwrap();
     assert_eq!(decrypts_sent(&proxy), 1);
@@ -432,4 +442,27 @@ fn an_empty_session_token_is_not_sent() {
     let headers = proxy.header_names();
     assert!(headers.iter().any(|h| h == "authorization"), "{headers:?}");
     assert!(!headers.iter().any(|h| h == "x-amz-security-token"), "{headers:?}");
+}
+
+#[test]
+fn a_superusers_rewrap_makes_the_wrapping_its_own() {
+    let moto = Moto::start(None);
+    let key = moto.fixture(&["create-key"]);
+    let proxy = Proxy::start(moto.port);
+    let pg = cluster_with_a_server_identity(&proxy);
+    pg.create_database("shop", Some("tenant"));
+    let mut tenant = pg.connect_as("tenant", "shop");
+    tenant.batch_execute("CREATE EXTENSION immuta").unwrap();
+    // Keys made under the defaults (nobody's configuration) are wrapped by the local master key.
+    let value = encrypt(&mut tenant, "moved to KMS");
+    let mut superuser = pg.connect_to("shop");
+    superuser.execute("SELECT immuta_configure($1)", &[&server_identity_yaml(&key)]).unwrap();
+    superuser.query_one("SELECT immuta_rewrap()", &[]).unwrap();
+    let row: (String, bool) = superuser
+        .query_one("SELECT provider, server_identity FROM immuta.keys WHERE id = 1", &[])
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!(row, ("awsKms".to_owned(), true), "wrapped again under a superuser's configuration");
+    assert_eq!(decrypt(&mut pg.connect_as("tenant", "shop"), &value).unwrap(), "moved to KMS");
+    assert_eq!(decrypts_sent(&proxy), 1);
 }

@@ -323,6 +323,10 @@ fn rows_the_owner_restores_are_held_to_what_immuta_writes() {
             "created in the future: never due",
         ),
         (
+            format!("(2, 'local', '{fingerprint}', NULL, '{wrapped}', 'manual', '-infinity')"),
+            "created at -infinity",
+        ),
+        (
             format!("(2, 'local', '{fingerprint}', NULL, '\\x00', 'manual', now())"),
             "a wrapped key of another length",
         ),
@@ -353,16 +357,16 @@ fn rows_the_owner_restores_are_held_to_what_immuta_writes() {
         sqlstate(tenant.batch_execute("INSERT INTO immuta.key_usage VALUES (1, 4611686018427387904)")),
         "22023"
     );
-    // A row immuta could have written is restored, marked as the owner's.
+    // A row immuta could have written is restored, untrusted.
     tenant
         .batch_execute(
-            "INSERT INTO immuta.data_keys (id, provider, wrapping_key, wrapping_region, wrapped_key, reason, origin) \
-             VALUES (2, 'awsKms', 'alias/k', 'us-east-1', '\\x00', 'manual', 'immuta')",
+            "INSERT INTO immuta.data_keys (id, provider, wrapping_key, wrapping_region, wrapped_key, reason, server_identity) \
+             VALUES (2, 'awsKms', 'alias/k', 'us-east-1', '\\x00', 'manual', true)",
         )
         .unwrap();
-    let origin: String =
-        pg.connect_to("shop").query_one("SELECT origin FROM immuta.data_keys", &[]).unwrap().get(0);
-    assert_eq!(origin, "owner");
+    let trusted: bool =
+        pg.connect_to("shop").query_one("SELECT server_identity FROM immuta.data_keys", &[]).unwrap().get(0);
+    assert!(!trusted, "a restored row never lends the server's identity");
 }
 
 #[test]
@@ -448,4 +452,73 @@ fn errors_inside_immuta_show_neither_internal_ids_nor_a_backtrace() {
     for internal in ["Key (", "rolled_over_from", "=(5)", "backtrace", ".rs:", "pgrx"] {
         assert!(!text.contains(internal), "{internal}: {text}");
     }
+}
+
+#[test]
+fn a_savepoint_cannot_keep_the_restore_window_open() {
+    let pg = Cluster::start(&[]);
+    let _tenant = tenant_installation(&pg);
+    // In a fresh installation, the tenant has each table checked inside savepoints it rolls back,
+    // and keeps the transaction open.
+    let mut early = pg.connect_as("tenant", "shop");
+    early.batch_execute("BEGIN").unwrap();
+    let invalid = [
+        "INSERT INTO immuta.data_keys (id, provider, wrapping_key, wrapped_key, reason) \
+         VALUES (1, 'local', 'aaaaaaaaaaaaaaaa', '\\x00', 'manual')",
+        "INSERT INTO immuta.key_usage VALUES (1, 0)",
+        "INSERT INTO immuta.audit_log (id, event, reason) VALUES (0, 'cache reset', 'manual')",
+    ];
+    for attempt in invalid {
+        assert_eq!(in_savepoint(&mut early, attempt), "22023", "{attempt}");
+    }
+    // Meanwhile immuta is used...
+    let mut app = pg.connect_to("shop");
+    app.batch_execute("SET lock_timeout = '30s'").unwrap();
+    encrypt(&mut app, "in use");
+    // ...and the window is closed for the open transaction too.
+    for forged in FORGED_ROWS {
+        assert_eq!(in_savepoint(&mut early, forged), "42501", "{forged}");
+    }
+    early.batch_execute("COMMIT").unwrap();
+}
+
+#[test]
+fn a_prepared_transaction_of_the_owner_holds_nothing_immuta_needs() {
+    let pg = Cluster::start(&["max_prepared_transactions = 4"]);
+    let mut tenant = tenant_installation(&pg);
+    // INSERT privilege (for restores) lets the owner lock immuta.data_keys in ROW EXCLUSIVE mode.
+    tenant
+        .batch_execute(
+            "BEGIN;
+             LOCK TABLE immuta.data_keys IN ROW EXCLUSIVE MODE;
+             INSERT INTO immuta.key_usage SELECT 1, 1 WHERE false;
+             PREPARE TRANSACTION 'hold'",
+        )
+        .unwrap();
+    let mut app = pg.connect_to("shop");
+    app.batch_execute("SET lock_timeout = '30s'").unwrap();
+    encrypt(&mut app, "first key");
+    app.query_one("SELECT immuta_rotate()", &[]).unwrap();
+    app.query_one("SELECT immuta_cache_reset()", &[]).unwrap();
+    pg.connect_to("shop").batch_execute("ROLLBACK PREPARED 'hold'").unwrap();
+}
+
+#[test]
+fn ids_immuta_hands_out_past_the_highest_restored_one_are_used_like_any_other() {
+    let pg = Cluster::start(&[]);
+    encrypt(&mut pg.connect(), "the cluster's master key exists");
+    let mut tenant = tenant_installation(&pg);
+    let highest = 1i64 << 62;
+    tenant
+        .execute(
+            "INSERT INTO immuta.data_keys (id, provider, wrapping_key, wrapped_key, reason) \
+             VALUES ($1, 'local', 'aaaaaaaaaaaaaaaa', decode(repeat('00', 61), 'hex'), 'manual')",
+            &[&highest],
+        )
+        .unwrap();
+    let next: i64 = tenant.query_one("SELECT immuta_rotate()", &[]).unwrap().get(0);
+    assert_eq!(next, highest + 1);
+    let value = encrypt(&mut tenant, "past the restored ids");
+    assert_eq!(key_id_of(&mut tenant, &value), next);
+    assert_eq!(decrypt(&mut pg.connect_as("tenant", "shop"), &value).unwrap(), "past the restored ids");
 }

@@ -341,9 +341,16 @@ impl DatabaseTable<'_> {
         }
     }
 
-    /// The reset generation of `database` (0 before its first reset); `None` when it has no entry.
-    pub fn generation(&self, database: u32) -> Option<u64> {
-        self.entries.iter().find(|e| e.database == database).map(|e| e.reset_generation)
+    /// The reset generation of `database`: 0 before its first reset. (A database without an
+    /// entry has never been reset as itself: entries are not reused, and one that found none
+    /// reset every database instead.)
+    pub fn generation(&self, database: u32) -> u64 {
+        self.entries.iter().find(|e| e.database == database).map_or(0, |e| e.reset_generation)
+    }
+
+    /// The statistics of `database`, if it has its own (not those it shares in the overflow).
+    pub fn stats_of(&self, database: u32) -> Option<DatabaseStats> {
+        self.entries.iter().find(|e| e.database == database).map(|e| e.stats)
     }
 
     /// Records a reset of `database` as `generation` (a value never used before). `false` when
@@ -356,6 +363,25 @@ impl DatabaseTable<'_> {
                 true
             }
             None => false,
+        }
+    }
+
+    /// Whether `database` has an entry, or could take a free one.
+    pub fn has_room_for(&self, database: u32) -> bool {
+        self.entries.iter().any(|e| e.database == database || e.database == 0)
+    }
+
+    /// The databases that hold entries.
+    pub fn databases(&self) -> Vec<u32> {
+        self.entries.iter().map(|e| e.database).filter(|&db| db != 0).collect()
+    }
+
+    /// Frees the entries of `gone` (databases that were dropped); their statistics go to the
+    /// overflow, so the cluster's totals stay whole.
+    pub fn free(&mut self, gone: &[u32]) {
+        for entry in self.entries.iter_mut().filter(|e| e.database != 0 && gone.contains(&e.database)) {
+            self.overflow.add(&entry.stats);
+            *entry = DatabaseEntry::EMPTY;
         }
     }
 
@@ -551,16 +577,24 @@ mod tests {
         let mut entries = [DatabaseEntry::EMPTY; 2];
         let mut overflow = DatabaseStats::default();
         let mut table = DatabaseTable { entries: &mut entries, overflow: &mut overflow };
-        assert_eq!(table.generation(1), None);
+        assert_eq!(table.generation(1), 0);
         table.stats(1).hits += 2;
-        assert_eq!(table.generation(1), Some(0));
+        assert_eq!(table.generation(1), 0);
         assert!(table.reset(2, 7));
         table.stats(2).misses += 1;
-        assert_eq!(table.generation(2), Some(7));
-        assert_eq!(table.generation(1), Some(0), "a reset of database 2 is not one of database 1");
+        assert_eq!(table.generation(2), 7);
+        assert_eq!(table.generation(1), 0, "a reset of database 2 is not one of database 1");
         assert!(!table.reset(3, 8), "full: the caller resets everyone");
         table.stats(3).kms_unwraps += 5;
         assert_eq!(table.overflow.kms_unwraps, 5);
+        assert_eq!(table.stats_of(3), None, "the overflow is nobody's to see");
+        assert!(!table.has_room_for(3));
+        assert_eq!(table.stats_of(1).map(|s| s.hits), Some(2));
+        table.free(&[1]);
+        assert!(table.has_room_for(3), "a dropped database's entry is free again");
+        assert!(table.reset(3, 9));
+        assert_eq!(table.generation(3), 9);
+        assert_eq!(table.databases(), vec![3, 2]);
         let all = table.totals();
         assert_eq!((all.hits, all.misses, all.kms_unwraps), (2, 1, 5));
     }

@@ -3,10 +3,12 @@
 //!
 //! Such a row holds whatever its author wrote, so before immuta ever uses it, it is held to what
 //! immuta itself would have written: ids and counts within bounds that keep immuta's arithmetic
-//! exact, a creation time that is not in the future (a key "created" in 2999 would never roll
-//! over), a wrapping key and region that a configuration could have named (the region becomes a
-//! host name), and a wrapped key of a length its provider produces. The same rules are applied
-//! when a row is read, so a row that slipped in before they existed is refused then.
+//! exact, a finite creation time that is not in the future (a key "created" in 2999 would never
+//! roll over, one created at `-infinity` breaks every date computation), a wrapping key and region
+//! that a configuration could have named (the region becomes a host name), and a wrapped key of a
+//! length its provider produces. The wrapping rules are applied again whenever a row is read
+//! ([`key_row`]), so a row that slipped in before they existed is refused then; the bounds on ids
+//! are the restore's only ([`restored_key_row`]), since ids immuta hands out go on past them.
 //!
 //! When rows may be added at all, and by whom, is the SQL layer's (`src/restore.rs`): this file
 //! only says whether a row is one immuta could have written.
@@ -37,9 +39,10 @@ pub fn encryptions_ok(count: i64) -> bool {
     (1..=HARD_LIMIT as i64).contains(&count)
 }
 
-/// Whether a key created at `created_at` may be restored at `now`.
+/// Whether a key created at `created_at` may be restored at `now`: after 1970, and not later
+/// than a day of clock skew ahead.
 pub fn created_at_ok(created_at: UnixMicros, now: UnixMicros) -> bool {
-    created_at.0 <= now.0.saturating_add(MAX_CLOCK_SKEW.0)
+    (0..=now.0.saturating_add(MAX_CLOCK_SKEW.0)).contains(&created_at.0)
 }
 
 /// Whether a restored key row `id` may name `rolled_over_from` as the key it replaced: nothing
@@ -58,9 +61,9 @@ pub fn wrapped_len_ok(wrapping: &WrappingKeyRef, wrapped: &WrappedKey) -> bool {
     }
 }
 
-/// The wrapping of a key row, if immuta could have written it: its id, its provider, wrapping
-/// key and region (held to the rules of a configured KMS key), and its wrapped key's length.
-/// The error completes the sentence "The row of immuta.data_keys ...".
+/// The wrapping of a key row as read, if immuta could have written it: a positive id, its
+/// provider, wrapping key and region (held to the rules of a configured KMS key), and its wrapped
+/// key's length. The error completes the sentence "The row of immuta.data_keys ...".
 pub fn key_row(
     id: i64,
     provider: &str,
@@ -68,13 +71,27 @@ pub fn key_row(
     region: Option<&str>,
     wrapped: &WrappedKey,
 ) -> Result<(KeyId, WrappingKeyRef), &'static str> {
-    let id = KeyId::new(id).filter(|id| id_ok(id.get())).ok_or("has an id out of range")?;
+    let id = KeyId::new(id).ok_or("has an id that is not positive")?;
     let wrapping = WrappingKeyRef::from_columns(provider, key, region)
         .ok_or("names a provider, wrapping key or region that immuta does not write")?;
     if !wrapped_len_ok(&wrapping, wrapped) {
         return Err("holds a wrapped key of a length its provider never produces");
     }
     Ok((id, wrapping))
+}
+
+/// [`key_row`] for a row being restored, whose id must also leave room for every id after it.
+pub fn restored_key_row(
+    id: i64,
+    provider: &str,
+    key: &str,
+    region: Option<&str>,
+    wrapped: &WrappedKey,
+) -> Result<(KeyId, WrappingKeyRef), &'static str> {
+    if !id_ok(id) {
+        return Err("has an id out of range");
+    }
+    key_row(id, provider, key, region, wrapped)
 }
 
 #[cfg(test)]
@@ -110,7 +127,9 @@ mod tests {
         assert!(created_at_ok(now, now));
         assert!(created_at_ok(UnixMicros(now.0 + UnixMicros::DAY), now), "a day of clock skew");
         assert!(!created_at_ok(UnixMicros(now.0 + UnixMicros::DAY + 1), now));
-        assert!(created_at_ok(UnixMicros(i64::MIN), now));
+        assert!(created_at_ok(UnixMicros(0), now));
+        assert!(!created_at_ok(UnixMicros(-1), now), "before 1970");
+        assert!(!created_at_ok(UnixMicros(i64::MIN), now), "-infinity");
     }
 
     #[test]
@@ -119,7 +138,12 @@ mod tests {
         let fp = local.key_column();
         let ok = WrappedKey::new(vec![0; WRAPPED_LEN]);
         assert!(key_row(3, "local", &fp, None, &ok).is_ok());
-        assert_eq!(key_row(0, "local", &fp, None, &ok).err(), Some("has an id out of range"));
+        assert!(key_row(0, "local", &fp, None, &ok).is_err());
+        assert!(key_row(MAX_RESTORED_ID + 1, "local", &fp, None, &ok).is_ok(), "ids immuta hands out go on");
+        assert_eq!(
+            restored_key_row(MAX_RESTORED_ID + 1, "local", &fp, None, &ok).err(),
+            Some("has an id out of range")
+        );
         let short = WrappedKey::new(vec![0; WRAPPED_LEN - 1]);
         assert!(key_row(3, "local", &fp, None, &short).is_err());
         let blob = WrappedKey::new(vec![1; 200]);

@@ -15,61 +15,34 @@
 //!    `immuta.config_file` (a superuser-only setting), or a configuration stored by
 //!    `immuta_configure()` while a superuser called it; the built-in default (nothing
 //!    configured) authorises nothing;
-//! 2. for an existing key, its row was written by immuta itself or added by a superuser, not
-//!    added directly by the database owner (the restore path of a managed platform), which could
-//!    name any KMS key, region and wrapped bytes.
+//! 2. for an existing key, its wrapping (KMS key, region, wrapped bytes) was chosen under such a
+//!    configuration: immuta created or rewrapped the key while a superuser's configuration was in
+//!    force (the row's `server_identity` column). A row added directly (a restore, by anyone: a
+//!    dump may come from a tenant) or wrapped under a configuration a non-superuser stored names
+//!    a KMS key and bytes that role chose; a superuser may vouch for it by setting the column.
 //!
 //! With explicit credentials, KMS is called with them, whoever configured them: the caller then
 //! acts with its own AWS identity.
 
 use crate::key::KeyId;
 
-/// Who added a key row: the `origin` column of `immuta.data_keys`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum KeyOrigin {
-    /// Created by immuta's own functions.
-    Immuta,
-    /// Added directly (a restore) by a superuser.
-    Superuser,
-    /// Added directly (a restore) by the role that installed immuta, not a superuser.
-    Owner,
-}
-
-impl KeyOrigin {
-    /// The value of the `origin` column.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            KeyOrigin::Immuta => "immuta",
-            KeyOrigin::Superuser => "superuser",
-            KeyOrigin::Owner => "owner",
-        }
-    }
-
-    pub fn parse(text: &str) -> Option<KeyOrigin> {
-        match text {
-            "immuta" => Some(KeyOrigin::Immuta),
-            "superuser" => Some(KeyOrigin::Superuser),
-            "owner" => Some(KeyOrigin::Owner),
-            _ => None,
-        }
-    }
-}
-
 /// Why a KMS call with the server's identity is refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Refusal {
     /// The configuration in force was not put there by a superuser.
     ConfigurationNotBySuperuser,
-    /// The key row was added directly by the database owner.
-    RowAddedByOwner,
+    /// The key's wrapping was not chosen under a superuser's configuration (a restored row, or a
+    /// key wrapped under a configuration a non-superuser stored).
+    WrappingNotBySuperuser,
 }
 
 /// Whether the server's own identity may be used to reach KMS: for a new key (`row` is `None`)
-/// or to unwrap the key of a row of `row` origin, under a configuration that a superuser did or
-/// did not put in force. Callers ask only when the configuration has no explicit credentials.
-pub fn check(configured_by_superuser: bool, row: Option<KeyOrigin>) -> Result<(), Refusal> {
-    if row == Some(KeyOrigin::Owner) {
-        return Err(Refusal::RowAddedByOwner);
+/// or to unwrap a key whose row says whether its wrapping was chosen under a superuser's
+/// configuration, under a configuration that a superuser did or did not put in force. Callers
+/// ask only when the configuration has no explicit credentials.
+pub fn check(configured_by_superuser: bool, row: Option<bool>) -> Result<(), Refusal> {
+    if row == Some(false) {
+        return Err(Refusal::WrappingNotBySuperuser);
     }
     if !configured_by_superuser {
         return Err(Refusal::ConfigurationNotBySuperuser);
@@ -89,23 +62,14 @@ mod tests {
     #[test]
     fn only_a_superusers_configuration_lends_the_server_identity() {
         assert_eq!(check(true, None), Ok(()));
-        assert_eq!(check(true, Some(KeyOrigin::Immuta)), Ok(()));
-        assert_eq!(check(true, Some(KeyOrigin::Superuser)), Ok(()));
+        assert_eq!(check(true, Some(true)), Ok(()));
         assert_eq!(check(false, None), Err(Refusal::ConfigurationNotBySuperuser));
-        assert_eq!(check(false, Some(KeyOrigin::Immuta)), Err(Refusal::ConfigurationNotBySuperuser));
+        assert_eq!(check(false, Some(true)), Err(Refusal::ConfigurationNotBySuperuser));
     }
 
     #[test]
-    fn a_row_the_owner_added_never_reaches_kms_as_the_server() {
-        assert_eq!(check(true, Some(KeyOrigin::Owner)), Err(Refusal::RowAddedByOwner));
-        assert_eq!(check(false, Some(KeyOrigin::Owner)), Err(Refusal::RowAddedByOwner));
-    }
-
-    #[test]
-    fn origins_round_trip_through_their_column_text() {
-        for origin in [KeyOrigin::Immuta, KeyOrigin::Superuser, KeyOrigin::Owner] {
-            assert_eq!(KeyOrigin::parse(origin.as_str()), Some(origin));
-        }
-        assert_eq!(KeyOrigin::parse("root"), None);
+    fn a_wrapping_no_superuser_chose_never_reaches_kms_as_the_server() {
+        assert_eq!(check(true, Some(false)), Err(Refusal::WrappingNotBySuperuser));
+        assert_eq!(check(false, Some(false)), Err(Refusal::WrappingNotBySuperuser));
     }
 }
