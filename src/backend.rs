@@ -171,14 +171,17 @@ extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut st
             if CREATED_KEY.replace(false) {
                 INVALIDATIONS.fetch_add(1, Ordering::Relaxed);
             }
+            catalog::at_transaction_end();
             usage::at_transaction_end(false);
         }
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
             CREATED_KEY.set(false);
+            catalog::at_transaction_end();
             usage::at_transaction_end(true);
         }
         XACT_EVENT_PREPARE => {
             CREATED_KEY.set(false);
+            catalog::at_transaction_end();
             usage::at_transaction_end(false);
         }
         _ => {}

@@ -134,6 +134,19 @@ thread_local! {
     static WRITING: Cell<bool> = const { Cell::new(false) };
     /// The `immuta.data_keys` whose installation this backend has marked as in use.
     static MARKED_IN_USE: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
+    /// This transaction wrote something of immuta's other than a usage reservation.
+    static UNPREPARABLE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether this transaction wrote something of immuta's other than a usage reservation: keys,
+/// the audit log, the configuration, a compaction of usage rows (see `keys::before_prepare`).
+pub fn wrote_unpreparable() -> bool {
+    UNPREPARABLE.get()
+}
+
+/// At the end of the transaction (commit, abort or prepare).
+pub fn at_transaction_end() {
+    UNPREPARABLE.set(false);
 }
 
 /// Whether the row being inserted comes from immuta's own functions (through [`write`]), not
@@ -154,6 +167,8 @@ const PASSED_THROUGH: &[PgSqlErrorCode] = &[
     PgSqlErrorCode::ERRCODE_T_R_DEADLOCK_DETECTED,
     PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION,
     PgSqlErrorCode::ERRCODE_OUT_OF_MEMORY,
+    PgSqlErrorCode::ERRCODE_INSUFFICIENT_RESOURCES,
+    PgSqlErrorCode::ERRCODE_STATEMENT_TOO_COMPLEX,
     PgSqlErrorCode::ERRCODE_DISK_FULL,
     PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
     PgSqlErrorCode::ERRCODE_IO_ERROR,
@@ -240,6 +255,13 @@ fn caller() -> (pg_sys::Oid, pg_sys::Oid) {
 /// Runs a statement that writes immuta's tables, as their owner, marked as immuta's own. The
 /// first write of this backend in an installation marks the installation as in use first.
 fn write(table: &str, query: &str, args: &[DatumWithOid]) {
+    UNPREPARABLE.set(true);
+    write_preparable(table, query, args)
+}
+
+/// [`write`] for a statement a prepared transaction may hold: a usage reservation (an insert
+/// that nobody waits for).
+fn write_preparable(table: &str, query: &str, args: &[DatumWithOid]) {
     mark_in_use();
     as_owner(|| {
         guarded(table, || {
@@ -645,7 +667,7 @@ pub fn usage_sum(id: KeyId) -> u64 {
 /// Appends a reservation of `encryptions` for key `id`.
 pub fn insert_usage(id: KeyId, encryptions: u64) {
     let encryptions = i64::try_from(encryptions).unwrap_or(i64::MAX);
-    write(
+    write_preparable(
         "immuta.key_usage",
         "INSERT INTO immuta.key_usage (key_id, encryptions) VALUES ($1, $2)",
         &[id.get().into(), encryptions.into()],

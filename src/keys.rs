@@ -44,11 +44,14 @@ use crate::errors::{self, raise, OrRaise};
 use crate::usage::{self, Against};
 use crate::{gucs, providers, shared_cache};
 
-/// The key creation lock: SHARE ROW EXCLUSIVE (it conflicts with itself) on the private sequence
-/// `immuta.key_ids`. Not on `immuta.data_keys`, on which the role that installed immuta may take
-/// ROW EXCLUSIVE (it may INSERT, for restores) and hold it in a prepared transaction; nobody has
-/// any privilege on the sequence, so only immuta's functions ever lock it.
-const KEY_CREATION_LOCK: pg_sys::LOCKMODE = pg_sys::ShareRowExclusiveLock as pg_sys::LOCKMODE;
+/// The key creation lock: SHARE UPDATE EXCLUSIVE on the private sequence `immuta.key_ids`. It
+/// conflicts with itself; it does not conflict with ROW EXCLUSIVE, which any role can get on a
+/// sequence (`nextval` locks before it checks privileges, and keeps the lock to the end of the
+/// transaction even when a savepoint rolls back) and on `immuta.data_keys` (the role that
+/// installed immuta may INSERT there, for restores), and could then hold in a prepared
+/// transaction. Nothing else takes this mode or a stronger one on a sequence without being its
+/// owner (`LOCK TABLE` refuses sequences; `ANALYZE` lets go of one at once).
+const KEY_CREATION_LOCK: pg_sys::LOCKMODE = pg_sys::ShareUpdateExclusiveLock as pg_sys::LOCKMODE;
 /// `rolled_over_from` of the first key, so that two first uses cannot both create one.
 const FIRST_KEY_MARKER: i64 = 0;
 
@@ -60,7 +63,13 @@ thread_local! {
 
 /// Takes the key creation lock, waiting for it. Held to the end of the transaction.
 pub fn lock_key_creation() {
-    let key_ids = oids().key_ids;
+    lock_key_creation_of(oids());
+}
+
+/// [`lock_key_creation`] of the installation `oids` (the restore trigger's, which may be newer
+/// than this backend's if the extension was created again since it last refreshed).
+pub fn lock_key_creation_of(oids: catalog::TableOids) {
+    let key_ids = oids.key_ids;
     LOCKED.set(key_ids);
     // SAFETY: a blocking lock on our own sequence by OID, released at transaction end.
     unsafe { pg_sys::LockRelationOid(key_ids, KEY_CREATION_LOCK) };
@@ -75,8 +84,17 @@ fn try_lock_key_creation() -> bool {
 }
 
 /// Before PREPARE TRANSACTION: refuses a transaction that holds the key creation lock (only
-/// immuta takes it: no role has any privilege on the sequence it is a lock on).
+/// immuta takes it), or wrote anything of immuta's but a usage reservation (a prepared
+/// compaction or configuration change would hold rows every later one waits for).
 pub fn before_prepare() {
+    if catalog::wrote_unpreparable() {
+        raise(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            "cannot PREPARE a transaction that changed immuta's keys, configuration or audit log",
+            Some("Prepared, it would keep rows or locks that every later key change or scheduled rollover waits for, until COMMIT PREPARED.".into()),
+            Some("Commit the transaction instead; manage keys in a transaction that is not prepared."),
+        );
+    }
     let key_ids = LOCKED.get();
     if key_ids == pg_sys::InvalidOid {
         return;
@@ -139,30 +157,34 @@ pub fn current_for_encrypt(now: UnixMicros, held: Option<(KeyId, u64)>) -> (KeyI
         Some((held_id, left)) if held_id == id && left > 0 => return (id, left),
         _ => {}
     }
-    if let Some(granted) = usage::take(id, Against::Soft) {
-        return (id, granted);
-    }
-    let mut next = rollover(id, RotationReason::UsageLimit, now);
-    if next == id && write_blocker().is_none() {
+    let mut id = id;
+    loop {
+        if let Some(granted) = usage::take(id, Against::Soft) {
+            return (id, granted);
+        }
+        let next = rollover(id, RotationReason::UsageLimit, now);
+        if next != id {
+            // A newer key, ours or another session's: it may be exhausted too by now.
+            id = next;
+            continue;
+        }
+        if write_blocker().is_some() {
+            break;
+        }
         // Another session is rolling the key over: go on under it for a little while, then wait
         // for that rollover to commit (module documentation).
         if let Some(granted) = usage::take(id, Against::Overrun) {
             return (id, granted);
         }
-        next = rollover_waiting(id);
-    }
-    if next != id {
-        if let Some(granted) = usage::take(next, Against::Soft) {
-            return (next, granted);
-        }
+        id = rollover_waiting(id);
     }
     // The key cannot be rolled over here (read-only, standby): it may go on up to the hard
     // limit of AES-GCM, and not one encryption further.
-    match usage::take(next, Against::Hard) {
-        Some(granted) => (next, granted),
+    match usage::take(id, Against::Hard) {
+        Some(granted) => (id, granted),
         None => raise(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-            format!("immuta data key {next} has reached the AES-GCM limit of 2^32 encryptions"),
+            format!("immuta data key {id} has reached the AES-GCM limit of 2^32 encryptions"),
             Some("NIST SP 800-38D forbids more encryptions with random nonces under one key; it could not be rolled over earlier because no read-write transaction on the primary encrypted after it reached immuta.max_encryptions_per_key.".into()),
             Some("Run SELECT immuta_rotate(); on the primary."),
         ),

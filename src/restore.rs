@@ -71,18 +71,21 @@ fn guard_direct_insert<'a>(
         return Ok(Some(new));
     }
     if !superuser {
-        require_fresh_installation(&table);
+        require_fresh_installation(&table, oids);
     }
     match table.as_str() {
         "data_keys" => {
             let id = new.get_by_name::<i64>("id")?.unwrap_or_default();
-            let wrapped = new.get_by_name::<&[u8]>("wrapped_key")?.map(<[u8]>::to_vec);
+            // Borrowed from the row, and copied only once its length is known to be a key's.
+            let wrapped = new.get_by_name::<&[u8]>("wrapped_key")?.unwrap_or_default();
+            let wrapped =
+                WrappedKey::new(wrapped[..wrapped.len().min(restore::MAX_KMS_WRAPPED_LEN + 1)].to_vec());
             let parsed = restore::restored_key_row(
                 id,
-                &new.get_by_name::<String>("provider")?.unwrap_or_default(),
-                &new.get_by_name::<String>("wrapping_key")?.unwrap_or_default(),
-                new.get_by_name::<String>("wrapping_region")?.as_deref(),
-                &WrappedKey::new(wrapped.unwrap_or_default()),
+                new.get_by_name::<&str>("provider")?.unwrap_or_default(),
+                new.get_by_name::<&str>("wrapping_key")?.unwrap_or_default(),
+                new.get_by_name::<&str>("wrapping_region")?,
+                &wrapped,
             );
             if let Err(why) = parsed {
                 refuse(&table, format!("The row {why}."));
@@ -135,8 +138,8 @@ thread_local! {
 /// adding keys or audit entries meanwhile, and immuta's usage rows come only after the in-use
 /// mark, which is read for every row. A rolled-back savepoint releases the lock, and
 /// [`forget_checks`] forgets what was found under it.
-fn require_fresh_installation(table: &str) {
-    crate::keys::lock_key_creation();
+fn require_fresh_installation(table: &str, oids: catalog::TableOids) {
+    crate::keys::lock_key_creation_of(oids);
     let lxid = crate::backend::local_xid();
     let known = CHECKED.with_borrow(|c| c.iter().any(|(x, t)| *x == lxid && t == table));
     let refusal = if catalog::in_use() {

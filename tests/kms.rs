@@ -338,8 +338,10 @@ fn decrypts_sent(proxy: &Proxy) -> usize {
     proxy.actions().iter().filter(|a| *a == "TrentService.Decrypt").count()
 }
 
-#[test]
-fn a_key_row_the_owner_restored_is_never_unwrapped_with_the_servers_identity() {
+/// moto with one KMS key, a proxy, a cluster with a server identity reaching moto through it, and
+/// a database `shop` in which its owner `tenant`, not a superuser, installed immuta (a session
+/// of the tenant's there is returned).
+fn tenant_on_a_cluster_with_a_server_identity() -> (Moto, String, Proxy, Cluster, postgres::Client) {
     let moto = Moto::start(None);
     let key = moto.fixture(&["create-key"]);
     let proxy = Proxy::start(moto.port);
@@ -347,6 +349,12 @@ fn a_key_row_the_owner_restored_is_never_unwrapped_with_the_servers_identity() {
     pg.create_database("shop", Some("tenant"));
     let mut tenant = pg.connect_as("tenant", "shop");
     tenant.batch_execute("CREATE EXTENSION immuta").unwrap();
+    (moto, key, proxy, pg, tenant)
+}
+
+#[test]
+fn a_key_row_the_owner_restored_is_never_unwrapped_with_the_servers_identity() {
+    let (moto, key, proxy, pg, mut tenant) = tenant_on_a_cluster_with_a_server_identity();
     // The tenant knows a data key, wraps it with a KMS key the server can use, and restores the
     // row into its fresh installation: if immuta unwrapped it as the server, the tenant would know
     // the key that encrypts everyone's values from then on.
@@ -446,13 +454,7 @@ fn an_empty_session_token_is_not_sent() {
 
 #[test]
 fn a_superusers_rewrap_makes_the_wrapping_its_own() {
-    let moto = Moto::start(None);
-    let key = moto.fixture(&["create-key"]);
-    let proxy = Proxy::start(moto.port);
-    let pg = cluster_with_a_server_identity(&proxy);
-    pg.create_database("shop", Some("tenant"));
-    let mut tenant = pg.connect_as("tenant", "shop");
-    tenant.batch_execute("CREATE EXTENSION immuta").unwrap();
+    let (_moto, key, proxy, pg, mut tenant) = tenant_on_a_cluster_with_a_server_identity();
     // Keys made under the defaults (nobody's configuration) are wrapped by the local master key.
     let value = encrypt(&mut tenant, "moved to KMS");
     let mut superuser = pg.connect_to("shop");

@@ -425,6 +425,11 @@ fn a_transaction_holding_the_key_creation_lock_cannot_be_prepared() {
     let mut keeper = pg.connect_as("keeper", "postgres");
     keeper.batch_execute("BEGIN; SELECT immuta_rotate()").unwrap();
     assert_eq!(sqlstate(keeper.batch_execute("PREPARE TRANSACTION 'hold2'")), "0A000");
+    // Nor one that compacted usage rows (the scheduled job's work) or stored a configuration.
+    for change in ["SELECT immuta_rotate_if_due()", "SELECT immuta_configure('')"] {
+        keeper.batch_execute(&format!("BEGIN; {change}")).unwrap();
+        assert_eq!(sqlstate(keeper.batch_execute("PREPARE TRANSACTION 'hold3'")), "0A000", "{change}");
+    }
     // Encrypting under an existing key takes no such lock: that transaction may be prepared.
     ingest.batch_execute("BEGIN; SELECT immuta_encrypt('z'); PREPARE TRANSACTION 'fine'").unwrap();
     other.query_one("SELECT immuta_rotate()", &[]).unwrap();
@@ -521,4 +526,26 @@ fn ids_immuta_hands_out_past_the_highest_restored_one_are_used_like_any_other() 
     let value = encrypt(&mut tenant, "past the restored ids");
     assert_eq!(key_id_of(&mut tenant, &value), next);
     assert_eq!(decrypt(&mut pg.connect_as("tenant", "shop"), &value).unwrap(), "past the restored ids");
+}
+
+#[test]
+fn no_role_can_hold_the_key_creation_lock() {
+    let pg = Cluster::start(&["max_prepared_transactions = 4"]);
+    let mut c = pg.connect();
+    create_roles(&mut c);
+    encrypt(&mut c, "a key");
+    // nextval() locks a sequence before it checks privileges, and a rolled-back savepoint does
+    // not release that lock: any role that can connect may hold it on immuta.key_ids.
+    let key_ids: i64 = c.query_one("SELECT 'immuta.key_ids'::regclass::oid::int8", &[]).unwrap().get(0);
+    let mut nobody = pg.connect_as("nobody", "postgres");
+    nobody.batch_execute("BEGIN; SAVEPOINT s").unwrap();
+    let denied = nobody.batch_execute(&format!("SELECT pg_catalog.nextval({key_ids}::oid::regclass)"));
+    assert_eq!(sqlstate(denied), "42501");
+    nobody.batch_execute("ROLLBACK TO SAVEPOINT s; PREPARE TRANSACTION 'held'").unwrap();
+    // It holds nothing key creation needs.
+    let mut keeper = pg.connect_as("keeper", "postgres");
+    keeper.batch_execute("SET lock_timeout = '30s'").unwrap();
+    keeper.query_one("SELECT immuta_rotate()", &[]).unwrap();
+    keeper.query_one("SELECT immuta_cache_reset()", &[]).unwrap();
+    c.batch_execute("ROLLBACK PREPARED 'held'").unwrap();
 }

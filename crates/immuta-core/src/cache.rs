@@ -279,10 +279,10 @@ impl DatabaseStats {
     }
 }
 
-/// A database's own state in the shared cache: its reset generation and its statistics. Entries
-/// are never reused for another database while the server runs, so a generation seen once is
-/// never seen again for the same database (no ABA); when the table is full, further databases
-/// share [`DatabaseTable::overflow`].
+/// A database's own state in the shared cache: its reset generation and its statistics. An entry
+/// is reused for another database only once its own was dropped ([`DatabaseTable::free`]), and
+/// generations are never reused, so a backend never mistakes an old reset for none (no ABA);
+/// when the table is full, further databases share [`DatabaseTable::overflow`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct DatabaseEntry {
@@ -342,8 +342,8 @@ impl DatabaseTable<'_> {
     }
 
     /// The reset generation of `database`: 0 before its first reset. (A database without an
-    /// entry has never been reset as itself: entries are not reused, and one that found none
-    /// reset every database instead.)
+    /// entry has never been reset as itself: an entry is reused only once its database is gone,
+    /// and a database that found none reset every database instead.)
     pub fn generation(&self, database: u32) -> u64 {
         self.entries.iter().find(|e| e.database == database).map_or(0, |e| e.reset_generation)
     }

@@ -18,9 +18,10 @@ use crate::local::WRAPPED_LEN;
 use crate::time::UnixMicros;
 use crate::usage::HARD_LIMIT;
 
-/// The largest id a restored row may have: far beyond any real history, far enough below the
-/// largest bigint that ids after it can never run out.
-pub const MAX_RESTORED_ID: i64 = 1 << 62;
+/// The largest id a restored row may have: 2^32 below the largest bigint, so that ids after it
+/// cannot run out in practice, and far above any id immuta hands out (a dump of a database whose
+/// ids went past a restored 2^62 still restores).
+pub const MAX_RESTORED_ID: i64 = i64::MAX - (1 << 32);
 
 /// The longest ciphertext AWS KMS `Encrypt` returns for a 32-byte plaintext is a few hundred
 /// bytes; KMS accepts ciphertext blobs of up to 6144 bytes.
