@@ -23,6 +23,7 @@ PGP_ROWS=${BENCH_PGP_ROWS:-20000}
 RUNS=${RUNS:-5}
 PGBENCH_SECONDS=${PGBENCH_SECONDS:-15}
 OUT=bench/results/latest.txt
+mkdir -p "$(dirname "$OUT")"
 if [ "$(id -u)" = 0 ]; then AS_PG=(runuser -u postgres --); else AS_PG=(sudo -u postgres); fi
 # The server's environment: nothing of ours, and an AWS SDK that never leaves loopback.
 SERVER_ENV=(env -i PATH=/usr/local/bin:/usr/bin:/bin AWS_EC2_METADATA_DISABLED=true
@@ -204,5 +205,5 @@ SELECT format('%-58s %-10s %s', target, CASE WHEN ok THEN 'met' ELSE 'MISSED' EN
 ) t(target, ok, measured);
 SQL
 } | tee "$OUT.tmp"
-mkdir -p "$(dirname "$OUT")"; mv "$OUT.tmp" "$OUT"
+mv "$OUT.tmp" "$OUT"
 echo "written to $OUT"
