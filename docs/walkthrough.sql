@@ -70,7 +70,7 @@ CREATE EXTENSION IF NOT EXISTS pg_cron;
 \c immuta_demo
 SELECT immuta_schedule_rotation('0 3 * * *') AS job_id;
 SELECT immuta_status()->'rotation_job' AS rotation_job;
-\echo 'Each night at 03:00 the job runs immuta_rotate_if_due(); run it by hand (nothing is due yet):'
+\echo 'Each night at 03:00 the job runs pg_catalog.immuta_rotation_job(), that is immuta_rotate_if_due(); run it by hand (nothing is due yet):'
 SELECT immuta_rotate_if_due() AS new_key_id;
 \else
 \echo 'pg_cron is not loaded in this demo cluster (it predates this walkthrough): make demo-stop, then make demo.'
