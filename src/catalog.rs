@@ -217,25 +217,15 @@ fn as_owner<R>(f: impl FnOnce() -> R) -> R {
     }
     let (mut user, mut context) = (pg_sys::InvalidOid, 0);
     // SAFETY: saves the current user and security context, then switches to the tables' owner
-    // with a local user id change (SET ROLE is refused meanwhile) and opens a GUC nest level in
-    // which search_path is set with GUC_ACTION_SAVE (allowed in parallel workers, undone by
-    // AtEOXact_GUC below or by the abort of the (sub)transaction).
+    // with a local user id change (SET ROLE is refused meanwhile) and opens a GUC nest level.
     let nest = unsafe {
         pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
         pg_sys::SetUserIdAndSecContext(owner, context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
-        let nest = pg_sys::NewGUCNestLevel();
-        pg_sys::set_config_option(
-            c"search_path".as_ptr(),
-            c"pg_catalog, pg_temp".as_ptr(),
-            pg_sys::GucContext::PGC_USERSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-            pg_sys::GucAction::GUC_ACTION_SAVE,
-            true,
-            0,
-            false,
-        );
-        nest
+        pg_sys::NewGUCNestLevel()
     };
+    // GUC_ACTION_SAVE is allowed in parallel workers; undone by AtEOXact_GUC below or by the
+    // abort of the (sub)transaction.
+    crate::gucs::set_for(c"search_path", c"pg_catalog, pg_temp", pg_sys::GucAction::GUC_ACTION_SAVE);
     let result = f();
     // SAFETY: undoes exactly what was done above, in reverse order.
     unsafe {

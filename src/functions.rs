@@ -71,21 +71,9 @@ fn immuta_rotate_if_due() -> Option<i64> {
 fn immuta_rotation_job() -> Option<i64> {
     // A job that waits for a lock must not wait forever: it holds one of pg_cron's job slots,
     // which the whole cluster shares. Five minutes, unless the session chose a limit itself.
-    // SAFETY: reads the lock_timeout setting, and sets it for this transaction only (undone at
-    // its end), as SET LOCAL would.
-    unsafe {
-        if pg_sys::LockTimeout == 0 {
-            pg_sys::set_config_option(
-                c"lock_timeout".as_ptr(),
-                c"5min".as_ptr(),
-                pg_sys::GucContext::PGC_USERSET,
-                pg_sys::GucSource::PGC_S_SESSION,
-                pg_sys::GucAction::GUC_ACTION_LOCAL,
-                true,
-                0,
-                false,
-            );
-        }
+    // SAFETY: reads the lock_timeout setting.
+    if unsafe { pg_sys::LockTimeout } == 0 {
+        gucs::set_for(c"lock_timeout", c"5min", pg_sys::GucAction::GUC_ACTION_LOCAL);
     }
     crate::keys::rotate_if_due().map(|id| id.get())
 }

@@ -122,6 +122,26 @@ pub fn init() {
     );
 }
 
+/// Sets PostgreSQL setting `name` to `value` as immuta's own code needs it: with
+/// `GUC_ACTION_LOCAL`, for the rest of the transaction (as SET LOCAL); with `GUC_ACTION_SAVE`,
+/// until the enclosing GUC nest level ends (`AtEOXact_GUC`).
+pub fn set_for(name: &CStr, value: &CStr, action: pg_sys::GucAction::Type) {
+    // SAFETY: sets an existing, user-settable setting from NUL-terminated strings, inside a
+    // transaction; PostgreSQL undoes it at the end of the transaction or nest level.
+    unsafe {
+        pg_sys::set_config_option(
+            name.as_ptr(),
+            value.as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            action,
+            true,
+            0,
+            false,
+        );
+    }
+}
+
 pub fn shared_cache_keys() -> usize {
     SHARED_CACHE_KEYS.get().max(0) as usize
 }

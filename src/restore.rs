@@ -76,11 +76,15 @@ fn guard_direct_insert<'a>(
     match table.as_str() {
         "data_keys" => {
             let id = new.get_by_name::<i64>("id")?.unwrap_or_default();
-            // Borrowed from the row, and copied only once its length is known to be a key's.
+            if !restore::id_ok(id) {
+                refuse(&table, "Its id is out of range.".into());
+            }
+            // Borrowed from the row; copied no further than one byte past the longest key, which
+            // is enough to refuse a longer one.
             let wrapped = new.get_by_name::<&[u8]>("wrapped_key")?.unwrap_or_default();
             let wrapped =
                 WrappedKey::new(wrapped[..wrapped.len().min(restore::MAX_KMS_WRAPPED_LEN + 1)].to_vec());
-            let parsed = restore::restored_key_row(
+            let parsed = restore::key_row(
                 id,
                 new.get_by_name::<&str>("provider")?.unwrap_or_default(),
                 new.get_by_name::<&str>("wrapping_key")?.unwrap_or_default(),

@@ -8,7 +8,7 @@
 //! that a configuration could have named (the region becomes a host name), and a wrapped key of a
 //! length its provider produces. The wrapping rules are applied again whenever a row is read
 //! ([`key_row`]), so a row that slipped in before they existed is refused then; the bounds on ids
-//! are the restore's only ([`restored_key_row`]), since ids immuta hands out go on past them.
+//! are the restore's only ([`id_ok`]), since ids immuta hands out go on past them.
 //!
 //! When rows may be added at all, and by whom, is the SQL layer's (`src/restore.rs`): this file
 //! only says whether a row is one immuta could have written.
@@ -81,20 +81,6 @@ pub fn key_row(
     Ok((id, wrapping))
 }
 
-/// [`key_row`] for a row being restored, whose id must also leave room for every id after it.
-pub fn restored_key_row(
-    id: i64,
-    provider: &str,
-    key: &str,
-    region: Option<&str>,
-    wrapped: &WrappedKey,
-) -> Result<(KeyId, WrappingKeyRef), &'static str> {
-    if !id_ok(id) {
-        return Err("has an id out of range");
-    }
-    key_row(id, provider, key, region, wrapped)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,10 +127,7 @@ mod tests {
         assert!(key_row(3, "local", &fp, None, &ok).is_ok());
         assert!(key_row(0, "local", &fp, None, &ok).is_err());
         assert!(key_row(MAX_RESTORED_ID + 1, "local", &fp, None, &ok).is_ok(), "ids immuta hands out go on");
-        assert_eq!(
-            restored_key_row(MAX_RESTORED_ID + 1, "local", &fp, None, &ok).err(),
-            Some("has an id out of range")
-        );
+        assert!(!id_ok(MAX_RESTORED_ID + 1), "but a restore stops short of them");
         let short = WrappedKey::new(vec![0; WRAPPED_LEN - 1]);
         assert!(key_row(3, "local", &fp, None, &short).is_err());
         let blob = WrappedKey::new(vec![1; 200]);
