@@ -122,11 +122,12 @@ CREATE TABLE immuta.config (
     yaml             text NOT NULL,
     -- Whether the YAML holds AWS credentials (extraKmsConfig.credentials).
     has_credentials  boolean NOT NULL DEFAULT false,
-    -- Whether a superuser stored it: only then may it make immuta call AWS KMS with the server's
-    -- own identity (src/providers.rs).
-    by_superuser     boolean NOT NULL DEFAULT false,
     updated_at       timestamptz NOT NULL DEFAULT pg_catalog.now(),
-    updated_by       name NOT NULL DEFAULT current_user
+    updated_by       name NOT NULL DEFAULT current_user,
+    -- Whether a superuser stored it: only then may it make immuta call AWS KMS with the server's
+    -- own identity (src/providers.rs). Last, as `ALTER TABLE ... ADD COLUMN` of the upgrade from
+    -- 0.1.0 puts it.
+    by_superuser     boolean NOT NULL DEFAULT false
 );
 COMMENT ON TABLE immuta.config IS 'immuta configuration (Immuta Advanced Configuration YAML), set by immuta_configure()';
 -- pg_dump carries the configuration, except one that holds credentials: a dump file is not a

@@ -223,12 +223,6 @@ pub fn invalidate_config(oids: TableOids) {
     unsafe { pg_sys::CacheInvalidateRelcacheByRelid(oids.config) };
 }
 
-/// The process-local id of the current transaction.
-pub fn local_xid() -> u32 {
-    // SAFETY: MyProc is set for every backend and parallel worker before any function runs.
-    unsafe { (*pg_sys::MyProc).lxid }
-}
-
 /// The transaction start time, which is also the `created_at` of keys this transaction creates.
 pub fn transaction_now() -> UnixMicros {
     // SAFETY: reads the start timestamp of the current transaction.
@@ -239,7 +233,7 @@ pub fn transaction_now() -> UnixMicros {
 /// if an invalidation arrived. Returns the transaction's start time. In steady state: one load
 /// of MyProc, two comparisons.
 pub fn prepare() -> UnixMicros {
-    let lxid = local_xid();
+    let lxid = crate::compat::local_xid();
     let (stale, now) = BACKEND.with_borrow_mut(|b| {
         if b.lxid != lxid || b.now.0 == 0 {
             b.lxid = lxid;

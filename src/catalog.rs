@@ -78,18 +78,28 @@ pub fn table_oids() -> TableOids {
     // The schema must be the extension's own: after DROP EXTENSION, a database owner could
     // create a schema `immuta` with tables of these names.
     // SAFETY: catalog lookups by name and by OID, inside a transaction.
-    let extensions = unsafe {
+    let extension = unsafe {
         let extension = pg_sys::get_extension_oid(c"immuta".as_ptr(), true);
-        namespace != pg_sys::InvalidOid
+        let owns_schema = namespace != pg_sys::InvalidOid
             && extension != pg_sys::InvalidOid
-            && pg_sys::getExtensionOfObject(pg_sys::NamespaceRelationId, namespace) == extension
+            && pg_sys::getExtensionOfObject(pg_sys::NamespaceRelationId, namespace) == extension;
+        owns_schema.then_some(extension)
     };
-    if !extensions || [data_keys, config, key_ids].contains(&pg_sys::InvalidOid) {
+    let Some(extension) = extension else {
         raise(
             PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
             "immuta is not installed in this database",
             Some("The schema immuta of the extension immuta, with its tables, does not exist.".into()),
             Some("Run CREATE EXTENSION immuta."),
+        );
+    };
+    require_library_version(extension);
+    if [data_keys, config, key_ids].contains(&pg_sys::InvalidOid) {
+        raise(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+            "immuta's tables are missing in this database",
+            Some("The extension immuta is installed, but its schema lacks tables it creates.".into()),
+            Some("Run DROP EXTENSION immuta and CREATE EXTENSION immuta, after restoring a backup of the keys."),
         );
     }
     // SAFETY: a syscache lookup of an existing relation by OID; the tuple is read while pinned
@@ -110,6 +120,28 @@ pub fn table_oids() -> TableOids {
     OWNER.set(owner);
     OWNER_TABLE.set(data_keys);
     TableOids { data_keys, config, key_ids }
+}
+
+/// The library serves only the SQL objects of its own version: between installing a new library
+/// and `ALTER EXTENSION immuta UPDATE`, every immuta function refuses, naming the command,
+/// instead of failing on a column or table the old objects lack (or, after a downgrade of the
+/// library, ignoring one they have). Checked when the backend (re)loads its view of the tables,
+/// never per row.
+fn require_library_version(extension: pg_sys::Oid) {
+    const LIBRARY: &str = env!("CARGO_PKG_VERSION");
+    let installed = spi(Spi::get_one_with_args::<String>(
+        "SELECT extversion FROM pg_catalog.pg_extension WHERE oid OPERATOR(pg_catalog.=) $1",
+        &[extension.into()],
+    ));
+    let Some(installed) = installed else { return };
+    if installed != LIBRARY {
+        raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("immuta's SQL objects in this database are version {installed}, its library is version {LIBRARY}"),
+            Some("The library serves only the objects of its own version.".into()),
+            Some("Run ALTER EXTENSION immuta UPDATE in this database (as after every installation of a new immuta)."),
+        );
+    }
 }
 
 /// The value of an SPI call; an SPI-level failure (not an SQL error, which raises by itself, see

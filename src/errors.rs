@@ -96,8 +96,10 @@ pub fn report(error: Error, origin: ConfigOrigin) -> ! {
             format!("immuta master key file \"{}\" does not exist", path.display()),
             expected.map(|fp| format!("immuta's data keys depend on the local master key with fingerprint {fp}.")),
             Some(
-                "Restore the master key file from your backup and point immuta.master_key_file at it. \
-                 immuta never creates a new master key while data keys depend on one.",
+                "Copy the master key file from the old data directory (pg_upgrade and initdb do not copy \
+                 it) or restore it from your backup, and point immuta.master_key_file at it. immuta \
+                 never creates a new master key while data keys, or the marker immuta_master_key.generated \
+                 in the data directory, depend on one.",
             ),
         ),
         Error::MasterKeyMismatch { key_id, expected, found, path } => raise(

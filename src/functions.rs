@@ -118,8 +118,8 @@ fn immuta_rewrap() -> i32 {
 /// `all_databases` (superusers only), those of every database of the cluster. Keys are unwrapped
 /// again on next use. Not executable by PUBLIC (sql/finalize.sql).
 /// Returns the number of keys dropped from the shared cache.
-#[pg_extern(volatile, parallel_unsafe)]
-fn immuta_cache_reset(all_databases: default!(bool, false)) -> i64 {
+#[pg_extern(volatile, parallel_unsafe, name = "immuta_cache_reset")]
+fn immuta_cache_reset_scoped(all_databases: default!(bool, false)) -> i64 {
     // SAFETY: reads whether the current user is a superuser.
     if all_databases && !unsafe { pg_sys::superuser() } {
         raise(
@@ -149,6 +149,14 @@ fn immuta_cache_reset(all_databases: default!(bool, false)) -> i64 {
         Some(why) => pgrx::log!("immuta key cache reset ({detail}); not in immuta.audit_log because {why}"),
     }
     dropped
+}
+
+/// `immuta_cache_reset()` as 0.1.0 defined it, without an argument: its SQL names this symbol,
+/// and released SQL is never edited, so the library keeps it (README, "Upgrading"). Resets this
+/// database's keys, as it did. Not part of the SQL of any later version.
+#[pg_extern(volatile, parallel_unsafe, sql = false)]
+fn immuta_cache_reset() -> i64 {
+    immuta_cache_reset_scoped(false)
 }
 
 /// Key cache statistics of this database: mode (`shared` when preloaded, else `backend`),

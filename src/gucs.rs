@@ -55,10 +55,15 @@ pub static CACHE_TTL: GucSetting<i32> = GucSetting::<i32>::new(3600);
 /// cluster applies the same limit; set low (it goes down to 1) to exercise rollover in tests.
 pub static MAX_ENCRYPTIONS_PER_KEY: GucSetting<i32> = GucSetting::<i32>::new(2_000_000_000);
 
-/// Defines `immuta.shared_cache_keys`. Only while shared_preload_libraries is being loaded:
-/// PostgreSQL refuses postmaster-context settings defined later, and without preload there is no
-/// shared cache to size.
-pub fn init_shared_cache_size() {
+/// Defines every `immuta.*` setting, then reserves the prefix: a misspelt `immuta.` setting in
+/// postgresql.conf is reported and ignored, and `SET immuta.misspelt` is an error, instead of a
+/// placeholder that silently does nothing.
+///
+/// `immuta.shared_cache_keys` is postmaster-only when immuta is preloaded (it sizes shared
+/// memory, and PostgreSQL refuses postmaster-context settings defined after startup). Loaded on
+/// demand, there is no shared cache to size; the setting is still defined, for the superuser
+/// alone, so that a configuration naming it is not reported as misspelt.
+pub fn init(preloading: bool) {
     GucRegistry::define_int_guc(
         c"immuta.shared_cache_keys",
         c"Unwrapped data keys the shared cache holds (when immuta is preloaded).",
@@ -66,12 +71,9 @@ pub fn init_shared_cache_size() {
         &SHARED_CACHE_KEYS,
         0,
         65_536,
-        GucContext::Postmaster,
+        if preloading { GucContext::Postmaster } else { GucContext::Suset },
         GucFlags::default(),
     );
-}
-
-pub fn init() {
     GucRegistry::define_int_guc(
         c"immuta.max_encryptions_per_key",
         c"Encryptions after which a data key rolls over.",
@@ -120,6 +122,7 @@ pub fn init() {
         GucContext::Sighup,
         GucFlags::SUPERUSER_ONLY,
     );
+    crate::compat::reserve_guc_prefix(c"immuta");
 }
 
 /// Sets PostgreSQL setting `name` to `value` as immuta's own code needs it: with

@@ -99,20 +99,17 @@ pub fn before_prepare() {
     if key_ids == pg_sys::InvalidOid {
         return;
     }
-    // SAFETY: MyDatabaseId is set in every backend; a relation lock tag as SET_LOCKTAG_RELATION
-    // builds it, looked up in this backend's own lock table.
-    let held = unsafe {
-        let tag = pg_sys::LOCKTAG {
-            locktag_field1: pg_sys::MyDatabaseId.to_u32(),
-            locktag_field2: key_ids.to_u32(),
-            locktag_field3: 0,
-            locktag_field4: 0,
-            locktag_type: pg_sys::LockTagType::LOCKTAG_RELATION as u8,
-            locktag_lockmethodid: pg_sys::DEFAULT_LOCKMETHOD as u8,
-        };
-        pg_sys::LockHeldByMe(&tag, KEY_CREATION_LOCK)
+    // A relation lock tag as SET_LOCKTAG_RELATION builds it.
+    let tag = pg_sys::LOCKTAG {
+        // SAFETY: MyDatabaseId is set in every backend before any function runs.
+        locktag_field1: unsafe { pg_sys::MyDatabaseId }.to_u32(),
+        locktag_field2: key_ids.to_u32(),
+        locktag_field3: 0,
+        locktag_field4: 0,
+        locktag_type: pg_sys::LockTagType::LOCKTAG_RELATION as u8,
+        locktag_lockmethodid: pg_sys::DEFAULT_LOCKMETHOD as u8,
     };
-    if held {
+    if crate::compat::lock_held_by_me(&tag, KEY_CREATION_LOCK) {
         raise(
             PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
             "cannot PREPARE a transaction that created or changed immuta data keys",
@@ -217,7 +214,7 @@ fn rollover(from: KeyId, reason: RotationReason, now: UnixMicros) -> KeyId {
         }
         return from;
     }
-    let lxid = backend::local_xid();
+    let lxid = crate::compat::local_xid();
     let given_up = BACKEND.with_borrow(|b| b.rollover_given_up_in == Some(lxid)) || !try_lock_key_creation();
     if given_up {
         BACKEND.with_borrow_mut(|b| b.rollover_given_up_in = Some(lxid));

@@ -19,11 +19,13 @@
 //! | `gucs.rs` | the settings |
 //! | `errors.rs` | errors to SQLSTATEs |
 //! | `varlena.rs` | results built in place |
+//! | `compat.rs` | what differs between PostgreSQL versions |
 
 use pgrx::prelude::*;
 
 mod backend;
 mod catalog;
+mod compat;
 mod config_source;
 mod cron;
 mod errors;
@@ -46,14 +48,17 @@ extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 pub extern "C-unwind" fn _PG_init() {
     quiet_panics();
     require_cpu_features();
-    gucs::init();
-    backend::register_callbacks();
     // SAFETY: reads a flag PostgreSQL sets while it loads shared_preload_libraries.
-    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
-        gucs::init_shared_cache_size();
-        if gucs::shared_cache_keys() > 0 {
-            shared_cache::request_shared_memory();
-        }
+    let preloading = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
+    gucs::init(preloading);
+    backend::register_callbacks();
+    if preloading && gucs::shared_cache_keys() > 0 {
+        shared_cache::request_shared_memory();
+    }
+    // SAFETY: reads a flag the postmaster sets from its command line before it loads libraries;
+    // backends inherit it.
+    if unsafe { pg_sys::IsBinaryUpgrade } {
+        providers::mark_upgraded_cluster();
     }
 }
 

@@ -94,3 +94,17 @@ fn cancel_pending() -> bool {
             || std::ptr::read_volatile(&raw const pg_sys::ProcDiePending) != 0
     }
 }
+
+/// While pg_upgrade creates this cluster (binary-upgrade mode): keeps any database from
+/// generating a master key until the old cluster's master key file is copied (`local.rs`).
+pub fn mark_upgraded_cluster() {
+    let key_file = gucs::master_key_file();
+    if let Err(e) = immuta_core::local::mark_upgraded_cluster(&gucs::master_key_marker(), &key_file) {
+        crate::errors::warn(
+            pgrx::PgSqlErrorCode::ERRCODE_IO_ERROR,
+            "immuta could not record that pg_upgrade created this data directory",
+            Some(format!("{e}")),
+            Some("Copy the master key file of the old cluster into the new data directory before using immuta."),
+        );
+    }
+}

@@ -144,7 +144,7 @@ thread_local! {
 /// [`forget_checks`] forgets what was found under it.
 fn require_fresh_installation(table: &str, oids: catalog::TableOids) {
     crate::keys::lock_key_creation_of(oids);
-    let lxid = crate::backend::local_xid();
+    let lxid = crate::compat::local_xid();
     let known = CHECKED.with_borrow(|c| c.iter().any(|(x, t)| *x == lxid && t == table));
     let refusal = if catalog::in_use() {
         Some("immuta has been used in this database")

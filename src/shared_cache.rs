@@ -77,7 +77,6 @@ thread_local! {
     };
 }
 
-static mut PREV_REQUEST_HOOK: pg_sys::shmem_request_hook_type = None;
 static mut PREV_STARTUP_HOOK: pg_sys::shmem_startup_hook_type = None;
 
 const NAME: &std::ffi::CStr = c"immuta key cache";
@@ -103,20 +102,16 @@ pub fn request_shared_memory() {
     // SAFETY: runs in the postmaster during preload, before any backend exists; installs hooks
     // chained to the previous ones, as PostgreSQL expects.
     unsafe {
-        PREV_REQUEST_HOOK = pg_sys::shmem_request_hook;
-        pg_sys::shmem_request_hook = Some(on_shmem_request);
+        crate::compat::install_shmem_request_hook(request_space);
         PREV_STARTUP_HOOK = pg_sys::shmem_startup_hook;
         pg_sys::shmem_startup_hook = Some(on_shmem_startup);
     }
 }
 
-#[pg_guard]
-unsafe extern "C-unwind" fn on_shmem_request() {
-    // SAFETY: the shmem request hook, in the postmaster: chain, then request our space and lock.
+/// Requests the segment and its lock (`compat::install_shmem_request_hook` says when).
+unsafe extern "C-unwind" fn request_space() {
+    // SAFETY: in the postmaster while shared memory is being sized: request our space and lock.
     unsafe {
-        if let Some(prev) = PREV_REQUEST_HOOK {
-            prev();
-        }
         pg_sys::RequestAddinShmemSpace(size(gucs::shared_cache_keys()));
         pg_sys::RequestNamedLWLockTranche(NAME.as_ptr(), 1);
     }

@@ -3,8 +3,13 @@
 //! Each [`Cluster`] lives in its own directory under /tmp, runs as the `postgres` operating-system
 //! user (PostgreSQL refuses root), listens on a Unix socket in that directory only
 //! (`listen_addresses = ''`, so no test traffic touches any network), loads the immuta installed
-//! in the system's PostgreSQL 15 (`make install`), and is stopped and removed when dropped, also
+//! in the PostgreSQL under test (`make install`), and is stopped and removed when dropped, also
 //! when the test fails.
+//!
+//! The PostgreSQL under test is the one whose programs are in `IMMUTA_TEST_PG_BIN` (the Makefile
+//! sets it for each version it tests; Debian's 15 when unset): the same tests run on every
+//! version. A test that needs a contrib module some installations lack (pg_cron, pgcrypto) asks
+//! [`Installation::has_extension`] and says when it is skipped.
 
 #![allow(dead_code)]
 
@@ -17,14 +22,99 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+/// Debian's PostgreSQL 15, the default installation under test.
+const DEFAULT_PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 const PORT: u16 = 5432;
+
+/// One PostgreSQL installation: its programs, and what its pg_config says.
+#[derive(Clone, Debug)]
+pub struct Installation {
+    pub bin: PathBuf,
+    /// The major version, e.g. 15.
+    pub major: u32,
+}
+
+impl Installation {
+    /// The installation under test (`IMMUTA_TEST_PG_BIN`, else Debian's 15).
+    pub fn under_test() -> Installation {
+        Installation::at(&std::env::var("IMMUTA_TEST_PG_BIN").unwrap_or_else(|_| DEFAULT_PG_BIN.to_owned()))
+    }
+
+    /// The newer installations that pg_upgrade tests upgrade to (`IMMUTA_TEST_UPGRADE_TO`,
+    /// a space-separated list of bin directories).
+    pub fn upgrade_targets() -> Vec<Installation> {
+        std::env::var("IMMUTA_TEST_UPGRADE_TO")
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(Installation::at)
+            .collect()
+    }
+
+    pub fn at(bin: &str) -> Installation {
+        let bin = PathBuf::from(bin);
+        let out = Command::new(bin.join("pg_config")).arg("--version").output();
+        let out = out.unwrap_or_else(|e| panic!("cannot run {}/pg_config: {e}", bin.display()));
+        let text = String::from_utf8_lossy(&out.stdout);
+        // "PostgreSQL 16.2" (possibly followed by a distribution's suffix)
+        let major = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|v| v.split('.').next())
+            .and_then(|m| m.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected pg_config --version: {text}"));
+        Installation { bin, major }
+    }
+
+    fn pg_config(&self, what: &str) -> PathBuf {
+        let out = Command::new(self.bin.join("pg_config")).arg(what).output().unwrap();
+        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    }
+
+    fn sharedir(&self) -> PathBuf {
+        self.pg_config("--sharedir")
+    }
+
+    /// Where this installation's extension libraries are.
+    pub fn pkglibdir(&self) -> PathBuf {
+        self.pg_config("--pkglibdir")
+    }
+
+    /// A private copy of this installation under `dest` (PostgreSQL finds its libraries and
+    /// share directory relative to its programs), for a test that installs another build of
+    /// immuta into it. Owned by `postgres`, removed with `dest`.
+    pub fn private_copy(&self, dest: &Path) -> Installation {
+        for dir in [self.bin.clone(), self.pkglibdir(), self.sharedir()] {
+            let to = dest.join(dir.strip_prefix("/").unwrap());
+            fs::create_dir_all(to.parent().unwrap()).unwrap();
+            let ok = Command::new("cp").arg("-a").arg(&dir).arg(&to).status().unwrap().success();
+            assert!(ok, "cp -a {} {}", dir.display(), to.display());
+        }
+        chown_to_postgres(dest);
+        let copy = Installation::at(dest.join(self.bin.strip_prefix("/").unwrap()).to_str().unwrap());
+        assert_eq!(copy.pkglibdir(), dest.join(self.pkglibdir().strip_prefix("/").unwrap()), "relocated");
+        copy
+    }
+
+    /// Whether extension `name` is installed here. On Debian's 15, where `make test` installs
+    /// pg_cron and pgcrypto, a missing one fails the test; elsewhere the test is skipped, and says
+    /// so on its output.
+    pub fn has_extension(&self, name: &str, test: &str) -> bool {
+        let there = self.sharedir().join("extension").join(format!("{name}.control")).exists();
+        assert!(there || self.major != 15, "{name} must be installed in PostgreSQL 15 (make prereqs)");
+        if !there {
+            eprintln!("SKIPPED {test} on PostgreSQL {}: it needs {name}, which this installation lacks", self.major);
+        }
+        there
+    }
+}
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
 pub struct Cluster {
     pub root: PathBuf,
     pub data: PathBuf,
+    /// The PostgreSQL this cluster runs on.
+    pub pg: Installation,
     /// Extra environment of the server process.
     env: Vec<(String, String)>,
 }
@@ -41,13 +131,19 @@ const SERVER_ENV: &[(&str, &str)] = &[
     ("AWS_SHARED_CREDENTIALS_FILE", "/dev/null"),
 ];
 
-/// Runs a PostgreSQL program as the `postgres` user.
-pub fn as_postgres(program: &str, args: &[&str]) -> Output {
-    as_postgres_with_env(program, args, &[])
+/// Runs a PostgreSQL program of `pg` as the `postgres` user.
+pub fn as_postgres(pg: &Installation, program: &str, args: &[&str]) -> Output {
+    as_postgres_with_env(pg, program, args, &[])
 }
 
-fn as_postgres_with_env(program: &str, args: &[&str], env: &[(String, String)]) -> Output {
-    let path = format!("{PG_BIN}/{program}");
+fn as_postgres_with_env(pg: &Installation, program: &str, args: &[&str], env: &[(String, String)]) -> Output {
+    postgres_command(pg, program, args, env)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
+}
+
+fn postgres_command(pg: &Installation, program: &str, args: &[&str], env: &[(String, String)]) -> Command {
+    let path = pg.bin.join(program);
     // `env -i`: nothing of the test runner's environment (AWS_*, HTTPS_PROXY, ...) reaches the
     // server, only what the test chose.
     let mut cmd = if is_root() {
@@ -67,18 +163,29 @@ fn as_postgres_with_env(program: &str, args: &[&str], env: &[(String, String)]) 
         cmd.arg(format!("{k}={v}"));
     }
     cmd.arg(&path);
-    let out = cmd.args(args).output().unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
-    out
+    cmd.args(args);
+    cmd
+}
+
+/// Runs a PostgreSQL program of `pg` as `postgres` in directory `cwd` (pg_upgrade writes there).
+pub fn as_postgres_in(pg: &Installation, cwd: &Path, program: &str, args: &[&str]) -> Output {
+    postgres_command(pg, program, args, &[]).current_dir(cwd).output().unwrap()
 }
 
 /// Runs a PostgreSQL program as `postgres` and fails the test, with its output, if it fails.
-fn as_postgres_ok(program: &str, args: &[&str], env: &[(String, String)], log: impl FnOnce() -> String) {
-    let out = as_postgres_with_env(program, args, env);
+fn as_postgres_ok(
+    pg: &Installation,
+    program: &str,
+    args: &[&str],
+    env: &[(String, String)],
+    log: impl FnOnce() -> String,
+) {
+    let out = as_postgres_with_env(pg, program, args, env);
     assert!(out.status.success(), "{program} failed: {}\n{}", String::from_utf8_lossy(&out.stderr), log());
 }
 
 /// A new, empty directory for one cluster, owned by `postgres`.
-fn fresh_root() -> PathBuf {
+pub fn fresh_root() -> PathBuf {
     let root = PathBuf::from(format!(
         "/tmp/immuta-systest-{}-{}",
         std::process::id(),
@@ -90,7 +197,7 @@ fn fresh_root() -> PathBuf {
     root
 }
 
-fn chown_to_postgres(path: &Path) {
+pub fn chown_to_postgres(path: &Path) {
     if is_root() {
         let ok =
             Command::new("chown").args(["-R", "postgres:postgres"]).arg(path).status().unwrap().success();
@@ -107,11 +214,20 @@ impl Cluster {
 
     /// [`Cluster::start`] with extra environment variables for the server process.
     pub fn start_with_env(settings: &[&str], env: &[(&str, &str)]) -> Cluster {
+        let cluster = Cluster::init(Installation::under_test(), settings, env);
+        cluster.pg_ctl_start();
+        cluster.connect().batch_execute("CREATE EXTENSION immuta").unwrap();
+        cluster
+    }
+
+    /// initdb with PostgreSQL `pg` and the test settings plus `settings`; not started.
+    pub fn init(pg: Installation, settings: &[&str], env: &[(&str, &str)]) -> Cluster {
         let root = fresh_root();
         let data = root.join("data");
         let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        let cluster = Cluster { root, data, env };
+        let cluster = Cluster { root, data, pg, env };
         as_postgres_ok(
+            &cluster.pg,
             "initdb",
             &[
                 "-D",
@@ -123,6 +239,9 @@ impl Cluster {
                 "trust",
                 "-U",
                 "postgres",
+                // 18 enables checksums by default; every test cluster goes without, as on 15 and
+                // 16, so that pg_upgrade between them is possible.
+                if cluster.pg.major >= 18 { "--no-data-checksums" } else { "--no-sync" },
             ],
             &[],
             String::new,
@@ -140,14 +259,18 @@ impl Cluster {
         existing.push('\n');
         existing.push_str(&conf);
         fs::write(&conf_path, existing).unwrap();
-        cluster.pg_ctl_start();
-        cluster.connect().batch_execute("CREATE EXTENSION immuta").unwrap();
         cluster
+    }
+
+    /// Starts a cluster made by [`Cluster::init`] (or stopped).
+    pub fn start_server(&self) {
+        self.pg_ctl_start();
     }
 
     fn pg_ctl_start(&self) {
         let log = self.root.join("server.log");
         as_postgres_ok(
+            &self.pg,
             "pg_ctl",
             &["-D", self.data.to_str().unwrap(), "-l", log.to_str().unwrap(), "-w", "-t", "60", "start"],
             &self.env,
@@ -157,6 +280,7 @@ impl Cluster {
 
     pub fn stop(&self) {
         as_postgres_ok(
+            &self.pg,
             "pg_ctl",
             &["-D", self.data.to_str().unwrap(), "-w", "-t", "60", "-m", "fast", "stop"],
             &[],
@@ -228,7 +352,7 @@ impl Cluster {
         let port = PORT.to_string();
         let mut all = vec!["-h", self.root.to_str().unwrap(), "-p", &port, "-U", "postgres"];
         all.extend_from_slice(args);
-        let out = as_postgres(program, &all);
+        let out = as_postgres(&self.pg, program, &all);
         assert!(
             out.status.success(),
             "{program} failed: {}\n{}",
@@ -244,7 +368,7 @@ impl Cluster {
         let root = fresh_root();
         let data = root.join("data");
         self.run_client("pg_basebackup", &["-D", data.to_str().unwrap(), "-R", "-X", "stream", "-c", "fast"]);
-        let standby = Cluster { root, data, env: self.env.clone() };
+        let standby = Cluster { root, data, pg: self.pg.clone(), env: self.env.clone() };
         let conf = standby.data.join("postgresql.conf");
         let mut text = fs::read_to_string(&conf).unwrap();
         text.push_str(&format!("\nunix_socket_directories = '{}'\n", standby.root.display()));
@@ -258,6 +382,7 @@ impl Cluster {
     /// it again: crash recovery runs.
     pub fn crash_and_restart(&self) {
         as_postgres_ok(
+            &self.pg,
             "pg_ctl",
             &["-D", self.data.to_str().unwrap(), "-w", "-t", "60", "-m", "immediate", "stop"],
             &[],
@@ -305,6 +430,7 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         let _ = as_postgres(
+            &self.pg,
             "pg_ctl",
             &["-D", self.data.to_str().unwrap(), "-w", "-t", "30", "-m", "immediate", "stop"],
         );

@@ -140,6 +140,9 @@ thread_local! {
 }
 
 /// Blocks every signal in the calling thread and returns the previous mask.
+// The core's one exception to `deny(unsafe_code)` (with `build_runtime`): the standard library
+// has no safe way to set a thread's signal mask.
+#[allow(unsafe_code)]
 fn block_all_signals() -> libc::sigset_t {
     // SAFETY: pthread_sigmask on the calling thread with a filled set; it only changes that
     // thread's signal mask and reports the old one.
@@ -156,6 +159,7 @@ fn block_all_signals() -> libc::sigset_t {
 /// this thread blocks every signal, so that the new thread inherits a fully blocked mask from its
 /// first instruction and PostgreSQL's signal handlers only ever run on the backend's own thread.
 /// The thread is kept for the life of the process, so no later thread creation reopens the gap.
+#[allow(unsafe_code)] // restores the signal mask: see block_all_signals
 fn build_runtime() -> std::io::Result<tokio::runtime::Runtime> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -11,6 +11,12 @@
 //! *marker* file recording its fingerprint. While the marker exists, a missing master key is an
 //! error in every database, including one that has no keys yet.
 //!
+//! pg_upgrade, like initdb, creates a new data directory and copies neither file. While it runs
+//! (binary-upgrade mode), immuta writes a marker of an *unknown* fingerprint into the new data
+//! directory if the master key file is missing there ([`mark_upgraded_cluster`]): until the
+//! user copies the old master key file, every database fails with the error naming it, and none
+//! generates a new master key over the keys that pg_upgrade carried over.
+//!
 //! Wrapped key layout (docs/FORMAT.md): `0x01 | nonce (12) | AES-256-GCM(master, data key) (32) |
 //! tag (16)`, 61 bytes, with associated data `"immuta local wrap v1" | key id (8, big-endian)`.
 
@@ -61,16 +67,19 @@ impl LocalProvider {
     pub fn open(path: &Path, create: Create<'_>) -> Result<LocalProvider> {
         let key = match (read_master_key(path), create) {
             (Err(Error::MasterKeyMissing { path, .. }), Create::IfMissing { marker }) => {
-                if let Some(expected) = read_marker(marker) {
-                    return Err(Error::MasterKeyMissing { path, expected: Some(expected) });
+                match read_marker(marker) {
+                    Marker::Absent => create_master_key(&path)?,
+                    Marker::Generated(expected) => {
+                        return Err(Error::MasterKeyMissing { path, expected: Some(expected) })
+                    }
+                    Marker::Upgraded => return Err(Error::MasterKeyMissing { path, expected: None }),
                 }
-                create_master_key(&path)?
             }
             (other, _) => other?,
         };
         let provider = LocalProvider::from_key(&key, path);
         if let Create::IfMissing { marker } = create {
-            if read_marker(marker) != Some(provider.fingerprint()) {
+            if read_marker(marker) != Marker::Generated(provider.fingerprint()) {
                 write_marker(marker, provider.fingerprint(), path)?;
             }
         }
@@ -211,22 +220,62 @@ fn read_master_key(path: &Path) -> Result<Zeroizing<[u8; 32]>> {
     Ok(key)
 }
 
-/// The fingerprint recorded in a marker file, if there is a readable one.
-fn read_marker(marker: &Path) -> Option<Fingerprint> {
-    let text = fs::read_to_string(marker).ok()?;
-    text.lines().find_map(|l| l.strip_prefix("fingerprint ")).and_then(|fp| Fingerprint::parse(fp.trim()))
+/// What a marker file says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Marker {
+    /// No (readable) marker: nothing says a master key serves this cluster.
+    Absent,
+    /// A master key with this fingerprint was generated for this cluster.
+    Generated(Fingerprint),
+    /// pg_upgrade created this data directory: the old cluster's master key, if it had one, must
+    /// be copied; its fingerprint is not known here.
+    Upgraded,
 }
 
-/// Records that a master key with `fingerprint` serves this cluster (written whole, then renamed).
+/// What an upgrade marker says in place of a fingerprint.
+const UNKNOWN_FINGERPRINT: &str = "unknown (pg_upgrade)";
+
+fn read_marker(marker: &Path) -> Marker {
+    let Ok(text) = fs::read_to_string(marker) else { return Marker::Absent };
+    match text.lines().find_map(|l| l.strip_prefix("fingerprint ")).map(str::trim) {
+        Some(UNKNOWN_FINGERPRINT) => Marker::Upgraded,
+        Some(fp) => Fingerprint::parse(fp).map_or(Marker::Absent, Marker::Generated),
+        None => Marker::Absent,
+    }
+}
+
+/// In a data directory that pg_upgrade is creating: unless the master key file at `key_path` or
+/// a marker already exists, writes a marker that forbids generating a master key, so that the
+/// old cluster's key file must be copied before any database uses a local master key. Returns
+/// whether it wrote one.
+pub fn mark_upgraded_cluster(marker: &Path, key_path: &Path) -> Result<bool> {
+    if key_path.exists() || marker.exists() {
+        return Ok(false);
+    }
+    let text = format!(
+        "# immuta: this cluster ran in binary-upgrade mode (pg_upgrade) without a master key file.\n\
+         # If it is the new cluster, copy the old cluster's master key file to {}; until\n\
+         # then immuta will not generate one. If no cluster used a local master key, delete this file.\nfingerprint {UNKNOWN_FINGERPRINT}\n",
+        key_path.display()
+    );
+    write_file_atomically(marker, &text, key_path).map(|()| true)
+}
+
+/// Records that a master key with `fingerprint` serves this cluster.
 fn write_marker(marker: &Path, fingerprint: Fingerprint, key_path: &Path) -> Result<()> {
-    let io =
-        |source| Error::MasterKeyIo { action: "record the generation of", path: key_path.to_owned(), source };
-    let tmp = marker.with_extension(format!("tmp.{}.{:016x}", std::process::id(), OsRng.next_u64()));
     let text = format!(
         "# immuta: a master key was generated for this cluster. While this file exists, immuta will\n\
          # not generate another one if the key file goes missing.\nfingerprint {fingerprint}\npath {}\n",
         key_path.display()
     );
+    write_file_atomically(marker, &text, key_path)
+}
+
+/// Writes a marker whole under a temporary name, then renames it into place.
+fn write_file_atomically(marker: &Path, text: &str, key_path: &Path) -> Result<()> {
+    let io =
+        |source| Error::MasterKeyIo { action: "record the generation of", path: key_path.to_owned(), source };
+    let tmp = marker.with_extension(format!("tmp.{}.{:016x}", std::process::id(), OsRng.next_u64()));
     fs::write(&tmp, text).and_then(|()| fs::rename(&tmp, marker)).map_err(io)
 }
 
@@ -276,6 +325,34 @@ fn create_master_key(path: &Path) -> Result<Zeroizing<[u8; 32]>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn after_pg_upgrade_no_master_key_is_generated_until_the_old_one_is_copied() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, marker) = (dir.path().join("immuta_master.key"), dir.path().join("marker"));
+        let old_cluster = dir.path().join("old.key");
+        let old = LocalProvider::open(&old_cluster, Create::IfMissing { marker: &dir.path().join("m0") }).unwrap();
+        assert!(mark_upgraded_cluster(&marker, &path).unwrap());
+        assert!(!mark_upgraded_cluster(&marker, &path).unwrap(), "written once");
+        match LocalProvider::open(&path, Create::IfMissing { marker: &marker }) {
+            Err(Error::MasterKeyMissing { expected: None, .. }) => {}
+            other => panic!("expected the missing master key error, got {:?}", other.err()),
+        }
+        assert!(!path.exists(), "no master key generated");
+        fs::copy(&old_cluster, &path).unwrap();
+        let copied = LocalProvider::open(&path, Create::IfMissing { marker: &marker }).unwrap();
+        assert_eq!(copied.fingerprint(), old.fingerprint());
+        assert_eq!(read_marker(&marker), Marker::Generated(old.fingerprint()), "the marker now names it");
+    }
+
+    #[test]
+    fn an_upgrade_marker_is_not_written_where_the_master_key_file_exists() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, marker) = (dir.path().join("immuta_master.key"), dir.path().join("marker"));
+        fs::write(&path, format!("{}\n", "ab".repeat(32))).unwrap();
+        assert!(!mark_upgraded_cluster(&marker, &path).unwrap());
+        assert!(!marker.exists());
+    }
 
     fn id(n: i64) -> KeyId {
         KeyId::new(n).unwrap()
