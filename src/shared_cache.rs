@@ -164,9 +164,10 @@ unsafe extern "C-unwind" fn on_shmem_startup() {
 }
 
 fn shared() -> Option<&'static Shared> {
+    let shared = &raw const SHARED;
     // SAFETY: SHARED is written only in the postmaster's startup hook, before this process was
     // forked, and only read afterwards.
-    unsafe { (*(&raw const SHARED)).as_ref() }.filter(|s| !s.header.is_null())
+    unsafe { (*shared).as_ref() }.filter(|s| !s.header.is_null())
 }
 
 /// The epoch of the shared cache (0 without preload): a lock-free read for the hot path.

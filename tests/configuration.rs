@@ -133,3 +133,27 @@ fn no_configuration_error_shows_a_secret_whatever_the_mistake() {
     }
     assert!(!pg.log().contains("wJalr"), "{}", pg.log());
 }
+
+#[test]
+fn a_misspelt_immuta_setting_is_an_error_not_a_placeholder_that_silently_does_nothing() {
+    // Preloaded: the misspelling in postgresql.conf is reported when the server starts, and no
+    // session can set it.
+    let pg = Cluster::start(&["shared_preload_libraries = 'immuta'", "immuta.kms_timout = '10s'"]);
+    assert!(
+        pg.log().contains("invalid configuration parameter name \"immuta.kms_timout\""),
+        "the server log names the misspelt setting:\n{}",
+        pg.log()
+    );
+    let mut c = pg.connect();
+    let result = c.batch_execute("SET immuta.kms_timout = '1s'");
+    let text = error_text(c.batch_execute("SET immuta.kms_timout = '1s'"));
+    assert_eq!(sqlstate(result), "42602");
+    assert!(text.contains("reserved prefix"), "{text}");
+    assert_eq!(sqlstate(c.batch_execute("SET immuta.kms_timeout = '1s'")), "00000", "real settings still are");
+
+    // Loaded on demand: from the first use of immuta in the session on.
+    let pg = Cluster::start(&[]);
+    let mut c = pg.connect();
+    encrypt(&mut c, "loads immuta");
+    assert_eq!(sqlstate(c.batch_execute("SET immuta.max_encryption_per_key = 5")), "42602");
+}

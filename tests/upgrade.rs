@@ -106,7 +106,13 @@ fn strip_oid_arrays(line: &str) -> String {
         return line.to_owned();
     }
     line.split('\'')
-        .map(|part| if part.starts_with('{') && part[1..].starts_with(|c: char| c.is_ascii_digit()) { "{oids}" } else { part })
+        .map(|part| {
+            if part.starts_with('{') && part[1..].starts_with(|c: char| c.is_ascii_digit()) {
+                "{oids}"
+            } else {
+                part
+            }
+        })
         .collect::<Vec<_>>()
         .join("'")
 }
@@ -221,14 +227,17 @@ fn a_0_1_0_deployment_takes_the_new_library_the_update_and_pg_upgrade_to_newer_p
     // What 0.2.0 added works for the admin role granted under 0.1.0; a superuser's session ran
     // the update under a superuser's configuration, so it vouched for the existing keys.
     let mut keeper = old.connect_as("keeper", "postgres");
-    keeper.batch_execute("SELECT immuta_cache_reset(false); SELECT pg_catalog.immuta_rotation_job()").unwrap();
+    keeper
+        .batch_execute("SELECT immuta_cache_reset(false); SELECT pg_catalog.immuta_rotation_job()")
+        .unwrap();
     let vouched: Vec<bool> =
         c.query("SELECT server_identity FROM immuta.keys", &[]).unwrap().iter().map(|r| r.get(0)).collect();
     assert_eq!(vouched, vec![true; before.keys.len()]);
     // The job 0.1.0 scheduled is reported as outdated until it is scheduled again.
-    let status: serde_json::Value = c.query_one("SELECT immuta_status()::text", &[]).map(|r| {
-        serde_json::from_str(r.get::<_, &str>(0)).unwrap()
-    }).unwrap();
+    let status: serde_json::Value = c
+        .query_one("SELECT immuta_status()::text", &[])
+        .map(|r| serde_json::from_str(r.get::<_, &str>(0)).unwrap())
+        .unwrap();
     assert!(status.to_string().contains("outdated"), "{status}");
     let again: i64 = c.query_one("SELECT immuta_schedule_rotation()", &[]).unwrap().get(0);
     assert_eq!(again, job, "the same job, with the new command");

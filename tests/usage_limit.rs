@@ -185,7 +185,8 @@ fn committed_encryptions_are_covered_by_committed_rows_after_a_rollback_or_a_rea
             encrypt(&mut c, &format!("committed {i}"));
         }
         let after = usage_sum(&mut pg.connect());
-        assert!(after - before >= 1 + 5, "{settings:?}: {before} -> {after}");
+        // The read-only transaction's encryption and the five committed ones.
+        assert!(after - before > 5, "{settings:?}: {before} -> {after}");
     }
 }
 

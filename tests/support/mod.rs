@@ -102,7 +102,10 @@ impl Installation {
         let there = self.sharedir().join("extension").join(format!("{name}.control")).exists();
         assert!(there || self.major != 15, "{name} must be installed in PostgreSQL 15 (make prereqs)");
         if !there {
-            eprintln!("SKIPPED {test} on PostgreSQL {}: it needs {name}, which this installation lacks", self.major);
+            eprintln!(
+                "SKIPPED {test} on PostgreSQL {}: it needs {name}, which this installation lacks",
+                self.major
+            );
         }
         there
     }
@@ -137,9 +140,7 @@ pub fn as_postgres(pg: &Installation, program: &str, args: &[&str]) -> Output {
 }
 
 fn as_postgres_with_env(pg: &Installation, program: &str, args: &[&str], env: &[(String, String)]) -> Output {
-    postgres_command(pg, program, args, env)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
+    postgres_command(pg, program, args, env).output().unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
 }
 
 fn postgres_command(pg: &Installation, program: &str, args: &[&str], env: &[(String, String)]) -> Command {

@@ -331,7 +331,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (path, marker) = (dir.path().join("immuta_master.key"), dir.path().join("marker"));
         let old_cluster = dir.path().join("old.key");
-        let old = LocalProvider::open(&old_cluster, Create::IfMissing { marker: &dir.path().join("m0") }).unwrap();
+        let old =
+            LocalProvider::open(&old_cluster, Create::IfMissing { marker: &dir.path().join("m0") }).unwrap();
         assert!(mark_upgraded_cluster(&marker, &path).unwrap());
         assert!(!mark_upgraded_cluster(&marker, &path).unwrap(), "written once");
         match LocalProvider::open(&path, Create::IfMissing { marker: &marker }) {
