@@ -149,7 +149,11 @@ fn a_misspelt_immuta_setting_is_an_error_not_a_placeholder_that_silently_does_no
     let text = error_text(c.batch_execute("SET immuta.kms_timout = '1s'"));
     assert_eq!(sqlstate(result), "42602");
     assert!(text.contains("reserved prefix"), "{text}");
-    assert_eq!(sqlstate(c.batch_execute("SET immuta.kms_timeout = '1s'")), "00000", "real settings still are");
+    assert_eq!(
+        sqlstate(c.batch_execute("SET immuta.kms_timeout = '1s'")),
+        "00000",
+        "real settings still are"
+    );
 
     // Loaded on demand: from the first use of immuta in the session on.
     let pg = Cluster::start(&[]);
