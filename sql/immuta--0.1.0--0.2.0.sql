@@ -28,27 +28,23 @@ WHERE EXISTS (SELECT 1 FROM immuta.data_keys) OR EXISTS (SELECT 1 FROM immuta.co
 ALTER TABLE immuta.data_keys ADD CONSTRAINT data_keys_id_check CHECK (id OPERATOR(pg_catalog.>) 0);
 
 -- Whether a superuser stored the configuration: only then may it make immuta call AWS KMS with
--- the server's own identity. For the stored configuration: whether the role that stored it is a
--- superuser now.
+-- the server's own identity. 0.1.0 did not record who stored it in a way this script can trust
+-- (the role named may be a superuser today, the row may have come from a restore), so every
+-- existing configuration is false: a superuser re-runs immuta_configure() to put it in force.
 -- (Added without a default, filled, then given its default and NOT NULL: the column is then
 -- stored as in a fresh installation, with no "missing value" for the existing row.)
 ALTER TABLE immuta.config ADD COLUMN by_superuser boolean;
-UPDATE immuta.config c SET by_superuser = EXISTS (
-    SELECT 1 FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) c.updated_by AND r.rolsuper);
+UPDATE immuta.config SET by_superuser = false;
 ALTER TABLE immuta.config ALTER COLUMN by_superuser SET DEFAULT false, ALTER COLUMN by_superuser SET NOT NULL;
 
 -- Whether immuta may reach a key's KMS key with the server's own AWS identity. 0.1.0 could not
--- tell a key it created from a row a restore added, so an existing key gets it only when a
--- superuser's session runs this update (a superuser vouches for the keys, as README says) under
--- a superuser's configuration (a stored one by a superuser, or immuta.config_file). Every other
--- key needs a superuser's UPDATE ... SET server_identity = true, or explicit credentials in the
--- configuration; immuta's error names the key and says so.
+-- tell a key it created from a row a tenant added (by a restore, or before this update), and
+-- nothing about the session that runs this script vouches for the rows (it may not even be a
+-- session the superuser started on purpose), so every existing key is false. A superuser
+-- vouches for the keys with UPDATE immuta.data_keys SET server_identity = true WHERE ..., or
+-- the configuration gives explicit credentials; immuta's error names the key and says so.
 ALTER TABLE immuta.data_keys ADD COLUMN server_identity boolean;
-UPDATE immuta.data_keys SET server_identity = COALESCE(
-    (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) SESSION_USER)
-    AND (EXISTS (SELECT 1 FROM immuta.config c WHERE c.by_superuser)
-         OR pg_catalog.current_setting('immuta.config_file', true) OPERATOR(pg_catalog.<>) ''),
-    false);
+UPDATE immuta.data_keys SET server_identity = false;
 ALTER TABLE immuta.data_keys ALTER COLUMN server_identity SET DEFAULT false,
     ALTER COLUMN server_identity SET NOT NULL;
 

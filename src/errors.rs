@@ -183,7 +183,7 @@ pub fn report(error: Error, origin: ConfigOrigin) -> ! {
                     "Give credentials in extraKmsConfig.credentials, or ask a superuser to store the configuration (immuta_configure()) or to set immuta.config_file.",
                 ),
                 Refusal::WrappingNotBySuperuser => (
-                    "The key's KMS key, region and wrapped bytes were not chosen under a superuser's configuration (the row was restored, or wrapped under a configuration a role that is not a superuser stored), so immuta does not unwrap it as the server itself.",
+                    "The key's KMS key, region and wrapped bytes were not chosen under a superuser's configuration (the row was restored, existed before the update from immuta 0.1.0, or was wrapped under a configuration a role that is not a superuser stored), so immuta does not unwrap it as the server itself.",
                     "Give credentials in extraKmsConfig.credentials, or ask a superuser to vouch for the row (UPDATE immuta.data_keys SET server_identity = true WHERE id = ...).",
                 ),
             };

@@ -224,15 +224,22 @@ fn a_0_1_0_deployment_takes_the_new_library_the_update_and_pg_upgrade_to_newer_p
     assert_eq!(decrypt(&mut reader, &written).unwrap(), "written after the update");
     assert_eq!(sqlstate(decrypt(&mut writer, &written)), "42501");
     assert_eq!(sqlstate(reader.query_one("SELECT immuta_encrypt('x')", &[])), "42501");
-    // What 0.2.0 added works for the admin role granted under 0.1.0; a superuser's session ran
-    // the update under a superuser's configuration, so it vouched for the existing keys.
+    // What 0.2.0 added works for the admin role granted under 0.1.0.
     let mut keeper = old.connect_as("keeper", "postgres");
     keeper
         .batch_execute("SELECT immuta_cache_reset(false); SELECT pg_catalog.immuta_rotation_job()")
         .unwrap();
-    let vouched: Vec<bool> =
-        c.query("SELECT server_identity FROM immuta.keys", &[]).unwrap().iter().map(|r| r.get(0)).collect();
-    assert_eq!(vouched, vec![true; before.keys.len()]);
+    // The update vouches for nothing: 0.1.0 cannot tell its own rows from planted ones, and the
+    // stored configuration is not taken for a superuser's until one stores it again. (The values
+    // above decrypted anyway: the configuration gives explicit credentials.) A superuser vouches.
+    let vouched = |c: &mut postgres::Client| -> Vec<bool> {
+        c.query("SELECT server_identity FROM immuta.keys", &[]).unwrap().iter().map(|r| r.get(0)).collect()
+    };
+    assert_eq!(vouched(&mut c), vec![false; before.keys.len()]);
+    let by_superuser: bool = c.query_one("SELECT by_superuser FROM immuta.config", &[]).unwrap().get(0);
+    assert!(!by_superuser);
+    c.batch_execute("UPDATE immuta.data_keys SET server_identity = true").unwrap();
+    assert_eq!(vouched(&mut c), vec![true; before.keys.len()]);
     // The job 0.1.0 scheduled is reported as outdated until it is scheduled again.
     let status: serde_json::Value = c
         .query_one("SELECT immuta_status()::text", &[])
