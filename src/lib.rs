@@ -36,6 +36,7 @@ mod providers;
 mod restore;
 mod shared_cache;
 mod status;
+mod typed;
 mod usage;
 mod varlena;
 
