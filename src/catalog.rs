@@ -129,10 +129,10 @@ pub fn table_oids() -> TableOids {
 /// never per row.
 fn require_library_version(extension: pg_sys::Oid) {
     const LIBRARY: &str = env!("CARGO_PKG_VERSION");
-    let installed = spi(Spi::get_one_with_args::<String>(
+    let installed = read_one::<String>(
         "SELECT extversion FROM pg_catalog.pg_extension WHERE oid OPERATOR(pg_catalog.=) $1",
         &[extension.into()],
-    ));
+    );
     let Some(installed) = installed else { return };
     if installed != LIBRARY {
         raise(
@@ -142,6 +142,14 @@ fn require_library_version(extension: pg_sys::Oid) {
             Some("Run ALTER EXTENSION immuta UPDATE in this database (as after every installation of a new immuta)."),
         );
     }
+}
+
+/// The one value of a read-only query. pgrx's `Spi::get_one*` run their query through its
+/// mutable client, which assigns a transaction id first: on a standby that fails ("cannot
+/// assign TransactionIds during recovery"), and elsewhere it makes a read cost a transaction id.
+/// Every query that only reads goes through here.
+pub fn read_one<T: FromDatum + IntoDatum>(query: &str, args: &[DatumWithOid<'_>]) -> Option<T> {
+    spi(Spi::connect(|client| client.select(query, Some(1), args)?.first().get_one::<T>()))
 }
 
 /// The value of an SPI call; an SPI-level failure (not an SQL error, which raises by itself, see
@@ -321,9 +329,10 @@ fn mark_in_use() {
 pub fn in_use() -> bool {
     as_owner(|| {
         guarded("immuta.in_use_marker", || {
-            spi(Spi::get_one::<bool>(
+            read_one::<bool>(
                 "SELECT pg_catalog.pg_sequence_last_value('immuta.in_use_marker'::pg_catalog.regclass) IS NOT NULL",
-            ))
+                &[],
+            )
         })
     })
     .unwrap_or(true)

@@ -25,7 +25,7 @@ use pgrx::pg_sys::panic::{CaughtError, ErrorReportWithLevel};
 use pgrx::prelude::*;
 use pgrx::{pg_sys, PgSqlErrorCode};
 
-use crate::catalog::spi;
+use crate::catalog::{self, spi};
 use crate::errors::raise;
 
 /// Longest schedule accepted (it travels in a fixed-size field to the worker); a five-field cron
@@ -159,7 +159,7 @@ fn request(op: Op, schedule: &str) -> Result<Outcome, Failure> {
 /// database accepting connections), checked here so that neither the worker nor pg_cron's job
 /// is started for a role that could not connect. pg_hba.conf is not consulted (module docs).
 fn may_connect(role: &str, database: &str) -> Result<(), Failure> {
-    let refused = spi(Spi::get_one_with_args::<String>(
+    let refused = catalog::read_one::<String>(
         "SELECT CASE \
              WHEN NOT r.rolcanlogin THEN 'the role cannot log in (NOLOGIN)' \
              WHEN NOT d.datallowconn THEN 'the database does not accept connections' \
@@ -168,7 +168,7 @@ fn may_connect(role: &str, database: &str) -> Result<(), Failure> {
          FROM pg_catalog.pg_roles r, pg_catalog.pg_database d \
          WHERE r.rolname OPERATOR(pg_catalog.=) $1 AND d.datname OPERATOR(pg_catalog.=) $2",
         &[role.into(), database.into()],
-    ));
+    );
     match refused {
         None => Ok(()),
         Some(why) => Err(Failure {
@@ -241,8 +241,11 @@ fn cron_database() -> Result<String, Failure> {
 }
 
 fn pg_cron_installed() -> bool {
-    spi(Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname OPERATOR(pg_catalog.=) 'pg_cron')"))
-        .unwrap_or(false)
+    catalog::read_one::<bool>(
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname OPERATOR(pg_catalog.=) 'pg_cron')",
+        &[],
+    )
+    .unwrap_or(false)
 }
 
 fn not_installed(cron_database: &str) -> Failure {
