@@ -77,8 +77,8 @@ thread_local! {
     /// Types resolved so far; only built-in ones are kept (their OIDs and definitions never
     /// change), so the hot path looks a type up without a catalog lookup.
     static TYPES: RefCell<HashMap<Oid, SqlType>> = RefCell::new(HashMap::new());
-    /// Send and receive functions of the scalars that use them, looked up once per backend.
-    static FUNCTIONS: RefCell<HashMap<(Scalar, bool), Box<pg_sys::FmgrInfo>>> = RefCell::new(HashMap::new());
+    /// I/O functions of the scalars that use them, looked up once per backend.
+    static FUNCTIONS: RefCell<HashMap<(Scalar, Io), Box<pg_sys::FmgrInfo>>> = RefCell::new(HashMap::new());
 }
 
 /// The [`SqlType`] of `oid` (domains resolved to their base type), or an error naming the types
@@ -127,20 +127,31 @@ fn unsupported(oid: Oid) -> ! {
     )
 }
 
-/// The send (`send` = true) or receive function of a scalar, looked up once per backend; the
-/// FmgrInfo lives in TopMemoryContext for the life of the backend.
-fn with_function<R>(scalar: Scalar, send: bool, f: impl FnOnce(*mut pg_sys::FmgrInfo) -> R) -> R {
+/// Which of a type's I/O functions.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum Io {
+    Send,
+    Receive,
+    Output,
+    Input,
+}
+
+/// An I/O function of a scalar's type, looked up once per backend; the FmgrInfo lives as long as
+/// the backend (what fmgr_info_cxt allocates goes to TopMemoryContext).
+fn with_function<R>(scalar: Scalar, io: Io, f: impl FnOnce(*mut pg_sys::FmgrInfo) -> R) -> R {
     let ptr = FUNCTIONS.with_borrow_mut(|functions| {
-        let info = functions.entry((scalar, send)).or_insert_with(|| {
+        let info = functions.entry((scalar, io)).or_insert_with(|| {
             let (mut function, mut other) = (pg_sys::InvalidOid, pg_sys::InvalidOid);
             let mut is_varlena = false;
+            let oid = oid_of(scalar);
             // SAFETY: catalog lookups for a built-in type; fmgr_info_cxt fills the FmgrInfo we own
             // and keeps what it allocates in TopMemoryContext, which lives as long as the backend.
             unsafe {
-                if send {
-                    pg_sys::getTypeBinaryOutputInfo(oid_of(scalar), &mut function, &mut is_varlena);
-                } else {
-                    pg_sys::getTypeBinaryInputInfo(oid_of(scalar), &mut function, &mut other);
+                match io {
+                    Io::Send => pg_sys::getTypeBinaryOutputInfo(oid, &mut function, &mut is_varlena),
+                    Io::Receive => pg_sys::getTypeBinaryInputInfo(oid, &mut function, &mut other),
+                    Io::Output => pg_sys::getTypeOutputInfo(oid, &mut function, &mut is_varlena),
+                    Io::Input => pg_sys::getTypeInputInfo(oid, &mut function, &mut other),
                 }
                 let mut info = Box::new(std::mem::zeroed::<pg_sys::FmgrInfo>());
                 pg_sys::fmgr_info_cxt(function, info.as_mut(), pg_sys::TopMemoryContext);
@@ -167,12 +178,11 @@ fn with_encoding<R>(scalar: Scalar, datum: Datum, f: impl FnOnce(&[u8]) -> R) ->
             }
         }
         Scalar::Jsonb => {
-            // SAFETY: jsonb_out takes a jsonb datum and returns a palloc'd C string: the
-            // canonical text of the value, which depends on no setting.
-            let text = unsafe {
-                let out = pg_sys::DirectFunctionCall1Coll(Some(pg_sys::jsonb_out), pg_sys::InvalidOid, datum);
-                std::ffi::CStr::from_ptr(out.cast_mut_ptr())
-            };
+            // SAFETY: jsonb's output function takes a jsonb datum and returns a palloc'd C
+            // string: the canonical text of the value, which depends on no setting.
+            let text = with_function(scalar, Io::Output, |output| unsafe {
+                std::ffi::CStr::from_ptr(pg_sys::OutputFunctionCall(output, datum))
+            });
             let mut bytes = Zeroizing::new(Vec::with_capacity(text.to_bytes().len() + 1));
             bytes.push(JSONB_VERSION);
             bytes.extend_from_slice(text.to_bytes());
@@ -195,7 +205,7 @@ fn with_encoding<R>(scalar: Scalar, datum: Datum, f: impl FnOnce(&[u8]) -> R) ->
         | Scalar::Cidr
         | Scalar::Macaddr
         | Scalar::Macaddr8
-        | Scalar::Timetz => with_function(scalar, true, |send| {
+        | Scalar::Timetz => with_function(scalar, Io::Send, |send| {
             // SAFETY: the type's send function takes its datum and returns a palloc'd bytea.
             unsafe {
                 let sent = pg_sys::SendFunctionCall(send, datum);
@@ -273,14 +283,12 @@ fn decode_scalar(scalar: Scalar, with_nul: &mut [u8]) -> Datum {
         Scalar::Text | Scalar::Bytea => varlena_of(bytes),
         Scalar::Json | Scalar::Jsonb => {
             // jsonb's encoding starts with its version byte, checked by the core.
-            let (function, text): (pg_sys::PGFunction, *const u8) = if scalar == Scalar::Json {
-                (Some(pg_sys::json_in), with_nul.as_ptr())
-            } else {
-                (Some(pg_sys::jsonb_in), with_nul[1..].as_ptr())
-            };
+            let text = if scalar == Scalar::Json { &mut with_nul[..] } else { &mut with_nul[1..] };
             // SAFETY: the input function reads a NUL-terminated string (checked to be UTF-8
-            // without NUL inside) and returns a new value or raises ERROR for invalid JSON.
-            unsafe { pg_sys::DirectFunctionCall1Coll(function, pg_sys::InvalidOid, Datum::from(text)) }
+            // without NUL inside) and returns a new value, or raises ERROR for invalid JSON.
+            with_function(scalar, Io::Input, |input| unsafe {
+                pg_sys::InputFunctionCall(input, text.as_mut_ptr().cast(), oid_of(scalar), -1)
+            })
         }
         Scalar::Bool => match bytes[0] {
             0 | 1 => Datum::from(bytes[0] == 1),
@@ -309,7 +317,7 @@ fn decode_scalar(scalar: Scalar, with_nul: &mut [u8]) -> Datum {
         | Scalar::Cidr
         | Scalar::Macaddr
         | Scalar::Macaddr8
-        | Scalar::Timetz => with_function(scalar, false, |receive| {
+        | Scalar::Timetz => with_function(scalar, Io::Receive, |receive| {
             let mut buf = pg_sys::StringInfoData {
                 data: with_nul.as_mut_ptr().cast(),
                 len: len as i32,

@@ -3,7 +3,7 @@
 //! are enforced with their SQLSTATEs.
 
 #[pgrx::pg_schema]
-mod typed_tests {
+mod tests {
     use pgrx::prelude::*;
     use pgrx::AnyElement;
 

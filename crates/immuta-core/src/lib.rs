@@ -9,8 +9,8 @@
 //! | file | concern |
 //! |---|---|
 //! | `format.rs` | the ciphertext byte layouts, versions 1 and 2 (docs/FORMAT.md) |
-| `value_type.rs` | the types a value can hold, as recorded in its header |
-| `encoding.rs` | array framing and the checks on a decrypted plaintext of each type |
+//! | `value_type.rs` | the types a value can hold, as recorded in its header |
+//! | `encoding.rs` | array framing and the checks on a decrypted plaintext of each type |
 //! | `cipher.rs` | AES-256-GCM sealing and opening of values under one data key |
 //! | `nonce.rs` | the per-backend nonce generator |
 //! | `key.rs` | key ids, data keys, wrapped keys, wrapping-key references |
