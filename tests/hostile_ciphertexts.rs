@@ -87,7 +87,7 @@ fn a_million_hostile_ciphertexts_through_sql_give_the_original_or_a_documented_e
                     'public.originals.c:' || i AS ctx,
                     CASE i % 4
                         WHEN 2 THEN jsonb_build_object('v', md5(i::text), 'n', i)::text
-                        WHEN 3 THEN ARRAY[i, NULL, -i * 1000000007]::bigint[]::text
+                        WHEN 3 THEN ARRAY[i, NULL, -i::bigint * 1000000007]::text
                         ELSE 'value ' || md5(i::text) || repeat('é', i % 7)
                     END AS plain
              FROM generate_series(1, 200) i;
@@ -116,7 +116,7 @@ fn a_million_hostile_ciphertexts_through_sql_give_the_original_or_a_documented_e
     }
     // The server is still up and well.
     let back: String =
-        c.query_one("SELECT immuta_decrypt(c) FROM originals WHERE id = 7", &[]).unwrap().get(0);
+        c.query_one("SELECT immuta_decrypt(c) FROM originals WHERE id = 8", &[]).unwrap().get(0);
     assert!(back.starts_with("value "));
     assert!(!pg.log().contains("PANIC") && !pg.log().contains("server process"), "{}", pg.log());
 }
