@@ -143,7 +143,8 @@ fn typed_argument(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Oid {
 
 fn decrypt_typed(ciphertext: &[u8], oid: pg_sys::Oid, context: Option<&[u8]>) -> Option<AnyElement> {
     let t = typed::sql_type(oid);
-    let datum = backend::decrypt_with(ciphertext, t.value_type, context, |with_nul| typed::decode(&t, with_nul));
+    let datum =
+        backend::decrypt_with(ciphertext, t.value_type, context, |with_nul| typed::decode(&t, with_nul));
     // SAFETY: `datum` is a non-NULL value of type `oid`, which is the call's result type.
     unsafe { AnyElement::from_polymorphic_datum(datum, false, oid) }
 }

@@ -44,7 +44,10 @@ mod tests {
     fn encrypting_twice_gives_different_ciphertexts_of_documented_length() {
         assert!(one::<bool>("SELECT immuta_encrypt('same') <> immuta_encrypt('same')"));
         assert_eq!(one::<i32>("SELECT length(immuta_encrypt('12345'))"), 5 + 39);
-        assert_eq!(one::<String>("SELECT encode(substring(immuta_encrypt('x') FROM 1 FOR 3), 'hex')"), "020001");
+        assert_eq!(
+            one::<String>("SELECT encode(substring(immuta_encrypt('x') FROM 1 FOR 3), 'hex')"),
+            "020001"
+        );
     }
 
     #[pg_test]
@@ -58,7 +61,9 @@ mod tests {
         assert_eq!(each("immuta_decrypt", "provolatile"), ["s"]);
         assert_eq!(each("immuta_encrypt", "proparallel"), ["s"]);
         assert_eq!(each("immuta_decrypt", "proparallel"), ["s"]);
-        assert!(one::<bool>("SELECT proisstrict FROM pg_proc WHERE oid = 'immuta_encrypt(text)'::regprocedure"));
+        assert!(one::<bool>(
+            "SELECT proisstrict FROM pg_proc WHERE oid = 'immuta_encrypt(text)'::regprocedure"
+        ));
     }
 
     #[pg_test]

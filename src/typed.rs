@@ -101,6 +101,7 @@ fn resolve(oid: Oid) -> Option<SqlType> {
         Some(_) => (false, base),
         // SAFETY: as above.
         None => match unsafe { pg_sys::get_element_type(base) } {
+            // SAFETY: as above, for the element type.
             elem if elem != pg_sys::InvalidOid => (true, unsafe { pg_sys::getBaseType(elem) }),
             _ => return None,
         },
@@ -114,7 +115,8 @@ fn resolve(oid: Oid) -> Option<SqlType> {
 
 fn unsupported(oid: Oid) -> ! {
     // SAFETY: format_type_be returns a palloc'd C string naming any type OID.
-    let name = unsafe { std::ffi::CStr::from_ptr(pg_sys::format_type_be(oid)) }.to_string_lossy().into_owned();
+    let name =
+        unsafe { std::ffi::CStr::from_ptr(pg_sys::format_type_be(oid)) }.to_string_lossy().into_owned();
     let list: Vec<&str> = Scalar::ALL.iter().map(|s| s.name()).collect();
     raise(
         PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
@@ -192,9 +194,12 @@ fn with_encoding<R>(scalar: Scalar, datum: Datum, f: impl FnOnce(&[u8]) -> R) ->
         Scalar::Int2 => f(&(v as i16).to_be_bytes()),
         Scalar::Int4 | Scalar::Date => f(&(v as i32).to_be_bytes()),
         Scalar::Float4 => f(&(v as u32).to_be_bytes()),
-        Scalar::Int8 | Scalar::Float8 | Scalar::Time | Scalar::Timestamp | Scalar::Timestamptz | Scalar::Money => {
-            f(&v.to_be_bytes())
-        }
+        Scalar::Int8
+        | Scalar::Float8
+        | Scalar::Time
+        | Scalar::Timestamp
+        | Scalar::Timestamptz
+        | Scalar::Money => f(&v.to_be_bytes()),
         Scalar::Uuid => {
             // SAFETY: a uuid datum points to its 16 bytes.
             f(unsafe { std::slice::from_raw_parts(datum.cast_mut_ptr::<u8>(), 16) })
@@ -236,7 +241,16 @@ pub fn encode<R>(t: &SqlType, datum: Datum, f: impl FnOnce(&[u8]) -> R) -> R {
             );
         }
         let (mut elems, mut nulls, mut count) = (std::ptr::null_mut(), std::ptr::null_mut(), 0);
-        pg_sys::deconstruct_array(array, t.elem, t.elem_len.into(), t.elem_byval, t.elem_align, &mut elems, &mut nulls, &mut count);
+        pg_sys::deconstruct_array(
+            array,
+            t.elem,
+            t.elem_len.into(),
+            t.elem_byval,
+            t.elem_align,
+            &mut elems,
+            &mut nulls,
+            &mut count,
+        );
         let lower = if ndim == 1 {
             *array.cast::<u8>().add(std::mem::size_of::<pg_sys::ArrayType>()).cast::<i32>().add(1)
         } else {
@@ -340,7 +354,8 @@ pub fn decode(t: &SqlType, with_nul: &mut [u8]) -> Datum {
         return decode_scalar(scalar, with_nul);
     }
     let len = with_nul.len() - 1;
-    let parts = encoding::decode_array(&with_nul[..len], scalar.fixed_len()).unwrap_or_else(|_| invalid(t.value_type));
+    let parts = encoding::decode_array(&with_nul[..len], scalar.fixed_len())
+        .unwrap_or_else(|_| invalid(t.value_type));
     if parts.elements.is_empty() {
         // SAFETY: makes an empty array of an existing element type.
         return Datum::from(unsafe { pg_sys::construct_empty_array(t.elem) });

@@ -53,7 +53,14 @@ fn a_ciphertext_moved_to_another_row_does_not_decrypt_there_when_its_context_nam
     let mut auditor = pg.connect_as("auditor", "postgres");
     let read = |c: &mut postgres::Client, q: &str| c.query_one(q, &[]).map(|r| r.get::<_, String>(0));
     // In its own row, each value reads.
-    assert_eq!(read(&mut auditor, "SELECT immuta_decrypt(ssn, 'public.patients.ssn:' || id) FROM patients WHERE id = 1").unwrap(), "123-45-6789");
+    assert_eq!(
+        read(
+            &mut auditor,
+            "SELECT immuta_decrypt(ssn, 'public.patients.ssn:' || id) FROM patients WHERE id = 1"
+        )
+        .unwrap(),
+        "123-45-6789"
+    );
     assert_eq!(
         read(&mut auditor, "SELECT immuta_decrypt(born, NULL::date, 'public.patients.born:' || id)::text FROM patients WHERE id = 1").unwrap(),
         "1980-02-29"
@@ -74,11 +81,20 @@ fn a_ciphertext_moved_to_another_row_does_not_decrypt_there_when_its_context_nam
         }
     }
     // Without a context, the moved value reads as Mallory's: the trade-off README documents.
-    assert_eq!(read(&mut auditor, "SELECT immuta_decrypt(ssn_unbound) FROM patients WHERE id = 2").unwrap(), "123-45-6789");
-    // Nor does a bound value read without its context, or in another column's.
-    assert_eq!(sqlstate(read(&mut auditor, "SELECT immuta_decrypt(ssn) FROM patients WHERE id = 1")), "22023");
     assert_eq!(
-        sqlstate(read(&mut auditor, "SELECT immuta_decrypt(ssn, 'public.patients.born:' || id) FROM patients WHERE id = 1")),
+        read(&mut auditor, "SELECT immuta_decrypt(ssn_unbound) FROM patients WHERE id = 2").unwrap(),
+        "123-45-6789"
+    );
+    // Nor does a bound value read without its context, or in another column's.
+    assert_eq!(
+        sqlstate(read(&mut auditor, "SELECT immuta_decrypt(ssn) FROM patients WHERE id = 1")),
+        "22023"
+    );
+    assert_eq!(
+        sqlstate(read(
+            &mut auditor,
+            "SELECT immuta_decrypt(ssn, 'public.patients.born:' || id) FROM patients WHERE id = 1"
+        )),
         "22023"
     );
     // Nobody else may call the new functions.

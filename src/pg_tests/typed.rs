@@ -86,17 +86,25 @@ mod tests {
         }
         // Lower bounds other than 1 survive; the type is recorded in the header (byte 2).
         assert!(yes("SELECT immuta_decrypt(immuta_encrypt('[0:1]={a,b}'::text[]), NULL::text[]) = '[0:1]={a,b}'::text[]"));
-        assert!(yes("SELECT array_lower(immuta_decrypt(immuta_encrypt('[0:1]={a,b}'::text[]), NULL::text[]), 1) = 0"));
-        assert!(yes("SELECT get_byte(immuta_encrypt(42), 2) = 7 AND get_byte(immuta_encrypt(ARRAY[42]), 2) = 135"));
+        assert!(yes(
+            "SELECT array_lower(immuta_decrypt(immuta_encrypt('[0:1]={a,b}'::text[]), NULL::text[]), 1) = 0"
+        ));
+        assert!(yes(
+            "SELECT get_byte(immuta_encrypt(42), 2) = 7 AND get_byte(immuta_encrypt(ARRAY[42]), 2) = 135"
+        ));
         // Named conveniences, varchar and a domain read as their base types.
         assert!(yes("SELECT immuta_decrypt_bytea(immuta_encrypt('\\x0102'::bytea)) = '\\x0102'::bytea"));
-        assert!(yes("SELECT immuta_decrypt_jsonb(immuta_encrypt('{\"a\":1}'::jsonb, 'c'), 'c') = '{\"a\":1}'::jsonb"));
+        assert!(yes(
+            "SELECT immuta_decrypt_jsonb(immuta_encrypt('{\"a\":1}'::jsonb, 'c'), 'c') = '{\"a\":1}'::jsonb"
+        ));
         assert!(yes("SELECT immuta_decrypt(immuta_encrypt('abc'::varchar(5)), NULL::varchar) = 'abc'"));
         Spi::run("CREATE DOMAIN pg_temp.positive AS int4 CHECK (VALUE > 0)").unwrap();
         assert!(yes("SELECT immuta_decrypt(immuta_encrypt(7::pg_temp.positive), NULL::int4) = 7"));
         // A large value (5 MiB, toasted in and out).
-        assert!(yes("SELECT immuta_decrypt(immuta_encrypt(convert_to(repeat('x', 5 << 20), 'UTF8')), NULL::bytea) \
-                     = convert_to(repeat('x', 5 << 20), 'UTF8')"));
+        assert!(yes(
+            "SELECT immuta_decrypt(immuta_encrypt(convert_to(repeat('x', 5 << 20), 'UTF8')), NULL::bytea) \
+                     = convert_to(repeat('x', 5 << 20), 'UTF8')"
+        ));
     }
 
     #[pg_test]
@@ -108,7 +116,12 @@ mod tests {
             ("DateStyle", "'German'", "'Postgres, MDY'", "'2024-02-29 12:34:56'::timestamp"),
             ("TimeZone", "'Asia/Tokyo'", "'America/New_York'", "'2024-02-29 12:00:00+00'::timestamptz"),
             ("TimeZone", "'UTC'", "'Asia/Kolkata'", "'12:00:00+01'::timetz"),
-            ("IntervalStyle", "'sql_standard'", "'iso_8601'", "'1 year 2 months -3 days 04:05:06.5'::interval"),
+            (
+                "IntervalStyle",
+                "'sql_standard'",
+                "'iso_8601'",
+                "'1 year 2 months -3 days 04:05:06.5'::interval",
+            ),
             ("extra_float_digits", "-15", "3", "0.1::float8"),
             ("extra_float_digits", "-15", "3", "ARRAY[0.1, 1e-300]::float8[]"),
             ("bytea_output", "'escape'", "'hex'", "'\\x00ff'::bytea"),
@@ -124,7 +137,10 @@ mod tests {
             .unwrap();
             Spi::run(&format!("SET {setting} = {at_decrypt}")).unwrap();
             assert!(yes(&format!("SELECT immuta_decrypt(c, NULL::{t}) = v FROM s")), "{setting}: {literal}");
-            assert!(yes(&format!("SELECT immuta_decrypt(c, NULL::{t}) = {literal} FROM s")), "{setting}: {literal}");
+            assert!(
+                yes(&format!("SELECT immuta_decrypt(c, NULL::{t}) = {literal} FROM s")),
+                "{setting}: {literal}"
+            );
             Spi::run(&format!("RESET {setting}; DROP TABLE s")).unwrap();
         }
     }
@@ -204,9 +220,11 @@ mod tests {
              RETURN m || d || h; END $$",
         )
         .unwrap();
-        let text = Spi::get_one::<String>("SELECT pg_temp.message_of('SELECT immuta_decrypt(bound, ''secret-ctx'') FROM p')")
-            .unwrap()
-            .unwrap();
+        let text = Spi::get_one::<String>(
+            "SELECT pg_temp.message_of('SELECT immuta_decrypt(bound, ''secret-ctx'') FROM p')",
+        )
+        .unwrap()
+        .unwrap();
         assert!(text.contains("context does not match") && !text.contains("secret-ctx"), "{text}");
     }
 }

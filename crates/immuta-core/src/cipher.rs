@@ -89,7 +89,13 @@ impl DataCipher {
     }
 
     /// Seals into a new vector.
-    pub fn seal(&self, nonce: &[u8; NONCE_LEN], value_type: ValueType, context: Option<&[u8]>, plaintext: &[u8]) -> Vec<u8> {
+    pub fn seal(
+        &self,
+        nonce: &[u8; NONCE_LEN],
+        value_type: ValueType,
+        context: Option<&[u8]>,
+        plaintext: &[u8],
+    ) -> Vec<u8> {
         let mut out = vec![0u8; plaintext.len() + OVERHEAD];
         self.seal_into(nonce, value_type, context, plaintext, &mut out);
         out
@@ -100,7 +106,12 @@ impl DataCipher {
     /// far as the core can tell (`encoding::check_scalar`; the SQL layer's decoder checks the
     /// rest). On failure `out` is zeroed. The caller has already checked that `sealed.key_id` is
     /// this cipher's key and that the value holds the type it wants ([`expect_type`]).
-    pub fn open_into(&self, sealed: &format::Sealed<'_>, context: Option<&[u8]>, out: &mut [u8]) -> Result<()> {
+    pub fn open_into(
+        &self,
+        sealed: &format::Sealed<'_>,
+        context: Option<&[u8]>,
+        out: &mut [u8],
+    ) -> Result<()> {
         debug_assert_eq!(sealed.key_id, self.key_id);
         assert_eq!(out.len(), sealed.body.len(), "output buffer of wrong size");
         let context_problem = match (sealed.has_context, context.is_some()) {
@@ -234,7 +245,10 @@ mod tests {
     fn a_different_key_with_the_same_id_fails_authentication() {
         let sealed = seal_text(&cipher(1, 1), "secret", None);
         let other = cipher(1, 2);
-        assert!(matches!(other.open_text(&parse(&sealed).unwrap(), None), Err(Error::AuthenticationFailed { .. })));
+        assert!(matches!(
+            other.open_text(&parse(&sealed).unwrap(), None),
+            Err(Error::AuthenticationFailed { .. })
+        ));
     }
 
     #[test]
@@ -248,7 +262,10 @@ mod tests {
         // A type byte changed in transit does not authenticate.
         let mut retyped = sealed.clone();
         retyped[2] = ValueType::TEXT.to_byte();
-        assert!(matches!(c.open_text(&parse(&retyped).unwrap(), None), Err(Error::AuthenticationFailed { .. })));
+        assert!(matches!(
+            c.open_text(&parse(&retyped).unwrap(), None),
+            Err(Error::AuthenticationFailed { .. })
+        ));
     }
 
     #[test]

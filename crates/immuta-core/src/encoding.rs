@@ -25,14 +25,20 @@ pub struct ArrayParts<'a> {
 }
 
 /// Appends the encoding of a one-dimensional array (or an empty one: no elements) to `out`.
-pub fn encode_array<'a>(lower: i32, elements: impl ExactSizeIterator<Item = Option<&'a [u8]>>, out: &mut Vec<u8>) {
+pub fn encode_array<'a>(
+    lower: i32,
+    elements: impl ExactSizeIterator<Item = Option<&'a [u8]>>,
+    out: &mut Vec<u8>,
+) {
     if elements.len() == 0 {
         out.push(0);
         return;
     }
     out.push(1);
     out.extend_from_slice(&lower.to_be_bytes());
-    out.extend_from_slice(&u32::try_from(elements.len()).expect("arrays have fewer than 2^32 elements").to_be_bytes());
+    out.extend_from_slice(
+        &u32::try_from(elements.len()).expect("arrays have fewer than 2^32 elements").to_be_bytes(),
+    );
     for element in elements {
         match element {
             None => out.extend_from_slice(&(-1i32).to_be_bytes()),
@@ -150,7 +156,10 @@ mod tests {
             }
         }
         assert_eq!(encode(1, &[]), [0]);
-        assert_eq!(encode(1, &[Some(b"ab"), None]), [1, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 2, b'a', b'b', 0xff, 0xff, 0xff, 0xff]);
+        assert_eq!(
+            encode(1, &[Some(b"ab"), None]),
+            [1, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 2, b'a', b'b', 0xff, 0xff, 0xff, 0xff]
+        );
     }
 
     #[test]
@@ -163,11 +172,17 @@ mod tests {
         trailing.push(0);
         assert_eq!(decode_array(&trailing, None), Err(InvalidEncoding));
         // A count of 2^32-1 with a few bytes: refused by the count check, not by running out.
-        assert_eq!(decode_array(&[1, 0, 0, 0, 1, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0], None), Err(InvalidEncoding));
+        assert_eq!(
+            decode_array(&[1, 0, 0, 0, 1, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0], None),
+            Err(InvalidEncoding)
+        );
         // Two dimensions, a zero count, a negative length other than -1, an overflowing bound.
         assert_eq!(decode_array(&[2], None), Err(InvalidEncoding));
         assert_eq!(decode_array(&[1, 0, 0, 0, 1, 0, 0, 0, 0], None), Err(InvalidEncoding));
-        assert_eq!(decode_array(&[1, 0, 0, 0, 1, 0, 0, 0, 1, 0xff, 0xff, 0xff, 0xfe], None), Err(InvalidEncoding));
+        assert_eq!(
+            decode_array(&[1, 0, 0, 0, 1, 0, 0, 0, 1, 0xff, 0xff, 0xff, 0xfe], None),
+            Err(InvalidEncoding)
+        );
         assert_eq!(decode_array(&encode(i32::MAX, &[None, None]), None), Err(InvalidEncoding));
         // A fixed-width element of another width.
         assert_eq!(decode_array(&encode(1, &[Some(b"abc")]), Some(4)), Err(InvalidEncoding));

@@ -87,8 +87,11 @@ pub fn parse(bytes: &[u8]) -> Result<Sealed<'_>> {
             if flags & !FLAG_CONTEXT != 0 {
                 return Err(Error::UnsupportedFeature { version: VERSION_2, what: "flag", value: flags });
             }
-            let value_type = ValueType::from_byte(bytes[2])
-                .ok_or(Error::UnsupportedFeature { version: VERSION_2, what: "type", value: bytes[2] })?;
+            let value_type = ValueType::from_byte(bytes[2]).ok_or(Error::UnsupportedFeature {
+                version: VERSION_2,
+                what: "type",
+                value: bytes[2],
+            })?;
             (VERSION_2, value_type, flags & FLAG_CONTEXT != 0, HEADER_LEN)
         }
         version => return Err(Error::UnsupportedVersion { version }),
@@ -172,7 +175,10 @@ mod tests {
         bytes[0] = VERSION_1;
         bytes[1..9].copy_from_slice(&300u64.to_be_bytes());
         let sealed = parse(&bytes).unwrap();
-        assert_eq!((sealed.key_id.get(), sealed.value_type, sealed.has_context), (300, ValueType::TEXT, false));
+        assert_eq!(
+            (sealed.key_id.get(), sealed.value_type, sealed.has_context),
+            (300, ValueType::TEXT, false)
+        );
         assert_eq!(sealed.nonce[0], 9);
         assert_eq!(sealed.body, &bytes[21..26]);
         assert_eq!(sealed.tag[0], 26);

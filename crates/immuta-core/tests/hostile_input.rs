@@ -26,7 +26,8 @@ fn seal_v1(nonce: &[u8; 12], plaintext: &[u8]) -> Vec<u8> {
     out.extend_from_slice(&3u64.to_be_bytes());
     out.extend_from_slice(nonce);
     let mut body = plaintext.to_vec();
-    let tag = Aes256Gcm::new((&KEY).into()).encrypt_in_place_detached(nonce.into(), &out[..9], &mut body).unwrap();
+    let tag =
+        Aes256Gcm::new((&KEY).into()).encrypt_in_place_detached(nonce.into(), &out[..9], &mut body).unwrap();
     out.extend_from_slice(&body);
     out.extend_from_slice(&tag);
     out
@@ -34,7 +35,12 @@ fn seal_v1(nonce: &[u8; 12], plaintext: &[u8]) -> Vec<u8> {
 
 /// Reads like the SQL layer does with a ring holding only key 3: as `wanted`, with `context`,
 /// naming the documented SQLSTATE of each failure (docs/FORMAT.md, section 1.5).
-fn outcome(c: &DataCipher, bytes: &[u8], wanted: ValueType, context: Option<&[u8]>) -> Result<Vec<u8>, &'static str> {
+fn outcome(
+    c: &DataCipher,
+    bytes: &[u8],
+    wanted: ValueType,
+    context: Option<&[u8]>,
+) -> Result<Vec<u8>, &'static str> {
     let code = |e: Error| match e {
         Error::CiphertextTruncated { .. } => "22P03",
         Error::UnsupportedVersion { .. } | Error::UnsupportedFeature { .. } => "0A000",
@@ -96,7 +102,9 @@ fn apply(mut bytes: Vec<u8>, m: &Mutation) -> Vec<u8> {
         Mutation::Truncate(len) => bytes.truncate(len % n),
         Mutation::Extend(ref tail) => bytes.extend_from_slice(tail),
         Mutation::SetByte(i, b) => bytes[i % n] = b,
-        Mutation::OtherKeyId(id) if n >= id_at + 8 => bytes[id_at..id_at + 8].copy_from_slice(&id.to_be_bytes()),
+        Mutation::OtherKeyId(id) if n >= id_at + 8 => {
+            bytes[id_at..id_at + 8].copy_from_slice(&id.to_be_bytes())
+        }
         Mutation::OtherVersion(v) => bytes[0] = v,
         Mutation::OtherFlags(f) if n > 1 => bytes[1] = f,
         Mutation::OtherType(t) if n > 2 => bytes[2] = t,
@@ -112,7 +120,9 @@ fn random_value(rng: &mut impl RngCore) -> (ValueType, Vec<u8>) {
         let len = scalar.fixed_len().unwrap_or(rng.next_u32() as usize % 40);
         match scalar {
             Scalar::Text | Scalar::Json => (0..len).map(|_| b' ' + (rng.next_u32() % 95) as u8).collect(),
-            Scalar::Jsonb => std::iter::once(1).chain((0..len).map(|_| b'a' + (rng.next_u32() % 26) as u8)).collect(),
+            Scalar::Jsonb => {
+                std::iter::once(1).chain((0..len).map(|_| b'a' + (rng.next_u32() % 26) as u8)).collect()
+            }
             _ => {
                 let mut bytes = vec![0u8; len];
                 rng.fill_bytes(&mut bytes);
@@ -120,9 +130,10 @@ fn random_value(rng: &mut impl RngCore) -> (ValueType, Vec<u8>) {
             }
         }
     };
-    if rng.next_u32() % 3 == 0 {
-        let elements: Vec<Option<Vec<u8>>> =
-            (0..rng.next_u32() % 5).map(|_| if rng.next_u32() % 4 == 0 { None } else { Some(one(rng)) }).collect();
+    if rng.next_u32().is_multiple_of(3) {
+        let elements: Vec<Option<Vec<u8>>> = (0..rng.next_u32() % 5)
+            .map(|_| if rng.next_u32().is_multiple_of(4) { None } else { Some(one(rng)) })
+            .collect();
         let mut out = Vec::new();
         encoding::encode_array(1, elements.iter().map(|e| e.as_deref()), &mut out);
         (ValueType::array_of(scalar), out)
@@ -189,7 +200,8 @@ fn a_million_random_and_mutated_ciphertexts_give_the_original_or_a_documented_er
         let mut nonce = [0u8; 12];
         rng.fill_bytes(&mut nonce);
         let (value_type, plaintext, context, original) = if rng.next_u32() % 8 == 0 {
-            let text: Vec<u8> = (0..rng.next_u32() % 80).map(|_| b' ' + (rng.next_u32() % 95) as u8).collect();
+            let text: Vec<u8> =
+                (0..rng.next_u32() % 80).map(|_| b' ' + (rng.next_u32() % 95) as u8).collect();
             let sealed = seal_v1(&nonce, &text);
             (ValueType::TEXT, text, None, sealed)
         } else {
@@ -221,7 +233,11 @@ fn a_million_random_and_mutated_ciphertexts_give_the_original_or_a_documented_er
         let (read_as, read_context, rightly) = match rng.next_u32() % 16 {
             0 => (value_type, Some(format!("t.c:{}", 1000 + rng.next_u32() % 1000)), false),
             1 => (value_type, None, context.is_none()),
-            2 => (ValueType::scalar(Scalar::Numeric), context.clone(), value_type == ValueType::scalar(Scalar::Numeric)),
+            2 => (
+                ValueType::scalar(Scalar::Numeric),
+                context.clone(),
+                value_type == ValueType::scalar(Scalar::Numeric),
+            ),
             _ => (value_type, context.clone(), true),
         };
         match outcome(&c, &bytes, read_as, read_context.as_deref().map(str::as_bytes)) {

@@ -65,9 +65,16 @@ fn version_2_vectors_seal_and_open_exactly() {
         let context = v["context"].as_str().map(str::as_bytes);
         let expected = hex::decode(v["ciphertext"].as_str().unwrap()).unwrap();
         let what = v["sql"].as_str().unwrap();
-        assert_eq!(cipher.seal(&bytes::<12>(&v["nonce"]), value_type, context, &encoding), expected, "sealing {what}");
+        assert_eq!(
+            cipher.seal(&bytes::<12>(&v["nonce"]), value_type, context, &encoding),
+            expected,
+            "sealing {what}"
+        );
         let sealed = format::parse(&expected).unwrap();
-        assert_eq!((sealed.version, sealed.key_id, sealed.value_type, sealed.has_context), (2, id, value_type, context.is_some()));
+        assert_eq!(
+            (sealed.version, sealed.key_id, sealed.value_type, sealed.has_context),
+            (2, id, value_type, context.is_some())
+        );
         let mut out = vec![0u8; sealed.body.len()];
         cipher.open_into(&sealed, context, &mut out).unwrap();
         assert_eq!(out, encoding, "opening {what}");
