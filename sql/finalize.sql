@@ -79,15 +79,18 @@ GRANT EXECUTE ON FUNCTION immuta.rollover_length_days(), immuta.encryptions_coun
 -- Typed values and contexts: encrypting for the encryptor, decrypting for the decryptor.
 REVOKE EXECUTE ON FUNCTION immuta_encrypt(text, text), immuta_encrypt(anyelement), immuta_encrypt(anyelement, text),
     immuta_decrypt(bytea, text), immuta_decrypt(bytea, anyelement), immuta_decrypt(bytea, anyelement, text),
-    immuta_decrypt_bytea(bytea, text), immuta_decrypt_jsonb(bytea, text) FROM PUBLIC;
+    immuta_decrypt_bytea(bytea), immuta_decrypt_bytea(bytea, text),
+    immuta_decrypt_jsonb(bytea), immuta_decrypt_jsonb(bytea, text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION immuta_encrypt(text, text), immuta_encrypt(anyelement), immuta_encrypt(anyelement, text)
     TO immuta_encryptor;
 GRANT EXECUTE ON FUNCTION immuta_decrypt(bytea, text), immuta_decrypt(bytea, anyelement),
-    immuta_decrypt(bytea, anyelement, text), immuta_decrypt_bytea(bytea, text), immuta_decrypt_jsonb(bytea, text)
+    immuta_decrypt(bytea, anyelement, text), immuta_decrypt_bytea(bytea), immuta_decrypt_bytea(bytea, text),
+    immuta_decrypt_jsonb(bytea), immuta_decrypt_jsonb(bytea, text)
     TO immuta_decryptor;
 GRANT EXECUTE ON FUNCTION immuta_encrypt(text, text), immuta_encrypt(anyelement), immuta_encrypt(anyelement, text),
     immuta_decrypt(bytea, text), immuta_decrypt(bytea, anyelement), immuta_decrypt(bytea, anyelement, text),
-    immuta_decrypt_bytea(bytea, text), immuta_decrypt_jsonb(bytea, text)
+    immuta_decrypt_bytea(bytea), immuta_decrypt_bytea(bytea, text),
+    immuta_decrypt_jsonb(bytea), immuta_decrypt_jsonb(bytea, text)
     TO @extowner@ WITH GRANT OPTION;
 
 -- The admin reads the keys (without key bytes) and the audit log.

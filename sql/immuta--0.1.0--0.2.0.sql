@@ -122,18 +122,23 @@ CREATE FUNCTION immuta_encrypt(value anyelement, context text) RETURNS bytea VOL
 CREATE FUNCTION immuta_decrypt(ciphertext bytea, context text) RETURNS text STABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_decrypt_context_wrapper';
 CREATE FUNCTION immuta_decrypt(ciphertext bytea, as_type anyelement) RETURNS anyelement STABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_decrypt_as_wrapper';
 CREATE FUNCTION immuta_decrypt(ciphertext bytea, as_type anyelement, context text) RETURNS anyelement STABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_decrypt_as_context_wrapper';
-CREATE FUNCTION immuta_decrypt_bytea(ciphertext bytea, context text DEFAULT NULL) RETURNS bytea STABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_decrypt_bytea_wrapper';
-CREATE FUNCTION immuta_decrypt_jsonb(ciphertext bytea, context text DEFAULT NULL) RETURNS jsonb STABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_decrypt_jsonb_wrapper';
+CREATE FUNCTION immuta_decrypt_bytea(ciphertext bytea) RETURNS bytea STABLE STRICT PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_decrypt_bytea_wrapper';
+CREATE FUNCTION immuta_decrypt_bytea(ciphertext bytea, context text) RETURNS bytea STABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_decrypt_bytea_context_wrapper';
+CREATE FUNCTION immuta_decrypt_jsonb(ciphertext bytea) RETURNS jsonb STABLE STRICT PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_decrypt_jsonb_wrapper';
+CREATE FUNCTION immuta_decrypt_jsonb(ciphertext bytea, context text) RETURNS jsonb STABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_decrypt_jsonb_context_wrapper';
 -- Typed values and contexts: encrypting for the encryptor, decrypting for the decryptor.
 REVOKE EXECUTE ON FUNCTION immuta_encrypt(text, text), immuta_encrypt(anyelement), immuta_encrypt(anyelement, text),
     immuta_decrypt(bytea, text), immuta_decrypt(bytea, anyelement), immuta_decrypt(bytea, anyelement, text),
-    immuta_decrypt_bytea(bytea, text), immuta_decrypt_jsonb(bytea, text) FROM PUBLIC;
+    immuta_decrypt_bytea(bytea), immuta_decrypt_bytea(bytea, text),
+    immuta_decrypt_jsonb(bytea), immuta_decrypt_jsonb(bytea, text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION immuta_encrypt(text, text), immuta_encrypt(anyelement), immuta_encrypt(anyelement, text)
     TO immuta_encryptor;
 GRANT EXECUTE ON FUNCTION immuta_decrypt(bytea, text), immuta_decrypt(bytea, anyelement),
-    immuta_decrypt(bytea, anyelement, text), immuta_decrypt_bytea(bytea, text), immuta_decrypt_jsonb(bytea, text)
+    immuta_decrypt(bytea, anyelement, text), immuta_decrypt_bytea(bytea), immuta_decrypt_bytea(bytea, text),
+    immuta_decrypt_jsonb(bytea), immuta_decrypt_jsonb(bytea, text)
     TO immuta_decryptor;
 GRANT EXECUTE ON FUNCTION immuta_encrypt(text, text), immuta_encrypt(anyelement), immuta_encrypt(anyelement, text),
     immuta_decrypt(bytea, text), immuta_decrypt(bytea, anyelement), immuta_decrypt(bytea, anyelement, text),
-    immuta_decrypt_bytea(bytea, text), immuta_decrypt_jsonb(bytea, text)
+    immuta_decrypt_bytea(bytea), immuta_decrypt_bytea(bytea, text),
+    immuta_decrypt_jsonb(bytea), immuta_decrypt_jsonb(bytea, text)
     TO @extowner@ WITH GRANT OPTION;

@@ -390,6 +390,7 @@ pub fn decrypt_with<R>(
         let buf: &mut [u8] = if len < SMALL {
             &mut small_ref[..=len]
         } else {
+            crate::buffer::reserve(large_ref, len + 1);
             large_ref.resize(len + 1, 0);
             large_ref.as_mut_slice()
         };

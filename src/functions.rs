@@ -28,16 +28,39 @@ fn immuta_encrypt(plaintext: &[u8]) -> Bytea {
     backend::encrypt(ValueType::TEXT, None, plaintext)
 }
 
-/// A context is required where one is named: NULL would bind the value to nothing.
+/// The longest context immuta takes (64 KiB): a context names a place, and longer input would
+/// only be a way to make immuta allocate.
+const MAX_CONTEXT_LEN: usize = 64 * 1024;
+
+/// A context is required where one is named: NULL would bind the value to nothing (when
+/// encrypting), or let a value bound to nothing through (when decrypting).
 fn required(context: Option<&[u8]>) -> &[u8] {
-    context.unwrap_or_else(|| {
+    let context = context.unwrap_or_else(|| {
         raise(
             PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
             "immuta context is NULL",
-            Some("A value encrypted with a context decrypts only with the same context; NULL names none.".into()),
-            Some("Build the context from columns that are never NULL (a primary key), or encrypt without a context."),
+            Some(
+                "A value encrypted with a context decrypts only with the same context; NULL names none."
+                    .into(),
+            ),
+            Some(
+                "Build the context from columns that are never NULL (a primary key). For a value encrypted \
+                 without a context, call the function without one.",
+            ),
         )
-    })
+    });
+    if context.len() > MAX_CONTEXT_LEN {
+        raise(
+            PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            "immuta context is too long",
+            Some(format!(
+                "The context is {} bytes long; immuta takes at most {MAX_CONTEXT_LEN}.",
+                context.len()
+            )),
+            Some("Name the place of the value (table, column, primary key), not its content."),
+        );
+    }
+    context
 }
 
 /// Encrypts a text value bound to `context` (authenticated, not stored). Not STRICT: a NULL
@@ -89,9 +112,7 @@ fn immuta_decrypt(ciphertext: &[u8]) -> Text {
     backend::decrypt_text(ciphertext, None)
 }
 
-/// Decrypts a text value with the context it was encrypted with; a NULL context means none (so
-/// `immuta_decrypt(c, NULL::text)` reads a text value without a context, as the typed form
-/// would).
+/// Decrypts a text value with the context it was encrypted with (NULL: `22004`).
 #[pg_extern(
     stable,
     parallel_safe,
@@ -99,7 +120,8 @@ fn immuta_decrypt(ciphertext: &[u8]) -> Text {
            STABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_decrypt_context_wrapper';"
 )]
 fn immuta_decrypt_context(ciphertext: Option<&[u8]>, context: Option<&[u8]>) -> Option<Text> {
-    Some(backend::decrypt_text(ciphertext?, context))
+    let context = required(context);
+    Some(backend::decrypt_text(ciphertext?, Some(context)))
 }
 
 /// Decrypts a value of the type of `as_type` (usually a typed NULL: `NULL::numeric`), in the
@@ -118,7 +140,7 @@ fn immuta_decrypt_as(
     decrypt_typed(ciphertext?, typed_argument(fcinfo), None)
 }
 
-/// [`immuta_decrypt_as`] with the context the value was encrypted with (NULL: none).
+/// [`immuta_decrypt_as`] with the context the value was encrypted with (NULL: `22004`).
 #[pg_extern(
     stable,
     parallel_safe,
@@ -131,7 +153,8 @@ fn immuta_decrypt_as_context(
     context: Option<&[u8]>,
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> Option<AnyElement> {
-    decrypt_typed(ciphertext?, typed_argument(fcinfo), context)
+    let context = required(context);
+    decrypt_typed(ciphertext?, typed_argument(fcinfo), Some(context))
 }
 
 /// The type of the `as_type` argument, as the call resolved it.
@@ -143,32 +166,59 @@ fn typed_argument(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Oid {
 
 fn decrypt_typed(ciphertext: &[u8], oid: pg_sys::Oid, context: Option<&[u8]>) -> Option<AnyElement> {
     let t = typed::sql_type(oid);
+    typed::refuse_domain(&t, oid);
     let datum =
         backend::decrypt_with(ciphertext, t.value_type, context, |with_nul| typed::decode(&t, with_nul));
     // SAFETY: `datum` is a non-NULL value of type `oid`, which is the call's result type.
     unsafe { AnyElement::from_polymorphic_datum(datum, false, oid) }
 }
 
-/// Decrypts a `bytea` value.
+/// Decrypts a `bytea` value encrypted without a context.
 #[pg_extern(
     stable,
+    strict,
     parallel_safe,
-    sql = "CREATE FUNCTION immuta_decrypt_bytea(ciphertext bytea, context text DEFAULT NULL) RETURNS bytea \
-           STABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_decrypt_bytea_wrapper';"
+    sql = "CREATE FUNCTION immuta_decrypt_bytea(ciphertext bytea) RETURNS bytea \
+           STABLE STRICT PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_decrypt_bytea_wrapper';"
 )]
-fn immuta_decrypt_bytea(ciphertext: Option<&[u8]>, context: Option<&[u8]>) -> Option<Bytea> {
-    Some(backend::decrypt_bytea(ciphertext?, context))
+fn immuta_decrypt_bytea(ciphertext: &[u8]) -> Bytea {
+    backend::decrypt_bytea(ciphertext, None)
 }
 
-/// Decrypts a `jsonb` value.
+/// Decrypts a `bytea` value with its context.
 #[pg_extern(
     stable,
     parallel_safe,
-    sql = "CREATE FUNCTION immuta_decrypt_jsonb(ciphertext bytea, context text DEFAULT NULL) RETURNS jsonb \
-           STABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_decrypt_jsonb_wrapper';"
+    sql = "CREATE FUNCTION immuta_decrypt_bytea(ciphertext bytea, context text) RETURNS bytea \
+           STABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_decrypt_bytea_context_wrapper';"
 )]
-fn immuta_decrypt_jsonb(ciphertext: Option<&[u8]>, context: Option<&[u8]>) -> Option<AnyElement> {
-    decrypt_typed(ciphertext?, pg_sys::JSONBOID, context)
+fn immuta_decrypt_bytea_context(ciphertext: Option<&[u8]>, context: Option<&[u8]>) -> Option<Bytea> {
+    let context = required(context);
+    Some(backend::decrypt_bytea(ciphertext?, Some(context)))
+}
+
+/// Decrypts a `jsonb` value encrypted without a context.
+#[pg_extern(
+    stable,
+    strict,
+    parallel_safe,
+    sql = "CREATE FUNCTION immuta_decrypt_jsonb(ciphertext bytea) RETURNS jsonb \
+           STABLE STRICT PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_decrypt_jsonb_wrapper';"
+)]
+fn immuta_decrypt_jsonb(ciphertext: &[u8]) -> Option<AnyElement> {
+    decrypt_typed(ciphertext, pg_sys::JSONBOID, None)
+}
+
+/// Decrypts a `jsonb` value with its context.
+#[pg_extern(
+    stable,
+    parallel_safe,
+    sql = "CREATE FUNCTION immuta_decrypt_jsonb(ciphertext bytea, context text) RETURNS jsonb \
+           STABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_decrypt_jsonb_context_wrapper';"
+)]
+fn immuta_decrypt_jsonb_context(ciphertext: Option<&[u8]>, context: Option<&[u8]>) -> Option<AnyElement> {
+    let context = required(context);
+    decrypt_typed(ciphertext?, pg_sys::JSONBOID, Some(context))
 }
 
 /// The id of the data key a ciphertext was encrypted under (reads the header only), to find the

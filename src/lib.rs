@@ -24,6 +24,7 @@
 use pgrx::prelude::*;
 
 mod backend;
+mod buffer;
 mod catalog;
 mod compat;
 mod config_source;

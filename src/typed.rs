@@ -20,8 +20,8 @@ use immuta_core::encoding::{self, JSONB_VERSION};
 use immuta_core::value_type::{Scalar, ValueType};
 use pgrx::pg_sys::{self, Datum, Oid};
 use pgrx::PgSqlErrorCode;
-use zeroize::Zeroizing;
 
+use crate::buffer::SecretBuf;
 use crate::errors::raise;
 
 /// The SQL type of each scalar (the one a value is decoded to unless the caller asks for a
@@ -66,6 +66,8 @@ fn scalar_of(oid: Oid) -> Option<Scalar> {
 #[derive(Clone, Copy)]
 pub struct SqlType {
     pub value_type: ValueType,
+    /// The type asked for is a domain, or an array of one.
+    domain: bool,
     /// The type itself (for an array, the element type): what decoding builds.
     elem: Oid,
     elem_len: i16,
@@ -97,20 +99,46 @@ pub fn sql_type(oid: Oid) -> SqlType {
 fn resolve(oid: Oid) -> Option<SqlType> {
     // SAFETY: catalog lookups by OID; they raise ERROR for an OID that is no type.
     let base = unsafe { pg_sys::getBaseType(oid) };
-    let (array, elem) = match scalar_of(base) {
-        Some(_) => (false, base),
-        // SAFETY: as above.
-        None => match unsafe { pg_sys::get_element_type(base) } {
+    let (array, elem, domain) = match scalar_of(base) {
+        Some(_) => (false, base, base != oid),
+        None => {
+            // SAFETY: as above.
+            let elem = unsafe { pg_sys::get_element_type(base) };
+            // Only a true array type: the array type of its element. (int2vector and oidvector
+            // also have an element type, but a layout of their own.)
+            // SAFETY: as above.
+            if elem == pg_sys::InvalidOid || unsafe { pg_sys::get_array_type(elem) } != base {
+                return None;
+            }
             // SAFETY: as above, for the element type.
-            elem if elem != pg_sys::InvalidOid => (true, unsafe { pg_sys::getBaseType(elem) }),
-            _ => return None,
-        },
+            let elem_base = unsafe { pg_sys::getBaseType(elem) };
+            (true, elem_base, base != oid || elem_base != elem)
+        }
     };
     let scalar = scalar_of(elem)?;
     let (mut elem_len, mut elem_byval, mut elem_align) = (0i16, false, 0 as std::ffi::c_char);
     // SAFETY: fills the three out-parameters for a type that exists.
     unsafe { pg_sys::get_typlenbyvalalign(elem, &mut elem_len, &mut elem_byval, &mut elem_align) };
-    Some(SqlType { value_type: ValueType { scalar, array }, elem, elem_len, elem_byval, elem_align })
+    Some(SqlType { value_type: ValueType { scalar, array }, domain, elem, elem_len, elem_byval, elem_align })
+}
+
+/// Decrypting to a domain would return a value of the domain that its constraints never
+/// checked: immuta decrypts to the base type, and a cast checks them.
+pub fn refuse_domain(t: &SqlType, oid: Oid) {
+    if t.domain {
+        // SAFETY: format_type_be returns a palloc'd C string naming any type OID.
+        let name =
+            unsafe { std::ffi::CStr::from_ptr(pg_sys::format_type_be(oid)) }.to_string_lossy().into_owned();
+        raise(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            format!("immuta decrypts to base types, not to the domain {name}"),
+            Some("A value decrypted as a domain would skip the domain's constraints.".into()),
+            Some(&format!(
+                "Decrypt as the base type and cast: immuta_decrypt(ciphertext, NULL::{})::{name}.",
+                t.value_type
+            )),
+        );
+    }
 }
 
 fn unsupported(oid: Oid) -> ! {
@@ -185,10 +213,10 @@ fn with_encoding<R>(scalar: Scalar, datum: Datum, f: impl FnOnce(&[u8]) -> R) ->
             let text = with_function(scalar, Io::Output, |output| unsafe {
                 std::ffi::CStr::from_ptr(pg_sys::OutputFunctionCall(output, datum))
             });
-            let mut bytes = Zeroizing::new(Vec::with_capacity(text.to_bytes().len() + 1));
-            bytes.push(JSONB_VERSION);
-            bytes.extend_from_slice(text.to_bytes());
-            f(&bytes)
+            let mut bytes = SecretBuf::with_capacity(text.to_bytes().len() + 1);
+            bytes.extend(&[JSONB_VERSION]);
+            bytes.extend(text.to_bytes());
+            f(bytes.as_slice())
         }
         Scalar::Bool => f(&[u8::from(v & 0xff != 0)]),
         Scalar::Int2 => f(&(v as i16).to_be_bytes()),
@@ -225,11 +253,10 @@ pub fn encode<R>(t: &SqlType, datum: Datum, f: impl FnOnce(&[u8]) -> R) -> R {
     if !t.value_type.array {
         return with_encoding(t.value_type.scalar, datum, f);
     }
-    let mut out = Zeroizing::new(Vec::new());
     // SAFETY: the datum is an array of element type `t.elem`; it is detoasted into the current
     // memory context, and its dimensions and elements are read through PostgreSQL's own
     // functions with the element type's length, by-value flag and alignment.
-    unsafe {
+    let out = unsafe {
         let array = pg_sys::pg_detoast_datum(datum.cast_mut_ptr()).cast::<pg_sys::ArrayType>();
         let ndim = (*array).ndim;
         if ndim > 1 {
@@ -251,23 +278,33 @@ pub fn encode<R>(t: &SqlType, datum: Datum, f: impl FnOnce(&[u8]) -> R) -> R {
             &mut nulls,
             &mut count,
         );
-        let lower = if ndim == 1 {
-            *array.cast::<u8>().add(std::mem::size_of::<pg_sys::ArrayType>()).cast::<i32>().add(1)
-        } else {
-            1
-        };
         let count = count as usize;
-        let mut encoded: Vec<Option<Zeroizing<Vec<u8>>>> = Vec::with_capacity(count);
-        for i in 0..count {
-            encoded.push(if *nulls.add(i) {
-                None
-            } else {
-                Some(Zeroizing::new(with_encoding(t.value_type.scalar, *elems.add(i), <[u8]>::to_vec)))
-            });
+        if count == 0 {
+            let mut out = SecretBuf::with_capacity(1);
+            out.extend(&[0]);
+            out
+        } else {
+            let lower =
+                *array.cast::<u8>().add(std::mem::size_of::<pg_sys::ArrayType>()).cast::<i32>().add(1);
+            // The array's own size is a good first guess at its encoding's.
+            let size = pgrx::varlena::varsize_any(array.cast());
+            let mut out = SecretBuf::with_capacity(9 + size.saturating_add(4 * count));
+            out.extend(&encoding::array_header(lower, count));
+            for i in 0..count {
+                pgrx::check_for_interrupts!();
+                if *nulls.add(i) {
+                    out.extend(&encoding::element_prefix(None));
+                } else {
+                    with_encoding(t.value_type.scalar, *elems.add(i), |bytes| {
+                        out.extend(&encoding::element_prefix(Some(bytes.len())));
+                        out.extend(bytes);
+                    });
+                }
+            }
+            out
         }
-        encoding::encode_array(lower, encoded.iter().map(|e| e.as_ref().map(|v| v.as_slice())), &mut out);
-    }
-    f(&out)
+    };
+    f(out.as_slice())
 }
 
 /// A plaintext that does not decode: only a value made outside immuta with the data key.
@@ -354,40 +391,54 @@ pub fn decode(t: &SqlType, with_nul: &mut [u8]) -> Datum {
         return decode_scalar(scalar, with_nul);
     }
     let len = with_nul.len() - 1;
-    let parts = encoding::decode_array(&with_nul[..len], scalar.fixed_len())
-        .unwrap_or_else(|_| invalid(t.value_type));
-    if parts.elements.is_empty() {
+    let mut reader =
+        encoding::read_array(&with_nul[..len], scalar.fixed_len()).unwrap_or_else(|_| invalid(t.value_type));
+    let count = reader.count;
+    if count == 0 {
         // SAFETY: makes an empty array of an existing element type.
         return Datum::from(unsafe { pg_sys::construct_empty_array(t.elem) });
     }
-    let mut datums = Vec::with_capacity(parts.elements.len());
-    let mut nulls = Vec::with_capacity(parts.elements.len());
-    for element in &parts.elements {
+    let lower = reader.lower;
+    // The element datums and NULL flags in palloc'd memory (an ERROR, never an abort, when the
+    // count is more than memory allows; the count is at most PostgreSQL's MaxArraySize).
+    // SAFETY: palloc0 returns zeroed memory for `count` datums and flags, or raises ERROR.
+    let (datums, nulls) = unsafe {
+        (
+            pg_sys::palloc0(count * std::mem::size_of::<Datum>()).cast::<Datum>(),
+            pg_sys::palloc0(count).cast::<bool>(),
+        )
+    };
+    let mut element_buf = SecretBuf::with_capacity(0);
+    for i in 0..count {
+        pgrx::check_for_interrupts!();
+        let element = reader.next().expect("count elements").unwrap_or_else(|_| invalid(t.value_type));
         match element {
-            None => {
-                datums.push(Datum::from(0usize));
-                nulls.push(true);
-            }
+            // SAFETY: i < count, within both allocations.
+            None => unsafe { *nulls.add(i) = true },
             Some(bytes) => {
                 if encoding::check_scalar(ValueType::scalar(scalar), bytes).is_err() {
                     invalid(t.value_type);
                 }
-                let mut copy = Zeroizing::new(Vec::with_capacity(bytes.len() + 1));
-                copy.extend_from_slice(bytes);
-                copy.push(0);
-                datums.push(decode_scalar(scalar, &mut copy));
-                nulls.push(false);
+                // Each element followed by a NUL, as the receive functions expect.
+                element_buf = SecretBuf::with_capacity(bytes.len() + 1);
+                element_buf.extend(bytes);
+                element_buf.extend(&[0]);
+                let datum = decode_scalar(scalar, element_buf.as_mut_slice());
+                // SAFETY: i < count.
+                unsafe { *datums.add(i) = datum };
             }
         }
     }
-    let mut dims = [datums.len() as i32];
-    let mut lbs = [parts.lower];
-    // SAFETY: builds a one-dimensional array of `datums.len()` elements of an existing type from
-    // datums of that type; PostgreSQL checks the size and the bounds.
+    drop(element_buf);
+    reader.finish().unwrap_or_else(|_| invalid(t.value_type));
+    let mut dims = [count as i32];
+    let mut lbs = [lower];
+    // SAFETY: builds a one-dimensional array of `count` elements of an existing type from datums
+    // of that type; PostgreSQL checks the size and the bounds.
     Datum::from(unsafe {
         pg_sys::construct_md_array(
-            datums.as_mut_ptr(),
-            nulls.as_mut_ptr(),
+            datums,
+            nulls,
             1,
             dims.as_mut_ptr(),
             lbs.as_mut_ptr(),

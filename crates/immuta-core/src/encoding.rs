@@ -34,59 +34,115 @@ pub fn encode_array<'a>(
         out.push(0);
         return;
     }
-    out.push(1);
-    out.extend_from_slice(&lower.to_be_bytes());
-    out.extend_from_slice(
-        &u32::try_from(elements.len()).expect("arrays have fewer than 2^32 elements").to_be_bytes(),
-    );
+    out.extend_from_slice(&array_header(lower, elements.len()));
     for element in elements {
-        match element {
-            None => out.extend_from_slice(&(-1i32).to_be_bytes()),
-            Some(bytes) => {
-                let len = i32::try_from(bytes.len()).expect("PostgreSQL values are below 1 GB");
-                out.extend_from_slice(&len.to_be_bytes());
-                out.extend_from_slice(bytes);
-            }
-        }
+        out.extend_from_slice(&element_prefix(element.map(<[u8]>::len)));
+        out.extend_from_slice(element.unwrap_or_default());
     }
 }
 
-/// Reads an array written by [`encode_array`]; every element of a fixed-width type must have
-/// that width (`fixed_len`).
-pub fn decode_array(bytes: &[u8], fixed_len: Option<usize>) -> Result<ArrayParts<'_>, InvalidEncoding> {
+/// The most elements a PostgreSQL array may have (`MaxArraySize`).
+pub const MAX_ARRAY_ELEMENTS: usize = 134_217_727;
+
+/// The fixed part of a one-dimensional array's encoding: dimensions, lower bound, count.
+pub fn array_header(lower: i32, count: usize) -> [u8; 9] {
+    let mut out = [0u8; 9];
+    out[0] = 1;
+    out[1..5].copy_from_slice(&lower.to_be_bytes());
+    out[5..9]
+        .copy_from_slice(&u32::try_from(count).expect("arrays have fewer than 2^32 elements").to_be_bytes());
+    out
+}
+
+/// The length prefix of one element (`None`: NULL).
+pub fn element_prefix(len: Option<usize>) -> [u8; 4] {
+    match len {
+        None => (-1i32).to_be_bytes(),
+        Some(len) => i32::try_from(len).expect("PostgreSQL values are below 1 GB").to_be_bytes(),
+    }
+}
+
+/// Reads the elements of an array's encoding one at a time, checking each against the bytes
+/// there before the caller allocates anything for it: no allocation here, whatever the count
+/// says. After the last element, [`ArrayReader::finish`] checks that nothing follows.
+pub struct ArrayReader<'a> {
+    /// The lower bound of the dimension (1 when empty).
+    pub lower: i32,
+    /// The number of elements, at most [`MAX_ARRAY_ELEMENTS`].
+    pub count: usize,
+    rest: &'a [u8],
+    fixed_len: Option<usize>,
+    left: usize,
+}
+
+/// Starts reading an array written by [`encode_array`]; every element of a fixed-width type
+/// must have that width (`fixed_len`).
+pub fn read_array(bytes: &[u8], fixed_len: Option<usize>) -> Result<ArrayReader<'_>, InvalidEncoding> {
     let (&ndim, rest) = bytes.split_first().ok_or(InvalidEncoding)?;
     match ndim {
-        0 if rest.is_empty() => return Ok(ArrayParts { lower: 1, elements: Vec::new() }),
+        0 if rest.is_empty() => return Ok(ArrayReader { lower: 1, count: 0, rest, fixed_len, left: 0 }),
         1 => {}
         _ => return Err(InvalidEncoding),
     }
     let (lower, rest) = take_i32(rest)?;
-    let (count, mut rest) = take_i32(rest)?;
+    let (count, rest) = take_i32(rest)?;
     let count = u32::from_be_bytes(count.to_be_bytes()) as usize;
-    // Each element takes at least its 4-byte length: a count the bytes cannot hold is refused
-    // before anything is allocated for it. The last subscript must fit an int32, as in PostgreSQL.
-    if count == 0 || count > rest.len() / 4 || i64::from(lower) + count as i64 - 1 > i64::from(i32::MAX) {
+    // Each element takes at least its 4-byte length; PostgreSQL's limits on the count and on the
+    // last subscript hold too.
+    if count == 0
+        || count > MAX_ARRAY_ELEMENTS
+        || count > rest.len() / 4
+        || i64::from(lower) + count as i64 - 1 > i64::from(i32::MAX)
+    {
         return Err(InvalidEncoding);
     }
-    let mut elements = Vec::with_capacity(count);
-    for _ in 0..count {
-        let (len, after) = take_i32(rest)?;
+    Ok(ArrayReader { lower, count, rest, fixed_len, left: count })
+}
+
+impl<'a> Iterator for ArrayReader<'a> {
+    type Item = Result<Option<&'a [u8]>, InvalidEncoding>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        Some(self.element())
+    }
+}
+
+impl<'a> ArrayReader<'a> {
+    fn element(&mut self) -> Result<Option<&'a [u8]>, InvalidEncoding> {
+        let (len, after) = take_i32(self.rest)?;
         if len == -1 {
-            elements.push(None);
-            rest = after;
-            continue;
+            self.rest = after;
+            return Ok(None);
         }
         let len = usize::try_from(len).map_err(|_| InvalidEncoding)?;
-        if len > after.len() || fixed_len.is_some_and(|f| f != len) {
+        if len > after.len() || self.fixed_len.is_some_and(|f| f != len) {
             return Err(InvalidEncoding);
         }
         let (element, after) = after.split_at(len);
-        elements.push(Some(element));
-        rest = after;
+        self.rest = after;
+        Ok(Some(element))
     }
-    if !rest.is_empty() {
-        return Err(InvalidEncoding);
+
+    /// After every element was read: nothing may follow.
+    pub fn finish(self) -> Result<(), InvalidEncoding> {
+        if self.left == 0 && self.rest.is_empty() {
+            Ok(())
+        } else {
+            Err(InvalidEncoding)
+        }
     }
+}
+
+/// Reads a whole array (for callers that want every element at once, such as tests).
+pub fn decode_array(bytes: &[u8], fixed_len: Option<usize>) -> Result<ArrayParts<'_>, InvalidEncoding> {
+    let mut reader = read_array(bytes, fixed_len)?;
+    let lower = reader.lower;
+    let elements = reader.by_ref().collect::<Result<Vec<_>, _>>()?;
+    reader.finish()?;
     Ok(ArrayParts { lower, elements })
 }
 
