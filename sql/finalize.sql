@@ -76,6 +76,23 @@ GRANT SELECT ON immuta.keys, immuta.audit_log TO @extowner@ WITH GRANT OPTION;
 GRANT EXECUTE ON FUNCTION immuta.rollover_length_days(), immuta.encryptions_counted(bigint),
     immuta.max_encryptions_per_key() TO @extowner@ WITH GRANT OPTION;
 
+-- Typed values and contexts: encrypting for the encryptor, decrypting for the decryptor.
+REVOKE EXECUTE ON FUNCTION immuta_encrypt(text, text), immuta_encrypt(anyelement), immuta_encrypt(anyelement, text),
+    immuta_decrypt(bytea, text), immuta_decrypt(bytea, anyelement), immuta_decrypt(bytea, anyelement, text),
+    immuta_decrypt_bytea(bytea), immuta_decrypt_bytea(bytea, text),
+    immuta_decrypt_jsonb(bytea), immuta_decrypt_jsonb(bytea, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION immuta_encrypt(text, text), immuta_encrypt(anyelement), immuta_encrypt(anyelement, text)
+    TO immuta_encryptor;
+GRANT EXECUTE ON FUNCTION immuta_decrypt(bytea, text), immuta_decrypt(bytea, anyelement),
+    immuta_decrypt(bytea, anyelement, text), immuta_decrypt_bytea(bytea), immuta_decrypt_bytea(bytea, text),
+    immuta_decrypt_jsonb(bytea), immuta_decrypt_jsonb(bytea, text)
+    TO immuta_decryptor;
+GRANT EXECUTE ON FUNCTION immuta_encrypt(text, text), immuta_encrypt(anyelement), immuta_encrypt(anyelement, text),
+    immuta_decrypt(bytea, text), immuta_decrypt(bytea, anyelement), immuta_decrypt(bytea, anyelement, text),
+    immuta_decrypt_bytea(bytea), immuta_decrypt_bytea(bytea, text),
+    immuta_decrypt_jsonb(bytea), immuta_decrypt_jsonb(bytea, text)
+    TO @extowner@ WITH GRANT OPTION;
+
 -- The admin reads the keys (without key bytes) and the audit log.
 GRANT USAGE ON SCHEMA immuta TO immuta_admin;
 GRANT SELECT ON immuta.keys, immuta.audit_log TO immuta_admin;

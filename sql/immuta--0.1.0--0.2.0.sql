@@ -112,3 +112,33 @@ SELECT k.id,
        k.server_identity
 FROM immuta.data_keys k
 CROSS JOIN (SELECT pg_catalog.max(id) AS current_id FROM immuta.data_keys) c;
+
+-- Typed values bound to their place (format 2): every built-in type immuta knows, in and out,
+-- and a context that is authenticated with the value. immuta_encrypt(text) and
+-- immuta_decrypt(bytea) keep their signatures; new values are format 2, format 1 reads forever.
+CREATE FUNCTION immuta_encrypt(plaintext text, context text) RETURNS bytea VOLATILE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_encrypt_text_context_wrapper';
+CREATE FUNCTION immuta_encrypt(value anyelement) RETURNS bytea VOLATILE STRICT PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_encrypt_value_wrapper';
+CREATE FUNCTION immuta_encrypt(value anyelement, context text) RETURNS bytea VOLATILE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_encrypt_value_context_wrapper';
+CREATE FUNCTION immuta_decrypt(ciphertext bytea, context text) RETURNS text STABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_decrypt_context_wrapper';
+CREATE FUNCTION immuta_decrypt(ciphertext bytea, as_type anyelement) RETURNS anyelement STABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_decrypt_as_wrapper';
+CREATE FUNCTION immuta_decrypt(ciphertext bytea, as_type anyelement, context text) RETURNS anyelement STABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_decrypt_as_context_wrapper';
+CREATE FUNCTION immuta_decrypt_bytea(ciphertext bytea) RETURNS bytea STABLE STRICT PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_decrypt_bytea_wrapper';
+CREATE FUNCTION immuta_decrypt_bytea(ciphertext bytea, context text) RETURNS bytea STABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_decrypt_bytea_context_wrapper';
+CREATE FUNCTION immuta_decrypt_jsonb(ciphertext bytea) RETURNS jsonb STABLE STRICT PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_decrypt_jsonb_wrapper';
+CREATE FUNCTION immuta_decrypt_jsonb(ciphertext bytea, context text) RETURNS jsonb STABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_decrypt_jsonb_context_wrapper';
+-- Typed values and contexts: encrypting for the encryptor, decrypting for the decryptor.
+REVOKE EXECUTE ON FUNCTION immuta_encrypt(text, text), immuta_encrypt(anyelement), immuta_encrypt(anyelement, text),
+    immuta_decrypt(bytea, text), immuta_decrypt(bytea, anyelement), immuta_decrypt(bytea, anyelement, text),
+    immuta_decrypt_bytea(bytea), immuta_decrypt_bytea(bytea, text),
+    immuta_decrypt_jsonb(bytea), immuta_decrypt_jsonb(bytea, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION immuta_encrypt(text, text), immuta_encrypt(anyelement), immuta_encrypt(anyelement, text)
+    TO immuta_encryptor;
+GRANT EXECUTE ON FUNCTION immuta_decrypt(bytea, text), immuta_decrypt(bytea, anyelement),
+    immuta_decrypt(bytea, anyelement, text), immuta_decrypt_bytea(bytea), immuta_decrypt_bytea(bytea, text),
+    immuta_decrypt_jsonb(bytea), immuta_decrypt_jsonb(bytea, text)
+    TO immuta_decryptor;
+GRANT EXECUTE ON FUNCTION immuta_encrypt(text, text), immuta_encrypt(anyelement), immuta_encrypt(anyelement, text),
+    immuta_decrypt(bytea, text), immuta_decrypt(bytea, anyelement), immuta_decrypt(bytea, anyelement, text),
+    immuta_decrypt_bytea(bytea), immuta_decrypt_bytea(bytea, text),
+    immuta_decrypt_jsonb(bytea), immuta_decrypt_jsonb(bytea, text)
+    TO @extowner@ WITH GRANT OPTION;

@@ -13,16 +13,18 @@
 use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-use immuta_core::cipher::DataCipher;
+use immuta_core::cipher::{expect_type, DataCipher};
 use immuta_core::config::Config;
 use immuta_core::format;
 use immuta_core::key::KeyId;
 use immuta_core::keyring::{CurrentKey, KeyRing};
 use immuta_core::nonce::NonceSource;
 use immuta_core::time::UnixMicros;
+use immuta_core::value_type::{Scalar, ValueType};
 use pgrx::prelude::*;
 use pgrx::{pg_sys, PgSqlErrorCode};
 use std::rc::Rc;
+use zeroize::Zeroizing;
 
 use crate::catalog::{self, TableOids};
 use crate::config_source::{self, Effective};
@@ -299,16 +301,19 @@ fn refresh() {
     });
 }
 
-/// `immuta_encrypt`: seals under the current key, rolling over first when it is due by age or
-/// by usage. Returns the `bytea`, built in place.
-pub fn encrypt(plaintext: &[u8]) -> varlena::Bytea {
+/// `immuta_encrypt`: seals the encoding `plaintext` of a value of `value_type`, with `context` if
+/// given, under the current data key, straight into the `bytea` it returns.
+pub fn encrypt(value_type: ValueType, context: Option<&[u8]>, plaintext: &[u8]) -> varlena::Bytea {
     let now = prepare();
     let len = format::sealed_len(plaintext.len());
+    let seal = |cipher: &DataCipher, nonce: &[u8; format::NONCE_LEN], out: &mut [u8]| {
+        cipher.seal_into(nonce, value_type, context, plaintext, out)
+    };
     let fast = BACKEND.with_borrow_mut(|b| {
         let (id, _) = b.spendable(now)?;
         let nonce = b.next_nonce();
         let cipher = b.ring.cipher(id, now)?;
-        let sealed = varlena::bytea(len, |out| cipher.seal_into(&nonce, plaintext, out));
+        let sealed = varlena::bytea(len, |out| seal(cipher, &nonce, out));
         b.budget -= 1;
         Some(sealed)
     });
@@ -332,22 +337,67 @@ pub fn encrypt(plaintext: &[u8]) -> varlena::Bytea {
         b.budget -= 1;
         let nonce = b.next_nonce();
         let cipher = b.ring.loaded(id).expect("ensure_cipher loaded it");
-        varlena::bytea(len, |out| cipher.seal_into(&nonce, plaintext, out))
+        varlena::bytea(len, |out| seal(cipher, &nonce, out))
     })
 }
 
-/// `immuta_decrypt`: opens with the key the value names, loading that key once per backend.
-/// Returns the `text`, built in place.
-pub fn decrypt(ciphertext: &[u8]) -> varlena::Text {
+/// Parses a ciphertext and checks it holds `wanted`, loading the key it names once per backend;
+/// then calls `open` with the ready cipher and the parsed value.
+fn with_cipher<R>(
+    ciphertext: &[u8],
+    wanted: ValueType,
+    open: impl FnOnce(&DataCipher, &format::Sealed<'_>) -> R,
+) -> R {
     let sealed = format::parse(ciphertext).or_raise();
+    expect_type(&sealed, wanted).or_raise();
     let now = prepare();
     if BACKEND.with_borrow(|b| b.ring.cipher(sealed.key_id, now).is_none()) {
         keys::ensure_cipher(sealed.key_id, now);
     }
-    BACKEND.with_borrow(|b| {
-        let cipher = b.ring.loaded(sealed.key_id).expect("ensure_cipher loaded it");
-        varlena::text(sealed.body.len(), |out| cipher.open_text_into(&sealed, out).or_raise())
+    BACKEND.with_borrow(|b| open(b.ring.loaded(sealed.key_id).expect("ensure_cipher loaded it"), &sealed))
+}
+
+/// `immuta_decrypt` to text: opens straight into the `text` it returns.
+pub fn decrypt_text(ciphertext: &[u8], context: Option<&[u8]>) -> varlena::Text {
+    with_cipher(ciphertext, ValueType::TEXT, |cipher, sealed| {
+        varlena::text(sealed.body.len(), |out| cipher.open_into(sealed, context, out).or_raise())
     })
+}
+
+/// `immuta_decrypt_bytea`: opens straight into the `bytea` it returns.
+pub fn decrypt_bytea(ciphertext: &[u8], context: Option<&[u8]>) -> varlena::Bytea {
+    with_cipher(ciphertext, ValueType::scalar(Scalar::Bytea), |cipher, sealed| {
+        varlena::bytea(sealed.body.len(), |out| cipher.open_into(sealed, context, out).or_raise())
+    })
+}
+
+/// Decrypts a value of `wanted` and hands its plaintext encoding to `decode`, followed by one NUL
+/// byte (which PostgreSQL's receive functions expect after their input, and which is not part of
+/// the plaintext); the plaintext is zeroed when `decode` returns.
+pub fn decrypt_with<R>(
+    ciphertext: &[u8],
+    wanted: ValueType,
+    context: Option<&[u8]>,
+    decode: impl FnOnce(&mut [u8]) -> R,
+) -> R {
+    // Small values (every fixed-size type) are opened on the stack, larger ones on the heap.
+    const SMALL: usize = 64;
+    let mut small = Zeroizing::new([0u8; SMALL]);
+    let mut large = Zeroizing::new(Vec::new());
+    let (small_ref, large_ref) = (&mut *small, &mut *large);
+    let with_nul: &mut [u8] = with_cipher(ciphertext, wanted, move |cipher, sealed| {
+        let len = sealed.body.len();
+        let buf: &mut [u8] = if len < SMALL {
+            &mut small_ref[..=len]
+        } else {
+            crate::buffer::reserve(large_ref, len + 1);
+            large_ref.resize(len + 1, 0);
+            large_ref.as_mut_slice()
+        };
+        cipher.open_into(sealed, context, &mut buf[..len]).or_raise();
+        buf
+    });
+    decode(with_nul)
 }
 
 /// Forgets this backend's grant of the usage counter (see `usage.rs`). Called from abort

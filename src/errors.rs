@@ -54,6 +54,22 @@ pub fn warn(code: PgSqlErrorCode, message: impl Into<String>, detail: Option<Str
     report_at(PgLogLevel::WARNING, code, message.into(), detail, hint);
 }
 
+/// The call that decrypts a value of `value_type`, for HINTs.
+pub fn reader_of(value_type: immuta_core::value_type::ValueType) -> String {
+    use immuta_core::value_type::{Scalar, ValueType};
+    let call = match value_type {
+        ValueType::TEXT => "immuta_decrypt(ciphertext)",
+        t if t == ValueType::scalar(Scalar::Bytea) => "immuta_decrypt_bytea(ciphertext)",
+        t if t == ValueType::scalar(Scalar::Jsonb) => "immuta_decrypt_jsonb(ciphertext)",
+        t => {
+            return format!(
+                "immuta_decrypt(ciphertext, NULL::{t}), and its context as a third argument if it was encrypted with one"
+            )
+        }
+    };
+    format!("{call}, and its context as a second argument if it was encrypted with one")
+}
+
 /// Raises the ERROR for a core error.
 pub fn report(error: Error, origin: ConfigOrigin) -> ! {
     use PgSqlErrorCode::*;
@@ -67,8 +83,48 @@ pub fn report(error: Error, origin: ConfigOrigin) -> ! {
         Error::UnsupportedVersion { version } => raise(
             ERRCODE_FEATURE_NOT_SUPPORTED,
             format!("unsupported immuta ciphertext format version {version}"),
-            Some(format!("This immuta reads format version {}.", immuta_core::format::VERSION_1)),
+            Some(format!(
+                "This immuta reads format versions {} and {}.",
+                immuta_core::format::VERSION_1,
+                immuta_core::format::VERSION_2
+            )),
             Some("The value was written by a newer immuta, or it is not a value produced by immuta_encrypt()."),
+        ),
+        Error::UnsupportedFeature { version, what, value } => raise(
+            ERRCODE_FEATURE_NOT_SUPPORTED,
+            format!("unsupported immuta ciphertext format {version} {what}"),
+            Some(format!("The header's {what} byte is {value:#04x}, which this immuta does not know.")),
+            Some("The value was written by a newer immuta, or it is not a value produced by immuta_encrypt()."),
+        ),
+        Error::TypeMismatch { held, wanted } => raise(
+            ERRCODE_DATATYPE_MISMATCH,
+            format!("immuta value holds {held}, not {wanted}"),
+            Some(format!("The value was encrypted from a {held} and is decrypted only as one.")),
+            Some(&format!("Read it with {}.", reader_of(held))),
+        ),
+        Error::ContextMismatch { key_id, problem } => {
+            use immuta_core::error::ContextProblem::*;
+            let detail = match problem {
+                Missing => "The value was encrypted with a context, and none was given.".to_owned(),
+                NotExpected => "The value was encrypted without a context, and one was given.".to_owned(),
+                Different => format!(
+                    "The value does not verify under data key {key_id} with the context given: the \
+                     context differs from the one it was encrypted with (the value was moved from \
+                     another row, column or table), or its bytes were altered."
+                ),
+            };
+            raise(
+                ERRCODE_INVALID_PARAMETER_VALUE,
+                "immuta context does not match the encrypted value",
+                Some(detail),
+                Some("Decrypt with exactly the context the value was encrypted with (the same expression over the same row)."),
+            )
+        }
+        Error::InvalidEncoding { key_id, value_type } => raise(
+            ERRCODE_INVALID_BINARY_REPRESENTATION,
+            format!("immuta decrypted value is not a valid {value_type}"),
+            Some(format!("The value authenticated under data key {key_id}, but its bytes are not an encoding of {value_type}.")),
+            Some("Only values produced by immuta_encrypt() decrypt; this one was made otherwise with the data key."),
         ),
         Error::UnknownKey { key_id } => raise(
             ERRCODE_UNDEFINED_OBJECT,

@@ -4,13 +4,15 @@
 use immuta_core::config::Config;
 use immuta_core::format;
 use immuta_core::key::ProviderKind;
+use immuta_core::value_type::ValueType;
 use pgrx::prelude::*;
-use pgrx::{pg_sys, JsonB, PgSqlErrorCode};
+use pgrx::{pg_sys, AnyElement, FromDatum, JsonB, PgSqlErrorCode};
 
 use crate::backend::{self, BACKEND};
 use crate::catalog;
 use crate::errors::{self, raise, ConfigOrigin, OrRaise};
 use crate::gucs;
+use crate::typed;
 use crate::varlena::{Bytea, Text};
 
 /// Encrypts a text value under the current data key. VOLATILE: a fresh random nonce per call.
@@ -23,14 +25,200 @@ use crate::varlena::{Bytea, Text};
            VOLATILE STRICT PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_encrypt_wrapper';"
 )]
 fn immuta_encrypt(plaintext: &[u8]) -> Bytea {
-    backend::encrypt(plaintext)
+    backend::encrypt(ValueType::TEXT, None, plaintext)
 }
 
-/// Decrypts a value produced by `immuta_encrypt`. STABLE, not IMMUTABLE: the result depends on
-/// the keys table and the master key.
+/// The longest context immuta takes (64 KiB): a context names a place, and longer input would
+/// only be a way to make immuta allocate.
+const MAX_CONTEXT_LEN: usize = 64 * 1024;
+
+/// A context is required where one is named: NULL would bind the value to nothing (when
+/// encrypting), or let a value bound to nothing through (when decrypting).
+fn required(context: Option<&[u8]>) -> &[u8] {
+    let context = context.unwrap_or_else(|| {
+        raise(
+            PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            "immuta context is NULL",
+            Some(
+                "A value encrypted with a context decrypts only with the same context; NULL names none."
+                    .into(),
+            ),
+            Some(
+                "Build the context from columns that are never NULL (a primary key). For a value encrypted \
+                 without a context, call the function without one.",
+            ),
+        )
+    });
+    if context.len() > MAX_CONTEXT_LEN {
+        raise(
+            PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            "immuta context is too long",
+            Some(format!(
+                "The context is {} bytes long; immuta takes at most {MAX_CONTEXT_LEN}.",
+                context.len()
+            )),
+            Some("Name the place of the value (table, column, primary key), not its content."),
+        );
+    }
+    context
+}
+
+/// Encrypts a text value bound to `context` (authenticated, not stored). Not STRICT: a NULL
+/// context is an error, a NULL value gives NULL.
+#[pg_extern(
+    volatile,
+    parallel_safe,
+    sql = "CREATE FUNCTION immuta_encrypt(plaintext text, context text) RETURNS bytea \
+           VOLATILE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_encrypt_text_context_wrapper';"
+)]
+fn immuta_encrypt_text_context(plaintext: Option<&[u8]>, context: Option<&[u8]>) -> Option<Bytea> {
+    let context = required(context);
+    Some(backend::encrypt(ValueType::TEXT, Some(context), plaintext?))
+}
+
+/// Encrypts a value of any type immuta knows (typed.rs); the ciphertext records the type.
+#[pg_extern(
+    volatile,
+    strict,
+    parallel_safe,
+    sql = "CREATE FUNCTION immuta_encrypt(value anyelement) RETURNS bytea \
+           VOLATILE STRICT PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_encrypt_value_wrapper';"
+)]
+fn immuta_encrypt_value(value: AnyElement) -> Bytea {
+    encrypt_typed(&value, None)
+}
+
+/// Encrypts a value of any type immuta knows, bound to `context`.
+#[pg_extern(
+    volatile,
+    parallel_safe,
+    sql = "CREATE FUNCTION immuta_encrypt(value anyelement, context text) RETURNS bytea \
+           VOLATILE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_encrypt_value_context_wrapper';"
+)]
+fn immuta_encrypt_value_context(value: Option<AnyElement>, context: Option<&[u8]>) -> Option<Bytea> {
+    let context = required(context);
+    Some(encrypt_typed(&value?, Some(context)))
+}
+
+fn encrypt_typed(value: &AnyElement, context: Option<&[u8]>) -> Bytea {
+    let t = typed::sql_type(value.oid());
+    typed::encode(&t, value.datum(), |plaintext| backend::encrypt(t.value_type, context, plaintext))
+}
+
+/// Decrypts a text value produced by `immuta_encrypt` without a context (format 1 or 2).
+/// STABLE, not IMMUTABLE: the result depends on the keys table and the master key.
 #[pg_extern(stable, strict, parallel_safe)]
 fn immuta_decrypt(ciphertext: &[u8]) -> Text {
-    backend::decrypt(ciphertext)
+    backend::decrypt_text(ciphertext, None)
+}
+
+/// Decrypts a text value with the context it was encrypted with (NULL: `22004`).
+#[pg_extern(
+    stable,
+    parallel_safe,
+    sql = "CREATE FUNCTION immuta_decrypt(ciphertext bytea, context text) RETURNS text \
+           STABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_decrypt_context_wrapper';"
+)]
+fn immuta_decrypt_context(ciphertext: Option<&[u8]>, context: Option<&[u8]>) -> Option<Text> {
+    let context = required(context);
+    Some(backend::decrypt_text(ciphertext?, Some(context)))
+}
+
+/// Decrypts a value of the type of `as_type` (usually a typed NULL: `NULL::numeric`), in the
+/// manner of `jsonb_populate_record`.
+#[pg_extern(
+    stable,
+    parallel_safe,
+    sql = "CREATE FUNCTION immuta_decrypt(ciphertext bytea, as_type anyelement) RETURNS anyelement \
+           STABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_decrypt_as_wrapper';"
+)]
+fn immuta_decrypt_as(
+    ciphertext: Option<&[u8]>,
+    _as_type: Option<AnyElement>,
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> Option<AnyElement> {
+    decrypt_typed(ciphertext?, typed_argument(fcinfo), None)
+}
+
+/// [`immuta_decrypt_as`] with the context the value was encrypted with (NULL: `22004`).
+#[pg_extern(
+    stable,
+    parallel_safe,
+    sql = "CREATE FUNCTION immuta_decrypt(ciphertext bytea, as_type anyelement, context text) RETURNS anyelement \
+           STABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_decrypt_as_context_wrapper';"
+)]
+fn immuta_decrypt_as_context(
+    ciphertext: Option<&[u8]>,
+    _as_type: Option<AnyElement>,
+    context: Option<&[u8]>,
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> Option<AnyElement> {
+    let context = required(context);
+    decrypt_typed(ciphertext?, typed_argument(fcinfo), Some(context))
+}
+
+/// The type of the `as_type` argument, as the call resolved it.
+fn typed_argument(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Oid {
+    // SAFETY: fcinfo is this call's, with the flinfo PostgreSQL set up; the argument's type comes
+    // from the call expression.
+    unsafe { pg_sys::get_fn_expr_argtype((*fcinfo).flinfo, 1) }
+}
+
+fn decrypt_typed(ciphertext: &[u8], oid: pg_sys::Oid, context: Option<&[u8]>) -> Option<AnyElement> {
+    let t = typed::sql_type(oid);
+    typed::refuse_domain(&t, oid);
+    let datum =
+        backend::decrypt_with(ciphertext, t.value_type, context, |with_nul| typed::decode(&t, with_nul));
+    // SAFETY: `datum` is a non-NULL value of type `oid`, which is the call's result type.
+    unsafe { AnyElement::from_polymorphic_datum(datum, false, oid) }
+}
+
+/// Decrypts a `bytea` value encrypted without a context.
+#[pg_extern(
+    stable,
+    strict,
+    parallel_safe,
+    sql = "CREATE FUNCTION immuta_decrypt_bytea(ciphertext bytea) RETURNS bytea \
+           STABLE STRICT PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_decrypt_bytea_wrapper';"
+)]
+fn immuta_decrypt_bytea(ciphertext: &[u8]) -> Bytea {
+    backend::decrypt_bytea(ciphertext, None)
+}
+
+/// Decrypts a `bytea` value with its context.
+#[pg_extern(
+    stable,
+    parallel_safe,
+    sql = "CREATE FUNCTION immuta_decrypt_bytea(ciphertext bytea, context text) RETURNS bytea \
+           STABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_decrypt_bytea_context_wrapper';"
+)]
+fn immuta_decrypt_bytea_context(ciphertext: Option<&[u8]>, context: Option<&[u8]>) -> Option<Bytea> {
+    let context = required(context);
+    Some(backend::decrypt_bytea(ciphertext?, Some(context)))
+}
+
+/// Decrypts a `jsonb` value encrypted without a context.
+#[pg_extern(
+    stable,
+    strict,
+    parallel_safe,
+    sql = "CREATE FUNCTION immuta_decrypt_jsonb(ciphertext bytea) RETURNS jsonb \
+           STABLE STRICT PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_decrypt_jsonb_wrapper';"
+)]
+fn immuta_decrypt_jsonb(ciphertext: &[u8]) -> Option<AnyElement> {
+    decrypt_typed(ciphertext, pg_sys::JSONBOID, None)
+}
+
+/// Decrypts a `jsonb` value with its context.
+#[pg_extern(
+    stable,
+    parallel_safe,
+    sql = "CREATE FUNCTION immuta_decrypt_jsonb(ciphertext bytea, context text) RETURNS jsonb \
+           STABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_decrypt_jsonb_context_wrapper';"
+)]
+fn immuta_decrypt_jsonb_context(ciphertext: Option<&[u8]>, context: Option<&[u8]>) -> Option<AnyElement> {
+    let context = required(context);
+    decrypt_typed(ciphertext?, pg_sys::JSONBOID, Some(context))
 }
 
 /// The id of the data key a ciphertext was encrypted under (reads the header only), to find the

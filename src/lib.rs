@@ -24,6 +24,7 @@
 use pgrx::prelude::*;
 
 mod backend;
+mod buffer;
 mod catalog;
 mod compat;
 mod config_source;
@@ -36,6 +37,7 @@ mod providers;
 mod restore;
 mod shared_cache;
 mod status;
+mod typed;
 mod usage;
 mod varlena;
 

@@ -44,6 +44,11 @@ pub fn text(len: usize, fill: impl FnOnce(&mut [u8])) -> Text {
     Text(build(len, fill))
 }
 
+/// A varlena of any type with `len` data bytes that `fill` writes.
+pub fn datum(len: usize, fill: impl FnOnce(&mut [u8])) -> pg_sys::Datum {
+    build(len, fill)
+}
+
 /// The largest allocation PostgreSQL allows (`MaxAllocSize`).
 const MAX_ALLOC: usize = 0x3fff_ffff;
 

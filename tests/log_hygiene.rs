@@ -65,10 +65,12 @@ fn the_server_log_at_debug5_holds_no_key_and_no_secret_whatever_fails() {
         ("SELECT immuta_decrypt('\\x0102'::bytea)", "22P03"),
         ("SELECT immuta_decrypt(set_byte(v, 30, get_byte(v, 30) # 1)) FROM t LIMIT 1", "22000"),
         (
-            "SELECT immuta_decrypt(overlay(v PLACING '\\x00000000000000ff'::bytea FROM 2)) FROM t LIMIT 1",
+            "SELECT immuta_decrypt(overlay(v PLACING '\\x00000000000000ff'::bytea FROM 4)) FROM t LIMIT 1",
             "42704",
         ),
-        ("SELECT immuta_decrypt(set_byte(v, 0, 2)) FROM t LIMIT 1", "0A000"),
+        ("SELECT immuta_decrypt(set_byte(v, 0, 3)) FROM t LIMIT 1", "0A000"),
+        ("SELECT immuta_decrypt(v, 'another row') FROM t LIMIT 1", "22023"),
+        ("SELECT immuta_decrypt(v, NULL::jsonb) FROM t LIMIT 1", "42804"),
     ] {
         assert_eq!(sqlstate(fresh.batch_execute(bad)), state, "{bad}");
     }

@@ -1,98 +1,168 @@
-//! Sealing and opening values under one data key (AES-256-GCM, layout in `format.rs`).
+//! Sealing and opening values under one data key (AES-256-GCM, layouts in `format.rs`).
 //!
-//! [`DataCipher`] holds the expanded AES key schedule, so that a key is expanded once per backend
-//! rather than once per row; the schedule is zeroized when the cipher is dropped (the `zeroize`
-//! features of `aes` and `aes-gcm`). Tag comparison is constant-time inside `aes-gcm`, and a value
-//! that fails authentication yields one opaque error, never partial plaintext.
+//! [`DataCipher`] holds AWS-LC's expanded AES-GCM key (through `aws-lc-rs`, which the AWS SDK
+//! links anyway): the key is expanded once per backend rather than once per row, and the
+//! assembly implementations of AES-GCM (AES-NI with carry-less multiplication, or the ARMv8
+//! instructions) run at memory speed on large values. AWS-LC frees the key context with
+//! `OPENSSL_free`, which overwrites the memory first, so the schedule is zeroized when the
+//! cipher is dropped. Values are sealed from the input straight into the output and opened the
+//! same way, with no intermediate copy. Tag comparison is constant-time inside AWS-LC, and a
+//! value that fails authentication yields one error, never partial plaintext (the output is
+//! zeroed).
+//!
+//! The associated data of a version-2 value is its header followed by the context, if one is
+//! given; the context itself is never stored.
 
-use aes_gcm::aead::AeadInPlace;
-use aes_gcm::{Aes256Gcm, KeyInit, Nonce, Tag};
+use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use zeroize::Zeroize;
 
-use crate::format::{self, BODY_OFFSET, HEADER_LEN, OVERHEAD};
+use crate::encoding;
+use crate::error::ContextProblem;
+use crate::format::{self, BODY_OFFSET, HEADER_LEN, NONCE_LEN, OVERHEAD};
 use crate::key::{DataKey, KeyId};
+use crate::value_type::ValueType;
 use crate::{Error, Result};
 
 /// A ready AES-256-GCM cipher for one data key.
 pub struct DataCipher {
     key_id: KeyId,
-    aead: Aes256Gcm,
+    aead: LessSafeKey,
+}
+
+/// Contexts up to this length are joined to the header on the stack; longer ones on the heap.
+const STACK_AAD: usize = 256;
+
+/// Calls `f` with the associated data: `header`, then the context's bytes.
+fn with_aad<R>(header: &[u8], context: Option<&[u8]>, f: impl FnOnce(&[u8]) -> R) -> R {
+    match context {
+        None => f(header),
+        Some(context) if header.len() + context.len() <= STACK_AAD => {
+            let mut buf = [0u8; STACK_AAD];
+            let n = header.len() + context.len();
+            buf[..header.len()].copy_from_slice(header);
+            buf[header.len()..n].copy_from_slice(context);
+            f(&buf[..n])
+        }
+        Some(context) => f(&[header, context].concat()),
+    }
 }
 
 impl DataCipher {
     pub fn new(key_id: KeyId, key: &DataKey) -> DataCipher {
-        DataCipher { key_id, aead: Aes256Gcm::new(key.expose().into()) }
+        let unbound = UnboundKey::new(&AES_256_GCM, key.expose()).expect("a data key is 32 bytes");
+        DataCipher { key_id, aead: LessSafeKey::new(unbound) }
     }
 
     pub fn key_id(&self) -> KeyId {
         self.key_id
     }
 
-    /// Seals `plaintext` into `out`, which must be exactly `format::sealed_len(plaintext.len())`
-    /// bytes long. Writing into a caller's buffer lets the SQL layer seal straight into the
-    /// `bytea` it returns.
-    pub fn seal_into(&self, nonce: &[u8; format::NONCE_LEN], plaintext: &[u8], out: &mut [u8]) {
+    /// Seals the encoding `plaintext` of a value of `value_type`, with `context` if given, into
+    /// `out`, which must be exactly `format::sealed_len(plaintext.len())` bytes long (version 2).
+    /// Writing into a caller's buffer lets the SQL layer seal straight into the `bytea` it
+    /// returns.
+    pub fn seal_into(
+        &self,
+        nonce: &[u8; NONCE_LEN],
+        value_type: ValueType,
+        context: Option<&[u8]>,
+        plaintext: &[u8],
+        out: &mut [u8],
+    ) {
         assert_eq!(out.len(), format::sealed_len(plaintext.len()), "output buffer of wrong size");
-        format::write_header(self.key_id, out);
+        format::write_header(self.key_id, value_type, context.is_some(), out);
         out[HEADER_LEN..BODY_OFFSET].copy_from_slice(nonce);
         let (head, rest) = out.split_at_mut(BODY_OFFSET);
-        let (body, tag_out) = rest.split_at_mut(plaintext.len());
-        body.copy_from_slice(plaintext);
-        let tag = self
-            .aead
-            .encrypt_in_place_detached(Nonce::from_slice(nonce), &head[..HEADER_LEN], body)
-            .expect("AES-GCM accepts any plaintext below 64 GiB, and PostgreSQL values are below 1 GiB");
-        tag_out.copy_from_slice(&tag);
+        let (body, tag) = rest.split_at_mut(plaintext.len());
+        with_aad(&head[..HEADER_LEN], context, |aad| {
+            self.aead
+                .seal_out_of_place_scatter(
+                    Nonce::assume_unique_for_key(*nonce),
+                    Aad::from(aad),
+                    plaintext,
+                    body,
+                    &[],
+                    tag,
+                )
+                .expect("AES-GCM accepts any plaintext below 64 GiB, and PostgreSQL values are below 1 GiB")
+        });
     }
 
-    /// Seals `plaintext` into a new vector.
-    pub fn seal(&self, nonce: &[u8; format::NONCE_LEN], plaintext: &[u8]) -> Vec<u8> {
+    /// Seals into a new vector.
+    pub fn seal(
+        &self,
+        nonce: &[u8; NONCE_LEN],
+        value_type: ValueType,
+        context: Option<&[u8]>,
+        plaintext: &[u8],
+    ) -> Vec<u8> {
         let mut out = vec![0u8; plaintext.len() + OVERHEAD];
-        self.seal_into(nonce, plaintext, &mut out);
+        self.seal_into(nonce, value_type, context, plaintext, &mut out);
         out
     }
 
-    /// Opens a parsed ciphertext into `out`, which must be exactly `sealed.body.len()` bytes.
-    /// On failure `out` is zeroed. The caller has already checked that `sealed.key_id` is this
-    /// cipher's key.
-    pub fn open_into(&self, sealed: &format::Sealed<'_>, out: &mut [u8]) -> Result<()> {
+    /// Opens a parsed ciphertext with `context` into `out`, which must be exactly
+    /// `sealed.body.len()` bytes; checks that the plaintext is a valid encoding of its type as
+    /// far as the core can tell (`encoding::check_scalar`; the SQL layer's decoder checks the
+    /// rest). On failure `out` is zeroed. The caller has already checked that `sealed.key_id` is
+    /// this cipher's key and that the value holds the type it wants ([`expect_type`]).
+    pub fn open_into(
+        &self,
+        sealed: &format::Sealed<'_>,
+        context: Option<&[u8]>,
+        out: &mut [u8],
+    ) -> Result<()> {
         debug_assert_eq!(sealed.key_id, self.key_id);
         assert_eq!(out.len(), sealed.body.len(), "output buffer of wrong size");
-        out.copy_from_slice(sealed.body);
-        let tag = Tag::from_slice(sealed.tag);
-        match self.aead.decrypt_in_place_detached(Nonce::from_slice(sealed.nonce), sealed.header, out, tag) {
-            Ok(()) => Ok(()),
-            Err(_) => {
-                out.zeroize();
-                Err(Error::AuthenticationFailed { key_id: self.key_id })
-            }
+        let context_problem = match (sealed.has_context, context.is_some()) {
+            (true, false) => Some(ContextProblem::Missing),
+            (false, true) => Some(ContextProblem::NotExpected),
+            _ => None,
+        };
+        if let Some(problem) = context_problem {
+            return Err(Error::ContextMismatch { key_id: self.key_id, problem });
         }
-    }
-
-    /// Opens a ciphertext into text: authenticates, decrypts and checks that the result is UTF-8
-    /// without NUL bytes (which a PostgreSQL `text` cannot hold).
-    pub fn open_text(&self, sealed: &format::Sealed<'_>) -> Result<String> {
-        let mut out = vec![0u8; sealed.body.len()];
-        self.open_text_into(sealed, &mut out)?;
-        Ok(String::from_utf8(out).expect("checked"))
-    }
-
-    /// [`DataCipher::open_text`] into a caller's buffer of exactly `sealed.body.len()` bytes;
-    /// zeroed on failure.
-    pub fn open_text_into(&self, sealed: &format::Sealed<'_>, out: &mut [u8]) -> Result<()> {
-        self.open_into(sealed, out)?;
-        if let Err(e) = check_text(self.key_id, out) {
+        let opened = with_aad(sealed.header, context, |aad| {
+            self.aead.open_separate_gather(
+                Nonce::assume_unique_for_key(*sealed.nonce),
+                Aad::from(aad),
+                sealed.body,
+                sealed.tag,
+                out,
+            )
+        });
+        if opened.is_err() {
             out.zeroize();
-            return Err(e);
+            return Err(if sealed.has_context {
+                Error::ContextMismatch { key_id: self.key_id, problem: ContextProblem::Different }
+            } else {
+                Error::AuthenticationFailed { key_id: self.key_id }
+            });
+        }
+        if !sealed.value_type.array && encoding::check_scalar(sealed.value_type, out).is_err() {
+            out.zeroize();
+            return Err(if sealed.value_type == ValueType::TEXT {
+                Error::InvalidText { key_id: self.key_id }
+            } else {
+                Error::InvalidEncoding { key_id: self.key_id, value_type: sealed.value_type }
+            });
         }
         Ok(())
     }
+
+    /// Opens a text value (version 1, or version 2 of type text) into a new string.
+    pub fn open_text(&self, sealed: &format::Sealed<'_>, context: Option<&[u8]>) -> Result<String> {
+        expect_type(sealed, ValueType::TEXT)?;
+        let mut out = vec![0u8; sealed.body.len()];
+        self.open_into(sealed, context, &mut out)?;
+        Ok(String::from_utf8(out).expect("checked"))
+    }
 }
 
-/// A decrypted value is returned as `text`: it must be UTF-8 and free of NUL bytes.
-pub fn check_text(key_id: KeyId, bytes: &[u8]) -> Result<()> {
-    if std::str::from_utf8(bytes).is_err() || bytes.contains(&0) {
-        return Err(Error::InvalidText { key_id });
+/// Refuses to read a value as another type than the one it holds.
+pub fn expect_type(sealed: &format::Sealed<'_>, wanted: ValueType) -> Result<()> {
+    if sealed.value_type != wanted {
+        return Err(Error::TypeMismatch { held: sealed.value_type, wanted });
     }
     Ok(())
 }
@@ -101,53 +171,116 @@ pub fn check_text(key_id: KeyId, bytes: &[u8]) -> Result<()> {
 mod tests {
     use super::*;
     use crate::format::parse;
+    use crate::value_type::Scalar;
 
     fn cipher(id: i64, byte: u8) -> DataCipher {
         let mut raw = [byte; 32];
         DataCipher::new(KeyId::new(id).unwrap(), &DataKey::from_bytes(&mut raw))
     }
 
+    fn seal_text(c: &DataCipher, text: &str, context: Option<&str>) -> Vec<u8> {
+        c.seal(&[3; 12], ValueType::TEXT, context.map(str::as_bytes), text.as_bytes())
+    }
+
     #[test]
     fn seal_then_open_round_trips() {
         let c = cipher(5, 7);
+        let long_context = "c".repeat(1000);
         for text in ["", "123-45-6789", "żółw 🐢 ☃", &"x".repeat(3 << 20)] {
-            let sealed = c.seal(&[3; 12], text.as_bytes());
-            assert_eq!(sealed.len(), text.len() + OVERHEAD);
-            assert_eq!(c.open_text(&parse(&sealed).unwrap()).unwrap(), text);
+            for context in [None, Some(""), Some("public.patients.ssn:42"), Some(long_context.as_str())] {
+                let sealed = seal_text(&c, text, context);
+                assert_eq!(sealed.len(), text.len() + OVERHEAD);
+                assert_eq!(c.open_text(&parse(&sealed).unwrap(), context.map(str::as_bytes)).unwrap(), text);
+            }
         }
     }
 
     #[test]
     fn every_single_bit_flip_fails_authentication() {
         let c = cipher(1, 1);
-        let sealed = c.seal(&[0; 12], b"4111 1111 1111 1111");
-        for byte in 0..sealed.len() {
-            for bit in 0..8 {
-                let mut bad = sealed.clone();
-                bad[byte] ^= 1 << bit;
-                match parse(&bad) {
-                    Ok(s) if s.key_id == c.key_id() => {
-                        assert!(matches!(c.open_text(&s), Err(Error::AuthenticationFailed { .. })))
+        for context in [None, Some(&b"row 1"[..])] {
+            let sealed = c.seal(&[0; 12], ValueType::TEXT, context, b"4111 1111 1111 1111");
+            for byte in 0..sealed.len() {
+                for bit in 0..8 {
+                    let mut bad = sealed.clone();
+                    bad[byte] ^= 1 << bit;
+                    match parse(&bad) {
+                        Ok(s) if s.key_id == c.key_id() && s.value_type == ValueType::TEXT => {
+                            assert!(matches!(
+                                c.open_text(&s, context),
+                                Err(Error::AuthenticationFailed { .. } | Error::ContextMismatch { .. })
+                            ))
+                        }
+                        // Another key id, version, flag or type: rejected before opening.
+                        Ok(_) | Err(_) => {}
                     }
-                    Ok(_) | Err(_) => {} // header changed: another key id or version, rejected earlier
                 }
             }
         }
     }
 
     #[test]
-    fn a_different_key_with_the_same_id_fails_authentication() {
-        let sealed = cipher(1, 1).seal(&[0; 12], b"secret");
-        let other = cipher(1, 2);
-        assert!(matches!(other.open_text(&parse(&sealed).unwrap()), Err(Error::AuthenticationFailed { .. })));
+    fn a_context_opens_only_what_it_sealed() {
+        let c = cipher(1, 1);
+        let with = |ctx: &str| seal_text(&c, "123-45-6789", Some(ctx));
+        let open = |v: &[u8], ctx: Option<&str>| c.open_text(&parse(v).unwrap(), ctx.map(str::as_bytes));
+        let problem = |r: Result<String>| match r {
+            Err(Error::ContextMismatch { problem, .. }) => problem,
+            other => panic!("{:?}", other.map(|_| ())),
+        };
+        assert_eq!(problem(open(&with("row 1"), Some("row 2"))), ContextProblem::Different);
+        assert_eq!(problem(open(&with("row 1"), None)), ContextProblem::Missing);
+        assert_eq!(problem(open(&seal_text(&c, "x", None), Some("row 1"))), ContextProblem::NotExpected);
+        // The empty context is a context: it is not the same as none.
+        assert_eq!(problem(open(&with(""), None)), ContextProblem::Missing);
+        assert_eq!(open(&with(""), Some("")).unwrap(), "123-45-6789");
+        // The header is authenticated too: clearing the context flag does not make a bound value
+        // open without its context.
+        let mut cleared = with("row 1");
+        cleared[1] = 0;
+        assert!(matches!(open(&cleared, None), Err(Error::AuthenticationFailed { .. })));
     }
 
     #[test]
-    fn authenticated_bytes_that_are_not_text_are_rejected() {
+    fn a_different_key_with_the_same_id_fails_authentication() {
+        let sealed = seal_text(&cipher(1, 1), "secret", None);
+        let other = cipher(1, 2);
+        assert!(matches!(
+            other.open_text(&parse(&sealed).unwrap(), None),
+            Err(Error::AuthenticationFailed { .. })
+        ));
+    }
+
+    #[test]
+    fn a_value_is_read_as_its_own_type_only() {
+        let c = cipher(1, 1);
+        let sealed = c.seal(&[0; 12], ValueType::scalar(Scalar::Jsonb), None, b"\x01{}");
+        assert!(matches!(
+            c.open_text(&parse(&sealed).unwrap(), None),
+            Err(Error::TypeMismatch { held, wanted }) if held == ValueType::scalar(Scalar::Jsonb) && wanted == ValueType::TEXT
+        ));
+        // A type byte changed in transit does not authenticate.
+        let mut retyped = sealed.clone();
+        retyped[2] = ValueType::TEXT.to_byte();
+        assert!(matches!(
+            c.open_text(&parse(&retyped).unwrap(), None),
+            Err(Error::AuthenticationFailed { .. })
+        ));
+    }
+
+    #[test]
+    fn authenticated_bytes_that_are_not_their_type_are_rejected() {
         let c = cipher(1, 1);
         for bad in [&b"\xff\xfe"[..], b"a\0b"] {
-            let sealed = c.seal(&[0; 12], bad);
-            assert!(matches!(c.open_text(&parse(&sealed).unwrap()), Err(Error::InvalidText { .. })));
+            let sealed = c.seal(&[0; 12], ValueType::TEXT, None, bad);
+            assert!(matches!(c.open_text(&parse(&sealed).unwrap(), None), Err(Error::InvalidText { .. })));
         }
+        let int4 = ValueType::scalar(Scalar::Int4);
+        let sealed = c.seal(&[0; 12], int4, None, &[0; 3]);
+        let mut out = [0u8; 3];
+        assert!(matches!(
+            c.open_into(&parse(&sealed).unwrap(), None, &mut out),
+            Err(Error::InvalidEncoding { value_type, .. }) if value_type == int4
+        ));
     }
 }

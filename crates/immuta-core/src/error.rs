@@ -9,6 +9,7 @@ use std::path::PathBuf;
 
 use crate::key::{Fingerprint, KeyId, WrappingKeyRef};
 use crate::server_identity::Refusal;
+use crate::value_type::ValueType;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -19,6 +20,26 @@ pub enum Error {
     /// The first byte names a format this build does not know.
     #[error("unsupported ciphertext format version {version}")]
     UnsupportedVersion { version: u8 },
+
+    /// A version-2 header sets a flag, or names a type, that this build does not know: the value
+    /// was written by a newer immuta.
+    #[error("unsupported ciphertext format {version} {what} {value:#04x}")]
+    UnsupportedFeature { version: u8, what: &'static str, value: u8 },
+
+    /// The value holds another type than the one it is read as.
+    #[error("the encrypted value is of type {held}, not {wanted}")]
+    TypeMismatch { held: ValueType, wanted: ValueType },
+
+    /// The context given does not open the value: none was given for a value sealed with one,
+    /// one was given for a value sealed without, or another one than the value was sealed with
+    /// (which AES-GCM cannot tell from changed bytes).
+    #[error("the context does not match the encrypted value")]
+    ContextMismatch { key_id: KeyId, problem: ContextProblem },
+
+    /// The value authenticated, but its plaintext is not a valid encoding of its type (only
+    /// possible for values made outside immuta with the data key).
+    #[error("decrypted value under data key {key_id} is not a valid {value_type} encoding")]
+    InvalidEncoding { key_id: KeyId, value_type: ValueType },
 
     /// The header names a key id that no key row has.
     #[error("data key {key_id} does not exist")]
@@ -96,4 +117,15 @@ pub enum Error {
     /// The configuration text was rejected; nothing changed.
     #[error("invalid immuta configuration at {path}: {reason}")]
     Config { path: String, reason: String },
+}
+
+/// How a context failed to open a value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContextProblem {
+    /// The value was sealed with a context and none was given.
+    Missing,
+    /// The value was sealed without a context and one was given.
+    NotExpected,
+    /// A context was given and the value did not authenticate with it.
+    Different,
 }

@@ -8,7 +8,9 @@
 //!
 //! | file | concern |
 //! |---|---|
-//! | `format.rs` | the ciphertext byte layout (docs/FORMAT.md) |
+//! | `format.rs` | the ciphertext byte layouts, versions 1 and 2 (docs/FORMAT.md) |
+//! | `value_type.rs` | the types a value can hold, as recorded in its header |
+//! | `encoding.rs` | array framing and the checks on a decrypted plaintext of each type |
 //! | `cipher.rs` | AES-256-GCM sealing and opening of values under one data key |
 //! | `nonce.rs` | the per-backend nonce generator |
 //! | `key.rs` | key ids, data keys, wrapped keys, wrapping-key references |
@@ -31,6 +33,7 @@ pub mod aws_kms;
 pub mod cache;
 pub mod cipher;
 pub mod config;
+pub mod encoding;
 pub mod error;
 pub mod format;
 pub mod key;
@@ -43,6 +46,7 @@ pub mod rollover;
 pub mod server_identity;
 pub mod time;
 pub mod usage;
+pub mod value_type;
 
 pub use error::Error;
 

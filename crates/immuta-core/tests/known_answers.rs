@@ -1,4 +1,4 @@
-//! Known-answer vectors from docs/vectors/format-v1.json, computed with Python's `cryptography`
+//! Known-answer vectors from docs/vectors/format-v1.json and format-v2.json, computed with Python's `cryptography`
 //! independently of this crate: immuta must produce and accept exactly these bytes.
 
 use std::os::unix::fs::PermissionsExt;
@@ -8,9 +8,11 @@ use immuta_core::format;
 use immuta_core::key::{DataKey, Fingerprint, KeyId, WrappedKey, WrappingKeyRef};
 use immuta_core::local::{Create, LocalProvider};
 use immuta_core::provider::KeyProvider;
+use immuta_core::value_type::ValueType;
 use serde_json::Value;
 
 const VECTORS: &str = include_str!("../../../docs/vectors/format-v1.json");
+const VECTORS_V2: &str = include_str!("../../../docs/vectors/format-v2.json");
 const FORMAT_MD: &str = include_str!("../../../docs/FORMAT.md");
 
 fn vectors() -> Value {
@@ -23,6 +25,7 @@ fn bytes<const N: usize>(v: &Value) -> [u8; N] {
 
 macro_rules! ciphertext_vectors {
     ($($name:ident: $index:expr,)*) => {$(
+        /// Version 1 is no longer written; every value of it opens forever.
         #[test]
         fn $name() {
             let v = &vectors()["ciphertext_v1"][$index];
@@ -30,10 +33,11 @@ macro_rules! ciphertext_vectors {
             let cipher = DataCipher::new(id, &DataKey::from_bytes(&mut bytes::<32>(&v["data_key"])));
             let plaintext = v["plaintext"].as_str().unwrap();
             let expected = hex::decode(v["ciphertext"].as_str().unwrap()).unwrap();
-            assert_eq!(cipher.seal(&bytes::<12>(&v["nonce"]), plaintext.as_bytes()), expected, "sealing");
             let sealed = format::parse(&expected).unwrap();
-            assert_eq!(sealed.key_id, id);
-            assert_eq!(cipher.open_text(&sealed).unwrap(), plaintext, "opening");
+            assert_eq!((sealed.version, sealed.key_id, sealed.value_type), (1, id, ValueType::TEXT));
+            assert_eq!(&expected[9..21], &bytes::<12>(&v["nonce"]));
+            assert_eq!(cipher.open_text(&sealed, None).unwrap(), plaintext, "opening");
+            assert!(cipher.open_text(&sealed, Some(b"")).is_err(), "a version-1 value has no context");
         }
     )*};
 }
@@ -43,6 +47,40 @@ ciphertext_vectors! {
     ssn_under_key_1: 1,
     multibyte_text_under_key_42: 2,
     long_value_under_a_key_id_above_2_to_the_40: 3,
+}
+
+/// Every version-2 vector: immuta seals exactly its bytes and opens them to its encoding, with
+/// its context only.
+#[test]
+fn version_2_vectors_seal_and_open_exactly() {
+    let all: Value = serde_json::from_str(VECTORS_V2).unwrap();
+    let vectors = all["ciphertext_v2"].as_array().unwrap();
+    assert!(vectors.len() >= 20);
+    for v in vectors {
+        let id = KeyId::new(v["key_id"].as_i64().unwrap()).unwrap();
+        let cipher = DataCipher::new(id, &DataKey::from_bytes(&mut bytes::<32>(&v["data_key"])));
+        let value_type = ValueType::from_byte(v["type_byte"].as_u64().unwrap() as u8).unwrap();
+        assert_eq!(value_type.sql_name(), v["type"].as_str().unwrap());
+        let encoding = hex::decode(v["encoding"].as_str().unwrap()).unwrap();
+        let context = v["context"].as_str().map(str::as_bytes);
+        let expected = hex::decode(v["ciphertext"].as_str().unwrap()).unwrap();
+        let what = v["sql"].as_str().unwrap();
+        assert_eq!(
+            cipher.seal(&bytes::<12>(&v["nonce"]), value_type, context, &encoding),
+            expected,
+            "sealing {what}"
+        );
+        let sealed = format::parse(&expected).unwrap();
+        assert_eq!(
+            (sealed.version, sealed.key_id, sealed.value_type, sealed.has_context),
+            (2, id, value_type, context.is_some())
+        );
+        let mut out = vec![0u8; sealed.body.len()];
+        cipher.open_into(&sealed, context, &mut out).unwrap();
+        assert_eq!(out, encoding, "opening {what}");
+        let wrong: Option<&[u8]> = if context.is_some() { None } else { Some(b"another row") };
+        assert!(cipher.open_into(&sealed, wrong, &mut out).is_err(), "{what} opened with another context");
+    }
 }
 
 #[test]
@@ -72,6 +110,11 @@ fn format_md_shows_every_vector() {
         shown.push(v["ciphertext"].as_str().unwrap());
     }
     shown.push(all["local_wrap_v1"][0]["wrapped_key"].as_str().unwrap());
+    let v2: Value = serde_json::from_str(VECTORS_V2).unwrap();
+    for i in [1, 4, 6, 17, 23] {
+        shown.push(v2["ciphertext_v2"][i]["ciphertext"].as_str().unwrap());
+        shown.push(v2["ciphertext_v2"][i]["encoding"].as_str().unwrap());
+    }
     for hex in shown {
         assert!(FORMAT_MD.contains(hex), "docs/FORMAT.md lacks {hex}");
     }

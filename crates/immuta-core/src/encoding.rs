@@ -1,0 +1,259 @@
+//! How a value's bytes are laid out inside a format-2 ciphertext, where the SQL layer does not
+//! simply use PostgreSQL's binary form of the type: the framing of arrays, and the checks on a
+//! decrypted plaintext that hold for every type (docs/FORMAT.md, section 1.3).
+//!
+//! The encodings of the scalar types themselves are PostgreSQL's binary ("send") formats, except
+//! for the text-like types, which are UTF-8 (`src/typed.rs` does the conversions).
+//!
+//! An array is one byte of dimensions, 0 (empty) or 1; for one dimension, the lower bound (int32)
+//! and the element count (uint32), then each element as an int32 length (-1 for NULL) and its
+//! bytes. Everything is checked against the bytes actually there before anything is allocated.
+
+use crate::value_type::ValueType;
+
+/// Why a plaintext does not decode as the type its header names. Only a value made outside
+/// immuta with the data key can be like this: immuta's own values always decode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InvalidEncoding;
+
+/// An array's elements, borrowed from the plaintext.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ArrayParts<'a> {
+    /// The lower bound of the dimension (1 unless the array was made otherwise); 1 when empty.
+    pub lower: i32,
+    pub elements: Vec<Option<&'a [u8]>>,
+}
+
+/// Appends the encoding of a one-dimensional array (or an empty one: no elements) to `out`.
+pub fn encode_array<'a>(
+    lower: i32,
+    elements: impl ExactSizeIterator<Item = Option<&'a [u8]>>,
+    out: &mut Vec<u8>,
+) {
+    if elements.len() == 0 {
+        out.push(0);
+        return;
+    }
+    out.extend_from_slice(&array_header(lower, elements.len()));
+    for element in elements {
+        out.extend_from_slice(&element_prefix(element.map(<[u8]>::len)));
+        out.extend_from_slice(element.unwrap_or_default());
+    }
+}
+
+/// The most elements a PostgreSQL array may have (`MaxArraySize`).
+pub const MAX_ARRAY_ELEMENTS: usize = 134_217_727;
+
+/// The fixed part of a one-dimensional array's encoding: dimensions, lower bound, count.
+pub fn array_header(lower: i32, count: usize) -> [u8; 9] {
+    let mut out = [0u8; 9];
+    out[0] = 1;
+    out[1..5].copy_from_slice(&lower.to_be_bytes());
+    out[5..9]
+        .copy_from_slice(&u32::try_from(count).expect("arrays have fewer than 2^32 elements").to_be_bytes());
+    out
+}
+
+/// The length prefix of one element (`None`: NULL).
+pub fn element_prefix(len: Option<usize>) -> [u8; 4] {
+    match len {
+        None => (-1i32).to_be_bytes(),
+        Some(len) => i32::try_from(len).expect("PostgreSQL values are below 1 GB").to_be_bytes(),
+    }
+}
+
+/// Reads the elements of an array's encoding one at a time, checking each against the bytes
+/// there before the caller allocates anything for it: no allocation here, whatever the count
+/// says. After the last element, [`ArrayReader::finish`] checks that nothing follows.
+pub struct ArrayReader<'a> {
+    /// The lower bound of the dimension (1 when empty).
+    pub lower: i32,
+    /// The number of elements, at most [`MAX_ARRAY_ELEMENTS`].
+    pub count: usize,
+    rest: &'a [u8],
+    fixed_len: Option<usize>,
+    left: usize,
+}
+
+/// Starts reading an array written by [`encode_array`]; every element of a fixed-width type
+/// must have that width (`fixed_len`).
+pub fn read_array(bytes: &[u8], fixed_len: Option<usize>) -> Result<ArrayReader<'_>, InvalidEncoding> {
+    let (&ndim, rest) = bytes.split_first().ok_or(InvalidEncoding)?;
+    match ndim {
+        0 if rest.is_empty() => return Ok(ArrayReader { lower: 1, count: 0, rest, fixed_len, left: 0 }),
+        1 => {}
+        _ => return Err(InvalidEncoding),
+    }
+    let (lower, rest) = take_i32(rest)?;
+    let (count, rest) = take_i32(rest)?;
+    let count = u32::from_be_bytes(count.to_be_bytes()) as usize;
+    // Each element takes at least its 4-byte length; PostgreSQL's limits on the count and on the
+    // last subscript hold too.
+    if count == 0
+        || count > MAX_ARRAY_ELEMENTS
+        || count > rest.len() / 4
+        || i64::from(lower) + count as i64 - 1 > i64::from(i32::MAX)
+    {
+        return Err(InvalidEncoding);
+    }
+    Ok(ArrayReader { lower, count, rest, fixed_len, left: count })
+}
+
+impl<'a> Iterator for ArrayReader<'a> {
+    type Item = Result<Option<&'a [u8]>, InvalidEncoding>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        Some(self.element())
+    }
+}
+
+impl<'a> ArrayReader<'a> {
+    fn element(&mut self) -> Result<Option<&'a [u8]>, InvalidEncoding> {
+        let (len, after) = take_i32(self.rest)?;
+        if len == -1 {
+            self.rest = after;
+            return Ok(None);
+        }
+        let len = usize::try_from(len).map_err(|_| InvalidEncoding)?;
+        if len > after.len() || self.fixed_len.is_some_and(|f| f != len) {
+            return Err(InvalidEncoding);
+        }
+        let (element, after) = after.split_at(len);
+        self.rest = after;
+        Ok(Some(element))
+    }
+
+    /// After every element was read: nothing may follow.
+    pub fn finish(self) -> Result<(), InvalidEncoding> {
+        if self.left == 0 && self.rest.is_empty() {
+            Ok(())
+        } else {
+            Err(InvalidEncoding)
+        }
+    }
+}
+
+/// Reads a whole array (for callers that want every element at once, such as tests).
+pub fn decode_array(bytes: &[u8], fixed_len: Option<usize>) -> Result<ArrayParts<'_>, InvalidEncoding> {
+    let mut reader = read_array(bytes, fixed_len)?;
+    let lower = reader.lower;
+    let elements = reader.by_ref().collect::<Result<Vec<_>, _>>()?;
+    reader.finish()?;
+    Ok(ArrayParts { lower, elements })
+}
+
+fn take_i32(bytes: &[u8]) -> Result<(i32, &[u8]), InvalidEncoding> {
+    if bytes.len() < 4 {
+        return Err(InvalidEncoding);
+    }
+    let (head, rest) = bytes.split_at(4);
+    Ok((i32::from_be_bytes(head.try_into().expect("4 bytes")), rest))
+}
+
+/// The checks every plaintext of `value_type` must pass whatever decodes it afterwards: the width
+/// of a fixed-width scalar, UTF-8 without NUL bytes for the text-like types (PostgreSQL's text
+/// cannot hold NUL), the version byte of jsonb's encoding.
+pub fn check_scalar(value_type: ValueType, bytes: &[u8]) -> Result<(), InvalidEncoding> {
+    use crate::value_type::Scalar::*;
+    debug_assert!(!value_type.array);
+    let scalar = value_type.scalar;
+    if let Some(len) = scalar.fixed_len() {
+        return if bytes.len() == len { Ok(()) } else { Err(InvalidEncoding) };
+    }
+    match scalar {
+        Text | Json => check_text(bytes),
+        Jsonb => match bytes.split_first() {
+            Some((&JSONB_VERSION, text)) => check_text(text),
+            _ => Err(InvalidEncoding),
+        },
+        _ => Ok(()),
+    }
+}
+
+/// The first byte of a jsonb value's encoding (as in PostgreSQL's `jsonb_send`).
+pub const JSONB_VERSION: u8 = 1;
+
+/// UTF-8 without NUL bytes.
+pub fn check_text(bytes: &[u8]) -> Result<(), InvalidEncoding> {
+    if bytes.contains(&0) || std::str::from_utf8(bytes).is_err() {
+        return Err(InvalidEncoding);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::value_type::Scalar;
+
+    fn encode(lower: i32, elements: &[Option<&[u8]>]) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode_array(lower, elements.iter().copied(), &mut out);
+        out
+    }
+
+    #[test]
+    fn arrays_round_trip_with_nulls_bounds_and_empty_elements() {
+        for (lower, elements) in [
+            (1, vec![Some(&b"a"[..]), None, Some(b"")]),
+            (-3, vec![None]),
+            (1, vec![]),
+            (i32::MAX, vec![Some(&b"last"[..])]),
+        ] {
+            let bytes = encode(lower, &elements);
+            let parts = decode_array(&bytes, None).unwrap();
+            assert_eq!(parts.elements, elements);
+            if !elements.is_empty() {
+                assert_eq!(parts.lower, lower);
+            }
+        }
+        assert_eq!(encode(1, &[]), [0]);
+        assert_eq!(
+            encode(1, &[Some(b"ab"), None]),
+            [1, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 2, b'a', b'b', 0xff, 0xff, 0xff, 0xff]
+        );
+    }
+
+    #[test]
+    fn malformed_arrays_are_refused_before_allocating() {
+        let good = encode(1, &[Some(b"abcd"), None]);
+        for cut in 0..good.len() {
+            assert_eq!(decode_array(&good[..cut], None), Err(InvalidEncoding), "cut at {cut}");
+        }
+        let mut trailing = good.clone();
+        trailing.push(0);
+        assert_eq!(decode_array(&trailing, None), Err(InvalidEncoding));
+        // A count of 2^32-1 with a few bytes: refused by the count check, not by running out.
+        assert_eq!(
+            decode_array(&[1, 0, 0, 0, 1, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0], None),
+            Err(InvalidEncoding)
+        );
+        // Two dimensions, a zero count, a negative length other than -1, an overflowing bound.
+        assert_eq!(decode_array(&[2], None), Err(InvalidEncoding));
+        assert_eq!(decode_array(&[1, 0, 0, 0, 1, 0, 0, 0, 0], None), Err(InvalidEncoding));
+        assert_eq!(
+            decode_array(&[1, 0, 0, 0, 1, 0, 0, 0, 1, 0xff, 0xff, 0xff, 0xfe], None),
+            Err(InvalidEncoding)
+        );
+        assert_eq!(decode_array(&encode(i32::MAX, &[None, None]), None), Err(InvalidEncoding));
+        // A fixed-width element of another width.
+        assert_eq!(decode_array(&encode(1, &[Some(b"abc")]), Some(4)), Err(InvalidEncoding));
+    }
+
+    #[test]
+    fn scalars_are_checked_for_width_and_text() {
+        assert!(check_scalar(ValueType::scalar(Scalar::Int4), &[0; 4]).is_ok());
+        assert!(check_scalar(ValueType::scalar(Scalar::Int4), &[0; 5]).is_err());
+        assert!(check_scalar(ValueType::scalar(Scalar::Text), "żółw".as_bytes()).is_ok());
+        assert!(check_scalar(ValueType::scalar(Scalar::Text), b"a\0b").is_err());
+        assert!(check_scalar(ValueType::scalar(Scalar::Json), b"\xff").is_err());
+        assert!(check_scalar(ValueType::scalar(Scalar::Jsonb), b"\x01{}").is_ok());
+        assert!(check_scalar(ValueType::scalar(Scalar::Jsonb), b"\x02{}").is_err());
+        assert!(check_scalar(ValueType::scalar(Scalar::Jsonb), b"").is_err());
+        assert!(check_scalar(ValueType::scalar(Scalar::Bytea), b"\0\xff").is_ok());
+    }
+}
