@@ -10,8 +10,9 @@
 //! Decoding goes through the type's own receive or input function wherever a type has invalid
 //! encodings (dates out of range, malformed numerics, JSON), so a value made outside immuta with
 //! the data key is an error, never a wrong value; the core has already checked widths and text.
-//! The hot types (integers, floats, booleans, times as integers, uuid, text, bytea) are converted
-//! here directly, without a function call.
+//! The hot types (integers, floats, booleans, dates and times, uuid, text, bytea) are converted
+//! here directly, without a function call, dates and times checked against PostgreSQL's ranges
+//! by the core as their receive functions would.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -341,14 +342,19 @@ fn decode_scalar(scalar: Scalar, with_nul: &mut [u8]) -> Datum {
                 pg_sys::InputFunctionCall(input, text.as_mut_ptr().cast(), oid_of(scalar), -1)
             })
         }
-        Scalar::Bool => match bytes[0] {
-            0 | 1 => Datum::from(bytes[0] == 1),
-            _ => invalid(ValueType::scalar(scalar)),
-        },
+        // The core has checked these against PostgreSQL's ranges (encoding::check_scalar).
+        Scalar::Bool => Datum::from(bytes[0] == 1),
         Scalar::Int2 => Datum::from(i16::from_be_bytes(bytes.try_into().expect("width checked"))),
-        Scalar::Int4 => Datum::from(i32::from_be_bytes(bytes.try_into().expect("width checked"))),
+        Scalar::Int4 | Scalar::Date => {
+            Datum::from(i32::from_be_bytes(bytes.try_into().expect("width checked")))
+        }
         Scalar::Float4 => Datum::from(u32::from_be_bytes(bytes.try_into().expect("width checked")) as usize),
-        Scalar::Int8 | Scalar::Float8 | Scalar::Money => Datum::from(be8() as i64),
+        Scalar::Int8
+        | Scalar::Float8
+        | Scalar::Money
+        | Scalar::Time
+        | Scalar::Timestamp
+        | Scalar::Timestamptz => Datum::from(be8() as i64),
         Scalar::Uuid => {
             // SAFETY: palloc returns 16 writable bytes in the current memory context, which is
             // where a uuid datum must live.
@@ -359,10 +365,6 @@ fn decode_scalar(scalar: Scalar, with_nul: &mut [u8]) -> Datum {
             }
         }
         Scalar::Numeric
-        | Scalar::Date
-        | Scalar::Time
-        | Scalar::Timestamp
-        | Scalar::Timestamptz
         | Scalar::Interval
         | Scalar::Inet
         | Scalar::Cidr

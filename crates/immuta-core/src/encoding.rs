@@ -9,7 +9,7 @@
 //! and the element count (uint32), then each element as an int32 length (-1 for NULL) and its
 //! bytes. Everything is checked against the bytes actually there before anything is allocated.
 
-use crate::value_type::ValueType;
+use crate::value_type::{Scalar, ValueType};
 
 /// Why a plaintext does not decode as the type its header names. Only a value made outside
 /// immuta with the data key can be like this: immuta's own values always decode.
@@ -162,7 +162,10 @@ pub fn check_scalar(value_type: ValueType, bytes: &[u8]) -> Result<(), InvalidEn
     debug_assert!(!value_type.array);
     let scalar = value_type.scalar;
     if let Some(len) = scalar.fixed_len() {
-        return if bytes.len() == len { Ok(()) } else { Err(InvalidEncoding) };
+        if bytes.len() != len {
+            return Err(InvalidEncoding);
+        }
+        return check_range(scalar, bytes);
     }
     match scalar {
         Text | Json => check_text(bytes),
@@ -171,6 +174,42 @@ pub fn check_scalar(value_type: ValueType, bytes: &[u8]) -> Result<(), InvalidEn
             _ => Err(InvalidEncoding),
         },
         _ => Ok(()),
+    }
+}
+
+/// PostgreSQL's ranges of the fixed-size types whose binary forms have invalid values, exactly
+/// as their receive functions check them (`date_recv`, `time_recv`, `timestamp_recv`,
+/// `timestamptz_recv`; the same in PostgreSQL 13 to 18), so that the SQL layer can build these
+/// values without calling them; and booleans are 0 or 1.
+fn check_range(scalar: Scalar, bytes: &[u8]) -> Result<(), InvalidEncoding> {
+    // Days and microseconds from 2000-01-01, PostgreSQL's epoch; infinity is the largest value
+    // and -infinity the smallest.
+    const POSTGRES_EPOCH_JDATE: i64 = 2_451_545;
+    const DATE_END_JULIAN: i64 = 2_147_483_494;
+    const MIN_TIMESTAMP: i64 = -211_813_488_000_000_000;
+    const END_TIMESTAMP: i64 = 9_223_371_331_200_000_000;
+    const USECS_PER_DAY: i64 = 86_400_000_000;
+    let be4 = || i64::from(i32::from_be_bytes(bytes.try_into().expect("width checked")));
+    let be8 = || i64::from_be_bytes(bytes.try_into().expect("width checked"));
+    let ok = match scalar {
+        Scalar::Bool => bytes[0] <= 1,
+        Scalar::Date => {
+            let d = be4();
+            d == i64::from(i32::MIN)
+                || d == i64::from(i32::MAX)
+                || (-POSTGRES_EPOCH_JDATE..DATE_END_JULIAN - POSTGRES_EPOCH_JDATE).contains(&d)
+        }
+        Scalar::Time => (0..=USECS_PER_DAY).contains(&be8()),
+        Scalar::Timestamp | Scalar::Timestamptz => {
+            let t = be8();
+            t == i64::MIN || t == i64::MAX || (MIN_TIMESTAMP..END_TIMESTAMP).contains(&t)
+        }
+        _ => true,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(InvalidEncoding)
     }
 }
 
@@ -255,5 +294,19 @@ mod tests {
         assert!(check_scalar(ValueType::scalar(Scalar::Jsonb), b"\x02{}").is_err());
         assert!(check_scalar(ValueType::scalar(Scalar::Jsonb), b"").is_err());
         assert!(check_scalar(ValueType::scalar(Scalar::Bytea), b"\0\xff").is_ok());
+    }
+
+    #[test]
+    fn dates_and_times_are_held_to_postgresqls_ranges() {
+        let date = |d: i32| check_scalar(ValueType::scalar(Scalar::Date), &d.to_be_bytes()).is_ok();
+        assert!(date(0) && date(i32::MIN) && date(i32::MAX) && date(-2_451_545) && date(2_145_031_948));
+        assert!(!date(-2_451_546) && !date(2_145_031_949));
+        let ts = |t: i64| check_scalar(ValueType::scalar(Scalar::Timestamptz), &t.to_be_bytes()).is_ok();
+        assert!(ts(0) && ts(i64::MIN) && ts(i64::MAX) && ts(-211_813_488_000_000_000));
+        assert!(!ts(-211_813_488_000_000_001) && !ts(9_223_371_331_200_000_000));
+        let time = |t: i64| check_scalar(ValueType::scalar(Scalar::Time), &t.to_be_bytes()).is_ok();
+        assert!(time(0) && time(86_400_000_000) && !time(-1) && !time(86_400_000_001));
+        let boolean = |b: u8| check_scalar(ValueType::scalar(Scalar::Bool), &[b]).is_ok();
+        assert!(boolean(0) && boolean(1) && !boolean(2));
     }
 }

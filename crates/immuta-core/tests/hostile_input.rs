@@ -123,6 +123,13 @@ fn random_value(rng: &mut impl RngCore) -> (ValueType, Vec<u8>) {
             Scalar::Jsonb => {
                 std::iter::once(1).chain((0..len).map(|_| b'a' + (rng.next_u32() % 26) as u8)).collect()
             }
+            // Values within PostgreSQL's ranges (encoding::check_scalar).
+            Scalar::Bool => vec![(rng.next_u32() % 2) as u8],
+            Scalar::Date => ((rng.next_u32() % 100_000) as i32).to_be_bytes().to_vec(),
+            Scalar::Time => i64::from(rng.next_u32()).to_be_bytes().to_vec(),
+            Scalar::Timestamp | Scalar::Timestamptz => {
+                i64::from(rng.next_u32() as i32).to_be_bytes().to_vec()
+            }
             _ => {
                 let mut bytes = vec![0u8; len];
                 rng.fill_bytes(&mut bytes);
