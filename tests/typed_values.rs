@@ -109,3 +109,77 @@ fn a_ciphertext_moved_to_another_row_does_not_decrypt_there_when_its_context_nam
         assert_eq!(sqlstate(nobody.query(q, &[])), "42501", "{q}");
     }
 }
+
+/// Every listed type, and an array of each, encrypted by a session with one set of settings and
+/// decrypted by another session with other settings: the same values come back.
+#[test]
+fn every_type_round_trips_between_sessions_with_different_settings() {
+    const VALUES: &[(&str, &str)] = &[
+        ("'123-45-6789'", "text"),
+        ("'\\x00ff0010'", "bytea"),
+        ("'{\"a\": [1, 2.5, \"x\"]}'", "jsonb"),
+        ("'{\"b\":1,  \"a\":[2]}'", "json"),
+        ("'-1234567.891'", "numeric"),
+        ("'-32768'", "int2"),
+        ("'2147483647'", "int4"),
+        ("'-9223372036854775808'", "int8"),
+        ("'1.17549435e-38'", "float4"),
+        ("'0.1'", "float8"),
+        ("'true'", "bool"),
+        ("'2024-02-29'", "date"),
+        ("'23:59:59.999999'", "time"),
+        ("'2024-02-29 12:34:56.789'", "timestamp"),
+        ("'2024-02-29 12:34:56.789+05:30'", "timestamptz"),
+        ("'1 year 2 months -3 days 04:05:06.5'", "interval"),
+        ("'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'", "uuid"),
+        ("'192.168.0.1/24'", "inet"),
+        ("'2001:db8::/32'", "cidr"),
+        ("'08:00:2b:01:02:03'", "macaddr"),
+        ("'08:00:2b:01:02:03:04:05'", "macaddr8"),
+        ("'12:00:00+05:30'", "timetz"),
+        ("'12.34'", "money"),
+    ];
+    let pg = Cluster::start(&[]);
+    let mut writer = pg.connect();
+    writer
+        .batch_execute(
+            "SET DateStyle = 'SQL, DMY'; SET TimeZone = 'Asia/Tokyo'; SET IntervalStyle = 'sql_standard';
+             SET extra_float_digits = -15; SET bytea_output = 'escape'; SET lc_monetary = 'C';",
+        )
+        .unwrap();
+    for (i, (literal, t)) in VALUES.iter().enumerate() {
+        writer
+            .batch_execute(&format!(
+                "CREATE TABLE v{i} AS SELECT {literal}::{t} AS v, ARRAY[{literal}::{t}, NULL] AS a;
+                 ALTER TABLE v{i} ADD COLUMN c bytea, ADD COLUMN ca bytea;
+                 UPDATE v{i} SET c = immuta_encrypt(v, 'v{i}'), ca = immuta_encrypt(a);"
+            ))
+            .unwrap();
+    }
+    let mut reader = pg.connect();
+    reader
+        .batch_execute(
+            "SET DateStyle = 'ISO, MDY'; SET TimeZone = 'America/New_York'; SET IntervalStyle = 'iso_8601';
+             SET extra_float_digits = 3; SET bytea_output = 'hex'; SET lc_monetary = 'POSIX';",
+        )
+        .unwrap();
+    for (i, (_, t)) in VALUES.iter().enumerate() {
+        // json has no equality: compared as the text it holds, which it keeps byte for byte.
+        let cast = if *t == "json" { "::text" } else { "" };
+        let (value, array) = if *t == "text" {
+            (format!("immuta_decrypt(c, 'v{i}'){cast}"), format!("immuta_decrypt(ca, NULL::{t}[])"))
+        } else {
+            (
+                format!("immuta_decrypt(c, NULL::{t}, 'v{i}'){cast}"),
+                format!("immuta_decrypt(ca, NULL::{t}[])"),
+            )
+        };
+        let array_same =
+            if *t == "json" { format!("{array}::text = a::text") } else { format!("{array} = a") };
+        let same: bool = reader
+            .query_one(&format!("SELECT {value} = v{cast} AND {array_same} FROM v{i}"), &[])
+            .unwrap_or_else(|e| panic!("{t}: {e}"))
+            .get(0);
+        assert!(same, "{t} changed between sessions");
+    }
+}
