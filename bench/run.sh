@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # immuta benchmark: everything in one run, on one table of 1,000,000 rows of 96-character text,
-# each query timed $RUNS times (default 5) inside the server (plpgsql, clock_timestamp around
-# EXECUTE) and the median reported:
+# each query timed $RUNS times (default 7) inside the server (plpgsql, clock_timestamp around
+# EXECUTE) and the median reported; a floor and the queries compared with it run in rounds (each
+# round runs each of them once), so that the machine's drift during the run weighs on both alike:
 #   - the floor, count(length(v)), and immuta_encrypt / immuta_decrypt over all rows: text without
 #     and with a context, bigint and timestamptz (fixed-size types), numeric, and jsonb of about
 #     1 kB (over $JSON_ROWS rows, scaled per row);
@@ -26,7 +27,7 @@ ROWS=${BENCH_ROWS:-1000000}
 PGP_ROWS=${BENCH_PGP_ROWS:-20000}
 JSON_ROWS=${BENCH_JSON_ROWS:-100000}
 BIG_ROWS=${BENCH_BIG_ROWS:-256}
-RUNS=${RUNS:-5}
+RUNS=${RUNS:-7}
 PGBENCH_SECONDS=${PGBENCH_SECONDS:-15}
 OUT=bench/results/latest.txt
 mkdir -p "$(dirname "$OUT")"
@@ -96,19 +97,30 @@ VACUUM (FREEZE, ANALYZE) t; VACUUM (FREEZE, ANALYZE) c; VACUUM (FREEZE, ANALYZE)
 VACUUM (FREEZE, ANALYZE) cx; VACUUM (FREEZE, ANALYZE) tf; VACUUM (FREEZE, ANALYZE) cf; VACUUM (FREEZE, ANALYZE) tj;
 VACUUM (FREEZE, ANALYZE) cj; VACUUM (FREEZE, ANALYZE) big; VACUUM (FREEZE, ANALYZE) bigc;
 CREATE TABLE results (ord serial, label text PRIMARY KEY, seconds float8, rows int8);
-CREATE FUNCTION bench(label text, q text, nrows int8, runs int) RETURNS void
+-- Times the queries qs (labelled labels) in rounds: each round runs every query once, in order, so
+-- that a drift of the machine's speed during the run (other tenants of the host, frequency)
+-- weighs on the floor and on what is compared with it alike; the median of the rounds is kept.
+CREATE FUNCTION bench_rounds(labels text[], qs text[], nrows int8, runs int) RETURNS void
 LANGUAGE plpgsql AS \$\$
-DECLARE t0 timestamptz; times float8[] := '{}';
+DECLARE t0 timestamptz;
 BEGIN
-  EXECUTE q;  -- warm-up: caches, the key ring
-  FOR i IN 1..runs LOOP
-    t0 := clock_timestamp();
-    EXECUTE q;
-    times := times || extract(epoch FROM clock_timestamp() - t0)::float8;
+  CREATE TEMP TABLE IF NOT EXISTS times (i int, t float8);
+  TRUNCATE times;
+  FOR j IN 1..array_length(qs, 1) LOOP
+    EXECUTE qs[j];  -- warm-up: caches, the key ring
+  END LOOP;
+  FOR r IN 1..runs LOOP
+    FOR j IN 1..array_length(qs, 1) LOOP
+      t0 := clock_timestamp();
+      EXECUTE qs[j];
+      INSERT INTO times VALUES (j, extract(epoch FROM clock_timestamp() - t0));
+    END LOOP;
   END LOOP;
   INSERT INTO results (label, seconds, rows)
-  SELECT label, percentile_cont(0.5) WITHIN GROUP (ORDER BY x), nrows FROM unnest(times) x;
+  SELECT labels[i], percentile_cont(0.5) WITHIN GROUP (ORDER BY t), nrows FROM times GROUP BY i ORDER BY i;
 END \$\$;
+CREATE FUNCTION bench(label text, q text, nrows int8, runs int) RETURNS void
+LANGUAGE sql AS \$\$ SELECT bench_rounds(ARRAY[label], ARRAY[q], nrows, runs) \$\$;
 SQL
 
 echo "timing the queries..." >&2
@@ -124,24 +136,39 @@ SELECT bench('1 MiB values: immuta_decrypt_bytea', 'SELECT count(immuta_decrypt_
 SQL
 KEY="'\\x$(printf 'ab%.0s' $(seq 32))'::bytea"
 psql -d postgres >/dev/null <<SQL
-SELECT bench('floor: count(length(v))', 'SELECT count(length(v)) FROM t', $ROWS, $RUNS);
-SELECT bench('immuta_encrypt(v)', 'SELECT count(immuta_encrypt(v)) FROM t', $ROWS, $RUNS);
-SELECT bench('immuta_decrypt(c)', 'SELECT count(immuta_decrypt(c)) FROM c', $ROWS, $RUNS);
-SELECT bench('immuta_encrypt(v, context)', \$q\$SELECT count(immuta_encrypt(v, 'public.patients.ssn:1234567')) FROM t\$q\$, $ROWS, $RUNS);
-SELECT bench('immuta_decrypt(c, context)', \$q\$SELECT count(immuta_decrypt(c, 'public.patients.ssn:1234567')) FROM cx\$q\$, $ROWS, $RUNS);
-SELECT bench('immuta_encrypt(bigint)', 'SELECT count(immuta_encrypt(n)) FROM tf', $ROWS, $RUNS);
-SELECT bench('immuta_decrypt(c, NULL::bigint)', 'SELECT count(immuta_decrypt(n, NULL::bigint)) FROM cf', $ROWS, $RUNS);
-SELECT bench('immuta_encrypt(timestamptz)', 'SELECT count(immuta_encrypt(ts)) FROM tf', $ROWS, $RUNS);
-SELECT bench('immuta_decrypt(c, NULL::timestamptz)', 'SELECT count(immuta_decrypt(ts, NULL::timestamptz)) FROM cf', $ROWS, $RUNS);
-SELECT bench('immuta_encrypt(numeric)', 'SELECT count(immuta_encrypt(x)) FROM tf', $ROWS, $RUNS);
-SELECT bench('immuta_decrypt(c, NULL::numeric)', 'SELECT count(immuta_decrypt(x, NULL::numeric)) FROM cf', $ROWS, $RUNS);
-SELECT bench('jsonb of 1 kB: floor count(j)', 'SELECT count(j::text) FROM tj', $JSON_ROWS, $RUNS);
-SELECT bench('immuta_encrypt(jsonb of 1 kB)', 'SELECT count(immuta_encrypt(j)) FROM tj', $JSON_ROWS, $RUNS);
-SELECT bench('immuta_decrypt_jsonb(c), 1 kB', 'SELECT count(immuta_decrypt_jsonb(c)) FROM cj', $JSON_ROWS, $RUNS);
-SELECT bench('pgcrypto encrypt(v, key, ''aes'')',
-             \$q\$SELECT count(encrypt(convert_to(v, 'UTF8'), $KEY, 'aes')) FROM t\$q\$, $ROWS, $RUNS);
-SELECT bench('pgcrypto decrypt(c, key, ''aes'')',
-             \$q\$SELECT count(convert_from(decrypt(c, $KEY, 'aes'), 'UTF8')) FROM pc\$q\$, $ROWS, $RUNS);
+-- The floor, immuta's functions on values of about 100 bytes and pgcrypto's, in rounds.
+SELECT bench_rounds(ARRAY[
+  'floor: count(length(v))',
+  'immuta_encrypt(v)',
+  'immuta_decrypt(c)',
+  'immuta_encrypt(v, context)',
+  'immuta_decrypt(c, context)',
+  'immuta_encrypt(bigint)',
+  'immuta_decrypt(c, NULL::bigint)',
+  'immuta_encrypt(timestamptz)',
+  'immuta_decrypt(c, NULL::timestamptz)',
+  'immuta_encrypt(numeric)',
+  'immuta_decrypt(c, NULL::numeric)',
+  'pgcrypto encrypt(v, key, ''aes'')',
+  'pgcrypto decrypt(c, key, ''aes'')'
+], ARRAY[
+  'SELECT count(length(v)) FROM t',
+  'SELECT count(immuta_encrypt(v)) FROM t',
+  'SELECT count(immuta_decrypt(c)) FROM c',
+  \$q\$SELECT count(immuta_encrypt(v, 'public.patients.ssn:1234567')) FROM t\$q\$,
+  \$q\$SELECT count(immuta_decrypt(c, 'public.patients.ssn:1234567')) FROM cx\$q\$,
+  'SELECT count(immuta_encrypt(n)) FROM tf',
+  'SELECT count(immuta_decrypt(n, NULL::bigint)) FROM cf',
+  'SELECT count(immuta_encrypt(ts)) FROM tf',
+  'SELECT count(immuta_decrypt(ts, NULL::timestamptz)) FROM cf',
+  'SELECT count(immuta_encrypt(x)) FROM tf',
+  'SELECT count(immuta_decrypt(x, NULL::numeric)) FROM cf',
+  \$q\$SELECT count(encrypt(convert_to(v, 'UTF8'), $KEY, 'aes')) FROM t\$q\$,
+  \$q\$SELECT count(convert_from(decrypt(c, $KEY, 'aes'), 'UTF8')) FROM pc\$q\$
+], $ROWS, $RUNS);
+SELECT bench_rounds(ARRAY['jsonb of 1 kB: floor count(j)', 'immuta_encrypt(jsonb of 1 kB)', 'immuta_decrypt_jsonb(c), 1 kB'],
+  ARRAY['SELECT count(j::text) FROM tj', 'SELECT count(immuta_encrypt(j)) FROM tj', 'SELECT count(immuta_decrypt_jsonb(c)) FROM cj'],
+  $JSON_ROWS, $RUNS);
 SELECT bench('pgcrypto pgp_sym_encrypt(v, pass)',
              \$q\$SELECT count(pgp_sym_encrypt(v, 'passphrase')) FROM tp\$q\$, $PGP_ROWS, 3);
 -- Parallel: 2 workers, the leader only gathering.
@@ -150,9 +177,9 @@ SET parallel_leader_participation = off;
 SET parallel_setup_cost = 0;
 SET parallel_tuple_cost = 0;
 SET min_parallel_table_scan_size = 0;
-SELECT bench('parallel, 2 workers: floor', 'SELECT count(length(v)) FROM t', $ROWS, $RUNS);
-SELECT bench('parallel, 2 workers: immuta_decrypt(c)', 'SELECT count(immuta_decrypt(c)) FROM c', $ROWS, $RUNS);
-SELECT bench('parallel, 2 workers: immuta_encrypt(v)', 'SELECT count(immuta_encrypt(v)) FROM t', $ROWS, $RUNS);
+SELECT bench_rounds(ARRAY['parallel, 2 workers: floor', 'parallel, 2 workers: immuta_decrypt(c)', 'parallel, 2 workers: immuta_encrypt(v)'],
+  ARRAY['SELECT count(length(v)) FROM t', 'SELECT count(immuta_decrypt(c)) FROM c', 'SELECT count(immuta_encrypt(v)) FROM t'],
+  $ROWS, $RUNS);
 SQL
 PLAN=$(psql -d postgres -At -c "SET max_parallel_workers_per_gather = 2; SET parallel_leader_participation = off;
   SET parallel_setup_cost = 0; SET parallel_tuple_cost = 0; SET min_parallel_table_scan_size = 0;

@@ -26,6 +26,7 @@ use pgrx::{pg_sys, PgSqlErrorCode};
 use std::rc::Rc;
 use zeroize::Zeroizing;
 
+use crate::buffer::SecretBuf;
 use crate::catalog::{self, TableOids};
 use crate::config_source::{self, Effective};
 use crate::errors::{raise, OrRaise};
@@ -351,9 +352,17 @@ fn with_cipher<R>(
     let sealed = format::parse(ciphertext).or_raise();
     expect_type(&sealed, wanted).or_raise();
     let now = prepare();
-    if BACKEND.with_borrow(|b| b.ring.cipher(sealed.key_id, now).is_none()) {
-        keys::ensure_cipher(sealed.key_id, now);
+    // In steady state the key is in the ring: one borrow finds it and opens the value.
+    let mut open = Some(open);
+    let opened = BACKEND.with_borrow(|b| {
+        let cipher = b.ring.cipher(sealed.key_id, now)?;
+        Some(open.take().expect("not called yet")(cipher, &sealed))
+    });
+    if let Some(result) = opened {
+        return result;
     }
+    keys::ensure_cipher(sealed.key_id, now);
+    let open = open.take().expect("not called yet");
     BACKEND.with_borrow(|b| open(b.ring.loaded(sealed.key_id).expect("ensure_cipher loaded it"), &sealed))
 }
 
@@ -383,15 +392,14 @@ pub fn decrypt_with<R>(
     // Small values (every fixed-size type) are opened on the stack, larger ones on the heap.
     const SMALL: usize = 64;
     let mut small = Zeroizing::new([0u8; SMALL]);
-    let mut large = Zeroizing::new(Vec::new());
-    let (small_ref, large_ref) = (&mut *small, &mut *large);
+    let mut large = SecretBuf::new();
+    let (small_ref, large_ref) = (&mut *small, &mut large);
     let with_nul: &mut [u8] = with_cipher(ciphertext, wanted, move |cipher, sealed| {
         let len = sealed.body.len();
         let buf: &mut [u8] = if len < SMALL {
             &mut small_ref[..=len]
         } else {
-            crate::buffer::reserve(large_ref, len + 1);
-            large_ref.resize(len + 1, 0);
+            *large_ref = SecretBuf::zeroed(len + 1);
             large_ref.as_mut_slice()
         };
         cipher.open_into(sealed, context, &mut buf[..len]).or_raise();

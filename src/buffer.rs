@@ -4,7 +4,7 @@
 //! and every buffer when it is dropped.
 
 use pgrx::PgSqlErrorCode;
-use zeroize::Zeroizing;
+use zeroize::Zeroize;
 
 use crate::errors::raise;
 
@@ -20,24 +20,48 @@ pub fn reserve(v: &mut Vec<u8>, additional: usize) {
     }
 }
 
-/// A growing plaintext buffer.
-pub struct SecretBuf(Zeroizing<Vec<u8>>);
+/// A growing plaintext buffer, zeroed (its whole capacity) when dropped.
+///
+/// A buffer that never allocated is left alone: zeroizing an empty `Vec` still zeroes its
+/// spare capacity of length 0 at the vector's dangling address, which glibc does with a masked
+/// AVX-512 store, and on this machine's AMD processor that store costs about 60 ns (16% of a
+/// `timestamptz` decryption, found by profiling).
+pub struct SecretBuf(Vec<u8>);
+
+impl Drop for SecretBuf {
+    fn drop(&mut self) {
+        if self.0.capacity() != 0 {
+            self.0.zeroize();
+        }
+    }
+}
 
 impl SecretBuf {
+    /// An empty buffer that allocates nothing.
+    pub const fn new() -> SecretBuf {
+        SecretBuf(Vec::new())
+    }
+
     pub fn with_capacity(capacity: usize) -> SecretBuf {
-        let mut v = Vec::new();
-        reserve(&mut v, capacity);
-        SecretBuf(Zeroizing::new(v))
+        let mut buf = SecretBuf::new();
+        reserve(&mut buf.0, capacity);
+        buf
+    }
+
+    /// `len` zero bytes.
+    pub fn zeroed(len: usize) -> SecretBuf {
+        let mut buf = SecretBuf::with_capacity(len);
+        buf.0.resize(len, 0);
+        buf
     }
 
     /// Appends `bytes`; when the buffer must grow, the old one is copied and zeroed.
     pub fn extend(&mut self, bytes: &[u8]) {
         if self.0.capacity() - self.0.len() < bytes.len() {
             let want = (self.0.len() + bytes.len()).max(self.0.capacity().saturating_mul(2));
-            let mut bigger = Vec::new();
-            reserve(&mut bigger, want);
-            bigger.extend_from_slice(&self.0);
-            self.0 = Zeroizing::new(bigger);
+            let mut bigger = SecretBuf::with_capacity(want);
+            bigger.0.extend_from_slice(&self.0);
+            *self = bigger;
         }
         self.0.extend_from_slice(bytes);
     }

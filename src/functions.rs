@@ -13,7 +13,7 @@ use crate::catalog;
 use crate::errors::{self, raise, ConfigOrigin, OrRaise};
 use crate::gucs;
 use crate::typed;
-use crate::varlena::{Bytea, Text};
+use crate::varlena::{Bytea, Bytes, Text};
 
 /// Encrypts a text value under the current data key. VOLATILE: a fresh random nonce per call.
 /// The argument is read as the raw bytes of the `text` (UTF-8, checked once per backend).
@@ -24,8 +24,8 @@ use crate::varlena::{Bytea, Text};
     sql = "CREATE FUNCTION immuta_encrypt(plaintext text) RETURNS bytea \
            VOLATILE STRICT PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_encrypt_wrapper';"
 )]
-fn immuta_encrypt(plaintext: &[u8]) -> Bytea {
-    backend::encrypt(ValueType::TEXT, None, plaintext)
+fn immuta_encrypt(plaintext: Bytes) -> Bytea {
+    backend::encrypt(ValueType::TEXT, None, &plaintext)
 }
 
 /// The longest context immuta takes (64 KiB): a context names a place, and longer input would
@@ -71,9 +71,9 @@ fn required(context: Option<&[u8]>) -> &[u8] {
     sql = "CREATE FUNCTION immuta_encrypt(plaintext text, context text) RETURNS bytea \
            VOLATILE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_encrypt_text_context_wrapper';"
 )]
-fn immuta_encrypt_text_context(plaintext: Option<&[u8]>, context: Option<&[u8]>) -> Option<Bytea> {
-    let context = required(context);
-    Some(backend::encrypt(ValueType::TEXT, Some(context), plaintext?))
+fn immuta_encrypt_text_context(plaintext: Option<Bytes>, context: Option<Bytes>) -> Option<Bytea> {
+    let context = required(context.as_deref());
+    Some(backend::encrypt(ValueType::TEXT, Some(context), &plaintext?))
 }
 
 /// Encrypts a value of any type immuta knows (typed.rs); the ciphertext records the type.
@@ -84,8 +84,8 @@ fn immuta_encrypt_text_context(plaintext: Option<&[u8]>, context: Option<&[u8]>)
     sql = "CREATE FUNCTION immuta_encrypt(value anyelement) RETURNS bytea \
            VOLATILE STRICT PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_encrypt_value_wrapper';"
 )]
-fn immuta_encrypt_value(value: AnyElement) -> Bytea {
-    encrypt_typed(&value, None)
+fn immuta_encrypt_value(value: AnyElement, fcinfo: pg_sys::FunctionCallInfo) -> Bytea {
+    encrypt_typed(&value, fcinfo, None)
 }
 
 /// Encrypts a value of any type immuta knows, bound to `context`.
@@ -95,21 +95,25 @@ fn immuta_encrypt_value(value: AnyElement) -> Bytea {
     sql = "CREATE FUNCTION immuta_encrypt(value anyelement, context text) RETURNS bytea \
            VOLATILE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_encrypt_value_context_wrapper';"
 )]
-fn immuta_encrypt_value_context(value: Option<AnyElement>, context: Option<&[u8]>) -> Option<Bytea> {
-    let context = required(context);
-    Some(encrypt_typed(&value?, Some(context)))
+fn immuta_encrypt_value_context(
+    value: Option<AnyElement>,
+    context: Option<Bytes>,
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> Option<Bytea> {
+    let context = required(context.as_deref());
+    Some(encrypt_typed(&value?, fcinfo, Some(context)))
 }
 
-fn encrypt_typed(value: &AnyElement, context: Option<&[u8]>) -> Bytea {
-    let t = typed::sql_type(value.oid());
+fn encrypt_typed(value: &AnyElement, fcinfo: pg_sys::FunctionCallInfo, context: Option<&[u8]>) -> Bytea {
+    let (_, t) = typed::of_argument(fcinfo, 0);
     typed::encode(&t, value.datum(), |plaintext| backend::encrypt(t.value_type, context, plaintext))
 }
 
 /// Decrypts a text value produced by `immuta_encrypt` without a context (format 1 or 2).
 /// STABLE, not IMMUTABLE: the result depends on the keys table and the master key.
 #[pg_extern(stable, strict, parallel_safe)]
-fn immuta_decrypt(ciphertext: &[u8]) -> Text {
-    backend::decrypt_text(ciphertext, None)
+fn immuta_decrypt(ciphertext: Bytes) -> Text {
+    backend::decrypt_text(&ciphertext, None)
 }
 
 /// Decrypts a text value with the context it was encrypted with (NULL: `22004`).
@@ -119,9 +123,9 @@ fn immuta_decrypt(ciphertext: &[u8]) -> Text {
     sql = "CREATE FUNCTION immuta_decrypt(ciphertext bytea, context text) RETURNS text \
            STABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_decrypt_context_wrapper';"
 )]
-fn immuta_decrypt_context(ciphertext: Option<&[u8]>, context: Option<&[u8]>) -> Option<Text> {
-    let context = required(context);
-    Some(backend::decrypt_text(ciphertext?, Some(context)))
+fn immuta_decrypt_context(ciphertext: Option<Bytes>, context: Option<Bytes>) -> Option<Text> {
+    let context = required(context.as_deref());
+    Some(backend::decrypt_text(&ciphertext?, Some(context)))
 }
 
 /// Decrypts a value of the type of `as_type` (usually a typed NULL: `NULL::numeric`), in the
@@ -133,11 +137,11 @@ fn immuta_decrypt_context(ciphertext: Option<&[u8]>, context: Option<&[u8]>) -> 
            STABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_decrypt_as_wrapper';"
 )]
 fn immuta_decrypt_as(
-    ciphertext: Option<&[u8]>,
+    ciphertext: Option<Bytes>,
     _as_type: Option<AnyElement>,
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> Option<AnyElement> {
-    decrypt_typed(ciphertext?, typed_argument(fcinfo), None)
+    decrypt_typed(&ciphertext?, typed::of_argument(fcinfo, 1), None)
 }
 
 /// [`immuta_decrypt_as`] with the context the value was encrypted with (NULL: `22004`).
@@ -148,24 +152,21 @@ fn immuta_decrypt_as(
            STABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_decrypt_as_context_wrapper';"
 )]
 fn immuta_decrypt_as_context(
-    ciphertext: Option<&[u8]>,
+    ciphertext: Option<Bytes>,
     _as_type: Option<AnyElement>,
-    context: Option<&[u8]>,
+    context: Option<Bytes>,
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> Option<AnyElement> {
-    let context = required(context);
-    decrypt_typed(ciphertext?, typed_argument(fcinfo), Some(context))
+    let context = required(context.as_deref());
+    decrypt_typed(&ciphertext?, typed::of_argument(fcinfo, 1), Some(context))
 }
 
-/// The type of the `as_type` argument, as the call resolved it.
-fn typed_argument(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Oid {
-    // SAFETY: fcinfo is this call's, with the flinfo PostgreSQL set up; the argument's type comes
-    // from the call expression.
-    unsafe { pg_sys::get_fn_expr_argtype((*fcinfo).flinfo, 1) }
-}
-
-fn decrypt_typed(ciphertext: &[u8], oid: pg_sys::Oid, context: Option<&[u8]>) -> Option<AnyElement> {
-    let t = typed::sql_type(oid);
+/// Decrypts to the SQL type `oid`, whose [`typed::SqlType`] is `t`.
+fn decrypt_typed(
+    ciphertext: &[u8],
+    (oid, t): (pg_sys::Oid, typed::SqlType),
+    context: Option<&[u8]>,
+) -> Option<AnyElement> {
     typed::refuse_domain(&t, oid);
     let datum =
         backend::decrypt_with(ciphertext, t.value_type, context, |with_nul| typed::decode(&t, with_nul));
@@ -181,8 +182,8 @@ fn decrypt_typed(ciphertext: &[u8], oid: pg_sys::Oid, context: Option<&[u8]>) ->
     sql = "CREATE FUNCTION immuta_decrypt_bytea(ciphertext bytea) RETURNS bytea \
            STABLE STRICT PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_decrypt_bytea_wrapper';"
 )]
-fn immuta_decrypt_bytea(ciphertext: &[u8]) -> Bytea {
-    backend::decrypt_bytea(ciphertext, None)
+fn immuta_decrypt_bytea(ciphertext: Bytes) -> Bytea {
+    backend::decrypt_bytea(&ciphertext, None)
 }
 
 /// Decrypts a `bytea` value with its context.
@@ -192,9 +193,13 @@ fn immuta_decrypt_bytea(ciphertext: &[u8]) -> Bytea {
     sql = "CREATE FUNCTION immuta_decrypt_bytea(ciphertext bytea, context text) RETURNS bytea \
            STABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_decrypt_bytea_context_wrapper';"
 )]
-fn immuta_decrypt_bytea_context(ciphertext: Option<&[u8]>, context: Option<&[u8]>) -> Option<Bytea> {
-    let context = required(context);
-    Some(backend::decrypt_bytea(ciphertext?, Some(context)))
+fn immuta_decrypt_bytea_context(ciphertext: Option<Bytes>, context: Option<Bytes>) -> Option<Bytea> {
+    let context = required(context.as_deref());
+    Some(backend::decrypt_bytea(&ciphertext?, Some(context)))
+}
+
+fn jsonb() -> (pg_sys::Oid, typed::SqlType) {
+    (pg_sys::JSONBOID, typed::sql_type(pg_sys::JSONBOID))
 }
 
 /// Decrypts a `jsonb` value encrypted without a context.
@@ -205,8 +210,8 @@ fn immuta_decrypt_bytea_context(ciphertext: Option<&[u8]>, context: Option<&[u8]
     sql = "CREATE FUNCTION immuta_decrypt_jsonb(ciphertext bytea) RETURNS jsonb \
            STABLE STRICT PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_decrypt_jsonb_wrapper';"
 )]
-fn immuta_decrypt_jsonb(ciphertext: &[u8]) -> Option<AnyElement> {
-    decrypt_typed(ciphertext, pg_sys::JSONBOID, None)
+fn immuta_decrypt_jsonb(ciphertext: Bytes) -> Option<AnyElement> {
+    decrypt_typed(&ciphertext, jsonb(), None)
 }
 
 /// Decrypts a `jsonb` value with its context.
@@ -216,16 +221,16 @@ fn immuta_decrypt_jsonb(ciphertext: &[u8]) -> Option<AnyElement> {
     sql = "CREATE FUNCTION immuta_decrypt_jsonb(ciphertext bytea, context text) RETURNS jsonb \
            STABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_decrypt_jsonb_context_wrapper';"
 )]
-fn immuta_decrypt_jsonb_context(ciphertext: Option<&[u8]>, context: Option<&[u8]>) -> Option<AnyElement> {
-    let context = required(context);
-    decrypt_typed(ciphertext?, pg_sys::JSONBOID, Some(context))
+fn immuta_decrypt_jsonb_context(ciphertext: Option<Bytes>, context: Option<Bytes>) -> Option<AnyElement> {
+    let context = required(context.as_deref());
+    decrypt_typed(&ciphertext?, jsonb(), Some(context))
 }
 
 /// The id of the data key a ciphertext was encrypted under (reads the header only), to find the
 /// values still under an old key.
 #[pg_extern(immutable, strict, parallel_safe)]
-fn immuta_key_id(ciphertext: &[u8]) -> i64 {
-    format::parse(ciphertext).or_raise().key_id.get()
+fn immuta_key_id(ciphertext: Bytes) -> i64 {
+    format::parse(&ciphertext).or_raise().key_id.get()
 }
 
 /// Creates a new data key and makes it the one that encrypts; returns its id.

@@ -97,6 +97,32 @@ pub fn sql_type(oid: Oid) -> SqlType {
     resolved
 }
 
+/// The SQL type and [`SqlType`] of argument `argno` of this call, resolved at the first row and
+/// kept in the call's `fn_extra` for the rest of the query: a query over a million rows resolves
+/// it once, with no type lookup per row. A call without `flinfo` (none from SQL) resolves it every
+/// time.
+pub fn of_argument(fcinfo: pg_sys::FunctionCallInfo, argno: i32) -> (Oid, SqlType) {
+    // SAFETY: fcinfo is the current call's; its flinfo, when set, is the FmgrInfo of this call
+    // site, whose fn_extra belongs to the function called (immuta's own: none of these functions
+    // returns a set, the only case where pgrx uses fn_extra) and whose fn_mcxt lives as long as
+    // the FmgrInfo. What fn_extra points to is written once, here, as an `(Oid, SqlType)` in
+    // fn_mcxt (palloc aligns to 8, enough for it), and only ever read back as one.
+    unsafe {
+        let flinfo = (*fcinfo).flinfo;
+        if !flinfo.is_null() && !(*flinfo).fn_extra.is_null() {
+            return *(*flinfo).fn_extra.cast::<(Oid, SqlType)>();
+        }
+        let oid = pg_sys::get_fn_expr_argtype(flinfo, argno);
+        let resolved = (oid, sql_type(oid));
+        if !flinfo.is_null() {
+            let slot = pg_sys::MemoryContextAlloc((*flinfo).fn_mcxt, std::mem::size_of::<(Oid, SqlType)>());
+            slot.cast::<(Oid, SqlType)>().write(resolved);
+            (*flinfo).fn_extra = slot;
+        }
+        resolved
+    }
+}
+
 fn resolve(oid: Oid) -> Option<SqlType> {
     // SAFETY: catalog lookups by OID; they raise ERROR for an OID that is no type.
     let base = unsafe { pg_sys::getBaseType(oid) };
@@ -410,7 +436,7 @@ pub fn decode(t: &SqlType, with_nul: &mut [u8]) -> Datum {
             pg_sys::palloc0(count).cast::<bool>(),
         )
     };
-    let mut element_buf = SecretBuf::with_capacity(0);
+    let mut element_buf = SecretBuf::new();
     for i in 0..count {
         pgrx::check_for_interrupts!();
         let element = reader.next().expect("count elements").unwrap_or_else(|_| invalid(t.value_type));

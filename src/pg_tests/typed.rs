@@ -261,4 +261,60 @@ mod tests {
         .unwrap();
         assert!(text.contains("context does not match") && !text.contains("secret-ctx"), "{text}");
     }
+
+    /// Arguments are read in place when stored inline and uncompressed, and detoasted otherwise
+    /// (`varlena::Bytes`): plaintexts and contexts in every form PostgreSQL stores them (each form
+    /// checked in the catalog, so that the test cannot pass without it), and ciphertexts with
+    /// short and long headers and out of line.
+    #[pg_test]
+    fn arguments_are_read_whole_in_every_storage_form() {
+        let md5s = |n: u32| format!("(SELECT string_agg(md5(i::text), '') FROM generate_series(1, {n}) i)");
+        // (form, value, storage of the plaintext and context columns, context too)
+        let forms = [
+            ("short", "'123-45-6789'".to_string(), "EXTENDED", true),
+            ("inline", md5s(6), "EXTENDED", true),
+            ("compressed", "repeat('abc', 2000)".to_string(), "EXTENDED", true),
+            ("external", md5s(1875), "EXTERNAL", true),
+            ("external_compressed", "repeat('abcdefgh', 500000)".to_string(), "EXTENDED", false),
+        ];
+        for (form, value, storage, with_context) in forms {
+            let table = format!("form_{form}");
+            Spi::run(&format!(
+                "CREATE TEMP TABLE {table} (v text, ctx text); \
+                 ALTER TABLE {table} ALTER COLUMN v SET STORAGE {storage}, ALTER COLUMN ctx SET STORAGE {storage}; \
+                 INSERT INTO {table} SELECT x, CASE WHEN {with_context} THEN x ELSE 'place' END \
+                 FROM (SELECT {value} AS x) s; \
+                 CREATE TEMP TABLE {table}_c AS SELECT immuta_encrypt(v) AS c, immuta_encrypt(v, ctx) AS cc FROM {table}"
+            ))
+            .unwrap();
+            let toasted = Spi::get_one::<String>(&format!(
+                "SELECT reltoastrelid::regclass::text FROM pg_class WHERE oid = '{table}'::regclass"
+            ))
+            .unwrap()
+            .unwrap();
+            let out_of_line = yes(&format!("SELECT count(*) > 0 FROM {toasted}"));
+            let compressed = yes(&format!("SELECT pg_column_compression(v) IS NOT NULL FROM {table}"));
+            let (want_out_of_line, want_compressed) = match form {
+                "short" | "inline" => (false, false),
+                "compressed" => (false, true),
+                "external" => (true, false),
+                _ => (true, true),
+            };
+            assert_eq!((out_of_line, compressed), (want_out_of_line, want_compressed), "storage of {form}");
+            assert!(
+                yes(&format!(
+                    "SELECT immuta_decrypt(c) = v AND immuta_decrypt(cc, ctx) = v \
+                     AND immuta_decrypt_bytea(immuta_encrypt(convert_to(v, 'UTF8'))) \
+                     = convert_to(v, 'UTF8') AND immuta_key_id(c) = immuta_key_id(cc) FROM {table}, {table}_c"
+                )),
+                "{form}"
+            );
+            // A context in any form must still match exactly.
+            assert_eq!(
+                sqlstate_of(&format!("SELECT immuta_decrypt(cc, ctx || 'x') FROM {table}, {table}_c")),
+                "22023",
+                "{form}"
+            );
+        }
+    }
 }
