@@ -52,6 +52,28 @@ impl FromDatum for Bytes<'_> {
             Some(Bytes(pgrx::varlena_to_byte_slice(ptr)))
         }
     }
+
+    /// Outside an argument (a value read through SPI, say), the bytes must outlive the datum:
+    /// always a detoasted copy in `memory_context`, as pgrx's `&[u8]` makes.
+    unsafe fn from_datum_in_memory_context(
+        mut memory_context: pgrx::PgMemoryContexts,
+        datum: pg_sys::Datum,
+        is_null: bool,
+        _: pg_sys::Oid,
+    ) -> Option<Self> {
+        if is_null || datum.is_null() {
+            return None;
+        }
+        // SAFETY: the datum is a non-NULL varlena; pg_detoast_datum_copy returns a complete,
+        // uncompressed copy of it allocated in memory_context, which the caller chose to outlive
+        // its use.
+        unsafe {
+            memory_context.switch_to(|_| {
+                let copy = pg_sys::pg_detoast_datum_copy(datum.cast_mut_ptr());
+                Some(Bytes(pgrx::varlena_to_byte_slice(copy)))
+            })
+        }
+    }
 }
 
 // SAFETY: unboxes through FromDatum above, NULL as None, as pgrx does for `&[u8]`.

@@ -317,4 +317,38 @@ mod tests {
             );
         }
     }
+
+    /// The type of `as_type` is resolved once per call site (`typed::of_argument`, kept in
+    /// `fn_extra`): a call site that sees other types in other calls resolves each one, whether
+    /// through a polymorphic PL/pgSQL function called with several types in one transaction, or
+    /// through the wrapper PostgreSQL puts around a function with a `SET` clause.
+    #[pg_test]
+    fn the_type_asked_for_is_the_type_of_each_call() {
+        Spi::run(
+            "CREATE FUNCTION pg_temp.open_as(c bytea, t anyelement) RETURNS anyelement LANGUAGE plpgsql \
+             AS $$ BEGIN RETURN immuta_decrypt(c, t); END $$; \
+             CREATE FUNCTION pg_temp.seal(v anyelement) RETURNS bytea LANGUAGE plpgsql \
+             AS $$ BEGIN RETURN immuta_encrypt(v); END $$",
+        )
+        .unwrap();
+        for _ in 0..2 {
+            assert!(yes("SELECT pg_temp.open_as(pg_temp.seal(42::int8), NULL::int8) = 42"));
+            assert!(yes("SELECT pg_temp.open_as(pg_temp.seal(4.25::numeric), NULL::numeric) = 4.25"));
+            assert!(yes(
+                "SELECT pg_temp.open_as(pg_temp.seal('{1,NULL,3}'::int4[]), NULL::int4[]) = '{1,NULL,3}'"
+            ));
+            assert_eq!(sqlstate_of("SELECT pg_temp.open_as(pg_temp.seal(42::int8), NULL::numeric)"), "42804");
+        }
+        // A function with a SET clause is called through fmgr_security_definer, which keeps its
+        // own fn_extra and calls immuta with a copy of the call's FmgrInfo.
+        Spi::run(
+            "ALTER FUNCTION immuta_decrypt(bytea, anyelement) SET search_path = pg_catalog; \
+             ALTER FUNCTION immuta_encrypt(anyelement) SET search_path = pg_catalog",
+        )
+        .unwrap();
+        assert!(yes("SELECT bool_and(immuta_decrypt(immuta_encrypt(i), NULL::int8) = i \
+             AND immuta_decrypt(immuta_encrypt(i::numeric / 7), NULL::numeric) = i::numeric / 7) \
+             FROM generate_series(1::int8, 100) i"));
+        assert!(yes("SELECT pg_temp.open_as(pg_temp.seal('2024-02-29'::date), NULL::date) = '2024-02-29'"));
+    }
 }
