@@ -3,19 +3,21 @@
 
 mod typed;
 
+/// Runs `sql` and returns the SQLSTATE it raised, or "00000".
+fn sqlstate_of(sql: &str) -> String {
+    use pgrx::prelude::*;
+    Spi::run(
+        "CREATE OR REPLACE FUNCTION pg_temp.sqlstate_of(q text) RETURNS text LANGUAGE plpgsql AS $$ \
+         BEGIN EXECUTE q; RETURN '00000'; EXCEPTION WHEN OTHERS THEN RETURN SQLSTATE; END $$",
+    )
+    .unwrap();
+    Spi::get_one_with_args::<String>("SELECT pg_temp.sqlstate_of($1)", &[sql.into()]).unwrap().unwrap()
+}
+
 #[pgrx::pg_schema]
 mod tests {
+    use super::sqlstate_of;
     use pgrx::prelude::*;
-
-    /// Runs `sql` and returns the SQLSTATE it raised, or "00000".
-    fn sqlstate_of(sql: &str) -> String {
-        Spi::run(
-            "CREATE OR REPLACE FUNCTION pg_temp.sqlstate_of(q text) RETURNS text LANGUAGE plpgsql AS $$ \
-             BEGIN EXECUTE q; RETURN '00000'; EXCEPTION WHEN OTHERS THEN RETURN SQLSTATE; END $$",
-        )
-        .unwrap();
-        Spi::get_one_with_args::<String>("SELECT pg_temp.sqlstate_of($1)", &[sql.into()]).unwrap().unwrap()
-    }
 
     fn one<T: FromDatum + IntoDatum>(sql: &str) -> T {
         Spi::get_one::<T>(sql).unwrap().expect("non-NULL result")

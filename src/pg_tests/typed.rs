@@ -4,17 +4,9 @@
 
 #[pgrx::pg_schema]
 mod tests {
+    use crate::pg_tests::sqlstate_of;
     use pgrx::prelude::*;
     use pgrx::AnyElement;
-
-    fn sqlstate_of(sql: &str) -> String {
-        Spi::run(
-            "CREATE OR REPLACE FUNCTION pg_temp.sqlstate_of(q text) RETURNS text LANGUAGE plpgsql AS $$ \
-             BEGIN EXECUTE q; RETURN '00000'; EXCEPTION WHEN OTHERS THEN RETURN SQLSTATE; END $$",
-        )
-        .unwrap();
-        Spi::get_one_with_args::<String>("SELECT pg_temp.sqlstate_of($1)", &[sql.into()]).unwrap().unwrap()
-    }
 
     fn yes(sql: &str) -> bool {
         Spi::get_one::<bool>(sql).unwrap().unwrap_or_else(|| panic!("NULL from {sql}"))
