@@ -61,20 +61,37 @@ CREATE TABLE immuta.data_keys (
     provider         text NOT NULL CHECK (provider OPERATOR(pg_catalog.=) ANY (ARRAY['local', 'awsKms']::pg_catalog.text[])),
     wrapping_key     text NOT NULL,
     wrapping_region  text,
-    wrapped_key      bytea NOT NULL,
+    wrapped_key      bytea,
     reason           text NOT NULL CHECK (reason OPERATOR(pg_catalog.=) ANY (ARRAY['first use', 'manual', 'schedule', 'usage limit']::pg_catalog.text[])),
     created_by       name NOT NULL DEFAULT current_user,
     -- The key an automatic rollover replaced (0 for the first key): unique, so two sessions can
     -- never both roll the same key over. NULL for manual rotations.
-    rolled_over_from bigint UNIQUE,
+    -- Unique per keyring (below), so that two sessions can never both roll one key over.
+    rolled_over_from bigint,
     -- Whether immuta may reach this key's KMS key with the server's own AWS identity: true when
     -- immuta created or rewrapped the key under a configuration a superuser put in force; false
     -- for a row added directly (a restore: the trigger sets it, whatever the dump says) or
     -- wrapped under a configuration a role that is not a superuser stored (README, "Security
     -- notes"). A superuser may vouch for a row by setting it.
     server_identity  boolean NOT NULL DEFAULT false,
-    CHECK ((provider OPERATOR(pg_catalog.=) 'awsKms') OPERATOR(pg_catalog.=) (wrapping_region IS NOT NULL))
+    -- The keyring the key belongs to (immuta.keyrings, or 'default', which has no row there).
+    -- No foreign key: a restore loads the tables in any order.
+    keyring          text NOT NULL DEFAULT 'default'
+                     CONSTRAINT data_keys_keyring_check
+                     CHECK (keyring OPERATOR(pg_catalog.~) '^[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}$'),
+    -- enabled (active if newest of its keyring, else decrypt-only), disabled, or destroyed: then
+    -- wrapped_key is erased and the row is a tombstone (crates/immuta-core/src/key_state.rs).
+    state            text NOT NULL DEFAULT 'enabled'
+                     CONSTRAINT data_keys_state_check
+                     CHECK (state OPERATOR(pg_catalog.=) ANY (ARRAY['enabled', 'disabled', 'destroyed']::pg_catalog.text[])),
+    state_changed_at timestamptz,
+    state_changed_by name,
+    CHECK ((provider OPERATOR(pg_catalog.=) 'awsKms') OPERATOR(pg_catalog.=) (wrapping_region IS NOT NULL)),
+    CONSTRAINT data_keys_destroyed_check
+        CHECK ((state OPERATOR(pg_catalog.=) 'destroyed') OPERATOR(pg_catalog.=) (wrapped_key IS NULL)),
+    CONSTRAINT data_keys_keyring_rolled_over_from_key UNIQUE (keyring, rolled_over_from)
 );
+CREATE INDEX data_keys_keyring_id ON immuta.data_keys (keyring, id);
 ALTER SEQUENCE immuta.data_keys_id_seq OWNED BY immuta.data_keys.id;
 COMMENT ON TABLE immuta.data_keys IS 'immuta data keys, wrapped; the newest id encrypts, all decrypt';
 
@@ -102,14 +119,16 @@ CREATE SEQUENCE immuta.audit_log_id_seq AS bigint;
 CREATE TABLE immuta.audit_log (
     id           bigint PRIMARY KEY DEFAULT pg_catalog.nextval('immuta.audit_log_id_seq'::pg_catalog.regclass),
     at           timestamptz NOT NULL DEFAULT pg_catalog.now(),
-    event        text NOT NULL CHECK (event OPERATOR(pg_catalog.=) ANY (ARRAY['key created', 'key rotated', 'key rewrapped', 'cache reset']::pg_catalog.text[])),
+    event        text NOT NULL CONSTRAINT audit_log_event_check CHECK (event OPERATOR(pg_catalog.=) ANY (ARRAY['key created', 'key rotated', 'key rewrapped', 'cache reset', 'key disabled', 'key enabled', 'key destroyed', 'keyring created', 'keyring configured', 'keyring destroyed']::pg_catalog.text[])),
     key_id       bigint,
     reason       text NOT NULL CHECK (reason OPERATOR(pg_catalog.=) ANY (ARRAY['first use', 'manual', 'schedule', 'usage limit']::pg_catalog.text[])),
     -- The role whose privileges ran the event, and the role that logged in (they differ after
     -- SET ROLE or in a SECURITY DEFINER function).
     role         name NOT NULL DEFAULT current_user,
     session_role name NOT NULL DEFAULT session_user,
-    detail       jsonb NOT NULL DEFAULT '{}'::pg_catalog.jsonb
+    detail       jsonb NOT NULL DEFAULT '{}'::pg_catalog.jsonb,
+    -- The keyring of the event's key or keyring (NULL for events of the whole database).
+    keyring      text
 );
 ALTER SEQUENCE immuta.audit_log_id_seq OWNED BY immuta.audit_log.id;
 COMMENT ON TABLE immuta.audit_log IS 'immuta key events: creation, rotation with its reason, rewrap, cache reset';
@@ -134,6 +153,36 @@ COMMENT ON TABLE immuta.config IS 'immuta configuration (Immuta Advanced Configu
 -- place for secrets. After restoring such a database, run immuta_configure() again.
 SELECT pg_catalog.pg_extension_config_dump('immuta.config', 'WHERE NOT has_credentials');
 
+-- Named keyrings (crates/immuta-core/src/keyrings.rs): created by immuta_keyring_create(), each
+-- with its own rollover length and KMS key if it has them (NULL: the configuration's). The
+-- keyring 'default' has no row. A destroyed keyring keeps its row as a tombstone, so its name is
+-- never given to another keyring. Carried by pg_dump.
+CREATE TABLE immuta.keyrings (
+    name            text PRIMARY KEY
+                    CONSTRAINT keyrings_name_check
+                    CHECK (name OPERATOR(pg_catalog.~) '^[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}$'
+                           AND name OPERATOR(pg_catalog.<>) 'default'),
+    created_at      timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    created_by      name NOT NULL DEFAULT current_user,
+    rollover_days   integer CONSTRAINT keyrings_rollover_days_check
+                    CHECK (rollover_days OPERATOR(pg_catalog.>=) 1 AND rollover_days OPERATOR(pg_catalog.<=) 36500),
+    kms_key         text,
+    kms_region      text,
+    -- Whether a superuser chose kms_key: only then may immuta reach it with the server's own AWS
+    -- identity (as immuta.config.by_superuser). A restore sets it false.
+    by_superuser    boolean NOT NULL DEFAULT false,
+    destroyed_at    timestamptz,
+    destroyed_by    name,
+    CONSTRAINT keyrings_kms_check CHECK ((kms_key IS NULL) OPERATOR(pg_catalog.=) (kms_region IS NULL))
+);
+COMMENT ON TABLE immuta.keyrings IS 'immuta keyrings other than default: their own rollover length and KMS key; destroyed ones stay as tombstones';
+SELECT pg_catalog.pg_extension_config_dump('immuta.keyrings', '');
+
+-- The type of the keyring argument of immuta_encrypt(value [, context], keyring => ...): a
+-- domain over text, so that the keyring overloads have other argument types than the context
+-- ones and a positional second text argument stays a context.
+CREATE DOMAIN @extschema@.immuta_keyring AS text;
+
 -- Restoring a dump (pg_restore COPYs these tables' rows and sets their sequences) must work for
 -- a database owner who is not a superuser, as on managed platforms. So the role that installed
 -- immuta may add rows and set the dumped sequences, and nothing else; the trigger
@@ -143,5 +192,5 @@ SELECT pg_catalog.pg_extension_config_dump('immuta.config', 'WHERE NOT has_crede
 -- could have written, and a configuration added by a role that is not a superuser is left out
 -- with a WARNING. immuta's own writes pass straight through.
 GRANT USAGE ON SCHEMA immuta TO @extowner@;
-GRANT INSERT ON immuta.data_keys, immuta.key_usage, immuta.audit_log, immuta.config TO @extowner@;
+GRANT INSERT ON immuta.data_keys, immuta.key_usage, immuta.audit_log, immuta.config, immuta.keyrings TO @extowner@;
 GRANT UPDATE ON SEQUENCE immuta.data_keys_id_seq, immuta.audit_log_id_seq TO @extowner@;

@@ -10,8 +10,11 @@ CREATE TRIGGER restore_only BEFORE INSERT ON immuta.audit_log
     FOR EACH ROW EXECUTE FUNCTION immuta.guard_direct_insert();
 CREATE TRIGGER restore_only BEFORE INSERT ON immuta.config
     FOR EACH ROW EXECUTE FUNCTION immuta.guard_direct_insert();
+CREATE TRIGGER restore_only BEFORE INSERT ON immuta.keyrings
+    FOR EACH ROW EXECUTE FUNCTION immuta.guard_direct_insert();
 
--- One row per data key, without the wrapped key bytes.
+-- One row per data key, without the wrapped key bytes. `state` is what key_state.rs shows: active
+-- (the newest enabled key of its keyring), decrypt-only, disabled or destroyed.
 CREATE VIEW immuta.keys AS
 SELECT k.id,
        k.created_at,
@@ -20,16 +23,26 @@ SELECT k.id,
        k.wrapping_region,
        k.reason,
        k.created_by,
-       k.id OPERATOR(pg_catalog.=) c.current_id AS is_current,
-       CASE WHEN k.id OPERATOR(pg_catalog.=) c.current_id
+       k.id OPERATOR(pg_catalog.=) c.current_id AND k.state OPERATOR(pg_catalog.=) 'enabled' AS is_current,
+       CASE WHEN k.id OPERATOR(pg_catalog.=) c.current_id AND k.state OPERATOR(pg_catalog.=) 'enabled'
             THEN k.created_at OPERATOR(pg_catalog.+) pg_catalog.make_interval(
-                     secs => immuta.rollover_length_days()::pg_catalog.float8 OPERATOR(pg_catalog.*) 86400.0::pg_catalog.float8)
+                     secs => COALESCE(r.rollover_days, immuta.rollover_length_days())::pg_catalog.float8
+                             OPERATOR(pg_catalog.*) 86400.0::pg_catalog.float8)
        END AS rollover_due_at,
        immuta.encryptions_counted(k.id) AS encryptions,
-       CASE WHEN k.id OPERATOR(pg_catalog.=) c.current_id THEN immuta.max_encryptions_per_key() END AS max_encryptions,
-       k.server_identity
+       CASE WHEN k.id OPERATOR(pg_catalog.=) c.current_id AND k.state OPERATOR(pg_catalog.=) 'enabled'
+            THEN immuta.max_encryptions_per_key() END AS max_encryptions,
+       k.server_identity,
+       k.keyring,
+       CASE WHEN k.state OPERATOR(pg_catalog.<>) 'enabled' THEN k.state
+            WHEN k.id OPERATOR(pg_catalog.=) c.current_id THEN 'active'
+            ELSE 'decrypt-only' END AS state,
+       k.state_changed_at,
+       k.state_changed_by
 FROM immuta.data_keys k
-CROSS JOIN (SELECT pg_catalog.max(id) AS current_id FROM immuta.data_keys) c;
+CROSS JOIN LATERAL (SELECT pg_catalog.max(d.id) AS current_id FROM immuta.data_keys d
+                    WHERE d.keyring OPERATOR(pg_catalog.=) k.keyring) c
+LEFT JOIN immuta.keyrings r ON r.name OPERATOR(pg_catalog.=) k.keyring;
 COMMENT ON VIEW immuta.keys IS 'immuta data keys: which encrypts now, when it rolls over, how much it was used';
 
 -- Privileges (README, "Roles"). Nothing is executable by PUBLIC; each role gets what it is for.
@@ -96,5 +109,30 @@ GRANT EXECUTE ON FUNCTION immuta_encrypt(text, text), immuta_encrypt(anyelement)
 -- The admin reads the keys (without key bytes) and the audit log.
 GRANT USAGE ON SCHEMA immuta TO immuta_admin;
 GRANT SELECT ON immuta.keys, immuta.audit_log TO immuta_admin;
+GRANT SELECT ON immuta.keyrings TO immuta_admin;
 GRANT EXECUTE ON FUNCTION immuta.rollover_length_days(), immuta.encryptions_counted(bigint),
     immuta.max_encryptions_per_key() TO immuta_admin;
+
+-- Keyrings and key states (issue 14): encrypting under a keyring for the encryptor; creating,
+-- configuring and destroying keyrings, and disabling, enabling and destroying keys, for the admin.
+REVOKE EXECUTE ON FUNCTION immuta_encrypt(anyelement, @extschema@.immuta_keyring), immuta_encrypt(anyelement, text, @extschema@.immuta_keyring),
+    immuta_encrypt(text, @extschema@.immuta_keyring), immuta_encrypt(text, text, @extschema@.immuta_keyring),
+    immuta_rotate(text), immuta_status(text),
+    immuta_keyring_create(text, integer, text, text), immuta_keyring_configure(text, integer, text, text),
+    immuta_keyring_destroy(text, text), immuta_key_disable(bigint, text), immuta_key_enable(bigint, text),
+    immuta_key_destroy(bigint, text), immuta_disable_keys_before(text, bigint, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION immuta_encrypt(anyelement, @extschema@.immuta_keyring), immuta_encrypt(anyelement, text, @extschema@.immuta_keyring),
+    immuta_encrypt(text, @extschema@.immuta_keyring), immuta_encrypt(text, text, @extschema@.immuta_keyring)
+    TO immuta_encryptor;
+GRANT EXECUTE ON FUNCTION immuta_rotate(text), immuta_status(text),
+    immuta_keyring_create(text, integer, text, text), immuta_keyring_configure(text, integer, text, text),
+    immuta_keyring_destroy(text, text), immuta_key_disable(bigint, text), immuta_key_enable(bigint, text),
+    immuta_key_destroy(bigint, text), immuta_disable_keys_before(text, bigint, text) TO immuta_admin;
+GRANT EXECUTE ON FUNCTION immuta_encrypt(anyelement, @extschema@.immuta_keyring), immuta_encrypt(anyelement, text, @extschema@.immuta_keyring),
+    immuta_encrypt(text, @extschema@.immuta_keyring), immuta_encrypt(text, text, @extschema@.immuta_keyring),
+    immuta_rotate(text), immuta_status(text),
+    immuta_keyring_create(text, integer, text, text), immuta_keyring_configure(text, integer, text, text),
+    immuta_keyring_destroy(text, text), immuta_key_disable(bigint, text), immuta_key_enable(bigint, text),
+    immuta_key_destroy(bigint, text), immuta_disable_keys_before(text, bigint, text)
+    TO @extowner@ WITH GRANT OPTION;
+GRANT SELECT ON immuta.keyrings TO @extowner@ WITH GRANT OPTION;

@@ -142,3 +142,121 @@ GRANT EXECUTE ON FUNCTION immuta_encrypt(text, text), immuta_encrypt(anyelement)
     immuta_decrypt_bytea(bytea), immuta_decrypt_bytea(bytea, text),
     immuta_decrypt_jsonb(bytea), immuta_decrypt_jsonb(bytea, text)
     TO @extowner@ WITH GRANT OPTION;
+
+-- Keyrings and key states (issue 14). Every existing key belongs to the keyring 'default' and is
+-- enabled. Columns are added without a default, filled, then given their default and NOT NULL,
+-- so that they are stored as in a fresh installation (no "missing value" for existing rows).
+ALTER TABLE immuta.data_keys ADD COLUMN keyring text;
+ALTER TABLE immuta.data_keys ADD COLUMN state text;
+ALTER TABLE immuta.data_keys ADD COLUMN state_changed_at timestamptz;
+ALTER TABLE immuta.data_keys ADD COLUMN state_changed_by name;
+UPDATE immuta.data_keys SET keyring = 'default', state = 'enabled';
+ALTER TABLE immuta.data_keys ALTER COLUMN keyring SET DEFAULT 'default', ALTER COLUMN keyring SET NOT NULL,
+    ALTER COLUMN state SET DEFAULT 'enabled', ALTER COLUMN state SET NOT NULL,
+    ALTER COLUMN wrapped_key DROP NOT NULL,
+    ADD CONSTRAINT data_keys_keyring_check
+        CHECK (keyring OPERATOR(pg_catalog.~) '^[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}$'),
+    ADD CONSTRAINT data_keys_state_check
+        CHECK (state OPERATOR(pg_catalog.=) ANY (ARRAY['enabled', 'disabled', 'destroyed']::pg_catalog.text[])),
+    ADD CONSTRAINT data_keys_destroyed_check
+        CHECK ((state OPERATOR(pg_catalog.=) 'destroyed') OPERATOR(pg_catalog.=) (wrapped_key IS NULL)),
+    -- The first key of each keyring carries the marker 0: unique per keyring now.
+    DROP CONSTRAINT data_keys_rolled_over_from_key,
+    ADD CONSTRAINT data_keys_keyring_rolled_over_from_key UNIQUE (keyring, rolled_over_from);
+CREATE INDEX data_keys_keyring_id ON immuta.data_keys (keyring, id);
+
+ALTER TABLE immuta.audit_log ADD COLUMN keyring text;
+ALTER TABLE immuta.audit_log DROP CONSTRAINT audit_log_event_check,
+    ADD CONSTRAINT audit_log_event_check CHECK (event OPERATOR(pg_catalog.=) ANY (ARRAY['key created', 'key rotated', 'key rewrapped', 'cache reset', 'key disabled', 'key enabled', 'key destroyed', 'keyring created', 'keyring configured', 'keyring destroyed']::pg_catalog.text[]));
+UPDATE immuta.audit_log SET keyring = 'default' WHERE key_id IS NOT NULL;
+
+CREATE TABLE immuta.keyrings (
+    name            text PRIMARY KEY
+                    CONSTRAINT keyrings_name_check
+                    CHECK (name OPERATOR(pg_catalog.~) '^[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}$'
+                           AND name OPERATOR(pg_catalog.<>) 'default'),
+    created_at      timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    created_by      name NOT NULL DEFAULT current_user,
+    rollover_days   integer CONSTRAINT keyrings_rollover_days_check
+                    CHECK (rollover_days OPERATOR(pg_catalog.>=) 1 AND rollover_days OPERATOR(pg_catalog.<=) 36500),
+    kms_key         text,
+    kms_region      text,
+    by_superuser    boolean NOT NULL DEFAULT false,
+    destroyed_at    timestamptz,
+    destroyed_by    name,
+    CONSTRAINT keyrings_kms_check CHECK ((kms_key IS NULL) OPERATOR(pg_catalog.=) (kms_region IS NULL))
+);
+COMMENT ON TABLE immuta.keyrings IS 'immuta keyrings other than default: their own rollover length and KMS key; destroyed ones stay as tombstones';
+SELECT pg_catalog.pg_extension_config_dump('immuta.keyrings', '');
+GRANT INSERT ON immuta.keyrings TO @extowner@;
+CREATE TRIGGER restore_only BEFORE INSERT ON immuta.keyrings
+    FOR EACH ROW EXECUTE FUNCTION immuta.guard_direct_insert();
+CREATE DOMAIN @extschema@.immuta_keyring AS text;
+
+-- The keys view gains keyring, state and who changed it last, and is_current is per keyring.
+CREATE OR REPLACE VIEW immuta.keys AS
+SELECT k.id,
+       k.created_at,
+       k.provider,
+       k.wrapping_key,
+       k.wrapping_region,
+       k.reason,
+       k.created_by,
+       k.id OPERATOR(pg_catalog.=) c.current_id AND k.state OPERATOR(pg_catalog.=) 'enabled' AS is_current,
+       CASE WHEN k.id OPERATOR(pg_catalog.=) c.current_id AND k.state OPERATOR(pg_catalog.=) 'enabled'
+            THEN k.created_at OPERATOR(pg_catalog.+) pg_catalog.make_interval(
+                     secs => COALESCE(r.rollover_days, immuta.rollover_length_days())::pg_catalog.float8
+                             OPERATOR(pg_catalog.*) 86400.0::pg_catalog.float8)
+       END AS rollover_due_at,
+       immuta.encryptions_counted(k.id) AS encryptions,
+       CASE WHEN k.id OPERATOR(pg_catalog.=) c.current_id AND k.state OPERATOR(pg_catalog.=) 'enabled'
+            THEN immuta.max_encryptions_per_key() END AS max_encryptions,
+       k.server_identity,
+       k.keyring,
+       CASE WHEN k.state OPERATOR(pg_catalog.<>) 'enabled' THEN k.state
+            WHEN k.id OPERATOR(pg_catalog.=) c.current_id THEN 'active'
+            ELSE 'decrypt-only' END AS state,
+       k.state_changed_at,
+       k.state_changed_by
+FROM immuta.data_keys k
+CROSS JOIN LATERAL (SELECT pg_catalog.max(d.id) AS current_id FROM immuta.data_keys d
+                    WHERE d.keyring OPERATOR(pg_catalog.=) k.keyring) c
+LEFT JOIN immuta.keyrings r ON r.name OPERATOR(pg_catalog.=) k.keyring;
+GRANT SELECT ON immuta.keyrings TO immuta_admin;
+
+CREATE FUNCTION immuta_encrypt(value anyelement, keyring @extschema@.immuta_keyring) RETURNS bytea VOLATILE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_encrypt_keyring_wrapper';
+CREATE FUNCTION immuta_encrypt(value anyelement, context text, keyring @extschema@.immuta_keyring) RETURNS bytea VOLATILE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_encrypt_context_keyring_wrapper';
+CREATE FUNCTION immuta_encrypt(plaintext text, keyring @extschema@.immuta_keyring) RETURNS bytea VOLATILE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_encrypt_text_keyring_wrapper';
+CREATE FUNCTION immuta_encrypt(plaintext text, context text, keyring @extschema@.immuta_keyring) RETURNS bytea VOLATILE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_encrypt_text_context_keyring_wrapper';
+CREATE FUNCTION immuta_rotate(keyring text) RETURNS bigint VOLATILE STRICT PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_rotate_keyring_wrapper';
+CREATE FUNCTION immuta_status(keyring text) RETURNS jsonb VOLATILE STRICT PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_status_keyring_wrapper';
+CREATE FUNCTION immuta_keyring_create(name text, rollover_days integer DEFAULT NULL, kms_key text DEFAULT NULL, kms_region text DEFAULT NULL) RETURNS void VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_keyring_create_wrapper';
+CREATE FUNCTION immuta_keyring_configure(name text, rollover_days integer DEFAULT NULL, kms_key text DEFAULT NULL, kms_region text DEFAULT NULL) RETURNS void VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_keyring_configure_wrapper';
+CREATE FUNCTION immuta_keyring_destroy(name text, reason text) RETURNS integer VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_keyring_destroy_wrapper';
+CREATE FUNCTION immuta_key_disable(key_id bigint, reason text) RETURNS boolean VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_key_disable_wrapper';
+CREATE FUNCTION immuta_key_enable(key_id bigint, reason text) RETURNS boolean VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_key_enable_wrapper';
+CREATE FUNCTION immuta_key_destroy(key_id bigint, reason text) RETURNS boolean VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_key_destroy_wrapper';
+CREATE FUNCTION immuta_disable_keys_before(keyring text, key_id bigint, reason text) RETURNS integer VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_disable_keys_before_wrapper';
+-- Keyrings and key states (issue 14): encrypting under a keyring for the encryptor; creating,
+-- configuring and destroying keyrings, and disabling, enabling and destroying keys, for the admin.
+REVOKE EXECUTE ON FUNCTION immuta_encrypt(anyelement, @extschema@.immuta_keyring), immuta_encrypt(anyelement, text, @extschema@.immuta_keyring),
+    immuta_encrypt(text, @extschema@.immuta_keyring), immuta_encrypt(text, text, @extschema@.immuta_keyring),
+    immuta_rotate(text), immuta_status(text),
+    immuta_keyring_create(text, integer, text, text), immuta_keyring_configure(text, integer, text, text),
+    immuta_keyring_destroy(text, text), immuta_key_disable(bigint, text), immuta_key_enable(bigint, text),
+    immuta_key_destroy(bigint, text), immuta_disable_keys_before(text, bigint, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION immuta_encrypt(anyelement, @extschema@.immuta_keyring), immuta_encrypt(anyelement, text, @extschema@.immuta_keyring),
+    immuta_encrypt(text, @extschema@.immuta_keyring), immuta_encrypt(text, text, @extschema@.immuta_keyring)
+    TO immuta_encryptor;
+GRANT EXECUTE ON FUNCTION immuta_rotate(text), immuta_status(text),
+    immuta_keyring_create(text, integer, text, text), immuta_keyring_configure(text, integer, text, text),
+    immuta_keyring_destroy(text, text), immuta_key_disable(bigint, text), immuta_key_enable(bigint, text),
+    immuta_key_destroy(bigint, text), immuta_disable_keys_before(text, bigint, text) TO immuta_admin;
+GRANT EXECUTE ON FUNCTION immuta_encrypt(anyelement, @extschema@.immuta_keyring), immuta_encrypt(anyelement, text, @extschema@.immuta_keyring),
+    immuta_encrypt(text, @extschema@.immuta_keyring), immuta_encrypt(text, text, @extschema@.immuta_keyring),
+    immuta_rotate(text), immuta_status(text),
+    immuta_keyring_create(text, integer, text, text), immuta_keyring_configure(text, integer, text, text),
+    immuta_keyring_destroy(text, text), immuta_key_disable(bigint, text), immuta_key_enable(bigint, text),
+    immuta_key_destroy(bigint, text), immuta_disable_keys_before(text, bigint, text)
+    TO @extowner@ WITH GRANT OPTION;
+GRANT SELECT ON immuta.keyrings TO @extowner@ WITH GRANT OPTION;

@@ -1,146 +1,157 @@
 //! Backend-local state: the key ring, the configuration, the nonce generator, and the
 //! invalidation that keeps them current without a query per row.
 //!
-//! The hot path (`encrypt`, `decrypt`) reads a process-local transaction id, compares two
-//! counters, and looks the key up in the ring; encryption also decrements this backend's grant
-//! of the key's usage counter (`usage.rs`). It runs no SPI and takes no lock. Everything that
-//! can change the ring (a rotation, a rollback of a rotation, a configuration change, DROP
-//! EXTENSION) sends a relcache invalidation for `immuta.data_keys` or `immuta.config`; PostgreSQL
+//! The hot path (`encrypt_fast`, `decrypt_*`) reads a process-local transaction id, compares two
+//! counters, and looks the key up in the ring (and, for a named keyring, its name); encryption
+//! also decrements this backend's grant of the key's usage counter (`usage.rs`). It runs no SPI
+//! and takes no lock. The state is private to this file; the lifecycle (`keys.rs`) drives it
+//! through the functions below, and nothing here calls back up. Everything that
+//! can change the ring (a rotation, a rollback of a rotation, a key disabled or destroyed, a
+//! keyring created or changed, a configuration change, DROP EXTENSION) sends a relcache
+//! invalidation for `immuta.data_keys`, `immuta.keyrings` or `immuta.config`; PostgreSQL
 //! delivers it to every backend at its next transaction start or lock acquisition, and only after
 //! the sending transaction commits (or, to the sender itself, when it aborts). The callback bumps
 //! a counter; the next immuta call sees the counter moved and refreshes from the tables once.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use immuta_core::cipher::{expect_type, DataCipher};
 use immuta_core::config::Config;
 use immuta_core::format;
 use immuta_core::key::KeyId;
-use immuta_core::keyring::{CurrentKey, KeyRing};
+use immuta_core::key_state::KeyState;
+use immuta_core::keyrings;
 use immuta_core::nonce::NonceSource;
+use immuta_core::ring::{CurrentKey, KeyRing, Named};
 use immuta_core::time::UnixMicros;
 use immuta_core::value_type::{Scalar, ValueType};
-use pgrx::prelude::*;
-use pgrx::{pg_sys, PgSqlErrorCode};
-use std::rc::Rc;
+use immuta_core::Error;
+use pgrx::{pg_guard, pg_sys, PgSqlErrorCode};
 use zeroize::Zeroizing;
 
 use crate::buffer::SecretBuf;
-use crate::catalog::{self, TableOids};
+use crate::catalog::{self, KeyringRow, TableOids};
 use crate::config_source::{self, Effective};
 use crate::errors::{raise, OrRaise};
-use crate::keys;
 use crate::shared_cache;
 use crate::usage;
 use crate::varlena;
+use crate::xact;
 
 /// Bumped by every invalidation that concerns immuta; starts at 1 so a fresh backend is stale.
 static INVALIDATIONS: AtomicU64 = AtomicU64::new(1);
-/// OIDs of `immuta.data_keys` and `immuta.config` as last looked up (0 before the first lookup).
+/// OIDs of `immuta.data_keys`, `immuta.keyrings` and `immuta.config` as last looked up (0
+/// before the first lookup).
 static DATA_KEYS_OID: AtomicU32 = AtomicU32::new(0);
+static KEYRINGS_OID: AtomicU32 = AtomicU32::new(0);
 static CONFIG_OID: AtomicU32 = AtomicU32::new(0);
 
-pub struct Backend {
-    pub ring: KeyRing,
-    pub config: Option<Effective>,
-    pub oids: Option<TableOids>,
+struct Backend {
+    ring: KeyRing,
+    config: Option<Effective>,
+    oids: Option<TableOids>,
     /// The value of `INVALIDATIONS` the ring and configuration reflect.
     valid_as_of: u64,
+    /// Whether the named keyrings were loaded in bulk since `valid_as_of` (after that, a keyring
+    /// the ring does not know is looked up alone).
+    named_loaded: bool,
     /// The local transaction id of the last call, to run per-transaction checks once.
     lxid: u32,
     /// Start time of that transaction: the clock of the rollover rule.
     now: UnixMicros,
-    /// The transaction in which a rollover lost the try-lock: do not try again in it.
-    pub rollover_given_up_in: Option<u32>,
     /// The shared cache's epoch the ring reflects (`immuta_cache_reset()` anywhere moves it).
     cache_epoch: u64,
     /// The resets of every database and of this one the ring reflects (see
     /// `shared_cache::resets_of_this_database`).
     cache_resets: (u64, u64),
-    /// The rollover reasons (bit `1 << reason`) this session already warned it cannot act on.
-    pub warned_cannot_rollover: u8,
-    /// Encryptions this backend may still do under `budget_key` before it asks the usage
-    /// counter again (`usage.rs`): the hot path only decrements it.
-    budget: u64,
-    budget_key: Option<KeyId>,
-    /// The grant was taken where no row could cover it (read-only, standby, parallel): it is
-    /// dropped as soon as this backend could write one.
-    budget_uncovered: bool,
     nonces: Option<(i32, NonceSource)>,
 }
 
 thread_local! {
-    pub static BACKEND: RefCell<Backend> = RefCell::new(Backend {
+    static BACKEND: RefCell<Backend> = RefCell::new(Backend {
         ring: KeyRing::default(),
         config: None,
         oids: None,
         valid_as_of: 0,
+        named_loaded: false,
         lxid: 0,
         now: UnixMicros(0),
-        rollover_given_up_in: None,
         cache_epoch: 0,
         cache_resets: (0, 0),
-        warned_cannot_rollover: 0,
-        budget: 0,
-        budget_key: None,
-        budget_uncovered: false,
         nonces: None,
     });
 }
 
-impl Backend {
-    /// A nonce from this process's generator. The generator is created lazily, so never in the
-    /// postmaster, and re-created if the process id changed (a fork would otherwise repeat nonces).
-    fn next_nonce(&mut self) -> [u8; format::NONCE_LEN] {
-        // SAFETY: MyProcPid is set by PostgreSQL at process start and only read here.
-        let pid = unsafe { pg_sys::MyProcPid };
-        match &mut self.nonces {
-            Some((owner, source)) if *owner == pid => source.next_nonce(),
-            slot => {
-                let mut source = NonceSource::from_os();
-                let nonce = source.next_nonce();
-                *slot = Some((pid, source));
-                nonce
-            }
+/// A nonce from this process's generator. The generator is created lazily, so never in the
+/// postmaster, and re-created if the process id changed (a fork would otherwise repeat nonces).
+fn next_nonce(nonces: &mut Option<(i32, NonceSource)>) -> [u8; format::NONCE_LEN] {
+    // SAFETY: MyProcPid is set by PostgreSQL at process start and only read here.
+    let pid = unsafe { pg_sys::MyProcPid };
+    match nonces {
+        Some((owner, source)) if *owner == pid => source.next_nonce(),
+        slot => {
+            let mut source = NonceSource::from_os();
+            let nonce = source.next_nonce();
+            *slot = Some((pid, source));
+            nonce
         }
-    }
-
-    /// The current key and what is left of this backend's grant under it, if the key is not due
-    /// and the grant not spent.
-    /// A grant no row covers is dropped here, first, once this transaction could write one.
-    fn spendable(&mut self, now: UnixMicros) -> Option<(KeyId, u64)> {
-        if self.budget_uncovered && usage::grants_are_covered() {
-            self.drop_grant();
-        }
-        let current = self.ring.current().filter(|c| now < c.due_at)?;
-        (self.budget > 0 && self.budget_key == Some(current.id)).then_some((current.id, self.budget))
-    }
-
-    fn drop_grant(&mut self) {
-        self.budget = 0;
-        self.budget_key = None;
-        self.budget_uncovered = false;
-    }
-
-    pub fn config(&self) -> Rc<Config> {
-        self.config.as_ref().map(|e| e.config.clone()).unwrap_or_default()
-    }
-
-    /// The configuration in force and where it came from.
-    pub fn effective(&self) -> Effective {
-        self.config.clone().unwrap_or_default()
     }
 }
 
-/// Registers the relcache and transaction callbacks. Called from `_PG_init`, once per process.
-pub fn register_callbacks() {
-    // SAFETY: registering callbacks with static function pointers; PostgreSQL keeps them for the
-    // life of the process, and the callbacks only touch atomics and a thread-local flag.
+impl Backend {
+    /// The current key of `keyring` (`None`: the default keyring) as the ring knows it.
+    #[inline]
+    fn current_of(&self, keyring: Option<&str>) -> Option<CurrentKey> {
+        match keyring {
+            None => self.ring.current(),
+            Some(name) => match self.ring.named(name)? {
+                Named::Live(current) => current,
+                Named::Destroyed => None,
+            },
+        }
+    }
+
+    fn config(&self) -> Rc<Config> {
+        self.config.as_ref().map(|e| e.config.clone()).unwrap_or_default()
+    }
+}
+
+/// The configuration in force (after [`prepare`]).
+pub fn config() -> Rc<Config> {
+    BACKEND.with_borrow(|b| b.config())
+}
+
+/// The configuration in force and where it came from.
+pub fn effective() -> Effective {
+    BACKEND.with_borrow(|b| b.config.clone().unwrap_or_default())
+}
+
+/// The OIDs of immuta's tables in this database (looked up if no call has yet).
+pub fn oids() -> TableOids {
+    BACKEND.with_borrow(|b| b.oids).unwrap_or_else(catalog::table_oids)
+}
+
+/// How many ciphers this backend holds.
+pub fn key_count() -> usize {
+    BACKEND.with_borrow(|b| b.ring.len())
+}
+
+/// Forgets (and zeroizes) every key this backend holds: `immuta_cache_reset()`.
+pub fn clear() {
+    BACKEND.with_borrow_mut(|b| {
+        b.ring.clear();
+        b.valid_as_of = 0;
+    });
+}
+
+/// Registers the relcache callback. Called from `_PG_init`, once per process.
+pub fn register_invalidation_callback() {
+    // SAFETY: registering a callback with a static function pointer; PostgreSQL keeps it for the
+    // life of the process, and the callback only touches atomics.
     unsafe {
         pg_sys::CacheRegisterRelcacheCallback(Some(on_relcache_invalidation), pg_sys::Datum::from(0));
-        pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut());
-        pg_sys::RegisterSubXactCallback(Some(on_subxact_event), std::ptr::null_mut());
     }
 }
 
@@ -150,74 +161,30 @@ extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid: pg_sys
     // InvalidOid means "all relations" (e.g. after an invalidation queue overflow).
     if relid == 0
         || relid == DATA_KEYS_OID.load(Ordering::Relaxed)
+        || relid == KEYRINGS_OID.load(Ordering::Relaxed)
         || relid == CONFIG_OID.load(Ordering::Relaxed)
     {
-        INVALIDATIONS.fetch_add(1, Ordering::Relaxed);
+        stale();
     }
 }
 
-thread_local! {
-    /// This transaction created a key and put it in the ring before committing.
-    static CREATED_KEY: Cell<bool> = const { Cell::new(false) };
+/// Makes this backend reload its view of the tables at its next call (after an abort that may
+/// have left a key of the failed transaction in the ring: see `events.rs`).
+pub fn stale() {
+    INVALIDATIONS.fetch_add(1, Ordering::Relaxed);
 }
 
-/// PostgreSQL replays a transaction's invalidations locally when it aborts, but not those of the
-/// command that was running when it failed: a key created by the failing statement itself would
-/// stay current in this backend. So an abort after a key creation forces a refresh, which reads
-/// the committed keys and drops the uncommitted one.
-#[pg_guard]
-extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
-    use pg_sys::XactEvent::*;
-    match event {
-        XACT_EVENT_PRE_PREPARE => keys::before_prepare(),
-        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => {
-            if CREATED_KEY.replace(false) {
-                INVALIDATIONS.fetch_add(1, Ordering::Relaxed);
-            }
-            catalog::at_transaction_end();
-            usage::at_transaction_end(false);
-        }
-        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
-            CREATED_KEY.set(false);
-            catalog::at_transaction_end();
-            usage::at_transaction_end(true);
-        }
-        XACT_EVENT_PREPARE => {
-            CREATED_KEY.set(false);
-            catalog::at_transaction_end();
-            usage::at_transaction_end(false);
-        }
-        _ => {}
-    }
-}
-
-#[pg_guard]
-extern "C-unwind" fn on_subxact_event(
-    event: pg_sys::SubXactEvent::Type,
-    sub: pg_sys::SubTransactionId,
-    parent: pg_sys::SubTransactionId,
-    _arg: *mut std::ffi::c_void,
-) {
-    use pg_sys::SubXactEvent::*;
-    match event {
-        SUBXACT_EVENT_ABORT_SUB => {
-            if CREATED_KEY.get() {
-                INVALIDATIONS.fetch_add(1, Ordering::Relaxed);
-            }
-            crate::restore::forget_checks();
-            usage::at_subtransaction_end(sub, parent, false);
-        }
-        SUBXACT_EVENT_COMMIT_SUB => usage::at_subtransaction_end(sub, parent, true),
-        _ => {}
-    }
-}
-
-/// After inserting or rewrapping key rows: make every other backend reload its ring when this
-/// transaction commits, and this one reload if it aborts.
-pub fn key_created_in_this_transaction(oids: TableOids) {
-    CREATED_KEY.set(true);
+/// After writing key rows (a new key, a rewrap, a state change, a restore): every other backend
+/// reloads its ring when this transaction commits, and this one if it aborts.
+pub fn invalidate_keys(oids: TableOids) {
     // SAFETY: queues a relcache invalidation for an existing relation inside a transaction.
     unsafe { pg_sys::CacheInvalidateRelcacheByRelid(oids.data_keys) };
+}
+
+/// After writing keyring rows: every backend reloads the keyrings it knows.
+pub fn invalidate_keyrings(oids: TableOids) {
+    // SAFETY: queues a relcache invalidation for an existing relation inside a transaction.
+    unsafe { pg_sys::CacheInvalidateRelcacheByRelid(oids.keyrings) };
 }
 
 /// After storing a configuration: every backend reloads it once this transaction commits.
@@ -226,21 +193,16 @@ pub fn invalidate_config(oids: TableOids) {
     unsafe { pg_sys::CacheInvalidateRelcacheByRelid(oids.config) };
 }
 
-/// The transaction start time, which is also the `created_at` of keys this transaction creates.
-pub fn transaction_now() -> UnixMicros {
-    // SAFETY: reads the start timestamp of the current transaction.
-    catalog::from_pg_timestamp(unsafe { pg_sys::GetCurrentTransactionStartTimestamp() })
-}
-
 /// Per-call entry: the once-per-transaction checks (configuration file, clock), then a refresh
 /// if an invalidation arrived. Returns the transaction's start time. In steady state: one load
 /// of MyProc, two comparisons.
+#[inline]
 pub fn prepare() -> UnixMicros {
     let lxid = crate::compat::local_xid();
     let (stale, now) = BACKEND.with_borrow_mut(|b| {
         if b.lxid != lxid || b.now.0 == 0 {
             b.lxid = lxid;
-            b.now = transaction_now();
+            b.now = xact::transaction_now();
             if b.config.as_ref().is_some_and(config_source::file_changed) {
                 b.valid_as_of = 0;
             }
@@ -265,7 +227,9 @@ pub fn prepare() -> UnixMicros {
     now
 }
 
-/// Reloads the configuration and the current key, and forgets keys that no longer exist.
+/// Reloads the configuration and the default keyring's current key, forgets the named keyrings
+/// (reloaded at their next use), and drops the keys that were disabled or destroyed or never
+/// committed, from this backend and from the shared cache.
 fn refresh() {
     let as_of = INVALIDATIONS.load(Ordering::Relaxed);
     // SAFETY: reads the database encoding, fixed for the life of the backend.
@@ -279,67 +243,186 @@ fn refresh() {
     }
     let oids = catalog::table_oids();
     DATA_KEYS_OID.store(oids.data_keys.to_u32(), Ordering::Relaxed);
+    KEYRINGS_OID.store(oids.keyrings.to_u32(), Ordering::Relaxed);
     CONFIG_OID.store(oids.config.to_u32(), Ordering::Relaxed);
     let previous = BACKEND.with_borrow(|b| b.config.clone());
     let effective = config_source::load(previous.as_ref());
-    let current = catalog::current_key();
-    let ids = catalog::key_ids();
-    BACKEND.with_borrow_mut(|b| {
-        if b.oids.is_some_and(|o| o != oids) {
+    let current = catalog::current_key(keyrings::DEFAULT);
+    let reinstalled = BACKEND.with_borrow_mut(|b| {
+        let reinstalled = b.oids.is_some_and(|o| o != oids);
+        if reinstalled {
             // The extension was dropped and created again: the old key ids mean other keys now.
             b.ring.clear();
-            b.drop_grant();
-            usage::forget();
         }
-        b.ring.retain(|id| ids.contains(&id));
-        b.ring.set_current(
-            current
-                .map(|(id, created)| CurrentKey { id, due_at: effective.config.rollover().due_at(created) }),
-        );
+        reinstalled
+    });
+    if reinstalled {
+        usage::forget();
+    }
+    let held = BACKEND.with_borrow(|b| b.ring.ids());
+    let usable = catalog::enabled_among(&held);
+    let gone: Vec<KeyId> = held.iter().copied().filter(|id| !usable.contains(id)).collect();
+    // Keys disabled or destroyed since: their shared copies go too (on a standby, this is how
+    // they leave its cache; on the primary the state change already dropped them at commit).
+    shared_cache::forget(&gone);
+    BACKEND.with_borrow_mut(|b| {
+        b.ring.retain(|id| !gone.contains(&id));
+        b.ring.forget_named();
+        b.named_loaded = false;
+        let rollover = effective.config.rollover();
+        b.ring.set_current(current.map(|(id, created)| CurrentKey { id, due_at: rollover.due_at(created) }));
         b.oids = Some(oids);
         b.config = Some(effective);
         b.valid_as_of = as_of;
     });
 }
 
-/// `immuta_encrypt`: seals the encoding `plaintext` of a value of `value_type`, with `context` if
-/// given, under the current data key, straight into the `bytea` it returns.
-pub fn encrypt(value_type: ValueType, context: Option<&[u8]>, plaintext: &[u8]) -> varlena::Bytea {
-    let now = prepare();
-    let len = format::sealed_len(plaintext.len());
-    let seal = |cipher: &DataCipher, nonce: &[u8; format::NONCE_LEN], out: &mut [u8]| {
-        cipher.seal_into(nonce, value_type, context, plaintext, out)
-    };
-    let fast = BACKEND.with_borrow_mut(|b| {
-        let (id, _) = b.spendable(now)?;
-        let nonce = b.next_nonce();
-        let cipher = b.ring.cipher(id, now)?;
-        let sealed = varlena::bytea(len, |out| seal(cipher, &nonce, out));
-        b.budget -= 1;
-        Some(sealed)
-    });
-    if let Some(sealed) = fast {
-        return sealed;
+/// What the ring holds for keyring `name` once loaded: after an invalidation, the first keyring
+/// the ring does not know loads every keyring (up to the ring's bound) in one query; a keyring
+/// still unknown after that is looked up alone. An unknown name is an error.
+pub fn named(name: &str) -> Named {
+    if let Some(named) = BACKEND.with_borrow(|b| b.ring.named(name)) {
+        return named;
     }
-    // The fast path's `spendable` has already dropped a grant that must not be spent here.
-    let held = BACKEND.with_borrow(|b| b.budget_key.map(|id| (id, b.budget)));
-    let (id, budget) = keys::current_for_encrypt(now, held);
-    // Kept before the key is loaded: a failing unwrap must not waste the grant.
-    let covered = usage::grants_are_covered();
-    BACKEND.with_borrow_mut(|b| {
-        let fresh = held != Some((id, budget));
-        (b.budget_key, b.budget) = (Some(id), budget);
-        if fresh {
-            b.budget_uncovered = !covered;
+    let rollover = config().rollover();
+    let entry = |row: &KeyringRow| {
+        if row.destroyed {
+            Named::Destroyed
+        } else {
+            let length = row.settings.rollover_or(rollover);
+            Named::Live(row.current.map(|(id, created)| CurrentKey { id, due_at: length.due_at(created) }))
         }
-    });
-    keys::ensure_cipher(id, now);
-    BACKEND.with_borrow_mut(|b| {
-        b.budget -= 1;
-        let nonce = b.next_nonce();
-        let cipher = b.ring.loaded(id).expect("ensure_cipher loaded it");
-        varlena::bytea(len, |out| seal(cipher, &nonce, out))
+    };
+    if !BACKEND.with_borrow(|b| b.named_loaded) {
+        let rows = catalog::keyrings(KeyRing::DEFAULT_CAPACITY);
+        BACKEND.with_borrow_mut(|b| {
+            rows.iter().for_each(|row| b.ring.set_named(&row.name, entry(row)));
+            b.named_loaded = true;
+        });
+        if let Some(named) = BACKEND.with_borrow(|b| b.ring.named(name)) {
+            return named;
+        }
+    }
+    let Some(row) = catalog::keyring(name) else { unknown_keyring(name) };
+    let named = entry(&row);
+    BACKEND.with_borrow_mut(|b| b.ring.set_named(name, named));
+    named
+}
+
+/// An error for a keyring that does not exist; a name that cannot be a keyring's is not echoed.
+pub fn unknown_keyring(name: &str) -> ! {
+    if !keyrings::name_ok(name) {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            "invalid immuta keyring name",
+            Some(format!("A keyring name is {}.", keyrings::NAME_RULE)),
+            None,
+        );
+    }
+    raise(
+        PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+        format!("immuta keyring \"{name}\" does not exist"),
+        Some("Keyrings are created by immuta_keyring_create(); encrypting never creates one.".into()),
+        Some("Check the name, or create the keyring first (immuta_admin)."),
+    )
+}
+
+/// The current key of `keyring` (`None`: default) as this backend holds it.
+pub fn current(keyring: Option<&str>) -> Option<CurrentKey> {
+    BACKEND.with_borrow(|b| b.current_of(keyring))
+}
+
+/// Makes `current` the key that encrypts under `keyring` in this backend.
+pub fn set_current(keyring: Option<&str>, current: Option<CurrentKey>) {
+    BACKEND.with_borrow_mut(|b| match keyring {
+        None => b.ring.set_current(current),
+        Some(name) => b.ring.set_named(name, Named::Live(current)),
     })
+}
+
+/// Adds a cipher to the ring.
+pub fn insert_cipher(cipher: DataCipher, expires_at: UnixMicros) {
+    BACKEND.with_borrow_mut(|b| b.ring.insert(cipher, expires_at, xact::wall_now()));
+}
+
+/// The hot path of `immuta_encrypt`: seals the encoding `plaintext` of a value of `value_type`,
+/// with `context` if given, under the current key of `keyring` (`None`: default), straight into
+/// the `bytea` it returns; `None` when that needs the slow path (`keys.rs`): no current key
+/// known, the key is due, not loaded, or this backend's grant under it is spent.
+#[inline]
+pub fn encrypt_fast(
+    keyring: Option<&str>,
+    now: UnixMicros,
+    value_type: ValueType,
+    context: Option<&[u8]>,
+    plaintext: &[u8],
+) -> Option<varlena::Bytea> {
+    BACKEND.with_borrow_mut(|b| {
+        let current = b.current_of(keyring).filter(|c| now < c.due_at)?;
+        let Backend { ring, nonces, .. } = &mut *b;
+        let cipher = ring.cipher(current.id, now)?;
+        if !usage::spend(current.id) {
+            return None;
+        }
+        let nonce = next_nonce(nonces);
+        let len = format::sealed_len(plaintext.len());
+        Some(varlena::bytea(len, |out| cipher.seal_into(&nonce, value_type, context, plaintext, out)))
+    })
+}
+
+/// Seals under key `id`, for which this backend holds a grant (`usage::ensure_grant`): the slow
+/// path's end. Loads the key first if the ring lacks it.
+pub fn seal_under(
+    id: KeyId,
+    now: UnixMicros,
+    value_type: ValueType,
+    context: Option<&[u8]>,
+    plaintext: &[u8],
+) -> varlena::Bytea {
+    load_cipher(id, now);
+    let spent = usage::spend(id);
+    debug_assert!(spent, "the caller holds a grant");
+    BACKEND.with_borrow_mut(|b| {
+        let Backend { ring, nonces, .. } = &mut *b;
+        let nonce = next_nonce(nonces);
+        let cipher = ring.loaded(id).expect("load_cipher loaded it");
+        let len = format::sealed_len(plaintext.len());
+        varlena::bytea(len, |out| cipher.seal_into(&nonce, value_type, context, plaintext, out))
+    })
+}
+
+/// Makes sure the ring holds an unexpired cipher of key `id`, taking the key from the shared
+/// cache or unwrapping it. A disabled or destroyed key is an error of its own, and so is a key
+/// the database does not have.
+pub fn load_cipher(id: KeyId, now: UnixMicros) {
+    if BACKEND.with_borrow(|b| b.ring.cipher(id, now).is_some()) {
+        return;
+    }
+    let row = catalog::key_row(id).ok_or(Error::UnknownKey { key_id: id.get() as u64 }).or_raise();
+    match row.state {
+        KeyState::Enabled => {}
+        KeyState::Disabled => raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("immuta data key {id} is disabled"),
+            Some(format!(
+                "The value is intact; key {id} of keyring \"{}\" was disabled and decrypts nothing until it is enabled again.",
+                row.keyring
+            )),
+            Some("An immuta_admin may run SELECT immuta_key_enable(key_id, reason), if the key was disabled by mistake."),
+        ),
+        KeyState::Destroyed => raise(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+            format!("immuta data key {id} was destroyed"),
+            Some(format!(
+                "Key {id} of keyring \"{}\" was destroyed on purpose (crypto-shredding): the values under it can never be decrypted.",
+                row.keyring
+            )),
+            Some("immuta.keys and immuta.audit_log say when, by whom and why."),
+        ),
+    }
+    let effective = effective();
+    let (key, expires_at) = shared_cache::key_for(&row, &effective);
+    insert_cipher(DataCipher::new(id, &key), expires_at);
 }
 
 /// Parses a ciphertext and checks it holds `wanted`, loading the key it names once per backend;
@@ -361,9 +444,9 @@ fn with_cipher<R>(
     if let Some(result) = opened {
         return result;
     }
-    keys::ensure_cipher(sealed.key_id, now);
+    load_cipher(sealed.key_id, now);
     let open = open.take().expect("not called yet");
-    BACKEND.with_borrow(|b| open(b.ring.loaded(sealed.key_id).expect("ensure_cipher loaded it"), &sealed))
+    BACKEND.with_borrow(|b| open(b.ring.loaded(sealed.key_id).expect("load_cipher loaded it"), &sealed))
 }
 
 /// `immuta_decrypt` to text: opens straight into the `text` it returns.
@@ -406,20 +489,4 @@ pub fn decrypt_with<R>(
         buf
     });
     decode(with_nul)
-}
-
-/// Forgets this backend's grant of the usage counter (see `usage.rs`). Called from abort
-/// callbacks, when no borrow of the state is active (an error unwinds out of every borrow first);
-/// if one were, there would be nothing safe to do but skip.
-pub fn drop_grant() {
-    BACKEND.with(|b| {
-        if let Ok(mut b) = b.try_borrow_mut() {
-            b.drop_grant()
-        }
-    });
-}
-
-/// Adds a cipher to the ring.
-pub fn insert_cipher(cipher: DataCipher, expires_at: UnixMicros) {
-    BACKEND.with_borrow_mut(|b| b.ring.insert(cipher, expires_at));
 }

@@ -21,6 +21,9 @@
 //! installation closes the restore window for good ([`in_use`]).
 
 use immuta_core::key::{KeyId, ProviderKind, WrappedKey, WrappingKeyRef};
+use immuta_core::key_state::KeyState;
+use immuta_core::keyrings::{KmsKey, Settings};
+use immuta_core::rollover::RolloverLength;
 use immuta_core::rollover::RotationReason;
 use immuta_core::time::UnixMicros;
 use std::cell::Cell;
@@ -34,22 +37,19 @@ use pgrx::{pg_sys, PgSqlErrorCode};
 
 use crate::errors::raise;
 
-/// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
-const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
-
-/// A PostgreSQL timestamp (microseconds since 2000-01-01) as the core's instant.
-pub fn from_pg_timestamp(ts: pg_sys::TimestampTz) -> UnixMicros {
-    UnixMicros(ts.saturating_add(PG_EPOCH_OFFSET_MICROS))
-}
+use crate::xact::from_pg_timestamp;
 
 /// One row of `immuta.data_keys`.
 pub struct KeyRow {
     pub id: KeyId,
     pub wrapping: WrappingKeyRef,
+    /// Empty when the key is destroyed.
     pub wrapped: WrappedKey,
     /// Whether its wrapping was chosen under a superuser's configuration (the `server_identity`
     /// column: then KMS may be reached as the server for it).
     pub server_identity: bool,
+    pub keyring: String,
+    pub state: KeyState,
 }
 
 /// The OIDs of the tables whose changes invalidate backend caches, and of the private sequence
@@ -58,13 +58,14 @@ pub struct KeyRow {
 pub struct TableOids {
     pub data_keys: pg_sys::Oid,
     pub config: pg_sys::Oid,
+    pub keyrings: pg_sys::Oid,
     pub key_ids: pg_sys::Oid,
 }
 
 /// Looks up the extension's tables; an error when the extension is not installed in this database.
 pub fn table_oids() -> TableOids {
     // SAFETY: plain catalog lookups with NUL-terminated names, inside a transaction.
-    let (namespace, data_keys, config, key_ids) = unsafe {
+    let (namespace, data_keys, config, keyrings, key_ids) = unsafe {
         let namespace = pg_sys::get_namespace_oid(c"immuta".as_ptr(), true);
         let rel = |name: &std::ffi::CStr| {
             if namespace == pg_sys::InvalidOid {
@@ -73,7 +74,7 @@ pub fn table_oids() -> TableOids {
                 pg_sys::get_relname_relid(name.as_ptr(), namespace)
             }
         };
-        (namespace, rel(c"data_keys"), rel(c"config"), rel(c"key_ids"))
+        (namespace, rel(c"data_keys"), rel(c"config"), rel(c"keyrings"), rel(c"key_ids"))
     };
     // The schema must be the extension's own: after DROP EXTENSION, a database owner could
     // create a schema `immuta` with tables of these names.
@@ -94,7 +95,7 @@ pub fn table_oids() -> TableOids {
         );
     };
     require_library_version(extension);
-    if [data_keys, config, key_ids].contains(&pg_sys::InvalidOid) {
+    if [data_keys, config, keyrings, key_ids].contains(&pg_sys::InvalidOid) {
         raise(
             PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
             "immuta's tables are missing in this database",
@@ -119,7 +120,7 @@ pub fn table_oids() -> TableOids {
     };
     OWNER.set(owner);
     OWNER_TABLE.set(data_keys);
-    TableOids { data_keys, config, key_ids }
+    TableOids { data_keys, config, keyrings, key_ids }
 }
 
 /// The library serves only the SQL objects of its own version: between installing a new library
@@ -176,6 +177,12 @@ thread_local! {
     static MARKED_IN_USE: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
     /// This transaction wrote something of immuta's other than a usage reservation.
     static UNPREPARABLE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// `immuta.data_keys` of the installation this backend last looked up (0 before): part of the
+/// identity of a key's usage counter, so that a counter outlives no installation.
+pub fn keys_table() -> u32 {
+    OWNER_TABLE.get().to_u32()
 }
 
 /// Whether this transaction wrote something of immuta's other than a usage reservation: keys,
@@ -346,6 +353,7 @@ pub fn has_rows_of_others(table: &str) -> bool {
         "data_keys" => c"SELECT xmin::text::int8 FROM immuta.data_keys",
         "key_usage" => c"SELECT xmin::text::int8 FROM immuta.key_usage",
         "audit_log" => c"SELECT xmin::text::int8 FROM immuta.audit_log",
+        "keyrings" => c"SELECT xmin::text::int8 FROM immuta.keyrings",
         _ => c"SELECT xmin::text::int8 FROM immuta.config",
     };
     read_latest(query, &[], |row| row.get::<i64>(1))
@@ -461,24 +469,173 @@ fn read_with<R>(
     })
 }
 
-/// The newest key (the one that encrypts) and its creation time.
-/// (The creation time is converted here, saturating, not in SQL, where an infinite time could
-/// not be cast.)
-pub fn current_key() -> Option<(KeyId, UnixMicros)> {
-    let rows =
-        read_latest(c"SELECT id, created_at FROM immuta.data_keys ORDER BY id DESC LIMIT 1", &[], |row| {
-            let created = row.get::<TimestampWithTimeZone>(2)?;
-            Some((KeyId::new(row.get::<i64>(1)?)?, from_pg_timestamp(pg_sys::TimestampTz::from(created))))
-        });
+fn text_arg(text: &str) -> (pg_sys::Oid, pg_sys::Datum) {
+    (pg_sys::TEXTOID, text.into_datum().expect("text"))
+}
+
+fn created_at(row: &Row, column: i32) -> Option<UnixMicros> {
+    let created = row.get::<TimestampWithTimeZone>(column)?;
+    Some(from_pg_timestamp(pg_sys::TimestampTz::from(created)))
+}
+
+/// The newest key of `keyring` (the one that encrypts, unless the keyring was destroyed) and its
+/// creation time. (The creation time is converted here, saturating, not in SQL, where an
+/// infinite time could not be cast.)
+pub fn current_key(keyring: &str) -> Option<(KeyId, UnixMicros)> {
+    let rows = read_latest(
+        c"SELECT id, created_at FROM immuta.data_keys WHERE keyring = $1 ORDER BY id DESC LIMIT 1",
+        &[text_arg(keyring)],
+        |row| Some((KeyId::new(row.get::<i64>(1)?)?, created_at(row, 2)?)),
+    );
     rows.into_iter().next().flatten()
 }
 
-/// Every key id that exists.
-pub fn key_ids() -> Vec<KeyId> {
-    read_latest(c"SELECT id FROM immuta.data_keys", &[], |row| row.get::<i64>(1).and_then(KeyId::new))
-        .into_iter()
-        .flatten()
-        .collect()
+/// Which of `ids` name keys that exist and are enabled (committed, or this transaction's).
+pub fn enabled_among(ids: &[KeyId]) -> Vec<KeyId> {
+    if ids.is_empty() {
+        return Vec::new();
+    }
+    let ids: Vec<i64> = ids.iter().map(|id| id.get()).collect();
+    read_latest(
+        c"SELECT id FROM immuta.data_keys WHERE id = ANY($1) AND state = 'enabled'",
+        &[(pg_sys::INT8ARRAYOID, ids.into_datum().expect("int8[]"))],
+        |row| row.get::<i64>(1).and_then(KeyId::new),
+    )
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
+/// One row of `immuta.keyrings`, with the current key of the keyring.
+pub struct KeyringRow {
+    pub name: String,
+    pub settings: Settings,
+    /// Whether a superuser chose its KMS key.
+    pub by_superuser: bool,
+    pub destroyed: bool,
+    pub current: Option<(KeyId, UnixMicros)>,
+}
+
+const KEYRING_COLUMNS: &str = "r.name, r.rollover_days, r.kms_key, r.kms_region, r.by_superuser, \
+     r.destroyed_at IS NOT NULL, k.id, k.created_at \
+     FROM immuta.keyrings r LEFT JOIN LATERAL \
+     (SELECT id, created_at FROM immuta.data_keys d WHERE d.keyring = r.name ORDER BY id DESC LIMIT 1) k ON true";
+
+fn keyring_row(row: &Row) -> Option<KeyringRow> {
+    let name = row.get::<String>(1)?;
+    let rollover = row.get::<i32>(2).and_then(|d| RolloverLength::from_days(d.into()));
+    let kms = match (row.get::<String>(3), row.get::<String>(4)) {
+        (Some(key), Some(region)) => Some(KmsKey { key, region }),
+        _ => None,
+    };
+    let current = row.get::<i64>(7).and_then(KeyId::new).zip(created_at(row, 8));
+    Some(KeyringRow {
+        name,
+        settings: Settings { rollover, kms },
+        by_superuser: row.get::<bool>(5).unwrap_or(false),
+        destroyed: row.get::<bool>(6).unwrap_or(false),
+        current,
+    })
+}
+
+/// Keyring `name` (not `default`, which has no row), if it exists.
+pub fn keyring(name: &str) -> Option<KeyringRow> {
+    let query =
+        std::ffi::CString::new(format!("SELECT {KEYRING_COLUMNS} WHERE r.name = $1")).expect("no NUL");
+    read_latest(&query, &[text_arg(name)], keyring_row).into_iter().flatten().next()
+}
+
+/// Up to `limit` keyrings with their current keys, to fill a backend's ring in one query.
+pub fn keyrings(limit: usize) -> Vec<KeyringRow> {
+    let query =
+        std::ffi::CString::new(format!("SELECT {KEYRING_COLUMNS} ORDER BY r.name LIMIT $1")).expect("no NUL");
+    read_latest(
+        &query,
+        &[(pg_sys::INT8OID, pg_sys::Datum::from(limit.min(i64::MAX as usize) as i64))],
+        keyring_row,
+    )
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
+/// Adds keyring `name`.
+pub fn insert_keyring(name: &str, settings: &Settings, by_superuser: bool) {
+    let (role, _) = caller();
+    let (key, region) = kms_columns(settings);
+    write(
+        "immuta.keyrings",
+        "INSERT INTO immuta.keyrings (name, rollover_days, kms_key, kms_region, by_superuser, created_by) \
+         VALUES ($1, $2, $3, $4, $5, pg_catalog.pg_get_userbyid($6))",
+        &[
+            name.into(),
+            settings.rollover.map(|r| r.days() as i32).into(),
+            key.into(),
+            region.into(),
+            by_superuser.into(),
+            role.into(),
+        ],
+    )
+}
+
+fn kms_columns(settings: &Settings) -> (Option<&str>, Option<&str>) {
+    match &settings.kms {
+        Some(kms) => (Some(kms.key.as_str()), Some(kms.region.as_str())),
+        None => (None, None),
+    }
+}
+
+/// Replaces the settings of keyring `name`.
+pub fn update_keyring(name: &str, settings: &Settings, by_superuser: bool) {
+    let (key, region) = kms_columns(settings);
+    write(
+        "immuta.keyrings",
+        "UPDATE immuta.keyrings SET rollover_days = $2, kms_key = $3, kms_region = $4, by_superuser = $5 \
+         WHERE name = $1",
+        &[
+            name.into(),
+            settings.rollover.map(|r| r.days() as i32).into(),
+            key.into(),
+            region.into(),
+            by_superuser.into(),
+        ],
+    )
+}
+
+/// Marks keyring `name` destroyed (its row stays, a tombstone).
+pub fn mark_keyring_destroyed(name: &str) {
+    let (role, _) = caller();
+    write(
+        "immuta.keyrings",
+        "UPDATE immuta.keyrings SET destroyed_at = pg_catalog.now(), destroyed_by = pg_catalog.pg_get_userbyid($2) \
+         WHERE name = $1",
+        &[name.into(), role.into()],
+    )
+}
+
+/// The keys of `keyring` and their states, in id order.
+pub fn key_states(keyring: &str) -> Vec<(KeyId, KeyState)> {
+    read_latest(
+        c"SELECT id, state FROM immuta.data_keys WHERE keyring = $1 ORDER BY id",
+        &[text_arg(keyring)],
+        |row| Some((KeyId::new(row.get::<i64>(1)?)?, KeyState::parse(&row.get::<String>(2)?)?)),
+    )
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
+/// Records key `id`'s new state; a destroyed key's wrapped key is erased in the same statement.
+pub fn set_key_state(id: KeyId, state: KeyState) {
+    let (role, _) = caller();
+    write(
+        "immuta.data_keys",
+        "UPDATE immuta.data_keys SET state = $2, state_changed_at = pg_catalog.now(), \
+             state_changed_by = pg_catalog.pg_get_userbyid($3), \
+             wrapped_key = CASE WHEN $2 = 'destroyed' THEN NULL ELSE wrapped_key END \
+         WHERE id = $1",
+        &[id.get().into(), state.as_str().into(), role.into()],
+    )
 }
 
 /// The row of key `id`, if it exists.
@@ -490,29 +647,37 @@ pub fn key_row(id: KeyId) -> Option<KeyRow> {
 pub fn key_rows(id: Option<KeyId>) -> Vec<KeyRow> {
     let rows = match id {
         Some(id) => read_latest(
-            c"SELECT id, provider, wrapping_key, wrapping_region, wrapped_key, server_identity \
+            c"SELECT id, provider, wrapping_key, wrapping_region, wrapped_key, server_identity, keyring, state \
               FROM immuta.data_keys WHERE id = $1",
             &[(pg_sys::INT8OID, pg_sys::Datum::from(id.get()))],
             key_row_columns,
         ),
         None => read_latest(
-            c"SELECT id, provider, wrapping_key, wrapping_region, wrapped_key, server_identity \
+            c"SELECT id, provider, wrapping_key, wrapping_region, wrapped_key, server_identity, keyring, state \
               FROM immuta.data_keys ORDER BY id",
             &[],
             key_row_columns,
         ),
     };
     rows.into_iter()
-        .map(|(id, provider, key, region, wrapped, server_identity)| {
-            let wrapped = WrappedKey::new(wrapped);
-            let parsed = immuta_core::restore::key_row(id, &provider, &key, region.as_deref(), &wrapped);
+        .map(|(id, provider, key, region, wrapped, server_identity, keyring, state)| {
+            let state = KeyState::parse(&state).unwrap_or_else(|| corrupt_row(id, "has an unknown state"));
+            let wrapped = WrappedKey::new(wrapped.unwrap_or_default());
+            let parsed = if state == KeyState::Destroyed {
+                // Nothing left to check but the id and the wrapping key it names.
+                KeyId::new(id)
+                    .zip(WrappingKeyRef::from_columns(&provider, &key, region.as_deref()))
+                    .ok_or("names an unknown provider or wrapping key")
+            } else {
+                immuta_core::restore::key_row(id, &provider, &key, region.as_deref(), &wrapped)
+            };
             let (id, wrapping) = parsed.unwrap_or_else(|why| corrupt_row(id, why));
-            KeyRow { id, wrapping, wrapped, server_identity }
+            KeyRow { id, wrapping, wrapped, server_identity, keyring, state }
         })
         .collect()
 }
 
-type KeyColumns = (i64, String, String, Option<String>, Vec<u8>, bool);
+type KeyColumns = (i64, String, String, Option<String>, Option<Vec<u8>>, bool, String, String);
 
 fn key_row_columns(row: &Row) -> KeyColumns {
     (
@@ -520,8 +685,10 @@ fn key_row_columns(row: &Row) -> KeyColumns {
         row.get::<String>(2).unwrap_or_default(),
         row.get::<String>(3).unwrap_or_default(),
         row.get::<String>(4),
-        row.get::<Vec<u8>>(5).unwrap_or_default(),
+        row.get::<Vec<u8>>(5),
         row.get::<bool>(6).unwrap_or(false),
+        row.get::<String>(7).unwrap_or_default(),
+        row.get::<String>(8).unwrap_or_default(),
     )
 }
 
@@ -618,6 +785,7 @@ pub fn insert_key(
     reason: RotationReason,
     rolled_over_from: Option<i64>,
     server_identity: bool,
+    keyring: &str,
 ) {
     let [id_, provider, key, region, bytes] = wrapping_args(id, wrapping, wrapped);
     let (role, _) = caller();
@@ -626,9 +794,9 @@ pub fn insert_key(
         "immuta.data_keys",
         "INSERT INTO immuta.data_keys \
              (id, provider, wrapping_key, wrapping_region, wrapped_key, reason, rolled_over_from, created_by, \
-              server_identity) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, pg_catalog.pg_get_userbyid($8), $9)",
-        &[id_, provider, key, region, bytes, reason, rolled_over_from, role, server_identity.into()],
+              server_identity, keyring) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, pg_catalog.pg_get_userbyid($8), $9, $10)",
+        &[id_, provider, key, region, bytes, reason, rolled_over_from, role, server_identity.into(), keyring.into()],
     )
 }
 
@@ -711,22 +879,23 @@ pub struct AuditEvent<'a> {
     pub key_id: Option<KeyId>,
     pub reason: &'a str,
     pub detail: serde_json::Value,
+    /// The keyring of the key or keyring concerned; `None` for the whole database.
+    pub keyring: Option<&'a str>,
 }
 
 /// Appends a key event to `immuta.audit_log` (the time is the column's default). Its id is one
-/// above the highest, read with the latest snapshot under the key creation lock, which every
-/// writer of the audit log holds (immuta's events, and restores): ids follow commit order, and
-/// nothing a role other than a superuser can move decides them.
+/// above the highest, read with the latest snapshot under the key creation lock, which the caller
+/// holds, as every writer of the audit log does (immuta's events, and restores): ids follow
+/// commit order, and nothing a role other than a superuser can move decides them.
 pub fn insert_audit(event: AuditEvent) {
-    crate::keys::lock_key_creation();
     let id = highest_id(c"SELECT COALESCE(max(id), 0) FROM immuta.audit_log")
         .checked_add(1)
         .unwrap_or_else(|| ids_exhausted("immuta.audit_log"));
     let (role, session_role) = caller();
     write(
         "immuta.audit_log",
-        "INSERT INTO immuta.audit_log (id, event, key_id, reason, detail, role, session_role) \
-         VALUES ($7, $1, $2, $3, $4, pg_catalog.pg_get_userbyid($5), pg_catalog.pg_get_userbyid($6))",
+        "INSERT INTO immuta.audit_log (id, event, key_id, reason, detail, role, session_role, keyring) \
+         VALUES ($7, $1, $2, $3, $4, pg_catalog.pg_get_userbyid($5), pg_catalog.pg_get_userbyid($6), $8)",
         &[
             event.event.into(),
             event.key_id.map(KeyId::get).into(),
@@ -735,13 +904,15 @@ pub fn insert_audit(event: AuditEvent) {
             role.into(),
             session_role.into(),
             id.into(),
+            event.keyring.into(),
         ],
     )
 }
 
-/// The current key as `immuta_status()` shows it: id, creation, age, when and whether it is due
-/// for rollover after `rollover_days`, and its wrapping. `None` before the first key.
-pub fn current_key_summary(rollover_days: u32) -> Option<serde_json::Value> {
+/// The current key of `keyring` as `immuta_status()` shows it: id, creation, age, when and
+/// whether it is due for rollover after `rollover_days`, and its wrapping. `None` before the
+/// keyring's first key, or once its newest key is no longer enabled (a destroyed keyring).
+pub fn current_key_summary(keyring: &str, rollover_days: u32) -> Option<serde_json::Value> {
     read_latest(
         c"SELECT jsonb_build_object(
                 'id', id,
@@ -753,13 +924,66 @@ pub fn current_key_summary(rollover_days: u32) -> Option<serde_json::Value> {
                 'wrapping_key', wrapping_key,
                 'wrapping_region', wrapping_region,
                 'reason', reason)
-          FROM immuta.data_keys ORDER BY id DESC LIMIT 1",
-        &[(pg_sys::INT4OID, pg_sys::Datum::from(rollover_days as i32))],
+          FROM (SELECT * FROM immuta.data_keys WHERE keyring = $2 ORDER BY id DESC LIMIT 1) k
+          WHERE state = 'enabled'",
+        &[(pg_sys::INT4OID, pg_sys::Datum::from(rollover_days as i32)), text_arg(keyring)],
         |row| row.get::<pgrx::JsonB>(1).map(|j| j.0),
     )
     .into_iter()
     .next()
     .flatten()
+}
+
+/// How many data keys `keyring` has in each state.
+pub fn key_counts(keyring: &str) -> serde_json::Value {
+    read_latest(
+        c"SELECT jsonb_build_object(
+                'total', count(*),
+                'enabled', count(*) FILTER (WHERE state = 'enabled'),
+                'disabled', count(*) FILTER (WHERE state = 'disabled'),
+                'destroyed', count(*) FILTER (WHERE state = 'destroyed'))
+          FROM immuta.data_keys WHERE keyring = $1",
+        &[text_arg(keyring)],
+        |row| row.get::<pgrx::JsonB>(1).map(|j| j.0),
+    )
+    .into_iter()
+    .next()
+    .flatten()
+    .unwrap_or_default()
+}
+
+/// How many keyrings exist besides `default`, and how many of them were destroyed.
+pub fn keyring_count() -> (i64, i64) {
+    read_latest(c"SELECT count(*), count(destroyed_at) FROM immuta.keyrings", &[], |row| {
+        (row.get::<i64>(1).unwrap_or(0), row.get::<i64>(2).unwrap_or(0))
+    })
+    .into_iter()
+    .next()
+    .unwrap_or((0, 0))
+}
+
+/// The keyrings whose newest key is enabled and due: by age (its keyring's rollover length, else
+/// `rollover_days`), or by the encryptions reserved for it (at least `limit`). Read without the
+/// key creation lock; the caller decides again under it.
+pub fn due_keyrings(rollover_days: u32, limit: u64) -> Vec<String> {
+    read_latest(
+        c"SELECT c.keyring
+          FROM (SELECT DISTINCT ON (keyring) keyring, id, created_at, state
+                FROM immuta.data_keys ORDER BY keyring, id DESC) c
+          LEFT JOIN immuta.keyrings r ON r.name = c.keyring
+          WHERE c.state = 'enabled' AND r.destroyed_at IS NULL
+            AND (now() >= c.created_at + make_interval(secs => COALESCE(r.rollover_days, $1) * 86400.0)
+                 OR (SELECT COALESCE(sum(u.encryptions), 0) FROM immuta.key_usage u WHERE u.key_id = c.id) >= $2)
+          ORDER BY c.keyring",
+        &[
+            (pg_sys::INT4OID, pg_sys::Datum::from(rollover_days as i32)),
+            (pg_sys::INT8OID, pg_sys::Datum::from(limit.min(i64::MAX as u64) as i64)),
+        ],
+        |row| row.get::<String>(1),
+    )
+    .into_iter()
+    .flatten()
+    .collect()
 }
 
 /// How many data keys exist.

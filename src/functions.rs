@@ -8,10 +8,11 @@ use immuta_core::value_type::ValueType;
 use pgrx::prelude::*;
 use pgrx::{pg_sys, AnyElement, FromDatum, JsonB, PgSqlErrorCode};
 
-use crate::backend::{self, BACKEND};
+use crate::backend;
 use crate::catalog;
 use crate::errors::{self, raise, ConfigOrigin, OrRaise};
 use crate::gucs;
+use crate::keys;
 use crate::typed;
 use crate::varlena::{Bytea, Bytes, Text};
 
@@ -25,7 +26,7 @@ use crate::varlena::{Bytea, Bytes, Text};
            VOLATILE STRICT PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_encrypt_wrapper';"
 )]
 fn immuta_encrypt(plaintext: Bytes) -> Bytea {
-    backend::encrypt(ValueType::TEXT, None, &plaintext)
+    keys::encrypt(None, ValueType::TEXT, None, &plaintext)
 }
 
 /// The longest context immuta takes (64 KiB): a context names a place, and longer input would
@@ -73,7 +74,7 @@ fn required(context: Option<&[u8]>) -> &[u8] {
 )]
 fn immuta_encrypt_text_context(plaintext: Option<Bytes>, context: Option<Bytes>) -> Option<Bytea> {
     let context = required(context.as_deref());
-    Some(backend::encrypt(ValueType::TEXT, Some(context), &plaintext?))
+    Some(keys::encrypt(None, ValueType::TEXT, Some(context), &plaintext?))
 }
 
 /// Encrypts a value of any type immuta knows (typed.rs); the ciphertext records the type.
@@ -105,8 +106,95 @@ fn immuta_encrypt_value_context(
 }
 
 fn encrypt_typed(value: &AnyElement, fcinfo: pg_sys::FunctionCallInfo, context: Option<&[u8]>) -> Bytea {
+    encrypt_typed_in(None, value, fcinfo, context)
+}
+
+fn encrypt_typed_in(
+    keyring: Option<&str>,
+    value: &AnyElement,
+    fcinfo: pg_sys::FunctionCallInfo,
+    context: Option<&[u8]>,
+) -> Bytea {
     let (_, t) = typed::of_argument(fcinfo, 0);
-    typed::encode(&t, value.datum(), |plaintext| backend::encrypt(t.value_type, context, plaintext))
+    typed::encode(&t, value.datum(), |plaintext| keys::encrypt(keyring, t.value_type, context, plaintext))
+}
+
+/// The keyring argument: NULL is an error (a row whose tenant is unknown must not fall back to
+/// the default keyring); `'default'` is the default keyring.
+fn keyring_argument(keyring: Option<&str>) -> Option<&str> {
+    let keyring = keyring.unwrap_or_else(|| {
+        raise(
+            PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            "immuta keyring is NULL",
+            Some("A value is encrypted under a keyring that is named; NULL names none.".into()),
+            Some("Name the keyring, or call immuta_encrypt without keyring => for the default keyring."),
+        )
+    });
+    (keyring != immuta_core::keyrings::DEFAULT).then_some(keyring)
+}
+
+/// Encrypts a value under the current key of keyring `keyring` (created by an administrator;
+/// an unknown name is an error). Decryption needs no keyring: the key id says.
+#[pg_extern(
+    volatile,
+    parallel_safe,
+    sql = "CREATE FUNCTION immuta_encrypt(value anyelement, keyring @extschema@.immuta_keyring) RETURNS bytea \
+           VOLATILE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_encrypt_keyring_wrapper';"
+)]
+fn immuta_encrypt_keyring(
+    value: Option<AnyElement>,
+    keyring: Option<&str>,
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> Option<Bytea> {
+    let keyring = keyring_argument(keyring);
+    Some(encrypt_typed_in(keyring, &value?, fcinfo, None))
+}
+
+/// A text value under keyring `keyring` (so that a string literal needs no cast).
+#[pg_extern(
+    volatile,
+    parallel_safe,
+    sql = "CREATE FUNCTION immuta_encrypt(plaintext text, keyring @extschema@.immuta_keyring) RETURNS bytea \
+           VOLATILE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_encrypt_text_keyring_wrapper';"
+)]
+fn immuta_encrypt_text_keyring(plaintext: Option<Bytes>, keyring: Option<&str>) -> Option<Bytea> {
+    let keyring = keyring_argument(keyring);
+    Some(keys::encrypt(keyring, ValueType::TEXT, None, &plaintext?))
+}
+
+/// A text value under keyring `keyring`, bound to `context`.
+#[pg_extern(
+    volatile,
+    parallel_safe,
+    sql = "CREATE FUNCTION immuta_encrypt(plaintext text, context text, keyring @extschema@.immuta_keyring) \
+           RETURNS bytea VOLATILE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_encrypt_text_context_keyring_wrapper';"
+)]
+fn immuta_encrypt_text_context_keyring(
+    plaintext: Option<Bytes>,
+    context: Option<Bytes>,
+    keyring: Option<&str>,
+) -> Option<Bytea> {
+    let context = required(context.as_deref());
+    let keyring = keyring_argument(keyring);
+    Some(keys::encrypt(keyring, ValueType::TEXT, Some(context), &plaintext?))
+}
+
+/// [`immuta_encrypt_keyring`] bound to `context`.
+#[pg_extern(
+    volatile,
+    parallel_safe,
+    sql = "CREATE FUNCTION immuta_encrypt(value anyelement, context text, keyring @extschema@.immuta_keyring) \
+           RETURNS bytea VOLATILE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_encrypt_context_keyring_wrapper';"
+)]
+fn immuta_encrypt_context_keyring(
+    value: Option<AnyElement>,
+    context: Option<Bytes>,
+    keyring: Option<&str>,
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> Option<Bytea> {
+    let context = required(context.as_deref());
+    let keyring = keyring_argument(keyring);
+    Some(encrypt_typed_in(keyring, &value?, fcinfo, Some(context)))
 }
 
 /// Decrypts a text value produced by `immuta_encrypt` without a context (format 1 or 2).
@@ -236,7 +324,19 @@ fn immuta_key_id(ciphertext: Bytes) -> i64 {
 /// Creates a new data key and makes it the one that encrypts; returns its id.
 #[pg_extern(volatile, parallel_unsafe)]
 fn immuta_rotate() -> i64 {
-    crate::keys::rotate().get()
+    keys::rotate(immuta_core::keyrings::DEFAULT).get()
+}
+
+/// Creates a new data key of keyring `keyring` and makes it the one that encrypts there.
+#[pg_extern(
+    volatile,
+    strict,
+    parallel_unsafe,
+    sql = "CREATE FUNCTION immuta_rotate(keyring text) RETURNS bigint \
+           VOLATILE STRICT PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_rotate_keyring_wrapper';"
+)]
+fn immuta_rotate_keyring(keyring: &str) -> i64 {
+    keys::rotate(keyring).get()
 }
 
 /// Rolls the current key over if it is `schedule.dataKeyRollOverLength` days old or has reached
@@ -245,7 +345,7 @@ fn immuta_rotate() -> i64 {
 /// can run on every node of a replicated cluster).
 #[pg_extern(volatile, parallel_unsafe)]
 fn immuta_rotate_if_due() -> Option<i64> {
-    crate::keys::rotate_if_due().map(|id| id.get())
+    keys::rotate_if_due().map(|id| id.get())
 }
 
 /// What the pg_cron job of `immuta_schedule_rotation()` runs: `immuta_rotate_if_due()`.
@@ -298,6 +398,127 @@ fn immuta_status() -> JsonB {
     JsonB(crate::status::status())
 }
 
+/// The state of keyring `keyring`: its current key (age, due date, usage), its keys by state,
+/// its settings.
+#[pg_extern(
+    volatile,
+    strict,
+    parallel_unsafe,
+    sql = "CREATE FUNCTION immuta_status(keyring text) RETURNS jsonb \
+           VOLATILE STRICT PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_status_keyring_wrapper';"
+)]
+fn immuta_status_keyring(keyring: &str) -> JsonB {
+    JsonB(crate::keyrings::status(keyring))
+}
+
+fn name_argument(name: Option<&str>) -> &str {
+    name.unwrap_or_else(|| {
+        raise(PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED, "immuta keyring name is NULL", None, None)
+    })
+}
+
+/// Creates keyring `name`, with its own rollover length and KMS key if given (NULL: the
+/// configuration's).
+#[pg_extern(
+    volatile,
+    parallel_unsafe,
+    sql = "CREATE FUNCTION immuta_keyring_create(name text, rollover_days integer DEFAULT NULL, \
+           kms_key text DEFAULT NULL, kms_region text DEFAULT NULL) RETURNS void \
+           VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_keyring_create_wrapper';"
+)]
+fn immuta_keyring_create(
+    name: Option<&str>,
+    rollover_days: Option<i32>,
+    kms_key: Option<&str>,
+    kms_region: Option<&str>,
+) {
+    crate::keyrings::create(name_argument(name), rollover_days, kms_key, kms_region)
+}
+
+/// Replaces the settings of keyring `name` (NULL: the configuration's).
+#[pg_extern(
+    volatile,
+    parallel_unsafe,
+    sql = "CREATE FUNCTION immuta_keyring_configure(name text, rollover_days integer DEFAULT NULL, \
+           kms_key text DEFAULT NULL, kms_region text DEFAULT NULL) RETURNS void \
+           VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_keyring_configure_wrapper';"
+)]
+fn immuta_keyring_configure(
+    name: Option<&str>,
+    rollover_days: Option<i32>,
+    kms_key: Option<&str>,
+    kms_region: Option<&str>,
+) {
+    crate::keyrings::configure(name_argument(name), rollover_days, kms_key, kms_region)
+}
+
+/// Crypto-shreds keyring `name`: destroys all its keys and the keyring; returns how many keys.
+#[pg_extern(
+    volatile,
+    parallel_unsafe,
+    sql = "CREATE FUNCTION immuta_keyring_destroy(name text, reason text) RETURNS integer \
+           VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_keyring_destroy_wrapper';"
+)]
+fn immuta_keyring_destroy(name: Option<&str>, reason: Option<&str>) -> i32 {
+    let reason = crate::key_states::reason(reason);
+    crate::key_states::destroy_keyring(name_argument(name), reason)
+}
+
+fn key_id_argument(key_id: Option<i64>) -> i64 {
+    key_id.unwrap_or_else(|| {
+        raise(PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED, "immuta key id is NULL", None, None)
+    })
+}
+
+/// Disables key `key_id`: values under it fail to decrypt until it is enabled again.
+#[pg_extern(
+    volatile,
+    parallel_unsafe,
+    sql = "CREATE FUNCTION immuta_key_disable(key_id bigint, reason text) RETURNS boolean \
+           VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_key_disable_wrapper';"
+)]
+fn immuta_key_disable(key_id: Option<i64>, reason: Option<&str>) -> bool {
+    let reason = crate::key_states::reason(reason);
+    crate::key_states::change(key_id_argument(key_id), immuta_core::key_state::Change::Disable, reason)
+}
+
+/// Enables a disabled key `key_id` again.
+#[pg_extern(
+    volatile,
+    parallel_unsafe,
+    sql = "CREATE FUNCTION immuta_key_enable(key_id bigint, reason text) RETURNS boolean \
+           VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_key_enable_wrapper';"
+)]
+fn immuta_key_enable(key_id: Option<i64>, reason: Option<&str>) -> bool {
+    let reason = crate::key_states::reason(reason);
+    crate::key_states::change(key_id_argument(key_id), immuta_core::key_state::Change::Enable, reason)
+}
+
+/// Destroys a disabled key `key_id`: its wrapped key is erased, for good.
+#[pg_extern(
+    volatile,
+    parallel_unsafe,
+    sql = "CREATE FUNCTION immuta_key_destroy(key_id bigint, reason text) RETURNS boolean \
+           VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_key_destroy_wrapper';"
+)]
+fn immuta_key_destroy(key_id: Option<i64>, reason: Option<&str>) -> bool {
+    let reason = crate::key_states::reason(reason);
+    crate::key_states::change(key_id_argument(key_id), immuta_core::key_state::Change::Destroy, reason)
+}
+
+/// Disables every enabled key of `keyring` older than its key `key_id` (Vault's
+/// `min_decryption_version`); returns how many.
+#[pg_extern(
+    volatile,
+    parallel_unsafe,
+    sql = "CREATE FUNCTION immuta_disable_keys_before(keyring text, key_id bigint, reason text) RETURNS integer \
+           VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_disable_keys_before_wrapper';"
+)]
+fn immuta_disable_keys_before(keyring: Option<&str>, key_id: Option<i64>, reason: Option<&str>) -> i32 {
+    let reason = crate::key_states::reason(reason);
+    crate::key_states::disable_before(name_argument(keyring), key_id_argument(key_id), reason)
+}
+
 /// Wraps every data key again with the provider and key configured now (e.g. from the local
 /// master key to AWS KMS, or from one KMS key to another); returns the number of keys. Stored
 /// ciphertexts are untouched and all still decrypt.
@@ -324,20 +545,24 @@ fn immuta_cache_reset_scoped(all_databases: default!(bool, false)) -> i64 {
     }
     backend::prepare();
     let dropped = crate::shared_cache::reset(all_databases);
-    BACKEND.with_borrow_mut(|b| b.ring.clear());
+    backend::clear();
     let scope = match (crate::shared_cache::is_shared(), all_databases) {
         (false, _) => "backend",
         (true, false) => "database",
         (true, true) => "cluster",
     };
     let detail = serde_json::json!({ "scope": scope, "shared_keys_dropped": dropped });
-    match crate::keys::write_blocker() {
-        None => catalog::insert_audit(catalog::AuditEvent {
-            event: "cache reset",
-            key_id: None,
-            reason: "manual",
-            detail,
-        }),
+    match crate::xact::write_blocker() {
+        None => {
+            crate::keys::lock_key_creation();
+            catalog::insert_audit(catalog::AuditEvent {
+                event: "cache reset",
+                key_id: None,
+                reason: "manual",
+                detail,
+                keyring: None,
+            })
+        }
         // A standby's cache is reset too, but nothing can be written there: the server log keeps it.
         Some(why) => pgrx::log!("immuta key cache reset ({detail}); not in immuta.audit_log because {why}"),
     }
@@ -358,7 +583,7 @@ fn immuta_cache_reset() -> i64 {
 /// TTL, and this backend's key count; for a superuser also the cluster's totals (`cluster`).
 #[pg_extern(volatile, parallel_safe)]
 fn immuta_cache_stats() -> JsonB {
-    let local = BACKEND.with_borrow(|b| b.ring.len());
+    let local = backend::key_count();
     // SAFETY: reads whether the current user is a superuser.
     let superuser = unsafe { pg_sys::superuser() };
     JsonB(crate::shared_cache::stats_json(local, superuser))
@@ -427,7 +652,7 @@ fn immuta_configure(yaml: Option<&str>) -> JsonB {
         );
     }
     catalog::store_config(yaml, config.has_explicit_credentials(), superuser);
-    backend::invalidate_config(BACKEND.with_borrow(|b| b.oids).expect("prepare() looked the tables up"));
+    backend::invalidate_config(backend::oids());
     JsonB(config.to_redacted_json())
 }
 
@@ -435,7 +660,7 @@ fn immuta_configure(yaml: Option<&str>) -> JsonB {
 #[pg_extern(stable, parallel_safe)]
 fn immuta_config() -> JsonB {
     backend::prepare();
-    JsonB(BACKEND.with_borrow(|b| b.config()).to_redacted_json())
+    JsonB(backend::config().to_redacted_json())
 }
 
 /// Internal functions, in the schema `immuta` that sql/bootstrap.sql creates.
@@ -443,13 +668,13 @@ fn immuta_config() -> JsonB {
 mod immuta {
     use pgrx::prelude::*;
 
-    use crate::backend::{self, BACKEND};
+    use crate::backend;
 
     /// The effective `schedule.dataKeyRollOverLength`, in days (used by the view `immuta.keys`).
     #[pg_extern(stable, parallel_safe)]
     fn rollover_length_days() -> i32 {
         backend::prepare();
-        BACKEND.with_borrow(|b| b.config()).rollover().days() as i32
+        backend::config().rollover().days() as i32
     }
 
     /// Encryptions counted under key `key_id` (used by the view `immuta.keys`).

@@ -28,21 +28,25 @@
 //! hold the lock until `COMMIT PREPARED`, across restarts, and every first encryption and
 //! rotation in the database would wait for it.
 
+use std::cell::Cell;
+
 use immuta_core::cipher::DataCipher;
 use immuta_core::key::{DataKey, KeyId, WrappingKeyRef};
-use immuta_core::keyring::CurrentKey;
-use immuta_core::rollover::RotationReason;
+use immuta_core::keyrings::{self, Settings};
+use immuta_core::ring::{CurrentKey, Named};
+use immuta_core::rollover::{RolloverLength, RotationReason};
 use immuta_core::time::UnixMicros;
-use immuta_core::Error;
+use immuta_core::value_type::ValueType;
 use pgrx::{pg_sys, PgSqlErrorCode};
 
 use serde_json::json;
 
-use crate::backend::{self, BACKEND};
+use crate::backend;
 use crate::catalog::{self, AuditEvent};
 use crate::errors::{self, raise, OrRaise};
 use crate::usage::{self, Against};
-use crate::{gucs, providers, shared_cache};
+use crate::xact::write_blocker;
+use crate::{events, gucs, providers, shared_cache, varlena};
 
 /// The key creation lock: SHARE UPDATE EXCLUSIVE on the private sequence `immuta.key_ids`. It
 /// conflicts with itself; it does not conflict with ROW EXCLUSIVE, which any role can get on a
@@ -119,47 +123,97 @@ pub fn before_prepare() {
     }
 }
 
-/// Why this transaction cannot create a key (or write a usage reservation), if it cannot.
-pub fn write_blocker() -> Option<&'static str> {
-    // SAFETY: reads of PostgreSQL's transaction and recovery state.
-    unsafe {
-        if pg_sys::RecoveryInProgress() {
-            Some("the server is a standby in recovery")
-        } else if pg_sys::XactReadOnly {
-            Some("the transaction is read-only")
-        } else if pg_sys::IsInParallelMode() {
-            Some("the key was needed inside a parallel operation, which cannot write")
-        } else {
-            None
+fn oids() -> catalog::TableOids {
+    backend::oids()
+}
+
+thread_local! {
+    /// The transaction in which a rollover lost the try-lock: do not try again in it.
+    static ROLLOVER_GIVEN_UP_IN: Cell<Option<u32>> = const { Cell::new(None) };
+    /// The rollover reasons (bit `1 << reason`) this session already warned it cannot act on.
+    static WARNED_CANNOT_ROLLOVER: Cell<u8> = const { Cell::new(0) };
+}
+
+/// A keyring as key creation needs it: its name, its own settings, whether a superuser chose
+/// its KMS key. `default` has no settings of its own.
+pub struct Target {
+    pub name: String,
+    pub settings: Settings,
+    pub by_superuser: bool,
+}
+
+impl Target {
+    /// Keyring `name` (`default`, or one that exists and is not destroyed).
+    pub fn of(name: &str) -> Target {
+        if name == keyrings::DEFAULT {
+            return Target { name: name.to_owned(), settings: Settings::default(), by_superuser: true };
+        }
+        let Some(row) = catalog::keyring(name) else { backend::unknown_keyring(name) };
+        if row.destroyed {
+            destroyed_keyring(name);
+        }
+        Target { name: row.name, settings: row.settings, by_superuser: row.by_superuser }
+    }
+
+    /// `None` for the default keyring, as the backend's ring names it.
+    fn ring_name(&self) -> Option<&str> {
+        (self.name != keyrings::DEFAULT).then_some(self.name.as_str())
+    }
+
+    fn rollover(&self) -> RolloverLength {
+        self.settings.rollover_or(backend::config().rollover())
+    }
+}
+
+fn destroyed_keyring(name: &str) -> ! {
+    raise(
+        PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+        format!("immuta keyring \"{name}\" was destroyed"),
+        Some("Its keys were destroyed (crypto-shredding); nothing is encrypted under it again.".into()),
+        Some("Use another keyring; immuta.keyrings and immuta.audit_log say when and why it was destroyed."),
+    )
+}
+
+/// `immuta_encrypt`: under the current key of `keyring` (`None`: default); the hot path is
+/// `backend::encrypt_fast`, and this is where a miss goes: the first key, a rollover, a new
+/// grant of the usage counter, loading the key.
+pub fn encrypt(
+    keyring: Option<&str>,
+    value_type: ValueType,
+    context: Option<&[u8]>,
+    plaintext: &[u8],
+) -> varlena::Bytea {
+    let now = backend::prepare();
+    if let Some(sealed) = backend::encrypt_fast(keyring, now, value_type, context, plaintext) {
+        return sealed;
+    }
+    if let Some(name) = keyring {
+        if backend::named(name) == Named::Destroyed {
+            destroyed_keyring(name);
         }
     }
+    let id = current_for_encrypt(now, keyring);
+    backend::seal_under(id, now, value_type, context, plaintext)
 }
 
-fn oids() -> catalog::TableOids {
-    BACKEND.with_borrow(|b| b.oids).unwrap_or_else(catalog::table_oids)
-}
-
-/// The key to encrypt with, and how many encryptions this backend may do under it (at least
-/// one), when the fast path cannot encrypt: no current key, the current key is due, this
-/// backend's grant is spent, or the key is not loaded. `held` is what is left of the grant this
-/// backend holds, and for which key: it is used up before another is taken (a key that is due
-/// but cannot be rolled over here comes back here for every row).
-pub fn current_for_encrypt(now: UnixMicros, held: Option<(KeyId, u64)>) -> (KeyId, u64) {
-    let id = match BACKEND.with_borrow(|b| b.ring.current()) {
+/// The key to encrypt with under `keyring` when the fast path cannot: no current key, the
+/// current key is due, this backend's grant is spent, or the key is not loaded. On return this
+/// backend holds a grant of at least one encryption under it (`usage.rs`): what was left of the
+/// last grant is used up before another is taken (a key that is due but cannot be rolled over
+/// here comes back here for every row).
+fn current_for_encrypt(now: UnixMicros, keyring: Option<&str>) -> KeyId {
+    let name = keyring.unwrap_or(keyrings::DEFAULT);
+    let id = match backend::current(keyring) {
         Some(current) if now < current.due_at => current.id,
-        Some(due) => rollover(due.id, RotationReason::Schedule, now),
-        None => first_key(),
+        Some(due) => rollover(name, due.id, RotationReason::Schedule, now),
+        None => first_key(name),
     };
-    match held {
-        Some((held_id, left)) if held_id == id && left > 0 => return (id, left),
-        _ => {}
-    }
     let mut id = id;
     loop {
-        if let Some(granted) = usage::take(id, Against::Soft) {
-            return (id, granted);
+        if usage::ensure_grant(id, || usage::take(id, Against::Soft)).is_some() {
+            return id;
         }
-        let next = rollover(id, RotationReason::UsageLimit, now);
+        let next = rollover(name, id, RotationReason::UsageLimit, now);
         if next != id {
             // A newer key, ours or another session's: it may be exhausted too by now.
             id = next;
@@ -170,35 +224,42 @@ pub fn current_for_encrypt(now: UnixMicros, held: Option<(KeyId, u64)>) -> (KeyI
         }
         // Another session is rolling the key over: go on under it for a little while, then wait
         // for that rollover to commit (module documentation).
-        if let Some(granted) = usage::take(id, Against::Overrun) {
-            return (id, granted);
+        if usage::ensure_grant(id, || usage::take(id, Against::Overrun)).is_some() {
+            return id;
         }
-        id = rollover_waiting(id);
+        id = rollover_waiting(name, id);
     }
     // The key cannot be rolled over here (read-only, standby): it may go on up to the hard
     // limit of AES-GCM, and not one encryption further.
-    match usage::take(id, Against::Hard) {
-        Some(granted) => (id, granted),
+    match usage::ensure_grant(id, || usage::take(id, Against::Hard)) {
+        Some(_) => id,
         None => raise(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             format!("immuta data key {id} has reached the AES-GCM limit of 2^32 encryptions"),
             Some("NIST SP 800-38D forbids more encryptions with random nonces under one key; it could not be rolled over earlier because no read-write transaction on the primary encrypted after it reached immuta.max_encryptions_per_key.".into()),
-            Some("Run SELECT immuta_rotate(); on the primary."),
+            Some(&format!("Run SELECT immuta_rotate({}); on the primary.", rotate_argument(name))),
         ),
     }
 }
 
-/// Replaces key `from`, which is due for `reason`, by a new key, or adopts the key another
-/// session created meanwhile. Returns `from` when this transaction cannot or should not wait.
-fn rollover(from: KeyId, reason: RotationReason, now: UnixMicros) -> KeyId {
+/// The argument of `immuta_rotate` for keyring `name`, for HINTs.
+fn rotate_argument(name: &str) -> String {
+    if name == keyrings::DEFAULT {
+        String::new()
+    } else {
+        format!("'{name}'")
+    }
+}
+
+/// Replaces key `from` of keyring `name`, which is due for `reason`, by a new key, or adopts the
+/// key another session created meanwhile. Returns `from` when this transaction cannot or should
+/// not wait.
+fn rollover(name: &str, from: KeyId, reason: RotationReason, now: UnixMicros) -> KeyId {
     if let Some(why) = write_blocker() {
         let flag = 1u8 << (reason as u8);
-        let warn = BACKEND.with_borrow_mut(|b| {
-            let first = b.warned_cannot_rollover & flag == 0;
-            b.warned_cannot_rollover |= flag;
-            first
-        });
-        if warn {
+        let warned = WARNED_CANNOT_ROLLOVER.get();
+        WARNED_CANNOT_ROLLOVER.set(warned | flag);
+        if warned & flag == 0 {
             let state = match reason {
                 RotationReason::UsageLimit => {
                     format!("has reached immuta.max_encryptions_per_key ({})", gucs::usage_limit().get())
@@ -215,84 +276,92 @@ fn rollover(from: KeyId, reason: RotationReason, now: UnixMicros) -> KeyId {
         return from;
     }
     let lxid = crate::compat::local_xid();
-    let given_up = BACKEND.with_borrow(|b| b.rollover_given_up_in == Some(lxid)) || !try_lock_key_creation();
+    let given_up = ROLLOVER_GIVEN_UP_IN.get() == Some(lxid) || !try_lock_key_creation();
     if given_up {
-        BACKEND.with_borrow_mut(|b| b.rollover_given_up_in = Some(lxid));
-        // Another session is rolling the key over. A key past its usage limit is left as soon
-        // as that session commits (checked once per grant); a key that is merely old is kept
-        // for the rest of this transaction.
+        ROLLOVER_GIVEN_UP_IN.set(Some(lxid));
+        // Another session is rolling a key over. A key past its usage limit is left as soon as
+        // that session commits (checked once per grant); a key that is merely old is kept for
+        // the rest of this transaction.
         if reason == RotationReason::UsageLimit {
-            if let Some((id, created)) = catalog::current_key().filter(|(id, _)| *id != from) {
-                set_current(id, created);
+            if let Some((id, created)) = catalog::current_key(name).filter(|(id, _)| *id != from) {
+                let target = Target::of(name);
+                set_current(&target, id, created);
                 return id;
             }
         }
         return from;
     }
-    let length = BACKEND.with_borrow(|b| b.config().rollover());
-    match adopt_latest() {
+    let target = Target::of(name);
+    match adopt_latest(&target) {
         // Another session rolled over (or rotated) first.
         Some((id, _)) if id != from => id,
         // The configured length grew meanwhile: not due after all.
-        Some((id, created)) if reason == RotationReason::Schedule && !length.is_due(created, now) => id,
-        Some((id, _)) => create_key(reason, Some(id)),
-        None => create_key(RotationReason::FirstUse, None),
+        Some((id, created))
+            if reason == RotationReason::Schedule && !target.rollover().is_due(created, now) =>
+        {
+            id
+        }
+        Some((id, _)) => create_key(&target, reason, Some(id)),
+        None => create_key(&target, RotationReason::FirstUse, None),
     }
 }
 
 /// Key `exhausted` has passed its usage limit and its overrun while another session rolls it
 /// over: waits for that session (the key creation lock), then adopts its key, or rolls over here
 /// if it gave up.
-fn rollover_waiting(exhausted: KeyId) -> KeyId {
+fn rollover_waiting(name: &str, exhausted: KeyId) -> KeyId {
     lock_key_creation();
-    match adopt_latest() {
+    let target = Target::of(name);
+    match adopt_latest(&target) {
         Some((id, _)) if id != exhausted => id,
-        Some((id, _)) => create_key(RotationReason::UsageLimit, Some(id)),
-        None => create_key(RotationReason::FirstUse, None),
+        Some((id, _)) => create_key(&target, RotationReason::UsageLimit, Some(id)),
+        None => create_key(&target, RotationReason::FirstUse, None),
     }
 }
 
-fn first_key() -> KeyId {
+fn first_key(name: &str) -> KeyId {
     if let Some(why) = write_blocker() {
         raise(
             PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION,
             format!("no immuta data key exists yet, and {why}"),
             Some("The first data key is created by the first encryption in a read-write transaction on the primary.".into()),
-            Some("Run SELECT immuta_rotate(); on the primary once."),
+            Some(&format!("Run SELECT immuta_rotate({}); on the primary once.", rotate_argument(name))),
         );
     }
     lock_key_creation();
-    match adopt_latest() {
+    let target = Target::of(name);
+    match adopt_latest(&target) {
         Some((id, _)) => id,
-        None => create_key(RotationReason::FirstUse, None),
+        None => create_key(&target, RotationReason::FirstUse, None),
     }
 }
 
-/// Makes the newest committed key (read with the latest snapshot) current in this backend.
-fn adopt_latest() -> Option<(KeyId, UnixMicros)> {
-    let latest = catalog::current_key()?;
-    set_current(latest.0, latest.1);
+/// Makes the newest committed key of the keyring (read with the latest snapshot) current in this
+/// backend.
+fn adopt_latest(target: &Target) -> Option<(KeyId, UnixMicros)> {
+    let latest = catalog::current_key(&target.name)?;
+    set_current(target, latest.0, latest.1);
     Some(latest)
 }
 
-fn set_current(id: KeyId, created: UnixMicros) {
-    BACKEND.with_borrow_mut(|b| {
-        let due_at = b.config().rollover().due_at(created);
-        b.ring.set_current(Some(CurrentKey { id, due_at }));
-    });
+fn set_current(target: &Target, id: KeyId, created: UnixMicros) {
+    let due_at = target.rollover().due_at(created);
+    backend::set_current(target.ring_name(), Some(CurrentKey { id, due_at }));
 }
 
-/// `immuta_rotate()`: a new key that encrypts from now on.
-pub fn rotate() -> KeyId {
+/// `immuta_rotate([keyring])`: a new key that encrypts from now on under `keyring`.
+pub fn rotate(keyring: &str) -> KeyId {
     lock_for_key_change("rotate");
-    let previous = adopt_latest().map(|(id, _)| id);
-    create_key(RotationReason::Manual, previous)
+    let target = Target::of(keyring);
+    let previous = adopt_latest(&target).map(|(id, _)| id);
+    create_key(&target, RotationReason::Manual, previous)
 }
 
-/// `immuta_rotate_if_due()`: rolls the current key over if it is `dataKeyRollOverLength` days
-/// old or has reached the usage limit; `None` when nothing is due, no key exists yet, or this
-/// transaction cannot write (a standby, a read-only transaction), so that one scheduled job can
-/// run on every node. Also folds each key's rows of `immuta.key_usage` into one.
+/// `immuta_rotate_if_due()`: rolls over the current key of every keyring that is due (by its
+/// rollover length or the usage limit); returns the newest key created, `None` when nothing was
+/// due, no key exists yet, or this transaction cannot write (a standby, a read-only
+/// transaction), so that one scheduled job can run on every node. Also folds each key's rows of
+/// `immuta.key_usage` into one.
 pub fn rotate_if_due() -> Option<KeyId> {
     if write_blocker().is_some() {
         return None;
@@ -302,15 +371,30 @@ pub fn rotate_if_due() -> Option<KeyId> {
     catalog::compact_usage();
     // Decide without the lock first: a job that finds nothing due never waits for a session
     // that holds the lock.
-    due_reason(catalog::current_key()?, now)?;
+    let limit = gucs::usage_limit().get();
+    let candidates = catalog::due_keyrings(backend::config().rollover().days(), limit);
+    if candidates.is_empty() {
+        return None;
+    }
     lock_key_creation();
-    let latest = adopt_latest()?;
-    let reason = due_reason(latest, now)?;
-    Some(create_key(reason, Some(latest.0)))
+    let mut newest = None;
+    for name in candidates {
+        pgrx::check_for_interrupts!();
+        let target = Target::of(&name);
+        let Some(latest) = adopt_latest(&target) else { continue };
+        if let Some(reason) = due_reason(&target, latest, now) {
+            newest = Some(create_key(&target, reason, Some(latest.0)));
+        }
+    }
+    newest
 }
 
-fn due_reason((id, created): (KeyId, UnixMicros), now: UnixMicros) -> Option<RotationReason> {
-    if BACKEND.with_borrow(|b| b.config().rollover()).is_due(created, now) {
+fn due_reason(
+    target: &Target,
+    (id, created): (KeyId, UnixMicros),
+    now: UnixMicros,
+) -> Option<RotationReason> {
+    if target.rollover().is_due(created, now) {
         Some(RotationReason::Schedule)
     } else if usage::counted(id) >= gucs::usage_limit().get() {
         Some(RotationReason::UsageLimit)
@@ -320,7 +404,7 @@ fn due_reason((id, created): (KeyId, UnixMicros), now: UnixMicros) -> Option<Rot
 }
 
 /// Checks that this transaction may write keys, and takes the key creation lock (blocking).
-fn lock_for_key_change(verb: &str) {
+pub fn lock_for_key_change(verb: &str) {
     if let Some(why) = write_blocker() {
         raise(
             PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION,
@@ -334,13 +418,14 @@ fn lock_for_key_change(verb: &str) {
     lock_key_creation();
 }
 
-/// Creates, wraps and stores a key replacing `previous`, records the event in the audit log,
-/// and makes the key current in this backend. We hold the key creation lock and have read the
-/// newest key with the latest snapshot, so the unique `rolled_over_from` cannot conflict; if it
-/// ever did, the INSERT's error would stand.
-fn create_key(reason: RotationReason, previous: Option<KeyId>) -> KeyId {
-    let effective = BACKEND.with_borrow(|b| b.effective());
-    let provider = providers::for_new_keys(&effective);
+/// Creates, wraps and stores a key of keyring `target` replacing `previous`, records the event in
+/// the audit log, and makes the key current in this backend. We hold the key creation lock and
+/// have read the keyring's newest key with the latest snapshot, so the unique
+/// `(keyring, rolled_over_from)` cannot conflict; if it ever did, the INSERT's error would stand.
+fn create_key(target: &Target, reason: RotationReason, previous: Option<KeyId>) -> KeyId {
+    let effective = backend::effective();
+    let (provider, server_identity) =
+        providers::for_new_keys_of(&effective, &target.settings, target.by_superuser);
     let id = catalog::next_key_id();
     let key = DataKey::generate();
     let wrapped = provider.wrap(id, &key).or_raise();
@@ -349,7 +434,15 @@ fn create_key(reason: RotationReason, previous: Option<KeyId>) -> KeyId {
         RotationReason::Manual => None,
         RotationReason::Schedule | RotationReason::UsageLimit => previous.map(KeyId::get),
     };
-    catalog::insert_key(id, &wrapped.by, &wrapped.key, reason, rolled_over_from, effective.by_superuser);
+    catalog::insert_key(
+        id,
+        &wrapped.by,
+        &wrapped.key,
+        reason,
+        rolled_over_from,
+        server_identity,
+        &target.name,
+    );
     catalog::insert_audit(AuditEvent {
         event: if reason == RotationReason::FirstUse { "key created" } else { "key rotated" },
         key_id: Some(id),
@@ -360,34 +453,60 @@ fn create_key(reason: RotationReason, previous: Option<KeyId>) -> KeyId {
             "provider": wrapped.by.provider().as_str(),
             "wrapping_key": wrapped.by.key_column(),
         }),
+        keyring: Some(&target.name),
     });
-    backend::key_created_in_this_transaction(oids());
+    events::key_created_in_this_transaction(oids());
     backend::insert_cipher(DataCipher::new(id, &key), shared_cache::expiry_from_now());
-    set_current(id, backend::transaction_now());
+    set_current(target, id, crate::xact::transaction_now());
     id
 }
 
-/// `immuta_rewrap()`: wraps every data key again with the provider and key configured now
-/// (local to KMS, KMS key A to key B, KMS to local), in this transaction. The data keys
-/// themselves, and so every stored ciphertext, are unchanged. Each key's rewrap is audited.
+/// `immuta_rewrap()`: wraps every data key that is not destroyed again with the provider and key
+/// configured now (local to KMS, KMS key A to key B, KMS to local), or its keyring's own KMS
+/// key, in this transaction. The data keys themselves, and so every stored ciphertext, are
+/// unchanged. Each key's rewrap is audited. A destroyed key has nothing left to rewrap.
 pub fn rewrap() -> i32 {
     lock_for_key_change("rewrap");
-    let effective = BACKEND.with_borrow(|b| b.effective());
-    let rows = catalog::key_rows(None);
+    let effective = backend::effective();
+    let rows: Vec<_> = catalog::key_rows(None)
+        .into_iter()
+        .filter(|row| row.state != immuta_core::key_state::KeyState::Destroyed)
+        .collect();
     let keys: Vec<_> = rows.iter().map(|row| (row, providers::unwrap(row, &effective))).collect();
-    let provider = providers::for_new_keys(&effective);
+    let mut targets: std::collections::HashMap<String, (Box<dyn immuta_core::provider::KeyProvider>, bool)> =
+        std::collections::HashMap::new();
     for (row, key) in &keys {
+        if !targets.contains_key(&row.keyring) {
+            let target = Target::of_any(&row.keyring);
+            targets.insert(
+                row.keyring.clone(),
+                providers::for_new_keys_of(&effective, &target.settings, target.by_superuser),
+            );
+        }
+        let (provider, server_identity) = &targets[&row.keyring];
         let wrapped = provider.wrap(row.id, key).or_raise();
-        catalog::update_wrapping(row.id, &wrapped.by, &wrapped.key, effective.by_superuser);
+        catalog::update_wrapping(row.id, &wrapped.by, &wrapped.key, *server_identity);
         catalog::insert_audit(AuditEvent {
             event: "key rewrapped",
             key_id: Some(row.id),
             reason: RotationReason::Manual.as_str(),
             detail: json!({ "from": wrapping_json(&row.wrapping), "to": wrapping_json(&wrapped.by) }),
+            keyring: Some(&row.keyring),
         });
     }
-    backend::key_created_in_this_transaction(oids());
+    events::key_created_in_this_transaction(oids());
     keys.len() as i32
+}
+
+impl Target {
+    /// Keyring `name` whatever its state (a rewrap also rewraps the disabled keys of a keyring
+    /// that was not destroyed; a destroyed keyring has no key left to rewrap).
+    fn of_any(name: &str) -> Target {
+        match catalog::keyring(name) {
+            Some(row) => Target { name: row.name, settings: row.settings, by_superuser: row.by_superuser },
+            None => Target { name: name.to_owned(), settings: Settings::default(), by_superuser: true },
+        }
+    }
 }
 
 fn wrapping_json(wrapping: &WrappingKeyRef) -> serde_json::Value {
@@ -396,16 +515,4 @@ fn wrapping_json(wrapping: &WrappingKeyRef) -> serde_json::Value {
         "wrapping_key": wrapping.key_column(),
         "region": wrapping.region_column(),
     })
-}
-
-/// Makes sure the ring holds an unexpired cipher of key `id`, taking the key from the shared
-/// cache or unwrapping it.
-pub fn ensure_cipher(id: KeyId, now: UnixMicros) {
-    if BACKEND.with_borrow(|b| b.ring.cipher(id, now).is_some()) {
-        return;
-    }
-    let row = catalog::key_row(id).ok_or(Error::UnknownKey { key_id: id.get() as u64 }).or_raise();
-    let effective = BACKEND.with_borrow(|b| b.effective());
-    let (key, expires_at) = shared_cache::key_for(&row, &effective);
-    backend::insert_cipher(DataCipher::new(id, &key), expires_at);
 }

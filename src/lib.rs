@@ -1,14 +1,20 @@
 //! immuta: envelope encryption of column values inside PostgreSQL.
 //!
 //! This crate is the SQL layer. The core (format, crypto, providers, configuration, rollover
-//! rule) is `crates/immuta-core` and knows nothing of PostgreSQL.
+//! rule) is `crates/immuta-core` and knows nothing of PostgreSQL. Dependencies run one way:
+//! functions -> keys, keyrings, key_states -> backend -> usage -> catalog, shared_cache, gucs,
+//! xact (`events.rs`, which PostgreSQL calls, is the one module that reaches all of them).
 //!
 //! | file | concern |
 //! |---|---|
 //! | `functions.rs` | the SQL functions |
-//! | `backend.rs` | backend-local key ring, invalidation, the hot path |
-//! | `keys.rs` | key creation, rollover, rotation, loading keys |
-//! | `usage.rs` | counting encryptions per key (the usage limit) |
+//! | `keys.rs` | the key lifecycle: encryption's slow path, key creation, rollover, rotation, rewrap |
+//! | `keyrings.rs` | creating and configuring named keyrings, and their status |
+//! | `key_states.rs` | disabling, enabling and destroying keys; crypto-shredding a keyring |
+//! | `backend.rs` | the backend's private state: key ring, invalidation, the hot path, loading keys |
+//! | `usage.rs` | counting encryptions per key (the usage limit), and this backend's grants |
+//! | `events.rs` | transaction events, dispatched to the modules above |
+//! | `xact.rs` | facts about the transaction in progress (a leaf) |
 //! | `cron.rs` | the pg_cron job that runs scheduled rollover |
 //! | `status.rs` | `immuta_status()` |
 //! | `providers.rs` | which provider wraps new keys and unwraps existing ones |
@@ -30,8 +36,11 @@ mod compat;
 mod config_source;
 mod cron;
 mod errors;
+mod events;
 mod functions;
 mod gucs;
+mod key_states;
+mod keyrings;
 mod keys;
 mod providers;
 mod restore;
@@ -40,6 +49,7 @@ mod status;
 mod typed;
 mod usage;
 mod varlena;
+mod xact;
 
 ::pgrx::pg_module_magic!(name, version);
 
@@ -53,7 +63,7 @@ pub extern "C-unwind" fn _PG_init() {
     // SAFETY: reads a flag PostgreSQL sets while it loads shared_preload_libraries.
     let preloading = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
     gucs::init(preloading);
-    backend::register_callbacks();
+    events::register();
     if preloading && gucs::shared_cache_keys() > 0 {
         shared_cache::request_shared_memory();
     }

@@ -11,6 +11,7 @@
 use immuta_core::aws_kms::{AwsKmsProvider, CallLimits};
 use immuta_core::config::AwsAccess;
 use immuta_core::key::{DataKey, KeyId, ProviderKind, WrappingKeyRef};
+use immuta_core::keyrings::Settings;
 use immuta_core::local::{Create, LocalProvider};
 use immuta_core::provider::KeyProvider;
 use immuta_core::server_identity;
@@ -37,6 +38,30 @@ pub fn for_new_keys(effective: &Effective) -> Box<dyn KeyProvider> {
         Create::IfMissing { marker: &marker }
     };
     Box::new(LocalProvider::open(&gucs::master_key_file(), create).or_raise())
+}
+
+/// The provider that wraps the new keys of a keyring with `settings` (its own KMS key, else the
+/// configuration's provider), and whether the server's own AWS identity may later reach the
+/// key (the `server_identity` column): only under a configuration a superuser put in force, and
+/// for a keyring's own KMS key only if a superuser chose it too.
+pub fn for_new_keys_of(
+    effective: &Effective,
+    settings: &Settings,
+    keyring_by_superuser: bool,
+) -> (Box<dyn KeyProvider>, bool) {
+    match &settings.kms {
+        None => (for_new_keys(effective), effective.by_superuser),
+        Some(kms) => {
+            let access = effective.config.aws_access();
+            let trusted = effective.by_superuser && keyring_by_superuser;
+            if access.credentials.is_none() {
+                server_identity::check(trusted, None)
+                    .map_err(|refusal| server_identity::error(None, refusal))
+                    .or_raise();
+            }
+            (Box::new(aws_kms(&kms.key, &kms.region, &access)), trusted)
+        }
+    }
 }
 
 /// Refuses a KMS call that would sign with the server's own identity when the rule of

@@ -30,6 +30,7 @@
 use std::cell::RefCell;
 
 use immuta_core::key::WrappedKey;
+use immuta_core::key_state::KeyState;
 use immuta_core::restore;
 use pgrx::datum::TryFromDatumError;
 use pgrx::prelude::*;
@@ -79,18 +80,32 @@ fn guard_direct_insert<'a>(
             if !restore::id_ok(id) {
                 refuse(&table, "Its id is out of range.".into());
             }
-            // Borrowed from the row; copied no further than one byte past the longest key, which
-            // is enough to refuse a longer one.
-            let wrapped = new.get_by_name::<&[u8]>("wrapped_key")?.unwrap_or_default();
-            let wrapped =
-                WrappedKey::new(wrapped[..wrapped.len().min(restore::MAX_KMS_WRAPPED_LEN + 1)].to_vec());
-            let parsed = restore::key_row(
-                id,
-                new.get_by_name::<&str>("provider")?.unwrap_or_default(),
-                new.get_by_name::<&str>("wrapping_key")?.unwrap_or_default(),
-                new.get_by_name::<&str>("wrapping_region")?,
-                &wrapped,
-            );
+            let keyring = new.get_by_name::<&str>("keyring")?.unwrap_or_default();
+            if !immuta_core::keyrings::name_ok(keyring) {
+                refuse(&table, "Its keyring name is not one a keyring may have.".into());
+            }
+            let state = new.get_by_name::<&str>("state")?.and_then(KeyState::parse);
+            let provider = new.get_by_name::<&str>("provider")?.unwrap_or_default();
+            let wrapping_key = new.get_by_name::<&str>("wrapping_key")?.unwrap_or_default();
+            let region = new.get_by_name::<&str>("wrapping_region")?;
+            let parsed = match state {
+                None => Err("has an unknown state"),
+                // A tombstone: nothing to unwrap (the table's check keeps its wrapped key NULL).
+                Some(KeyState::Destroyed) => {
+                    immuta_core::key::WrappingKeyRef::from_columns(provider, wrapping_key, region)
+                        .map(|_| ())
+                        .ok_or("names an unknown provider or wrapping key")
+                }
+                Some(_) => {
+                    // Borrowed from the row; copied no further than one byte past the longest
+                    // key, which is enough to refuse a longer one.
+                    let wrapped = new.get_by_name::<&[u8]>("wrapped_key")?.unwrap_or_default();
+                    let wrapped = WrappedKey::new(
+                        wrapped[..wrapped.len().min(restore::MAX_KMS_WRAPPED_LEN + 1)].to_vec(),
+                    );
+                    restore::key_row(id, provider, wrapping_key, region, &wrapped).map(|_| ())
+                }
+            };
             if let Err(why) = parsed {
                 refuse(&table, format!("The row {why}."));
             }
@@ -102,13 +117,26 @@ fn guard_direct_insert<'a>(
             }
             let created_at = new.get_by_name::<TimestampWithTimeZone>("created_at")?;
             let created_at =
-                catalog::from_pg_timestamp(created_at.map_or(i64::MAX, pg_sys::TimestampTz::from));
-            if !restore::created_at_ok(created_at, catalog::from_pg_timestamp(now())) {
+                crate::xact::from_pg_timestamp(created_at.map_or(i64::MAX, pg_sys::TimestampTz::from));
+            if !restore::created_at_ok(created_at, crate::xact::from_pg_timestamp(now())) {
                 refuse(&table, "Its creation time is not a time from 1970 up to now.".into());
             }
             new.set_by_name("server_identity", false)?;
             // Sessions that hold keys learn of it as of a rotation: when this transaction commits.
-            crate::backend::key_created_in_this_transaction(oids);
+            crate::events::key_created_in_this_transaction(oids);
+            Ok(Some(new))
+        }
+        "keyrings" => {
+            let name = new.get_by_name::<&str>("name")?.unwrap_or_default();
+            let kms_key = new.get_by_name::<&str>("kms_key")?;
+            let kms_region = new.get_by_name::<&str>("kms_region")?;
+            let settings_ok = immuta_core::keyrings::Settings::parse(None, kms_key, kms_region, None).is_ok();
+            if !immuta_core::keyrings::name_ok(name) || !settings_ok {
+                refuse(&table, "Its name, KMS key or region is not one immuta would have stored.".into());
+            }
+            // Nobody vouches for a restored keyring's KMS key (as for a restored key row).
+            new.set_by_name("by_superuser", false)?;
+            crate::backend::invalidate_keyrings(oids);
             Ok(Some(new))
         }
         "key_usage" => {

@@ -17,7 +17,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use immuta_core::cache::{self, Claim, DatabaseEntry, DatabaseStats, DatabaseTable, KeyIdent, Lookup, Slot};
-use immuta_core::key::{DataKey, WrappingKeyRef};
+use immuta_core::key::{DataKey, KeyId, WrappingKeyRef};
 use immuta_core::time::UnixMicros;
 use immuta_core::usage::CounterSlot;
 use pgrx::pg_sys;
@@ -249,11 +249,7 @@ pub fn with_counters<R>(f: impl FnOnce(&mut [CounterSlot], u64) -> R) -> Option<
     }
 }
 
-/// Wall-clock now, for expiry.
-fn wall_now() -> UnixMicros {
-    // SAFETY: reads the current time.
-    crate::catalog::from_pg_timestamp(unsafe { pg_sys::GetCurrentTimestamp() })
-}
+use crate::xact::wall_now;
 
 fn expiry(now: UnixMicros) -> UnixMicros {
     match gucs::cache_ttl_seconds() {
@@ -369,6 +365,22 @@ pub fn reset(all_databases: bool) -> i64 {
         n
     });
     dropped.unwrap_or(0) as i64
+}
+
+/// Zeroizes and drops the shared copies of keys `ids` of this database (disabled or destroyed),
+/// and moves the epoch, so that an unwrap of one of them in flight is not published when it
+/// ends (`key_for` checks the epoch it claimed under). Returns how many copies were dropped.
+pub fn forget(ids: &[KeyId]) -> usize {
+    if ids.is_empty() {
+        return 0;
+    }
+    let database = this_database();
+    with_guarded(pg_sys::LWLockMode::LW_EXCLUSIVE, |g| {
+        let n = cache::clear_keys(g.slots, database, ids);
+        g.clocks.epoch.fetch_add(1, Ordering::AcqRel);
+        n
+    })
+    .unwrap_or(0)
 }
 
 /// When `database` has no entry of its own and none is free, frees the entries of databases that

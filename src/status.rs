@@ -4,24 +4,16 @@
 
 use serde_json::{json, Value};
 
-use crate::backend::{self, BACKEND};
-use crate::{catalog, cron, gucs, shared_cache, usage};
+use crate::backend;
+use crate::{catalog, cron, gucs, keyrings, shared_cache};
 
 pub fn status() -> Value {
-    backend::prepare();
-    let config = BACKEND.with_borrow(|b| b.config());
+    let default = keyrings::status(immuta_core::keyrings::DEFAULT);
+    let config = backend::config();
     let limit = gucs::usage_limit().get();
     let days = config.rollover().days();
-    let current = catalog::current_key_summary(days).map(|mut key| {
-        let id = key["id"].as_i64().and_then(immuta_core::key::KeyId::new);
-        if let Some(id) = id {
-            let counted = usage::counted(id);
-            key["encryptions"] = json!(counted);
-            key["max_encryptions_per_key"] = json!(limit);
-            key["usage_limit_reached"] = json!(counted >= limit);
-        }
-        key
-    });
+    let current = default["current_key"].clone();
+    let (keyrings, destroyed) = catalog::keyring_count();
     let (job, job_error) = match cron::lookup() {
         Ok(Some(job)) => {
             // A job scheduled by immuta 0.1.0 named the function by the extension's schema,
@@ -49,6 +41,7 @@ pub fn status() -> Value {
     json!({
         "current_key": current,
         "keys": catalog::key_count(),
+        "keyrings": { "named": keyrings, "destroyed": destroyed },
         "rollover_length_days": days,
         "max_encryptions_per_key": limit,
         "provider_for_new_keys": if config.aws_kms().is_some() { "awsKms" } else { "local" },

@@ -15,17 +15,39 @@
 //! A row belongs to the transaction that wrote it: if that transaction (or subtransaction)
 //! aborts, the abort callbacks undo it in the counter, so what was spent under it is covered
 //! again by the next row.
+//!
+//! With keyrings, a backend encrypts under many keys at once (a row per tenant), so what it
+//! holds is kept per key: its grants ([`spend`] is the hot path's one lookup), its coverage and
+//! its estimates. Each map is bounded; forgetting coverage or an estimate only over-counts.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
 
 use immuta_core::key::KeyId;
+use immuta_core::ring::KeyIdHasher;
 use immuta_core::usage::{
     self as rule, Counter, CounterIdent, Coverage, Grant, Reservation, UsageLimit, HARD_LIMIT,
 };
 use pgrx::pg_sys;
 
-use crate::backend::BACKEND;
-use crate::{catalog, gucs, keys, shared_cache};
+use crate::xact::write_blocker;
+use crate::{catalog, gucs, shared_cache};
+
+type ById<T> = HashMap<KeyId, T, BuildHasherDefault<KeyIdHasher>>;
+
+/// Keys a backend keeps grants, coverage and estimates for before it forgets them all (it then
+/// takes new grants, and over-counts what it had reserved and not spent).
+const MAX_KEYS_HELD: usize = 16_384;
+
+/// What this backend may still encrypt under a key before it asks the counter again.
+#[derive(Clone, Copy)]
+struct Held {
+    left: u64,
+    /// Taken where no row could cover it (read-only, standby, parallel): dropped as soon as this
+    /// backend could write one.
+    uncovered: bool,
+}
 
 /// This backend's estimate of a key's counter, when the counter is not in shared memory.
 struct Local {
@@ -33,8 +55,7 @@ struct Local {
     counter: Counter,
 }
 
-/// What this backend reserved for a key and has not spent (one key at a time: the current one;
-/// coverage left on a replaced key is simply not used, an over-count).
+/// What this backend reserved for a key and has not spent.
 struct Own {
     ident: CounterIdent,
     coverage: Coverage,
@@ -49,9 +70,55 @@ struct Reserved {
 }
 
 thread_local! {
-    static LOCAL: RefCell<Option<Local>> = const { RefCell::new(None) };
-    static OWN: RefCell<Option<Own>> = const { RefCell::new(None) };
+    static GRANTS: RefCell<ById<Held>> = RefCell::new(ById::default());
+    static LOCAL: RefCell<ById<Local>> = RefCell::new(ById::default());
+    static OWN: RefCell<ById<Own>> = RefCell::new(ById::default());
     static RESERVED: RefCell<Vec<Reserved>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The hot path: spends one encryption of this backend's grant under key `id`; `false` when it
+/// holds none (or one no row covers while this transaction could write one: it is dropped).
+#[inline]
+pub fn spend(id: KeyId) -> bool {
+    GRANTS.with_borrow_mut(|grants| match grants.get_mut(&id) {
+        Some(held) if held.uncovered && grants_are_covered() => {
+            grants.remove(&id);
+            false
+        }
+        Some(held) if held.left > 0 => {
+            held.left -= 1;
+            true
+        }
+        _ => false,
+    })
+}
+
+/// What is left of this backend's grant under key `id` (0 when none, or one to be dropped).
+pub fn held(id: KeyId) -> u64 {
+    GRANTS.with_borrow(|grants| match grants.get(&id) {
+        Some(held) if !(held.uncovered && grants_are_covered()) => held.left,
+        _ => 0,
+    })
+}
+
+/// Records a grant just taken under key `id` (replacing what was left of the last one).
+fn hold(id: KeyId, left: u64, uncovered: bool) {
+    GRANTS.with_borrow_mut(|grants| {
+        if grants.len() >= MAX_KEYS_HELD && !grants.contains_key(&id) {
+            grants.clear();
+        }
+        grants.insert(id, Held { left, uncovered });
+    })
+}
+
+/// Forgets every grant: part of them may have been covered by a rolled-back row, or the
+/// extension was created again.
+pub fn drop_grants() {
+    GRANTS.with(|g| {
+        if let Ok(mut g) = g.try_borrow_mut() {
+            g.clear()
+        }
+    });
 }
 
 /// Which limit a grant is taken against.
@@ -66,21 +133,43 @@ pub enum Against {
 }
 
 fn ident(id: KeyId) -> CounterIdent {
-    let keys_table = BACKEND.with_borrow(|b| b.oids).map(|o| o.data_keys.to_u32()).unwrap_or(0);
     // SAFETY: MyDatabaseId is set for every backend and parallel worker.
     let database = unsafe { pg_sys::MyDatabaseId.to_u32() };
-    CounterIdent { database, keys_table, key_id: id.get() }
+    CounterIdent { database, keys_table: catalog::keys_table(), key_id: id.get() }
 }
 
-/// Runs `f` on this backend's coverage of `ident` (a fresh one if it held another key's).
+fn key_of(ident: &CounterIdent) -> KeyId {
+    KeyId::new(ident.key_id).expect("a key id")
+}
+
+/// Runs `f` on this backend's coverage of `ident` (a fresh one if it held none, or another
+/// installation's).
 fn with_own<R>(ident: &CounterIdent, f: impl FnOnce(&mut Coverage) -> R) -> R {
     OWN.with_borrow_mut(|own| {
-        let own = match own {
-            Some(o) if o.ident == *ident => o,
-            slot => slot.insert(Own { ident: *ident, coverage: Coverage::default() }),
-        };
+        let id = key_of(ident);
+        if own.len() >= MAX_KEYS_HELD && !own.contains_key(&id) {
+            own.clear();
+        }
+        let own = own.entry(id).or_insert_with(|| Own { ident: *ident, coverage: Coverage::default() });
+        if own.ident != *ident {
+            *own = Own { ident: *ident, coverage: Coverage::default() };
+        }
         f(&mut own.coverage)
     })
+}
+
+/// The key to encrypt under has a grant of at least one encryption in this backend: the one it
+/// holds, or a new one taken with `take` (`None`: the key has reached the limit `take` was
+/// asked against). Kept apart from `take` so that a failing unwrap never wastes a grant.
+pub fn ensure_grant(id: KeyId, take: impl FnOnce() -> Option<u64>) -> Option<u64> {
+    let left = held(id);
+    if left > 0 {
+        return Some(left);
+    }
+    let covered = grants_are_covered();
+    let granted = take()?;
+    hold(id, granted, !covered);
+    Some(granted)
 }
 
 /// Takes a grant of encryptions under key `id`: how many this process may encrypt before it asks
@@ -93,7 +182,7 @@ pub fn take(id: KeyId, against: Against) -> Option<u64> {
         Against::Overrun => usage.get() + usage.overrun(),
         Against::Hard => HARD_LIMIT,
     };
-    let can_write = keys::write_blocker().is_none();
+    let can_write = write_blocker().is_none();
     let ident = ident(id);
     let (shared, granted) =
         match shared_cache::is_shared().then(|| grant_shared(&ident, usage, limit, can_write)) {
@@ -121,7 +210,7 @@ pub fn take(id: KeyId, against: Against) -> Option<u64> {
 
 /// Whether grants taken now are covered by rows (this transaction can write them).
 pub fn grants_are_covered() -> bool {
-    keys::write_blocker().is_none()
+    write_blocker().is_none()
 }
 
 /// From the key's counter in shared memory (created from the table's sum on first use). The
@@ -132,7 +221,7 @@ fn grant_shared(
     limit: u64,
     can_write: bool,
 ) -> Option<Option<Grant>> {
-    let id = KeyId::new(ident.key_id).expect("a key id");
+    let id = key_of(ident);
     // A standby never writes, and its counter would not learn what the primary spends: bring
     // it up to the replicated table at each grant (once per thousand rows).
     // SAFETY: reads whether this server is in recovery.
@@ -160,12 +249,18 @@ fn grant_shared(
 
 /// From this backend's estimate of the key's counter.
 fn grant_local(ident: &CounterIdent, usage: UsageLimit, limit: u64, can_write: bool) -> Option<Grant> {
-    if !LOCAL.with_borrow(|l| l.as_ref().is_some_and(|l| l.ident == *ident)) {
-        let baseline = catalog::usage_sum(KeyId::new(ident.key_id).expect("a key id"));
-        LOCAL.set(Some(Local { ident: *ident, counter: Counter { granted: baseline, uncovered: 0 } }));
+    let id = key_of(ident);
+    if !LOCAL.with_borrow(|l| l.get(&id).is_some_and(|l| l.ident == *ident)) {
+        let baseline = catalog::usage_sum(id);
+        LOCAL.with_borrow_mut(|l| {
+            if l.len() >= MAX_KEYS_HELD {
+                l.clear();
+            }
+            l.insert(id, Local { ident: *ident, counter: Counter { granted: baseline, uncovered: 0 } })
+        });
     }
     LOCAL.with_borrow_mut(|l| {
-        let counter = &mut l.as_mut().expect("set above").counter;
+        let counter = &mut l.get_mut(&id).expect("set above").counter;
         with_own(ident, |own| {
             let want = rule::want(usage, own);
             rule::grant(counter, own, want, limit, usage, can_write)
@@ -175,7 +270,7 @@ fn grant_local(ident: &CounterIdent, usage: UsageLimit, limit: u64, can_write: b
 
 fn with_local(ident: &CounterIdent, f: impl FnOnce(&mut Local)) {
     LOCAL.with_borrow_mut(|l| {
-        if let Some(l) = l.as_mut().filter(|l| l.ident == *ident) {
+        if let Some(l) = l.get_mut(&key_of(ident)).filter(|l| l.ident == *ident) {
             f(l)
         }
     })
@@ -187,7 +282,7 @@ fn reserve(ident: &CounterIdent, shared: bool, reservation: Reservation) {
     // SAFETY: reads the current subtransaction id, inside a transaction.
     let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
     RESERVED.with_borrow_mut(|r| r.push(Reserved { ident: *ident, shared, reservation, subxact }));
-    catalog::insert_usage(KeyId::new(ident.key_id).expect("a key id"), reservation.row);
+    catalog::insert_usage(key_of(ident), reservation.row);
 }
 
 /// Encryptions counted under key `id`. Preloaded, the shared counter's grants: exact for the
@@ -200,7 +295,7 @@ pub fn counted(id: KeyId) -> u64 {
     if let Some(counter) = shared {
         return counter.granted;
     }
-    let local = LOCAL.with_borrow(|l| l.as_ref().filter(|l| l.ident == ident).map(|l| l.counter.granted));
+    let local = LOCAL.with_borrow(|l| l.get(&id).filter(|l| l.ident == ident).map(|l| l.counter.granted));
     catalog::usage_sum(id).max(local.unwrap_or(0))
 }
 
@@ -213,7 +308,10 @@ fn undo(rows: Vec<Reserved>) {
     for row in rows {
         let apply = |counter: &mut Counter| {
             OWN.with_borrow_mut(|own| {
-                let own = own.as_mut().filter(|o| o.ident == row.ident).map(|o| &mut o.coverage);
+                let own = own
+                    .get_mut(&key_of(&row.ident))
+                    .filter(|o| o.ident == row.ident)
+                    .map(|o| &mut o.coverage);
                 rule::undo(counter, own, &row.reservation)
             })
         };
@@ -237,7 +335,7 @@ fn undo(rows: Vec<Reserved>) {
             apply(&mut Counter::default());
         }
     }
-    crate::backend::drop_grant();
+    drop_grants();
 }
 
 /// Transaction end: committed rows stay; rolled-back ones are undone. A prepared transaction
@@ -271,6 +369,7 @@ pub fn at_subtransaction_end(
 
 /// Forgets every counter estimate and coverage: the extension was dropped and created again.
 pub fn forget() {
-    LOCAL.set(None);
-    OWN.set(None);
+    LOCAL.with_borrow_mut(ById::clear);
+    OWN.with_borrow_mut(ById::clear);
+    drop_grants();
 }

@@ -246,6 +246,17 @@ pub fn clear(slots: &mut [Slot], database: Option<u32>) -> usize {
     n
 }
 
+/// Zeroizes and empties the slots of keys `ids` of `database` (keys disabled or destroyed),
+/// whether ready or being loaded; returns how many held a key.
+pub fn clear_keys(slots: &mut [Slot], database: u32, ids: &[KeyId]) -> usize {
+    let hit = |s: &Slot| {
+        s.state != EMPTY && s.ident.database == database && ids.iter().any(|id| id.get() == s.ident.key_id)
+    };
+    let n = slots.iter().filter(|s| s.state == READY && hit(s)).count();
+    slots.iter_mut().filter(|s| hit(s)).for_each(Slot::clear);
+    n
+}
+
 /// Number of slots holding a ready key, of `database` or of the whole cluster.
 pub fn ready_count(slots: &[Slot], now: UnixMicros, database: Option<u32>) -> usize {
     slots

@@ -21,7 +21,9 @@
 //! | `server_identity.rs` | when KMS may be called with the server's own AWS identity |
 //! | `rollover.rs` | the rollover rule and rotation reasons |
 //! | `restore.rs` | what a row added by a restore must satisfy before immuta uses it |
-//! | `keyring.rs` | the backend's set of ready ciphers and its current key |
+//! | `keyrings.rs` | named keyrings: names, and the settings each may have of its own |
+//! | `key_state.rs` | a key's states (enabled, disabled, destroyed) and the rules between them |
+//! | `ring.rs` | the backend's set of ready ciphers and the current key of each keyring |
 //! | `cache.rs` | the cluster-wide slot table of unwrapped keys (shared memory) |
 //! | `usage.rs` | the usage limit per key and how encryptions are counted |
 
@@ -37,11 +39,13 @@ pub mod encoding;
 pub mod error;
 pub mod format;
 pub mod key;
-pub mod keyring;
+pub mod key_state;
+pub mod keyrings;
 pub mod local;
 pub mod nonce;
 pub mod provider;
 pub mod restore;
+pub mod ring;
 pub mod rollover;
 pub mod server_identity;
 pub mod time;

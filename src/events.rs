@@ -1,0 +1,85 @@
+//! PostgreSQL's transaction events, dispatched to the modules that keep per-transaction state.
+//! The one place that depends on all of them, so that none of them depends on another for it.
+
+use std::cell::Cell;
+
+use pgrx::{pg_guard, pg_sys};
+
+use crate::{backend, catalog, key_states, keys, restore, usage};
+
+thread_local! {
+    /// This transaction created a key and put it in the ring before committing.
+    static CREATED_KEY: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Registers the relcache and transaction callbacks. Called from `_PG_init`, once per process.
+pub fn register() {
+    backend::register_invalidation_callback();
+    // SAFETY: registering callbacks with static function pointers; PostgreSQL keeps them for the
+    // life of the process.
+    unsafe {
+        pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut());
+        pg_sys::RegisterSubXactCallback(Some(on_subxact_event), std::ptr::null_mut());
+    }
+}
+
+/// After inserting or rewrapping key rows: make every other backend reload its ring when this
+/// transaction commits, and this one reload if it aborts.
+pub fn key_created_in_this_transaction(oids: catalog::TableOids) {
+    CREATED_KEY.set(true);
+    backend::invalidate_keys(oids);
+}
+
+/// PostgreSQL replays a transaction's invalidations locally when it aborts, but not those of the
+/// command that was running when it failed: a key created by the failing statement itself would
+/// stay current in this backend. So an abort after a key creation forces a refresh, which reads
+/// the committed keys and drops the uncommitted one.
+#[pg_guard]
+extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    use pg_sys::XactEvent::*;
+    match event {
+        XACT_EVENT_PRE_PREPARE => keys::before_prepare(),
+        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => {
+            if CREATED_KEY.replace(false) {
+                backend::stale();
+            }
+            catalog::at_transaction_end();
+            usage::at_transaction_end(false);
+            key_states::at_transaction_end(false);
+        }
+        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
+            CREATED_KEY.set(false);
+            catalog::at_transaction_end();
+            usage::at_transaction_end(true);
+            key_states::at_transaction_end(true);
+        }
+        XACT_EVENT_PREPARE => {
+            CREATED_KEY.set(false);
+            catalog::at_transaction_end();
+            usage::at_transaction_end(false);
+            key_states::at_transaction_end(false);
+        }
+        _ => {}
+    }
+}
+
+#[pg_guard]
+extern "C-unwind" fn on_subxact_event(
+    event: pg_sys::SubXactEvent::Type,
+    sub: pg_sys::SubTransactionId,
+    parent: pg_sys::SubTransactionId,
+    _arg: *mut std::ffi::c_void,
+) {
+    use pg_sys::SubXactEvent::*;
+    match event {
+        SUBXACT_EVENT_ABORT_SUB => {
+            if CREATED_KEY.get() {
+                backend::stale();
+            }
+            restore::forget_checks();
+            usage::at_subtransaction_end(sub, parent, false);
+        }
+        SUBXACT_EVENT_COMMIT_SUB => usage::at_subtransaction_end(sub, parent, true),
+        _ => {}
+    }
+}
