@@ -54,9 +54,12 @@ struct Backend {
     oids: Option<TableOids>,
     /// The value of `INVALIDATIONS` the ring and configuration reflect.
     valid_as_of: u64,
-    /// Whether the named keyrings were loaded in bulk since `valid_as_of` (after that, a keyring
-    /// the ring does not know is looked up alone).
-    named_loaded: bool,
+    /// The `valid_as_of` under which the named keyrings were last loaded in bulk (a keyring the
+    /// ring does not know is loaded with all the others once per invalidation, then alone).
+    bulk_loaded_at: u64,
+    /// The newest audit event the ring reflects: keys disabled or destroyed by later events are
+    /// dropped at the next refresh (`catalog::key_state_events`).
+    audit_seen: i64,
     /// The local transaction id of the last call, to run per-transaction checks once.
     lxid: u32,
     /// Start time of that transaction: the clock of the rollover rule.
@@ -75,7 +78,8 @@ thread_local! {
         config: None,
         oids: None,
         valid_as_of: 0,
-        named_loaded: false,
+        bulk_loaded_at: 0,
+        audit_seen: 0,
         lxid: 0,
         now: UnixMicros(0),
         cache_epoch: 0,
@@ -102,13 +106,14 @@ fn next_nonce(nonces: &mut Option<(i32, NonceSource)>) -> [u8; format::NONCE_LEN
 
 impl Backend {
     /// The current key of `keyring` (`None`: the default keyring) as the ring knows it.
+    /// A named keyring's entry counts only if it was loaded under the current invalidation.
     #[inline]
     fn current_of(&self, keyring: Option<&str>) -> Option<CurrentKey> {
         match keyring {
             None => self.ring.current(),
             Some(name) => match self.ring.named(name)? {
-                Named::Live(current) => current,
-                Named::Destroyed => None,
+                (Named::Live(current), stamp) if stamp == self.valid_as_of => current,
+                _ => None,
             },
         }
     }
@@ -138,12 +143,20 @@ pub fn key_count() -> usize {
     BACKEND.with_borrow(|b| b.ring.len())
 }
 
-/// Forgets (and zeroizes) every key this backend holds: `immuta_cache_reset()`.
+/// Forgets (and zeroizes) every key this backend holds, and what it knew of the audit log:
+/// `immuta_cache_reset()`, and an abort of a transaction that wrote immuta's rows (the audit ids
+/// it saw may be given again to other events).
 pub fn clear() {
-    BACKEND.with_borrow_mut(|b| {
-        b.ring.clear();
-        b.valid_as_of = 0;
+    BACKEND.with(|b| {
+        // An abort callback may run while a borrow is active (an error inside one): then there
+        // is nothing safe to do but make the next call reload.
+        if let Ok(mut b) = b.try_borrow_mut() {
+            b.ring.clear();
+            b.audit_seen = 0;
+            b.valid_as_of = 0;
+        }
     });
+    stale();
 }
 
 /// Registers the relcache callback. Called from `_PG_init`, once per process.
@@ -253,22 +266,21 @@ fn refresh() {
         if reinstalled {
             // The extension was dropped and created again: the old key ids mean other keys now.
             b.ring.clear();
+            b.audit_seen = 0;
         }
         reinstalled
     });
     if reinstalled {
         usage::forget();
     }
-    let held = BACKEND.with_borrow(|b| b.ring.ids());
-    let usable = catalog::enabled_among(&held);
-    let gone: Vec<KeyId> = held.iter().copied().filter(|id| !usable.contains(id)).collect();
+    let (since, empty) = BACKEND.with_borrow(|b| (b.audit_seen, b.ring.is_empty()));
+    let (seen, gone) = catalog::key_state_events(since, empty);
     // Keys disabled or destroyed since: their shared copies go too (on a standby, this is how
     // they leave its cache; on the primary the state change already dropped them at commit).
     shared_cache::forget(&gone);
     BACKEND.with_borrow_mut(|b| {
         b.ring.retain(|id| !gone.contains(&id));
-        b.ring.forget_named();
-        b.named_loaded = false;
+        b.audit_seen = seen;
         let rollover = effective.config.rollover();
         b.ring.set_current(current.map(|(id, created)| CurrentKey { id, due_at: rollover.due_at(created) }));
         b.oids = Some(oids);
@@ -281,11 +293,14 @@ fn refresh() {
 /// the ring does not know loads every keyring (up to the ring's bound) in one query; a keyring
 /// still unknown after that is looked up alone. An unknown name is an error.
 pub fn named(name: &str) -> Named {
-    if let Some(named) = BACKEND.with_borrow(|b| b.ring.named(name)) {
-        return named;
+    let (entry, stamp, bulk_done) =
+        BACKEND.with_borrow(|b| (b.ring.named(name), b.valid_as_of, b.bulk_loaded_at == b.valid_as_of));
+    match entry {
+        Some((named, loaded_at)) if loaded_at == stamp => return named,
+        _ => {}
     }
     let rollover = config().rollover();
-    let entry = |row: &KeyringRow| {
+    let entry_of = |row: &KeyringRow| {
         if row.destroyed {
             Named::Destroyed
         } else {
@@ -293,19 +308,22 @@ pub fn named(name: &str) -> Named {
             Named::Live(row.current.map(|(id, created)| CurrentKey { id, due_at: length.due_at(created) }))
         }
     };
-    if !BACKEND.with_borrow(|b| b.named_loaded) {
+    // A keyring never met: load them all (the first pass over a table of many tenants). One
+    // met before and stale: alone (after each key creation every entry is stale, and reloading
+    // all of them at every row of a first pass would be quadratic).
+    if entry.is_none() && !bulk_done {
         let rows = catalog::keyrings(KeyRing::DEFAULT_CAPACITY);
         BACKEND.with_borrow_mut(|b| {
-            rows.iter().for_each(|row| b.ring.set_named(&row.name, entry(row)));
-            b.named_loaded = true;
+            rows.iter().for_each(|row| b.ring.set_named(&row.name, entry_of(row), stamp));
+            b.bulk_loaded_at = stamp;
         });
-        if let Some(named) = BACKEND.with_borrow(|b| b.ring.named(name)) {
+        if let Some((named, _)) = BACKEND.with_borrow(|b| b.ring.named(name)) {
             return named;
         }
     }
     let Some(row) = catalog::keyring(name) else { unknown_keyring(name) };
-    let named = entry(&row);
-    BACKEND.with_borrow_mut(|b| b.ring.set_named(name, named));
+    let named = entry_of(&row);
+    BACKEND.with_borrow_mut(|b| b.ring.set_named(name, named, stamp));
     named
 }
 
@@ -336,7 +354,10 @@ pub fn current(keyring: Option<&str>) -> Option<CurrentKey> {
 pub fn set_current(keyring: Option<&str>, current: Option<CurrentKey>) {
     BACKEND.with_borrow_mut(|b| match keyring {
         None => b.ring.set_current(current),
-        Some(name) => b.ring.set_named(name, Named::Live(current)),
+        Some(name) => {
+            let stamp = b.valid_as_of;
+            b.ring.set_named(name, Named::Live(current), stamp)
+        }
     })
 }
 

@@ -490,14 +490,34 @@ pub fn current_key(keyring: &str) -> Option<(KeyId, UnixMicros)> {
     rows.into_iter().next().flatten()
 }
 
-/// Which of `ids` name keys that exist and are enabled (committed, or this transaction's).
-pub fn enabled_among(ids: &[KeyId]) -> Vec<KeyId> {
+/// The keys disabled or destroyed by the audit log's events after event `since`, and the id of
+/// the newest event (`since` if none). Every state change is audited under the key creation
+/// lock with the next id, so ids follow commit order and no event can appear below one already
+/// seen. With `latest_only`, just the newest id (a backend that holds no key has nothing to drop).
+pub fn key_state_events(since: i64, latest_only: bool) -> (i64, Vec<KeyId>) {
+    if latest_only {
+        return (highest_id(c"SELECT COALESCE(max(id), 0) FROM immuta.audit_log"), Vec::new());
+    }
+    let rows = read_latest(
+        c"SELECT id, CASE WHEN event IN ('key disabled', 'key destroyed') THEN key_id END \
+          FROM immuta.audit_log WHERE id > $1 ORDER BY id",
+        &[(pg_sys::INT8OID, pg_sys::Datum::from(since))],
+        |row| (row.get::<i64>(1).unwrap_or(since), row.get::<i64>(2).and_then(KeyId::new)),
+    );
+    // Only the events that take a key out of use matter; the others just move the mark.
+    let latest = rows.last().map_or(since, |(id, _)| *id);
+    let gone = state_changes_among(&rows);
+    (latest, gone)
+}
+
+/// The keys of `events` (audit ids and key ids) that are no longer enabled now.
+fn state_changes_among(events: &[(i64, Option<KeyId>)]) -> Vec<KeyId> {
+    let ids: Vec<i64> = events.iter().filter_map(|(_, k)| k.map(KeyId::get)).collect();
     if ids.is_empty() {
         return Vec::new();
     }
-    let ids: Vec<i64> = ids.iter().map(|id| id.get()).collect();
     read_latest(
-        c"SELECT id FROM immuta.data_keys WHERE id = ANY($1) AND state = 'enabled'",
+        c"SELECT id FROM immuta.data_keys WHERE id = ANY($1) AND state <> 'enabled'",
         &[(pg_sys::INT8ARRAYOID, ids.into_datum().expect("int8[]"))],
         |row| row.get::<i64>(1).and_then(KeyId::new),
     )

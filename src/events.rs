@@ -32,16 +32,17 @@ pub fn key_created_in_this_transaction(oids: catalog::TableOids) {
 
 /// PostgreSQL replays a transaction's invalidations locally when it aborts, but not those of the
 /// command that was running when it failed: a key created by the failing statement itself would
-/// stay current in this backend. So an abort after a key creation forces a refresh, which reads
-/// the committed keys and drops the uncommitted one.
+/// stay current in this backend. So an abort after a key creation (or any write of immuta's)
+/// empties the ring, which the next call fills with committed keys only.
 #[pg_guard]
 extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
     use pg_sys::XactEvent::*;
     match event {
         XACT_EVENT_PRE_PREPARE => keys::before_prepare(),
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => {
-            if CREATED_KEY.replace(false) {
-                backend::stale();
+            // The keys it created are gone, and the audit ids it wrote will be given again.
+            if CREATED_KEY.replace(false) || catalog::wrote_unpreparable() {
+                backend::clear();
             }
             catalog::at_transaction_end();
             usage::at_transaction_end(false);
@@ -73,8 +74,8 @@ extern "C-unwind" fn on_subxact_event(
     use pg_sys::SubXactEvent::*;
     match event {
         SUBXACT_EVENT_ABORT_SUB => {
-            if CREATED_KEY.get() {
-                backend::stale();
+            if CREATED_KEY.get() || catalog::wrote_unpreparable() {
+                backend::clear();
             }
             restore::forget_checks();
             usage::at_subtransaction_end(sub, parent, false);

@@ -12,7 +12,12 @@
 //! Both maps are bounded: a SaaS with a keyring per customer meets thousands of keyrings, and a
 //! backend must not grow without limit. When the ciphers reach their capacity, expired ones go
 //! first, then an arbitrary one (the next use unwraps it again from the shared cache); the named
-//! keyrings' entries are all dropped at once and reloaded in one query at the next use.
+//! keyrings' entries are all dropped at once and reloaded at their next use.
+//!
+//! Each named keyring's entry carries the stamp of the invalidation it was loaded under: an
+//! entry whose stamp is not the backend's current one is stale and is reloaded, alone, at the
+//! keyring's next use. So an invalidation costs each keyring one query at its next use, never a
+//! reload of every keyring.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -40,7 +45,7 @@ pub enum Named {
 /// Ready ciphers by key id, plus the current key of each keyring met.
 pub struct KeyRing {
     current: Option<CurrentKey>,
-    named: HashMap<Box<str>, Named, BuildHasherDefault<KeyIdHasher>>,
+    named: HashMap<Box<str>, (Named, u64), BuildHasherDefault<KeyIdHasher>>,
     /// Each cipher with the instant after which its key must be unwrapped again
     /// (`immuta.cache_ttl`), so that revoking KMS access takes effect.
     ciphers: HashMap<KeyId, (DataCipher, UnixMicros), BuildHasherDefault<KeyIdHasher>>,
@@ -102,21 +107,23 @@ impl KeyRing {
         self.current = current;
     }
 
-    /// What the ring knows of keyring `name`; `None` when it has not been loaded.
-    pub fn named(&self, name: &str) -> Option<Named> {
+    /// What the ring knows of keyring `name`, and the stamp it was loaded under; `None` when it
+    /// has not been loaded.
+    #[inline]
+    pub fn named(&self, name: &str) -> Option<(Named, u64)> {
         self.named.get(name).copied()
     }
 
-    pub fn set_named(&mut self, name: &str, named: Named) {
+    pub fn set_named(&mut self, name: &str, named: Named, stamp: u64) {
         if self.named.len() >= self.capacity && !self.named.contains_key(name) {
             self.named.clear();
         }
-        self.named.insert(name.into(), named);
+        self.named.insert(name.into(), (named, stamp));
     }
 
-    /// Forgets what it knew of every named keyring (an invalidation: reloaded at next use).
-    pub fn forget_named(&mut self) {
-        self.named.clear();
+    /// How many named keyrings the ring knows.
+    pub fn named_len(&self) -> usize {
+        self.named.len()
     }
 
     /// The cipher of key `id`, unless it is absent or expired at `now`.
@@ -192,7 +199,7 @@ mod tests {
         assert!(ring.cipher(KeyId::new(1).unwrap(), UnixMicros(100)).is_none(), "expired");
         assert!(ring.cipher(KeyId::new(2).unwrap(), UnixMicros(0)).is_none());
         assert_eq!(ring.len(), 2);
-        ring.set_named("t", Named::Live(None));
+        ring.set_named("t", Named::Live(None), 1);
         ring.clear();
         assert!(ring.is_empty() && ring.current().is_none() && ring.named("t").is_none());
     }
@@ -215,15 +222,16 @@ mod tests {
     }
 
     #[test]
-    fn named_keyrings_are_bounded_and_forgotten_together() {
+    fn named_keyrings_are_bounded_and_carry_the_stamp_they_were_loaded_under() {
         let mut ring = KeyRing::with_capacity(2);
         let key = CurrentKey { id: KeyId::new(7).unwrap(), due_at: UnixMicros(5) };
-        ring.set_named("a", Named::Live(Some(key)));
-        ring.set_named("b", Named::Destroyed);
-        assert_eq!(ring.named("a"), Some(Named::Live(Some(key))));
-        ring.set_named("c", Named::Live(None));
+        ring.set_named("a", Named::Live(Some(key)), 1);
+        ring.set_named("b", Named::Destroyed, 1);
+        assert_eq!(ring.named("a"), Some((Named::Live(Some(key)), 1)));
+        ring.set_named("a", Named::Live(Some(key)), 2);
+        assert_eq!(ring.named("a"), Some((Named::Live(Some(key)), 2)), "reloaded in place");
+        ring.set_named("c", Named::Live(None), 2);
         assert!(ring.named("a").is_none() && ring.named("c").is_some());
-        ring.forget_named();
-        assert!(ring.named("c").is_none());
+        assert_eq!(ring.named_len(), 1);
     }
 }
