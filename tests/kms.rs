@@ -468,3 +468,52 @@ fn a_superusers_rewrap_makes_the_wrapping_its_own() {
     assert_eq!(decrypt(&mut pg.connect_as("tenant", "shop"), &value).unwrap(), "moved to KMS");
     assert_eq!(decrypts_sent(&proxy), 1);
 }
+
+#[test]
+fn a_keyring_with_its_own_kms_key_wraps_its_keys_there_and_shredding_it_leaves_the_others() {
+    let moto = Moto::start(None);
+    let key_a = moto.fixture(&["create-key"]);
+    let key_t = moto.fixture(&["create-key", "tenant-acme"]);
+    let proxy = Proxy::start(moto.port);
+    let pg = Cluster::start(&[]);
+    let mut c = pg.connect();
+    configure(&mut c, &kms_yaml(&key_a, &proxy.endpoint(), "testing", "testing"));
+    c.batch_execute(
+        "SELECT immuta_keyring_create('acme', kms_key => 'alias/tenant-acme');
+         SELECT immuta_keyring_create('globex', rollover_days => 7);
+         CREATE ROLE adm LOGIN IN ROLE immuta_admin, immuta_encryptor;",
+    )
+    .unwrap();
+    let acme: Vec<u8> = c.query_one("SELECT immuta_encrypt('acme 1', keyring => 'acme')", &[]).unwrap().get(0);
+    let globex: Vec<u8> =
+        c.query_one("SELECT immuta_encrypt('globex 1', keyring => 'globex')", &[]).unwrap().get(0);
+    let default = encrypt(&mut c, "default 1");
+    let wrapping = |c: &mut postgres::Client, keyring: &str| -> (String, String) {
+        let row = c
+            .query_one("SELECT wrapping_key, wrapping_region FROM immuta.keys WHERE keyring = $1", &[&keyring])
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!(wrapping(&mut c, "acme"), (key_t.clone(), REGION.to_owned()), "bring your own key");
+    assert_eq!(wrapping(&mut c, "globex").0, key_a, "the configuration's key");
+    assert_eq!(wrapping(&mut c, "default").0, key_a);
+    let mut fresh = pg.connect();
+    assert_eq!(decrypt(&mut fresh, &acme).unwrap(), "acme 1");
+    assert_eq!(decrypt(&mut fresh, &globex).unwrap(), "globex 1");
+    assert_eq!(decrypt(&mut fresh, &default).unwrap(), "default 1");
+    // The configuration carries credentials, so an administrator who is not a superuser may
+    // give a keyring its own KMS key: immuta reaches it with those credentials, not as the server.
+    let mut adm = pg.connect_as("adm", "postgres");
+    adm.batch_execute("SELECT immuta_keyring_create('initech', kms_key => 'alias/tenant-acme')").unwrap();
+    let initech: Vec<u8> =
+        adm.query_one("SELECT immuta_encrypt('initech 1', keyring => 'initech')", &[]).unwrap().get(0);
+    assert_eq!(decrypt(&mut fresh, &initech).unwrap(), "initech 1");
+    // Shredding acme leaves the keyrings that share its KMS key and the others working.
+    let shredded: i32 = c.query_one("SELECT immuta_keyring_destroy('acme', 'tenant left')", &[]).unwrap().get(0);
+    assert_eq!(shredded, 1);
+    assert_eq!(sqlstate(decrypt(&mut fresh, &acme)), "42704");
+    assert_eq!(decrypt(&mut fresh, &initech).unwrap(), "initech 1");
+    assert_eq!(decrypt(&mut fresh, &globex).unwrap(), "globex 1");
+    let actions = proxy.actions();
+    assert!(actions.iter().all(|a| a == "TrentService.Encrypt" || a == "TrentService.Decrypt"), "{actions:?}");
+}
