@@ -28,6 +28,7 @@ PGP_ROWS=${BENCH_PGP_ROWS:-20000}
 JSON_ROWS=${BENCH_JSON_ROWS:-100000}
 BIG_ROWS=${BENCH_BIG_ROWS:-256}
 RUNS=${RUNS:-7}
+KEYRINGS=${BENCH_KEYRINGS:-10000}
 PGBENCH_SECONDS=${PGBENCH_SECONDS:-15}
 OUT=bench/results/latest.txt
 mkdir -p "$(dirname "$OUT")"
@@ -214,6 +215,21 @@ SELECT bench_rounds(ARRAY['parallel, 2 workers: floor', 'parallel, 2 workers: im
   ARRAY['SELECT count(length(v)) FROM t', 'SELECT count(immuta_decrypt(c)) FROM c', 'SELECT count(immuta_encrypt(v)) FROM t'],
   $ROWS, $RUNS);
 SQL
+echo "10,000 keyrings..." >&2
+psql -d postgres >/dev/null <<SQL
+-- A keyring per tenant: each row of tk belongs to one of 10,000 keyrings. The first pass creates
+-- their keys (the warm-up); then rows under their own keyrings against the same rows under one.
+SELECT count(immuta_keyring_create('tenant_' || i)) FROM generate_series(0, $KEYRINGS - 1) i;
+CREATE TABLE tk AS SELECT v, 'tenant_' || (row_number() OVER () % $KEYRINGS) AS tenant FROM t;
+SELECT count(immuta_encrypt(v, keyring => tenant)) FROM tk;
+SELECT bench_rounds(ARRAY['keyrings: floor count(length(v)), tk',
+                          'keyrings: immuta_encrypt(v), one keyring',
+                          'keyrings: immuta_encrypt(v, keyring => tenant), 10,000 keyrings'],
+  ARRAY['SELECT count(length(v)) FROM tk',
+        'SELECT count(immuta_encrypt(v)) FROM tk',
+        'SELECT count(immuta_encrypt(v, keyring => tenant)) FROM tk'],
+  $ROWS, $RUNS);
+SQL
 PLAN=$(psql -d postgres -At -c "SET max_parallel_workers_per_gather = 2; SET parallel_leader_participation = off;
   SET parallel_setup_cost = 0; SET parallel_tuple_cost = 0; SET min_parallel_table_scan_size = 0;
   EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) SELECT count(immuta_decrypt(c)) FROM c" | grep -E 'Workers (Planned|Launched)' | xargs)
@@ -280,7 +296,7 @@ OPENSSL_MIBS=$(openssl speed -seconds 3 -evp aes-256-gcm -bytes 1048576 2>/dev/n
   psql -d postgres -P footer=off <<SQL
 WITH r AS (SELECT ord, label, seconds * $ROWS / rows AS s FROM results),
      base AS (SELECT (SELECT s FROM r WHERE label = 'floor: count(length(v))') AS floor,
-                     (SELECT s FROM r WHERE label LIKE 'pgcrypto encrypt%') AS pe,
+                  (SELECT s FROM r WHERE label LIKE 'pgcrypto encrypt%') AS pe,
                      (SELECT s FROM r WHERE label LIKE 'pgcrypto decrypt%') AS pd,
                      (SELECT s FROM r WHERE label LIKE 'pgcrypto pgp%') AS pp)
 SELECT r.label AS "query (seconds for $ROWS rows)",
@@ -315,6 +331,8 @@ WITH r AS (SELECT label, seconds * $ROWS / rows AS s FROM results),
                   (SELECT max(s) FROM r WHERE label IN ('immuta_decrypt(c, NULL::bigint)', 'immuta_decrypt(c, NULL::timestamptz)')) AS dec_fixed,
                   (SELECT $ROWS / ((SELECT s FROM r WHERE label = '1 MiB values: immuta_encrypt') - (SELECT s FROM r WHERE label = '1 MiB values: detoast floor'))) AS enc_big,
                   (SELECT $ROWS / ((SELECT s FROM r WHERE label = '1 MiB values: immuta_decrypt_bytea') - (SELECT s FROM r WHERE label = '1 MiB ciphertexts: detoast floor'))) AS dec_big,
+                  (SELECT s FROM r WHERE label = 'keyrings: immuta_encrypt(v), one keyring') AS enc_one,
+                  (SELECT s FROM r WHERE label LIKE 'keyrings: immuta_encrypt(v, keyring => tenant)%') AS enc_many,
                   (SELECT s FROM r WHERE label LIKE 'pgcrypto encrypt%') AS pe,
                   (SELECT s FROM r WHERE label LIKE 'pgcrypto decrypt%') AS pd,
                   (SELECT s FROM r WHERE label LIKE 'pgcrypto pgp%') AS pp,
@@ -327,6 +345,7 @@ SELECT format('%-58s %-10s %s', target, CASE WHEN ok THEN 'met' ELSE 'MISSED' EN
   ('immuta_decrypt with a context at most 1.4x the floor', dec_ctx / floor <= 1.4, round((dec_ctx / floor)::numeric, 2) || 'x'),
   ('immuta_encrypt of bigint, timestamptz at most 1.4x the floor', enc_fixed / floor <= 1.4, round((enc_fixed / floor)::numeric, 2) || 'x'),
   ('immuta_decrypt of bigint, timestamptz at most 1.4x the floor', dec_fixed / floor <= 1.4, round((dec_fixed / floor)::numeric, 2) || 'x'),
+  ('encrypt under 10,000 keyrings at most 2x one keyring', enc_many / enc_one <= 2, round((enc_many / enc_one)::numeric, 2) || 'x'),
   ('1 MiB encrypt at least 0.7x openssl aes-256-gcm ($OPENSSL_MIBS MiB/s)', enc_big >= 0.7 * $OPENSSL_MIBS, round(enc_big::numeric) || ' MiB/s, ' || round((enc_big / $OPENSSL_MIBS)::numeric, 2) || 'x'),
   ('1 MiB decrypt at least 0.7x openssl aes-256-gcm ($OPENSSL_MIBS MiB/s)', dec_big >= 0.7 * $OPENSSL_MIBS, round(dec_big::numeric) || ' MiB/s, ' || round((dec_big / $OPENSSL_MIBS)::numeric, 2) || 'x'),
   ('immuta_encrypt at least 2.5x faster than pgcrypto encrypt()', pe / enc >= 2.5, round((pe / enc)::numeric, 1) || 'x'),
