@@ -64,11 +64,14 @@ struct Backend {
     lxid: u32,
     /// Start time of that transaction: the clock of the rollover rule.
     now: UnixMicros,
+    /// The shared cache's epoch when that transaction first called immuta (see
+    /// [`before_commit`]).
+    xact_epoch: u64,
     /// The shared cache's epoch the ring reflects (`immuta_cache_reset()` anywhere moves it).
     cache_epoch: u64,
-    /// The resets of every database and of this one the ring reflects (see
+    /// The resets and key-state changes the ring reflects (see
     /// `shared_cache::resets_of_this_database`).
-    cache_resets: (u64, u64),
+    cache_resets: shared_cache::Resets,
     nonces: Option<(i32, NonceSource)>,
 }
 
@@ -82,8 +85,9 @@ thread_local! {
         audit_seen: 0,
         lxid: 0,
         now: UnixMicros(0),
+        xact_epoch: 0,
         cache_epoch: 0,
-        cache_resets: (0, 0),
+        cache_resets: shared_cache::Resets { all: 0, database: 0, key_states: 0 },
         nonces: None,
     });
 }
@@ -216,6 +220,7 @@ pub fn prepare() -> UnixMicros {
         if b.lxid != lxid || b.now.0 == 0 {
             b.lxid = lxid;
             b.now = xact::transaction_now();
+            b.xact_epoch = shared_cache::epoch();
             if b.config.as_ref().is_some_and(config_source::file_changed) {
                 b.valid_as_of = 0;
             }
@@ -226,10 +231,15 @@ pub fn prepare() -> UnixMicros {
             // zeroize) every key this backend holds.
             b.cache_epoch = epoch;
             let resets = shared_cache::resets_of_this_database();
-            if b.cache_resets != resets {
-                b.cache_resets = resets;
+            let previous = std::mem::replace(&mut b.cache_resets, resets);
+            if (previous.all, previous.database) != (resets.all, resets.database) {
                 b.ring.clear();
                 b.valid_as_of = 0;
+            } else if previous.key_states != resets.key_states {
+                // Keys were disabled or destroyed: reload now, not at the next transaction (the
+                // relcache invalidation reaches a backend only then, or at a new lock), named
+                // keyrings included.
+                stale();
             }
         }
         (b.valid_as_of != INVALIDATIONS.load(Ordering::Relaxed), b.now)
@@ -277,7 +287,7 @@ fn refresh() {
     let (seen, gone) = catalog::key_state_events(since, empty);
     // Keys disabled or destroyed since: their shared copies go too (on a standby, this is how
     // they leave its cache; on the primary the state change already dropped them at commit).
-    shared_cache::forget(&gone);
+    shared_cache::forget(&gone, false);
     BACKEND.with_borrow_mut(|b| {
         b.ring.retain(|id| !gone.contains(&id));
         b.audit_seen = seen;
@@ -298,6 +308,10 @@ pub fn named(name: &str) -> Named {
     match entry {
         Some((named, loaded_at)) if loaded_at == stamp => return named,
         _ => {}
+    }
+    // Bounded and checked before any query is made with it.
+    if !keyrings::name_ok(name) {
+        unknown_keyring(name);
     }
     let rollover = config().rollover();
     let entry_of = |row: &KeyringRow| {
@@ -380,9 +394,9 @@ pub fn encrypt_fast(
 ) -> Option<varlena::Bytea> {
     BACKEND.with_borrow_mut(|b| {
         let current = b.current_of(keyring).filter(|c| now < c.due_at)?;
-        let Backend { ring, nonces, .. } = &mut *b;
+        let Backend { ring, nonces, lxid, .. } = &mut *b;
         let cipher = ring.cipher(current.id, now)?;
-        if !usage::spend(current.id) {
+        if !usage::spend(current.id, *lxid) {
             return None;
         }
         let nonce = next_nonce(nonces);
@@ -401,7 +415,7 @@ pub fn seal_under(
     plaintext: &[u8],
 ) -> varlena::Bytea {
     load_cipher(id, now);
-    let spent = usage::spend(id);
+    let spent = usage::spend(id, BACKEND.with_borrow(|b| b.lxid));
     debug_assert!(spent, "the caller holds a grant");
     BACKEND.with_borrow_mut(|b| {
         let Backend { ring, nonces, .. } = &mut *b;
@@ -412,6 +426,29 @@ pub fn seal_under(
     })
 }
 
+/// Before this transaction commits: if a key it encrypted under was disabled or destroyed while
+/// it ran (by a transaction that committed meanwhile), the commit fails, rather than store values
+/// that decrypt with difficulty or never. Preloaded, this costs one atomic read unless a key
+/// state changed somewhere in the cluster during the transaction; otherwise one query.
+pub fn before_commit() {
+    let (lxid, xact_epoch) = BACKEND.with_borrow(|b| (b.lxid, b.xact_epoch));
+    if lxid != crate::compat::local_xid() {
+        return;
+    }
+    if shared_cache::is_shared() && shared_cache::epoch() == xact_epoch {
+        return;
+    }
+    let used = usage::used_in(lxid);
+    if let Some(id) = catalog::not_enabled_among(&used).first() {
+        raise(
+            PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,
+            format!("immuta data key {id} was disabled or destroyed while this transaction encrypted under it"),
+            Some("Another session changed the key's state and committed first; the values encrypted under it here are not stored.".into()),
+            Some("Retry the transaction: it encrypts under the keyring's current key."),
+        );
+    }
+}
+
 /// Makes sure the ring holds an unexpired cipher of key `id`, taking the key from the shared
 /// cache or unwrapping it. A disabled or destroyed key is an error of its own, and so is a key
 /// the database does not have.
@@ -420,6 +457,20 @@ pub fn load_cipher(id: KeyId, now: UnixMicros) {
         return;
     }
     let row = catalog::key_row(id).ok_or(Error::UnknownKey { key_id: id.get() as u64 }).or_raise();
+    require_enabled(&row);
+    let effective = effective();
+    let recheck = || require_enabled(&catalog::key_row(id).unwrap_or_else(|| unknown_key(id)));
+    let (key, expires_at) = shared_cache::key_for(&row, &effective, recheck);
+    insert_cipher(DataCipher::new(id, &key), expires_at);
+}
+
+fn unknown_key(id: KeyId) -> ! {
+    crate::errors::report(Error::UnknownKey { key_id: id.get() as u64 }, crate::errors::ConfigOrigin::Stored)
+}
+
+/// Raises the error of a key that is disabled or destroyed (or whose keyring was destroyed).
+fn require_enabled(row: &catalog::KeyRow) {
+    let id = row.id;
     match row.state {
         KeyState::Enabled => {}
         KeyState::Disabled => raise(
@@ -441,9 +492,6 @@ pub fn load_cipher(id: KeyId, now: UnixMicros) {
             Some("immuta.keys and immuta.audit_log say when, by whom and why."),
         ),
     }
-    let effective = effective();
-    let (key, expires_at) = shared_cache::key_for(&row, &effective);
-    insert_cipher(DataCipher::new(id, &key), expires_at);
 }
 
 /// Parses a ciphertext and checks it holds `wanted`, loading the key it names once per backend;

@@ -420,9 +420,10 @@ fn read_with<R>(
     let mut values: Vec<pg_sys::Datum> = args.iter().map(|a| a.1).collect();
     Spi::connect(|_client| {
         // SAFETY: inside an SPI connection (Spi::connect); the query is a fixed, NUL-terminated
-        // string with as many parameters as `types`; the snapshot is a fresh MVCC snapshot,
-        // PostgreSQL's static SnapshotSelf (SPI copies it; plans from SPI_prepare are never
-        // parallel, so it is not serialized), or InvalidSnapshot ("the usual one");
+        // string with as many parameters as `types`; the snapshot is a fresh MVCC snapshot (a
+        // query's or the catalog's), PostgreSQL's static SnapshotSelf (SPI copies both static
+        // ones; plans from SPI_prepare are never parallel, so they are not serialized), or
+        // InvalidSnapshot ("the usual one");
         // SPI_tuptable and SPI_processed describe
         // the result of this very call and are read before the connection closes.
         unsafe {
@@ -436,6 +437,13 @@ fn read_with<R>(
                 );
             }
             let snapshot = match visibility {
+                // A parallel worker cannot take a new query snapshot, and the statement's may be
+                // a REPEATABLE READ transaction's, older than a key's disabling: it reads key
+                // rows with a fresh catalog snapshot (MVCC, taken now). A usage sum keeps the
+                // statement's (see `Visibility::SelfAndCommitted`).
+                Visibility::Latest if pg_sys::IsInParallelMode() => {
+                    pg_sys::GetCatalogSnapshot(pg_sys::InvalidOid)
+                }
                 _ if pg_sys::IsInParallelMode() => std::ptr::null_mut(),
                 Visibility::Latest => pg_sys::GetLatestSnapshot(),
                 Visibility::SelfAndCommitted => &raw mut pg_sys::SnapshotSelfData,
@@ -512,12 +520,20 @@ pub fn key_state_events(since: i64, latest_only: bool) -> (i64, Vec<KeyId>) {
 
 /// The keys of `events` (audit ids and key ids) that are no longer enabled now.
 fn state_changes_among(events: &[(i64, Option<KeyId>)]) -> Vec<KeyId> {
-    let ids: Vec<i64> = events.iter().filter_map(|(_, k)| k.map(KeyId::get)).collect();
+    let ids: Vec<KeyId> = events.iter().filter_map(|(_, k)| *k).collect();
+    not_enabled_among(&ids)
+}
+
+/// Which of `ids` name keys that are no longer enabled (or whose keyring was destroyed), read
+/// now.
+pub fn not_enabled_among(ids: &[KeyId]) -> Vec<KeyId> {
     if ids.is_empty() {
         return Vec::new();
     }
+    let ids: Vec<i64> = ids.iter().map(|id| id.get()).collect();
     read_latest(
-        c"SELECT id FROM immuta.data_keys WHERE id = ANY($1) AND state <> 'enabled'",
+        c"SELECT k.id FROM immuta.data_keys k LEFT JOIN immuta.keyrings r ON r.name = k.keyring \
+          WHERE k.id = ANY($1) AND (k.state <> 'enabled' OR r.destroyed_at IS NOT NULL) ORDER BY k.id",
         &[(pg_sys::INT8ARRAYOID, ids.into_datum().expect("int8[]"))],
         |row| row.get::<i64>(1).and_then(KeyId::new),
     )
@@ -667,14 +683,16 @@ pub fn key_row(id: KeyId) -> Option<KeyRow> {
 pub fn key_rows(id: Option<KeyId>) -> Vec<KeyRow> {
     let rows = match id {
         Some(id) => read_latest(
-            c"SELECT id, provider, wrapping_key, wrapping_region, wrapped_key, server_identity, keyring, state \
-              FROM immuta.data_keys WHERE id = $1",
+            c"SELECT k.id, k.provider, k.wrapping_key, k.wrapping_region, k.wrapped_key, k.server_identity, k.keyring, \
+                     CASE WHEN r.destroyed_at IS NOT NULL THEN 'destroyed' ELSE k.state END \
+              FROM immuta.data_keys k LEFT JOIN immuta.keyrings r ON r.name = k.keyring WHERE k.id = $1",
             &[(pg_sys::INT8OID, pg_sys::Datum::from(id.get()))],
             key_row_columns,
         ),
         None => read_latest(
-            c"SELECT id, provider, wrapping_key, wrapping_region, wrapped_key, server_identity, keyring, state \
-              FROM immuta.data_keys ORDER BY id",
+            c"SELECT k.id, k.provider, k.wrapping_key, k.wrapping_region, k.wrapped_key, k.server_identity, k.keyring, \
+                     CASE WHEN r.destroyed_at IS NOT NULL THEN 'destroyed' ELSE k.state END \
+              FROM immuta.data_keys k LEFT JOIN immuta.keyrings r ON r.name = k.keyring ORDER BY k.id",
             &[],
             key_row_columns,
         ),

@@ -39,6 +39,7 @@ extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut st
     use pg_sys::XactEvent::*;
     match event {
         XACT_EVENT_PRE_PREPARE => keys::before_prepare(),
+        XACT_EVENT_PRE_COMMIT | XACT_EVENT_PARALLEL_PRE_COMMIT => backend::before_commit(),
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => {
             // The keys it created are gone, and the audit ids it wrote will be given again.
             if CREATED_KEY.replace(false) || catalog::wrote_unpreparable() {

@@ -36,7 +36,7 @@ thread_local! {
 pub fn at_transaction_end(committed: bool) {
     let ids = FORGET_AT_COMMIT.take();
     if committed {
-        shared_cache::forget(&ids);
+        shared_cache::forget(&ids, true);
     }
 }
 
@@ -160,7 +160,7 @@ pub fn disable_before(keyring: &str, key_id: i64, reason: &str) -> i32 {
 
 /// A keyring that exists (`default`, or one with a row); an error otherwise.
 fn existing_keyring(name: &str) -> String {
-    if name == keyrings::DEFAULT || catalog::keyring(name).is_some() {
+    if name == keyrings::DEFAULT || (keyrings::name_ok(name) && catalog::keyring(name).is_some()) {
         name.to_owned()
     } else {
         backend::unknown_keyring(name)
@@ -178,6 +178,9 @@ pub fn destroy_keyring(name: &str, reason: &str) -> i32 {
             Some("It is the keyring of every value encrypted without keyring =>; it has no row to mark destroyed.".into()),
             Some("Rotate it, then disable and destroy its old keys one by one (immuta_key_disable, immuta_key_destroy)."),
         );
+    }
+    if !keyrings::name_ok(name) {
+        backend::unknown_keyring(name);
     }
     keys::lock_for_key_change("destroy");
     let Some(keyring) = catalog::keyring(name) else { backend::unknown_keyring(name) };

@@ -114,6 +114,7 @@ pub fn status(name: &str) -> Value {
     let (settings, destroyed) = if name == keyrings::DEFAULT {
         (Settings::default(), false)
     } else {
+        valid_name(name);
         let Some(row) = catalog::keyring(name) else { backend::unknown_keyring(name) };
         (row.settings, row.destroyed)
     };

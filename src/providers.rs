@@ -55,9 +55,17 @@ pub fn for_new_keys_of(
             let access = effective.config.aws_access();
             let trusted = effective.by_superuser && keyring_by_superuser;
             if access.credentials.is_none() {
-                server_identity::check(trusted, None)
+                server_identity::check(effective.by_superuser, None)
                     .map_err(|refusal| server_identity::error(None, refusal))
                     .or_raise();
+                if !keyring_by_superuser {
+                    crate::errors::raise(
+                        pgrx::PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+                        "immuta may not call AWS KMS with the server's own identity for this keyring's KMS key",
+                        Some("The keyring's KMS key was not chosen by a superuser (it was restored, or set while the configuration carried credentials).".into()),
+                        Some("A superuser may run SELECT immuta_keyring_configure(...) with the keyring's KMS key to vouch for it."),
+                    );
+                }
             }
             (Box::new(aws_kms(&kms.key, &kms.region, &access)), trusted)
         }

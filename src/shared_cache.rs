@@ -179,12 +179,26 @@ pub fn epoch() -> u64 {
 /// The resets that concern this database: the generation of the last reset of every database,
 /// and of the last reset of this one. A backend whose ring predates either drops it. Read only
 /// after [`epoch`] moved, so under the lock at most once per reset anywhere.
-pub fn resets_of_this_database() -> (u64, u64) {
+pub fn resets_of_this_database() -> Resets {
     let database = this_database();
-    with_guarded(pg_sys::LWLockMode::LW_SHARED, |g| {
-        (g.clocks.all_generation.load(Ordering::Acquire), g.databases.generation(database))
+    with_guarded(pg_sys::LWLockMode::LW_SHARED, |g| Resets {
+        all: g.clocks.all_generation.load(Ordering::Acquire),
+        database: g.databases.generation(database),
+        key_states: g.databases.key_state_generation(database),
     })
-    .unwrap_or((0, 0))
+    .unwrap_or_default()
+}
+
+/// The generations a backend's ring reflects (see [`resets_of_this_database`]).
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+pub struct Resets {
+    /// The last reset of every database at once.
+    pub all: u64,
+    /// The last reset of this database.
+    pub database: u64,
+    /// The last commit that disabled or destroyed keys of this database (or, when it has no
+    /// entry, of any database).
+    pub key_states: u64,
 }
 
 fn this_database() -> u32 {
@@ -278,7 +292,11 @@ fn process_alive(pid: i32) -> bool {
 
 /// The data key of `row` and when it expires: from the shared cache, or unwrapped once for the
 /// whole cluster and published there. Without preload: unwrapped by this backend.
-pub fn key_for(row: &KeyRow, config: &Effective) -> (DataKey, UnixMicros) {
+/// `recheck` runs after a claim and before the key is published, and raises if the key may no
+/// longer be used: a key disabled or destroyed by a commit between the caller's read of its row
+/// and the claim is not published (one committed after the claim empties the claimed slot, see
+/// [`forget`]).
+pub fn key_for(row: &KeyRow, config: &Effective, recheck: impl Fn()) -> (DataKey, UnixMicros) {
     let now = wall_now();
     if shared().is_none() {
         count(|s| s.misses += 1);
@@ -306,42 +324,43 @@ pub fn key_for(row: &KeyRow, config: &Effective) -> (DataKey, UnixMicros) {
                 }
                 Claim::Full => g.databases.stats(database).misses += 1,
             }
-            (claim, g.clocks.epoch.load(Ordering::Acquire))
+            claim
         })
         .expect("shared memory is present");
         match claim {
-            (Claim::Taken(Lookup::Ready(mut bytes, expires_at)), _) => {
+            Claim::Taken(Lookup::Ready(mut bytes, expires_at)) => {
                 return (DataKey::from_bytes(&mut bytes), expires_at);
             }
-            (Claim::Taken(_), _) => {
+            Claim::Taken(_) => {
                 // Another backend is unwrapping this key: wait for it rather than call KMS too.
                 // If it overruns its own deadline, the next claim takes the slot over.
                 // SAFETY: sleeps 5 ms; interrupts are checked right after.
                 unsafe { pg_sys::pg_usleep(5_000) };
                 pgrx::check_for_interrupts!();
             }
-            (Claim::Claimed { index, .. }, claimed_epoch) => {
-                let key = PgTryBuilder::new(|| unwrap_counted(row, config))
-                    .catch_others(|e| {
-                        with_guarded(pg_sys::LWLockMode::LW_EXCLUSIVE, |g| {
-                            cache::abandon(g.slots, index, &ident, pid)
-                        });
-                        e.rethrow()
-                    })
-                    .execute();
-                let expires_at = expiry(wall_now());
-                with_guarded(pg_sys::LWLockMode::LW_EXCLUSIVE, |g| {
-                    // A reset while we were unwrapping: do not bring the old key back.
-                    if g.clocks.epoch.load(Ordering::Acquire) == claimed_epoch {
-                        let tick = g.clocks.tick.fetch_add(1, Ordering::Relaxed);
-                        cache::fill(g.slots, index, &ident, pid, key.expose(), expires_at, tick)
-                    } else {
+            Claim::Claimed { index, .. } => {
+                let key = PgTryBuilder::new(std::panic::AssertUnwindSafe(|| {
+                    let key = unwrap_counted(row, config);
+                    recheck();
+                    key
+                }))
+                .catch_others(|e| {
+                    with_guarded(pg_sys::LWLockMode::LW_EXCLUSIVE, |g| {
                         cache::abandon(g.slots, index, &ident, pid)
-                    }
+                    });
+                    e.rethrow()
+                })
+                .execute();
+                let expires_at = expiry(wall_now());
+                // A reset or a state change while we were unwrapping emptied the slot: then
+                // `fill` publishes nothing.
+                with_guarded(pg_sys::LWLockMode::LW_EXCLUSIVE, |g| {
+                    let tick = g.clocks.tick.fetch_add(1, Ordering::Relaxed);
+                    cache::fill(g.slots, index, &ident, pid, key.expose(), expires_at, tick)
                 });
                 return (key, expires_at);
             }
-            (Claim::Full, _) => return (unwrap_counted(row, config), expiry(now)),
+            Claim::Full => return (unwrap_counted(row, config), expiry(now)),
         }
     }
 }
@@ -368,16 +387,24 @@ pub fn reset(all_databases: bool) -> i64 {
 }
 
 /// Zeroizes and drops the shared copies of keys `ids` of this database (disabled or destroyed),
-/// and moves the epoch, so that an unwrap of one of them in flight is not published when it
-/// ends (`key_for` checks the epoch it claimed under). Returns how many copies were dropped.
-pub fn forget(ids: &[KeyId]) -> usize {
+/// slots being loaded included, so that an unwrap of one of them in flight is not published
+/// (`cache::fill` publishes only into a slot its loader still holds). With `signal` (the commit
+/// that disabled or destroyed them), every backend of this database reloads its view of the keys
+/// at its next call, even within a statement. Returns how many copies were dropped.
+pub fn forget(ids: &[KeyId], signal: bool) -> usize {
     if ids.is_empty() {
         return 0;
     }
     let database = this_database();
     with_guarded(pg_sys::LWLockMode::LW_EXCLUSIVE, |g| {
         let n = cache::clear_keys(g.slots, database, ids);
-        g.clocks.epoch.fetch_add(1, Ordering::AcqRel);
+        if signal {
+            let generation = g.clocks.generation.fetch_add(1, Ordering::AcqRel) + 1;
+            if !g.databases.key_states_changed(database, generation) {
+                g.clocks.all_generation.store(generation, Ordering::Release);
+            }
+            g.clocks.epoch.fetch_add(1, Ordering::AcqRel);
+        }
         n
     })
     .unwrap_or(0)

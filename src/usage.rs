@@ -44,6 +44,8 @@ const MAX_KEYS_HELD: usize = 16_384;
 #[derive(Clone, Copy)]
 struct Held {
     left: u64,
+    /// The local transaction id of the last transaction that spent from it.
+    used_in: u32,
     /// Taken where no row could cover it (read-only, standby, parallel): dropped as soon as this
     /// backend could write one.
     uncovered: bool,
@@ -78,8 +80,10 @@ thread_local! {
 
 /// The hot path: spends one encryption of this backend's grant under key `id`; `false` when it
 /// holds none (or one no row covers while this transaction could write one: it is dropped).
+/// `lxid` is the local transaction id, recorded so that a commit can tell the keys it encrypted
+/// under ([`used_in`]).
 #[inline]
-pub fn spend(id: KeyId) -> bool {
+pub fn spend(id: KeyId, lxid: u32) -> bool {
     GRANTS.with_borrow_mut(|grants| match grants.get_mut(&id) {
         Some(held) if held.uncovered && grants_are_covered() => {
             grants.remove(&id);
@@ -87,10 +91,16 @@ pub fn spend(id: KeyId) -> bool {
         }
         Some(held) if held.left > 0 => {
             held.left -= 1;
+            held.used_in = lxid;
             true
         }
         _ => false,
     })
+}
+
+/// The keys this backend encrypted under in transaction `lxid`.
+pub fn used_in(lxid: u32) -> Vec<KeyId> {
+    GRANTS.with_borrow(|grants| grants.iter().filter(|(_, h)| h.used_in == lxid).map(|(id, _)| *id).collect())
 }
 
 /// What is left of this backend's grant under key `id` (0 when none, or one to be dropped).
@@ -107,7 +117,7 @@ fn hold(id: KeyId, left: u64, uncovered: bool) {
         if grants.len() >= MAX_KEYS_HELD && !grants.contains_key(&id) {
             grants.clear();
         }
-        grants.insert(id, Held { left, uncovered });
+        grants.insert(id, Held { left, used_in: 0, uncovered });
     })
 }
 

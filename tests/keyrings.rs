@@ -184,11 +184,60 @@ fn disabling_and_destroying_reach_every_session_a_parallel_query_and_a_standby()
     let state: String = one(&mut admin, &format!("SELECT state FROM immuta.keys WHERE id = {old}"));
     assert_eq!(state, "disabled");
 
+    // A parallel worker of a REPEATABLE READ transaction whose snapshot predates the change
+    // does not unwrap the key from the old row version.
+    let mut old_snapshot = primary.connect();
+    old_snapshot.batch_execute(parallel).unwrap();
+    assert!(one::<bool>(&mut admin, &format!("SELECT immuta_key_enable({old}, 'check')")));
+    old_snapshot.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM t").unwrap();
+    assert!(one::<bool>(&mut admin, &format!("SELECT immuta_key_disable({old}, 'again')")));
+    assert_eq!(sqlstate(old_snapshot.query_one(all, &[])), "55000");
+    old_snapshot.batch_execute("ROLLBACK").unwrap();
+
+    // Within one transaction: a key the session holds stops at its next statement (preloaded).
+    assert!(one::<bool>(&mut admin, &format!("SELECT immuta_key_enable({old}, 'check')")));
+    let mut long = primary.connect();
+    long.batch_execute("BEGIN").unwrap();
+    assert_eq!(decrypting(&mut long, "tenant = 'tenant_0'"), 1_000);
+    assert!(one::<bool>(&mut admin, &format!("SELECT immuta_key_disable({old}, 'again')")));
+    assert_eq!(sqlstate(long.query_one(all, &[])), "55000");
+    long.batch_execute("ROLLBACK").unwrap();
+
     // Enabled again: everything decrypts, here and on the standby.
     assert!(one::<bool>(&mut admin, &format!("SELECT immuta_key_enable({old}, 'false alarm')")));
     assert_eq!(one::<i64>(&mut reader, all), 2_000);
     wait_for_state(&standby, old, "enabled");
     assert_eq!(decrypting(&mut replica, "true"), 2_000);
+
+    // A transaction that encrypted under a key another session disables and destroys before it
+    // commits does not commit values nobody can decrypt: its commit fails with 40001.
+    let current: i64 = one(&mut admin, "SELECT max(id) FROM immuta.data_keys WHERE keyring = 'tenant_1'");
+    let mut writer = primary.connect();
+    writer
+        .batch_execute(
+            "BEGIN; CREATE TABLE late (id int, v bytea);
+             INSERT INTO late SELECT i, immuta_encrypt('late ' || i, keyring => 'tenant_1') FROM generate_series(1, 10) i",
+        )
+        .unwrap();
+    admin
+        .batch_execute(&format!(
+            "BEGIN; SELECT immuta_rotate('tenant_1'); SELECT immuta_key_disable({current}, 'r'); \
+             SELECT immuta_key_destroy({current}, 'r'); COMMIT"
+        ))
+        .unwrap();
+    assert_eq!(sqlstate(writer.batch_execute("COMMIT")), "40001");
+    let orphans: i64 = one(&mut admin, "SELECT count(*) FROM pg_class WHERE relname = 'late'");
+    assert_eq!(orphans, 0, "nothing was stored");
+    assert_eq!(
+        sqlstate(reader.query_one("SELECT count(immuta_decrypt(v)) FROM t WHERE tenant = 'tenant_1'", &[])),
+        "42704",
+        "the values under the destroyed key are gone, as asked"
+    );
+    let renewed: bool = one(
+        &mut reader,
+        "SELECT immuta_decrypt(immuta_encrypt('renewed', keyring => 'tenant_1')) = 'renewed'",
+    );
+    assert!(renewed, "the keyring encrypts under its new key");
 
     // Destroyed: 42704 for good, the wrapped key erased, on the standby too.
     admin
@@ -201,8 +250,10 @@ fn disabling_and_destroying_reach_every_session_a_parallel_query_and_a_standby()
         one(&mut admin, &format!("SELECT wrapped_key IS NULL FROM immuta.data_keys WHERE id = {old}"));
     assert!(erased);
     wait_for_state(&standby, old, "destroyed");
-    assert_eq!(sqlstate(replica.query_one(all, &[])), "42704");
-    assert_eq!(decrypting(&mut replica, "tenant = 'tenant_1'"), 1_000);
+    assert_eq!(
+        sqlstate(replica.query_one("SELECT count(immuta_decrypt(v)) FROM t WHERE tenant = 'tenant_0'", &[])),
+        "42704"
+    );
     // New values under the keyring use its new key and decrypt.
     let fresh: bool =
         one(&mut reader, "SELECT immuta_decrypt(immuta_encrypt('after', keyring => 'tenant_0')) = 'after'");
@@ -221,6 +272,10 @@ fn disabling_and_destroying_reach_every_session_a_parallel_query_and_a_standby()
         events,
         [
             ("key disabled", "suspected leak"),
+            ("key enabled", "check"),
+            ("key disabled", "again"),
+            ("key enabled", "check"),
+            ("key disabled", "again"),
             ("key enabled", "false alarm"),
             ("key disabled", "retire"),
             ("key destroyed", "retire")

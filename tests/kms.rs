@@ -484,13 +484,17 @@ fn a_keyring_with_its_own_kms_key_wraps_its_keys_there_and_shredding_it_leaves_t
          CREATE ROLE adm LOGIN IN ROLE immuta_admin, immuta_encryptor;",
     )
     .unwrap();
-    let acme: Vec<u8> = c.query_one("SELECT immuta_encrypt('acme 1', keyring => 'acme')", &[]).unwrap().get(0);
+    let acme: Vec<u8> =
+        c.query_one("SELECT immuta_encrypt('acme 1', keyring => 'acme')", &[]).unwrap().get(0);
     let globex: Vec<u8> =
         c.query_one("SELECT immuta_encrypt('globex 1', keyring => 'globex')", &[]).unwrap().get(0);
     let default = encrypt(&mut c, "default 1");
     let wrapping = |c: &mut postgres::Client, keyring: &str| -> (String, String) {
         let row = c
-            .query_one("SELECT wrapping_key, wrapping_region FROM immuta.keys WHERE keyring = $1", &[&keyring])
+            .query_one(
+                "SELECT wrapping_key, wrapping_region FROM immuta.keys WHERE keyring = $1",
+                &[&keyring],
+            )
             .unwrap();
         (row.get(0), row.get(1))
     };
@@ -509,11 +513,15 @@ fn a_keyring_with_its_own_kms_key_wraps_its_keys_there_and_shredding_it_leaves_t
         adm.query_one("SELECT immuta_encrypt('initech 1', keyring => 'initech')", &[]).unwrap().get(0);
     assert_eq!(decrypt(&mut fresh, &initech).unwrap(), "initech 1");
     // Shredding acme leaves the keyrings that share its KMS key and the others working.
-    let shredded: i32 = c.query_one("SELECT immuta_keyring_destroy('acme', 'tenant left')", &[]).unwrap().get(0);
+    let shredded: i32 =
+        c.query_one("SELECT immuta_keyring_destroy('acme', 'tenant left')", &[]).unwrap().get(0);
     assert_eq!(shredded, 1);
     assert_eq!(sqlstate(decrypt(&mut fresh, &acme)), "42704");
     assert_eq!(decrypt(&mut fresh, &initech).unwrap(), "initech 1");
     assert_eq!(decrypt(&mut fresh, &globex).unwrap(), "globex 1");
     let actions = proxy.actions();
-    assert!(actions.iter().all(|a| a == "TrentService.Encrypt" || a == "TrentService.Decrypt"), "{actions:?}");
+    assert!(
+        actions.iter().all(|a| a == "TrentService.Encrypt" || a == "TrentService.Decrypt"),
+        "{actions:?}"
+    );
 }

@@ -301,6 +301,9 @@ pub struct DatabaseEntry {
     pub database: u32,
     /// Changed by every `immuta_cache_reset()` in the database, to a value never used before.
     pub reset_generation: u64,
+    /// Changed by every commit that disabled or destroyed keys of the database: its backends
+    /// reload their view of the keys at their next call, within the statement they are in.
+    pub key_state_generation: u64,
     pub stats: DatabaseStats,
 }
 
@@ -308,6 +311,7 @@ impl DatabaseEntry {
     pub const EMPTY: DatabaseEntry = DatabaseEntry {
         database: 0,
         reset_generation: 0,
+        key_state_generation: 0,
         stats: DatabaseStats { hits: 0, misses: 0, kms_unwraps: 0, local_unwraps: 0, evictions: 0 },
     };
 }
@@ -371,6 +375,24 @@ impl DatabaseTable<'_> {
         match self.entry(database) {
             Some(entry) => {
                 entry.reset_generation = generation;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The key-state generation of `database`: 0 before its first change.
+    pub fn key_state_generation(&self, database: u32) -> u64 {
+        self.entries.iter().find(|e| e.database == database).map_or(0, |e| e.key_state_generation)
+    }
+
+    /// Records that keys of `database` were disabled or destroyed, as `generation` (a value never
+    /// used before). `false` when the database has no entry and none is free: the caller must
+    /// then signal every database instead.
+    pub fn key_states_changed(&mut self, database: u32, generation: u64) -> bool {
+        match self.entry(database) {
+            Some(entry) => {
+                entry.key_state_generation = generation;
                 true
             }
             None => false,
