@@ -45,7 +45,7 @@ pub enum Named {
 /// Ready ciphers by key id, plus the current key of each keyring met.
 pub struct KeyRing {
     current: Option<CurrentKey>,
-    named: HashMap<Box<str>, (Named, u64), BuildHasherDefault<KeyIdHasher>>,
+    named: HashMap<InlineName, (Named, u64), BuildHasherDefault<KeyIdHasher>>,
     /// Each cipher with the instant after which its key must be unwrapped again
     /// (`immuta.cache_ttl`), so that revoking KMS access takes effect.
     ciphers: HashMap<KeyId, (DataCipher, UnixMicros), BuildHasherDefault<KeyIdHasher>>,
@@ -58,8 +58,38 @@ impl Default for KeyRing {
     }
 }
 
+/// A keyring name held inline (a name is at most 63 bytes), so that finding a keyring touches
+/// the map's own memory and not a separate allocation per name: with thousands of keyrings met
+/// in turn, each such pointer is a cache miss per row (measured: the name comparison was the
+/// costliest instruction of a row encrypted under one of 10,000 keyrings).
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct InlineName {
+    len: u8,
+    bytes: [u8; 63],
+}
+
+impl InlineName {
+    /// `None` for a name longer than any keyring's.
+    #[inline]
+    fn new(name: &str) -> Option<InlineName> {
+        let len = name.len();
+        if len > 63 {
+            return None;
+        }
+        let mut bytes = [0u8; 63];
+        bytes[..len].copy_from_slice(name.as_bytes());
+        Some(InlineName { len: len as u8, bytes })
+    }
+}
+
+impl std::hash::Hash for InlineName {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write(&self.bytes[..usize::from(self.len)]);
+    }
+}
+
 /// Fibonacci hashing: spreads consecutive ids over the high bits hashbrown uses. Also used for
-/// keyring names, which only an administrator creates.
+/// keyring names (eight bytes at a time), which only an administrator creates.
 #[derive(Default)]
 pub struct KeyIdHasher(u64);
 
@@ -69,8 +99,11 @@ impl Hasher for KeyIdHasher {
     }
 
     fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            let word = u64::from_le_bytes(word) ^ (chunk.len() as u64) << 59;
+            self.0 = (self.0.rotate_left(26) ^ word).wrapping_mul(0x9E37_79B9_7F4A_7C15);
         }
     }
 
@@ -111,14 +144,16 @@ impl KeyRing {
     /// has not been loaded.
     #[inline]
     pub fn named(&self, name: &str) -> Option<(Named, u64)> {
-        self.named.get(name).copied()
+        self.named.get(&InlineName::new(name)?).copied()
     }
 
+    /// Records what keyring `name` is (a name longer than any keyring's is not kept).
     pub fn set_named(&mut self, name: &str, named: Named, stamp: u64) {
-        if self.named.len() >= self.capacity && !self.named.contains_key(name) {
+        let Some(key) = InlineName::new(name) else { return };
+        if self.named.len() >= self.capacity && !self.named.contains_key(&key) {
             self.named.clear();
         }
-        self.named.insert(name.into(), (named, stamp));
+        self.named.insert(key, (named, stamp));
     }
 
     /// How many named keyrings the ring knows.
@@ -233,5 +268,12 @@ mod tests {
         ring.set_named("c", Named::Live(None), 2);
         assert!(ring.named("a").is_none() && ring.named("c").is_some());
         assert_eq!(ring.named_len(), 1);
+        let long = "x".repeat(64);
+        ring.set_named(&long, Named::Live(None), 2);
+        assert!(ring.named(&long).is_none(), "no keyring has such a name");
+        let max = "y".repeat(63);
+        ring.set_named(&max, Named::Destroyed, 3);
+        assert_eq!(ring.named(&max), Some((Named::Destroyed, 3)));
+        assert!(ring.named(&max[..62]).is_none(), "a prefix is another name");
     }
 }
