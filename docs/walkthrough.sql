@@ -75,3 +75,24 @@ SELECT immuta_rotate_if_due() AS new_key_id;
 \else
 \echo 'pg_cron is not loaded in this demo cluster (it predates this walkthrough): make demo-stop, then make demo.'
 \endif
+
+\echo
+\echo '== 8. A keyring per tenant, key states, and crypto-shredding a tenant'
+-- Names of this run (a destroyed keyring's name stays taken, so a second run needs new ones).
+SELECT 'acme_' || to_char(clock_timestamp(), 'YYYYMMDDHH24MISS') AS acme,
+       'globex_' || to_char(clock_timestamp(), 'YYYYMMDDHH24MISS') AS globex \gset
+SELECT immuta_keyring_create(:'acme'), immuta_keyring_create(:'globex');
+DROP TABLE IF EXISTS orders;
+CREATE TABLE orders (id int PRIMARY KEY, tenant text NOT NULL, card bytea);
+INSERT INTO orders VALUES (1, :'acme', NULL), (2, :'globex', NULL), (3, :'acme', NULL);
+UPDATE orders SET card = immuta_encrypt('4111-0000-0000-000' || id, keyring => tenant);
+SELECT o.id, o.tenant, k.state, immuta_decrypt(o.card) AS card
+  FROM orders o JOIN immuta.keys k ON k.id = immuta_key_id(o.card) ORDER BY o.id;
+\echo 'Acme leaves: its keyring is destroyed (crypto-shredding); globex keeps working.'
+SELECT immuta_keyring_destroy(:'acme', 'customer left, ticket DEMO-1') AS keys_destroyed;
+\set ON_ERROR_STOP off
+SELECT immuta_decrypt(card) FROM orders WHERE tenant = :'acme';
+\set ON_ERROR_STOP on
+SELECT immuta_decrypt(card) AS globex_card FROM orders WHERE tenant = :'globex';
+SELECT id, keyring, state, state_changed_by FROM immuta.keys WHERE keyring IN (:'acme', :'globex') ORDER BY id;
+SELECT event, key_id, detail->>'reason' AS reason FROM immuta.audit_log WHERE keyring = :'acme' ORDER BY id;

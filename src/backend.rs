@@ -64,9 +64,10 @@ struct Backend {
     lxid: u32,
     /// Start time of that transaction: the clock of the rollover rule.
     now: UnixMicros,
-    /// The shared cache's epoch when that transaction first called immuta (see
-    /// [`before_commit`]).
+    /// The shared cache's epoch and `INVALIDATIONS` when that transaction first called immuta
+    /// (see [`before_commit`]).
     xact_epoch: u64,
+    xact_invalidations: u64,
     /// The shared cache's epoch the ring reflects (`immuta_cache_reset()` anywhere moves it).
     cache_epoch: u64,
     /// The resets and key-state changes the ring reflects (see
@@ -86,6 +87,7 @@ thread_local! {
         lxid: 0,
         now: UnixMicros(0),
         xact_epoch: 0,
+        xact_invalidations: 0,
         cache_epoch: 0,
         cache_resets: shared_cache::Resets { all: 0, database: 0, key_states: 0 },
         nonces: None,
@@ -191,11 +193,34 @@ pub fn stale() {
     INVALIDATIONS.fetch_add(1, Ordering::Relaxed);
 }
 
-/// After writing key rows (a new key, a rewrap, a state change, a restore): every other backend
-/// reloads its ring when this transaction commits, and this one if it aborts.
+/// After writing key rows (a new key, a rewrap, a state change): every other backend reloads
+/// its ring when this transaction commits.
 pub fn invalidate_keys(oids: TableOids) {
     // SAFETY: queues a relcache invalidation for an existing relation inside a transaction.
     unsafe { pg_sys::CacheInvalidateRelcacheByRelid(oids.data_keys) };
+}
+
+thread_local! {
+    /// This transaction added or rewrapped key rows, and may hold their keys in the ring before
+    /// committing.
+    static KEYS_WRITTEN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// After inserting or rewrapping key rows: every other backend reloads its ring when this
+/// transaction commits, and this one empties its ring if it aborts (`events.rs`).
+pub fn keys_written_in_this_transaction(oids: TableOids) {
+    KEYS_WRITTEN.set(true);
+    invalidate_keys(oids);
+}
+
+/// Whether this transaction wrote key rows.
+pub fn keys_written() -> bool {
+    KEYS_WRITTEN.get()
+}
+
+/// Whether this transaction wrote key rows, forgetting it (at its end).
+pub fn take_keys_written() -> bool {
+    KEYS_WRITTEN.replace(false)
 }
 
 /// After writing keyring rows: every backend reloads the keyrings it knows.
@@ -221,6 +246,7 @@ pub fn prepare() -> UnixMicros {
             b.lxid = lxid;
             b.now = xact::transaction_now();
             b.xact_epoch = shared_cache::epoch();
+            b.xact_invalidations = INVALIDATIONS.load(Ordering::Relaxed);
             if b.config.as_ref().is_some_and(config_source::file_changed) {
                 b.valid_as_of = 0;
             }
@@ -428,15 +454,26 @@ pub fn seal_under(
 
 /// Before this transaction commits: if a key it encrypted under was disabled or destroyed while
 /// it ran (by a transaction that committed meanwhile), the commit fails, rather than store values
-/// that decrypt with difficulty or never. Preloaded, this costs one atomic read unless a key
-/// state changed somewhere in the cluster during the transaction; otherwise one query.
+/// that decrypt with difficulty or never. In steady state this costs one atomic read (preloaded:
+/// the shared cache's epoch moves with every key state change in the cluster) or a look at the
+/// invalidation queue (not preloaded); only when something changed, one query.
 pub fn before_commit() {
-    let (lxid, xact_epoch) = BACKEND.with_borrow(|b| (b.lxid, b.xact_epoch));
+    let (lxid, xact_epoch, xact_invalidations) =
+        BACKEND.with_borrow(|b| (b.lxid, b.xact_epoch, b.xact_invalidations));
     if lxid != crate::compat::local_xid() {
         return;
     }
-    if shared_cache::is_shared() && shared_cache::epoch() == xact_epoch {
-        return;
+    if shared_cache::is_shared() {
+        if shared_cache::epoch() == xact_epoch {
+            return;
+        }
+    } else {
+        // SAFETY: processes pending shared invalidation messages inside a transaction, as any
+        // lock acquisition does.
+        unsafe { pg_sys::AcceptInvalidationMessages() };
+        if INVALIDATIONS.load(Ordering::Relaxed) == xact_invalidations {
+            return;
+        }
     }
     let used = usage::used_in(lxid);
     if let Some(id) = catalog::not_enabled_among(&used).first() {

@@ -1,16 +1,9 @@
 //! PostgreSQL's transaction events, dispatched to the modules that keep per-transaction state.
 //! The one place that depends on all of them, so that none of them depends on another for it.
 
-use std::cell::Cell;
-
 use pgrx::{pg_guard, pg_sys};
 
 use crate::{backend, catalog, key_states, keys, restore, usage};
-
-thread_local! {
-    /// This transaction created a key and put it in the ring before committing.
-    static CREATED_KEY: Cell<bool> = const { Cell::new(false) };
-}
 
 /// Registers the relcache and transaction callbacks. Called from `_PG_init`, once per process.
 pub fn register() {
@@ -21,13 +14,6 @@ pub fn register() {
         pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut());
         pg_sys::RegisterSubXactCallback(Some(on_subxact_event), std::ptr::null_mut());
     }
-}
-
-/// After inserting or rewrapping key rows: make every other backend reload its ring when this
-/// transaction commits, and this one reload if it aborts.
-pub fn key_created_in_this_transaction(oids: catalog::TableOids) {
-    CREATED_KEY.set(true);
-    backend::invalidate_keys(oids);
 }
 
 /// PostgreSQL replays a transaction's invalidations locally when it aborts, but not those of the
@@ -42,7 +28,7 @@ extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut st
         XACT_EVENT_PRE_COMMIT | XACT_EVENT_PARALLEL_PRE_COMMIT => backend::before_commit(),
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => {
             // The keys it created are gone, and the audit ids it wrote will be given again.
-            if CREATED_KEY.replace(false) || catalog::wrote_unpreparable() {
+            if backend::take_keys_written() || catalog::wrote_unpreparable() {
                 backend::clear();
             }
             catalog::at_transaction_end();
@@ -50,13 +36,13 @@ extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut st
             key_states::at_transaction_end(false);
         }
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
-            CREATED_KEY.set(false);
+            backend::take_keys_written();
             catalog::at_transaction_end();
             usage::at_transaction_end(true);
             key_states::at_transaction_end(true);
         }
         XACT_EVENT_PREPARE => {
-            CREATED_KEY.set(false);
+            backend::take_keys_written();
             catalog::at_transaction_end();
             usage::at_transaction_end(false);
             key_states::at_transaction_end(false);
@@ -75,7 +61,7 @@ extern "C-unwind" fn on_subxact_event(
     use pg_sys::SubXactEvent::*;
     match event {
         SUBXACT_EVENT_ABORT_SUB => {
-            if CREATED_KEY.get() || catalog::wrote_unpreparable() {
+            if backend::keys_written() || catalog::wrote_unpreparable() {
                 backend::clear();
             }
             restore::forget_checks();

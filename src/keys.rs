@@ -46,7 +46,7 @@ use crate::catalog::{self, AuditEvent};
 use crate::errors::{self, raise, OrRaise};
 use crate::usage::{self, Against};
 use crate::xact::write_blocker;
-use crate::{events, gucs, providers, shared_cache, varlena};
+use crate::{gucs, providers, shared_cache, varlena};
 
 /// The key creation lock: SHARE UPDATE EXCLUSIVE on the private sequence `immuta.key_ids`. It
 /// conflicts with itself; it does not conflict with ROW EXCLUSIVE, which any role can get on a
@@ -458,7 +458,7 @@ fn create_key(target: &Target, reason: RotationReason, previous: Option<KeyId>) 
         }),
         keyring: Some(&target.name),
     });
-    events::key_created_in_this_transaction(oids());
+    backend::keys_written_in_this_transaction(oids());
     backend::insert_cipher(DataCipher::new(id, &key), shared_cache::expiry_from_now());
     set_current(target, id, crate::xact::transaction_now());
     id
@@ -497,7 +497,7 @@ pub fn rewrap() -> i32 {
             keyring: Some(&row.keyring),
         });
     }
-    events::key_created_in_this_transaction(oids());
+    backend::keys_written_in_this_transaction(oids());
     keys.len() as i32
 }
 

@@ -123,7 +123,7 @@ fn guard_direct_insert<'a>(
             }
             new.set_by_name("server_identity", false)?;
             // Sessions that hold keys learn of it as of a rotation: when this transaction commits.
-            crate::events::key_created_in_this_transaction(oids);
+            crate::backend::keys_written_in_this_transaction(oids);
             Ok(Some(new))
         }
         "keyrings" => {
