@@ -1,7 +1,7 @@
 //! The shared key cache's slot table: which unwrapped data keys the whole cluster holds, as plain
 //! data that the SQL layer places in PostgreSQL shared memory and guards with one LWLock.
 //!
-//! Why two levels: the backend-local key ring (`keyring.rs`) answers every row without any lock;
+//! Why two levels: the backend-local key ring (`ring.rs`) answers every row without any lock;
 //! this table sits behind it so that a key unwrapped by one backend (one KMS `Decrypt`) serves
 //! every other backend and parallel worker of the cluster. A slot that is being loaded is marked
 //! with the loader's process id, so concurrent first uses of one key wait for that single
