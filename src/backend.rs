@@ -68,6 +68,8 @@ struct Backend {
     /// (see [`before_commit`]).
     xact_epoch: u64,
     xact_invalidations: u64,
+    /// This database's resets and key-state changes as of that first call.
+    xact_resets: shared_cache::Resets,
     /// The shared cache's epoch the ring reflects (`immuta_cache_reset()` anywhere moves it).
     cache_epoch: u64,
     /// The resets and key-state changes the ring reflects (see
@@ -88,6 +90,7 @@ thread_local! {
         now: UnixMicros(0),
         xact_epoch: 0,
         xact_invalidations: 0,
+        xact_resets: shared_cache::Resets { all: 0, database: 0, key_states: 0 },
         cache_epoch: 0,
         cache_resets: shared_cache::Resets { all: 0, database: 0, key_states: 0 },
         nonces: None,
@@ -242,7 +245,8 @@ pub fn invalidate_config(oids: TableOids) {
 pub fn prepare() -> UnixMicros {
     let lxid = crate::compat::local_xid();
     let (stale, now) = BACKEND.with_borrow_mut(|b| {
-        if b.lxid != lxid || b.now.0 == 0 {
+        let first_call = b.lxid != lxid || b.now.0 == 0;
+        if first_call {
             b.lxid = lxid;
             b.now = xact::transaction_now();
             b.xact_epoch = shared_cache::epoch();
@@ -267,6 +271,9 @@ pub fn prepare() -> UnixMicros {
                 // keyrings included.
                 stale();
             }
+        }
+        if first_call {
+            b.xact_resets = b.cache_resets;
         }
         (b.valid_as_of != INVALIDATIONS.load(Ordering::Relaxed), b.now)
     });
@@ -458,13 +465,20 @@ pub fn seal_under(
 /// the shared cache's epoch moves with every key state change in the cluster) or a look at the
 /// invalidation queue (not preloaded); only when something changed, one query.
 pub fn before_commit() {
-    let (lxid, xact_epoch, xact_invalidations) =
-        BACKEND.with_borrow(|b| (b.lxid, b.xact_epoch, b.xact_invalidations));
+    let (lxid, xact_epoch, xact_invalidations, xact_resets, oids) =
+        BACKEND.with_borrow(|b| (b.lxid, b.xact_epoch, b.xact_invalidations, b.xact_resets, b.oids));
     if lxid != crate::compat::local_xid() {
         return;
     }
     if shared_cache::is_shared() {
         if shared_cache::epoch() == xact_epoch {
+            return;
+        }
+        // Something moved somewhere in the cluster: only this database's changes count.
+        let now = shared_cache::resets_of_this_database();
+        if (now.all, now.database, now.key_states)
+            == (xact_resets.all, xact_resets.database, xact_resets.key_states)
+        {
             return;
         }
     } else {
@@ -476,6 +490,10 @@ pub fn before_commit() {
         }
     }
     let used = usage::used_in(lxid);
+    // The extension may have been dropped (or dropped and created again) in this transaction.
+    if used.is_empty() || oids.is_none_or(|oids| !catalog::still_installed(oids)) {
+        return;
+    }
     if let Some(id) = catalog::not_enabled_among(&used).first() {
         raise(
             PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,

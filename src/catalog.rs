@@ -123,6 +123,16 @@ pub fn table_oids() -> TableOids {
     TableOids { data_keys, config, keyrings, key_ids }
 }
 
+/// Whether the tables `oids` are still immuta's in this database (no error when they are not).
+pub fn still_installed(oids: TableOids) -> bool {
+    // SAFETY: plain catalog lookups with NUL-terminated names, inside a transaction.
+    unsafe {
+        let namespace = pg_sys::get_namespace_oid(c"immuta".as_ptr(), true);
+        namespace != pg_sys::InvalidOid
+            && pg_sys::get_relname_relid(c"data_keys".as_ptr(), namespace) == oids.data_keys
+    }
+}
+
 /// The library serves only the SQL objects of its own version: between installing a new library
 /// and `ALTER EXTENSION immuta UPDATE`, every immuta function refuses, naming the command,
 /// instead of failing on a column or table the old objects lack (or, after a downgrade of the
@@ -506,22 +516,18 @@ pub fn key_state_events(since: i64, latest_only: bool) -> (i64, Vec<KeyId>) {
     if latest_only {
         return (highest_id(c"SELECT COALESCE(max(id), 0) FROM immuta.audit_log"), Vec::new());
     }
+    // Aggregated here, not read row by row: however many events came since, one row comes back.
     let rows = read_latest(
-        c"SELECT id, CASE WHEN event IN ('key disabled', 'key destroyed') THEN key_id END \
-          FROM immuta.audit_log WHERE id > $1 ORDER BY id",
+        c"SELECT COALESCE(max(id), $1), \
+                 COALESCE(array_agg(DISTINCT key_id) FILTER (WHERE event IN ('key disabled', 'key destroyed') \
+                                                              AND key_id IS NOT NULL), '{}') \
+          FROM immuta.audit_log WHERE id > $1",
         &[(pg_sys::INT8OID, pg_sys::Datum::from(since))],
-        |row| (row.get::<i64>(1).unwrap_or(since), row.get::<i64>(2).and_then(KeyId::new)),
+        |row| (row.get::<i64>(1).unwrap_or(since), row.get::<Vec<i64>>(2).unwrap_or_default()),
     );
-    // Only the events that take a key out of use matter; the others just move the mark.
-    let latest = rows.last().map_or(since, |(id, _)| *id);
-    let gone = state_changes_among(&rows);
-    (latest, gone)
-}
-
-/// The keys of `events` (audit ids and key ids) that are no longer enabled now.
-fn state_changes_among(events: &[(i64, Option<KeyId>)]) -> Vec<KeyId> {
-    let ids: Vec<KeyId> = events.iter().filter_map(|(_, k)| *k).collect();
-    not_enabled_among(&ids)
+    let (latest, ids) = rows.into_iter().next().unwrap_or((since, Vec::new()));
+    let ids: Vec<KeyId> = ids.into_iter().filter_map(KeyId::new).collect();
+    (latest, not_enabled_among(&ids))
 }
 
 /// Which of `ids` name keys that are no longer enabled (or whose keyring was destroyed), read

@@ -24,7 +24,10 @@ pub fn register() {
 extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
     use pg_sys::XactEvent::*;
     match event {
-        XACT_EVENT_PRE_PREPARE => keys::before_prepare(),
+        XACT_EVENT_PRE_PREPARE => {
+            keys::before_prepare();
+            backend::before_commit();
+        }
         XACT_EVENT_PRE_COMMIT | XACT_EVENT_PARALLEL_PRE_COMMIT => backend::before_commit(),
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => {
             // The keys it created are gone, and the audit ids it wrote will be given again.

@@ -39,6 +39,10 @@ struct Clocks {
     /// The generation of the last reset of every database at once (a superuser's, or one whose
     /// database found no entry in the table).
     all_generation: AtomicU64,
+    /// The key-state generation of the databases that have no entry of their own (see
+    /// `DatabaseEntry::key_state_generation`): moving it makes their backends reload their view
+    /// of the keys, never empty their rings.
+    overflow_key_states: AtomicU64,
     /// Logical clock for least-recently-used eviction.
     tick: AtomicU64,
 }
@@ -142,6 +146,7 @@ unsafe extern "C-unwind" fn on_shmem_startup() {
                     epoch: AtomicU64::new(1),
                     generation: AtomicU64::new(0),
                     all_generation: AtomicU64::new(0),
+                    overflow_key_states: AtomicU64::new(0),
                     tick: AtomicU64::new(0),
                 },
                 slots,
@@ -184,7 +189,10 @@ pub fn resets_of_this_database() -> Resets {
     with_guarded(pg_sys::LWLockMode::LW_SHARED, |g| Resets {
         all: g.clocks.all_generation.load(Ordering::Acquire),
         database: g.databases.generation(database),
-        key_states: g.databases.key_state_generation(database),
+        key_states: g
+            .databases
+            .key_state_generation(database)
+            .unwrap_or_else(|| g.clocks.overflow_key_states.load(Ordering::Acquire)),
     })
     .unwrap_or_default()
 }
@@ -197,7 +205,7 @@ pub struct Resets {
     /// The last reset of this database.
     pub database: u64,
     /// The last commit that disabled or destroyed keys of this database (or, when it has no
-    /// entry, of any database).
+    /// entry, of any database without one).
     pub key_states: u64,
 }
 
@@ -396,12 +404,16 @@ pub fn forget(ids: &[KeyId], signal: bool) -> usize {
         return 0;
     }
     let database = this_database();
+    if signal {
+        make_room_for(database);
+    }
     with_guarded(pg_sys::LWLockMode::LW_EXCLUSIVE, |g| {
         let n = cache::clear_keys(g.slots, database, ids);
         if signal {
             let generation = g.clocks.generation.fetch_add(1, Ordering::AcqRel) + 1;
             if !g.databases.key_states_changed(database, generation) {
-                g.clocks.all_generation.store(generation, Ordering::Release);
+                // No entry to record it in: the databases without one reload (never more).
+                g.clocks.overflow_key_states.store(generation, Ordering::Release);
             }
             g.clocks.epoch.fetch_add(1, Ordering::AcqRel);
         }

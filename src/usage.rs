@@ -73,6 +73,9 @@ struct Reserved {
 
 thread_local! {
     static GRANTS: RefCell<ById<Held>> = RefCell::new(ById::default());
+    /// Keys spent from by a transaction whose grants were dropped before it ended (a rolled-back
+    /// savepoint, a full map), with that transaction's local id: [`used_in`] still names them.
+    static RETIRED: RefCell<Vec<(u32, KeyId)>> = const { RefCell::new(Vec::new()) };
     static LOCAL: RefCell<ById<Local>> = RefCell::new(ById::default());
     static OWN: RefCell<ById<Own>> = RefCell::new(ById::default());
     static RESERVED: RefCell<Vec<Reserved>> = const { RefCell::new(Vec::new()) };
@@ -100,7 +103,26 @@ pub fn spend(id: KeyId, lxid: u32) -> bool {
 
 /// The keys this backend encrypted under in transaction `lxid`.
 pub fn used_in(lxid: u32) -> Vec<KeyId> {
-    GRANTS.with_borrow(|grants| grants.iter().filter(|(_, h)| h.used_in == lxid).map(|(id, _)| *id).collect())
+    let mut used: Vec<KeyId> = GRANTS
+        .with_borrow(|grants| grants.iter().filter(|(_, h)| h.used_in == lxid).map(|(id, _)| *id).collect());
+    RETIRED.with_borrow(|r| used.extend(r.iter().filter(|(x, _)| *x == lxid).map(|(_, id)| *id)));
+    used.sort_unstable();
+    used.dedup();
+    used
+}
+
+/// Keeps, before `grants` is emptied, which keys its transactions spent from.
+fn retire(grants: &ById<Held>) {
+    RETIRED.with_borrow_mut(|r| {
+        let current = grants.values().map(|h| h.used_in).max().unwrap_or(0);
+        r.retain(|(x, _)| *x == current);
+        r.extend(
+            grants
+                .iter()
+                .filter(|(_, h)| h.used_in == current && current != 0)
+                .map(|(id, h)| (h.used_in, *id)),
+        );
+    });
 }
 
 /// What is left of this backend's grant under key `id` (0 when none, or one to be dropped).
@@ -115,6 +137,7 @@ pub fn held(id: KeyId) -> u64 {
 fn hold(id: KeyId, left: u64, uncovered: bool) {
     GRANTS.with_borrow_mut(|grants| {
         if grants.len() >= MAX_KEYS_HELD && !grants.contains_key(&id) {
+            retire(grants);
             grants.clear();
         }
         grants.insert(id, Held { left, used_in: 0, uncovered });
@@ -126,6 +149,7 @@ fn hold(id: KeyId, left: u64, uncovered: bool) {
 pub fn drop_grants() {
     GRANTS.with(|g| {
         if let Ok(mut g) = g.try_borrow_mut() {
+            retire(&g);
             g.clear()
         }
     });

@@ -348,6 +348,14 @@ fn forbidden_transitions_are_refused_with_their_sqlstates_and_only_the_admin_cha
         ),
         "42501"
     );
+
+    // The commit-time check of the keys a transaction used does not trip over a transaction that
+    // dropped the extension after encrypting.
+    c.batch_execute("DROP TABLE t").unwrap();
+    c.batch_execute(
+        "BEGIN; SELECT immuta_encrypt('x', keyring => 'tenant_0'); DROP EXTENSION immuta; COMMIT",
+    )
+    .unwrap();
 }
 
 #[test]

@@ -381,9 +381,10 @@ impl DatabaseTable<'_> {
         }
     }
 
-    /// The key-state generation of `database`: 0 before its first change.
-    pub fn key_state_generation(&self, database: u32) -> u64 {
-        self.entries.iter().find(|e| e.database == database).map_or(0, |e| e.key_state_generation)
+    /// The key-state generation of `database` (0 before its first change); `None` when it has no
+    /// entry (it then shares the overflow's).
+    pub fn key_state_generation(&self, database: u32) -> Option<u64> {
+        self.entries.iter().find(|e| e.database == database).map(|e| e.key_state_generation)
     }
 
     /// Records that keys of `database` were disabled or destroyed, as `generation` (a value never
