@@ -29,8 +29,13 @@ fn rows_as_text(c: &mut postgres::Client, query: &str) -> Vec<String> {
     c.query(query, &[]).unwrap().iter().map(|r| r.get::<_, String>(0)).collect()
 }
 
+/// The audit log's rows in the columns 0.1.0 had (later versions add columns, such as the
+/// keyring, which the update fills).
 fn audit_of(c: &mut postgres::Client) -> Vec<String> {
-    rows_as_text(c, "SELECT a::text FROM immuta.audit_log a ORDER BY id")
+    rows_as_text(
+        c,
+        "SELECT (id, at, event, key_id, reason, role, session_role, detail)::text FROM immuta.audit_log ORDER BY id",
+    )
 }
 
 fn keys_of(c: &mut postgres::Client) -> Vec<String> {
@@ -251,8 +256,25 @@ fn a_0_1_0_deployment_takes_the_new_library_the_update_and_pg_upgrade_to_newer_p
     let command: String =
         c.query_one("SELECT command FROM cron.job WHERE jobid = $1", &[&again]).unwrap().get(0);
     assert_eq!(command, "SELECT pg_catalog.immuta_rotation_job()");
+    // Every key of 0.1.0 is an enabled key of the keyring `default`, and its events are the
+    // keyring's; keyrings work after the update.
+    let outside: i64 = c
+        .query_one(
+            "SELECT (SELECT count(*) FROM immuta.keys WHERE keyring <> 'default' OR state NOT IN ('active', 'decrypt-only'))
+                  + (SELECT count(*) FROM immuta.audit_log WHERE key_id IS NOT NULL AND keyring IS DISTINCT FROM 'default')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(outside, 0);
     let rotated: i64 = c.query_one("SELECT immuta_rotate()", &[]).unwrap().get(0);
     assert_eq!(rotated, before.keys.len() as i64 + 1);
+    c.batch_execute("SELECT immuta_keyring_create('after_update')").unwrap();
+    let tenant: String = c
+        .query_one("SELECT immuta_decrypt(immuta_encrypt('tenant value', keyring => 'after_update'))", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(tenant, "tenant value");
     let mut values = before.values.clone();
     values.push((written, "written after the update".to_owned()));
     values.push((encrypt(&mut c, "under the newest key"), "under the newest key".to_owned()));
@@ -346,7 +368,12 @@ fn upgrade_with_pg_upgrade(old: &Cluster, target: Installation, before: &Snapsho
     // Rollover by age goes on too.
     c.batch_execute("UPDATE immuta.data_keys SET created_at = created_at - interval '400 days'").unwrap();
     let rolled: Option<i64> = c.query_one("SELECT immuta_rotate_if_due()", &[]).unwrap().get(0);
-    assert_eq!(rolled, Some(next + 1));
+    assert_eq!(rolled, Some(next + 2), "both keyrings, default and after_update, roll over");
+    let by_schedule: i64 = c
+        .query_one("SELECT count(DISTINCT keyring) FROM immuta.keys WHERE reason = 'schedule'", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(by_schedule, 2);
     let stats: String = c.query_one("SELECT immuta_cache_stats()::text", &[]).unwrap().get(0);
     assert!(stats.contains("\"mode\": \"shared\""), "the shared cache serves the new cluster: {stats}");
     other.batch_execute("SELECT immuta_encrypt('now it may')").unwrap();
