@@ -126,11 +126,6 @@ impl KeyRing {
         }
     }
 
-    /// Changes the bound (takes effect at the next insertion).
-    pub fn set_capacity(&mut self, capacity: usize) {
-        self.capacity = capacity.max(1);
-    }
-
     /// The default keyring's current key.
     pub fn current(&self) -> Option<CurrentKey> {
         self.current
@@ -192,11 +187,6 @@ impl KeyRing {
 
     pub fn is_empty(&self) -> bool {
         self.ciphers.is_empty()
-    }
-
-    /// The ids of the keys held.
-    pub fn ids(&self) -> Vec<KeyId> {
-        self.ciphers.keys().copied().collect()
     }
 
     /// Keeps only the ciphers whose keys may still be used: drops keys created by transactions
