@@ -342,10 +342,7 @@ pub fn named(name: &str) -> Named {
         Some((named, loaded_at)) if loaded_at == stamp => return named,
         _ => {}
     }
-    // Bounded and checked before any query is made with it.
-    if !keyrings::name_ok(name) {
-        unknown_keyring(name);
-    }
+    require_keyring_name(name);
     let rollover = config().rollover();
     let entry_of = |row: &KeyringRow| {
         if row.destroyed {
@@ -374,8 +371,9 @@ pub fn named(name: &str) -> Named {
     named
 }
 
-/// An error for a keyring that does not exist; a name that cannot be a keyring's is not echoed.
-pub fn unknown_keyring(name: &str) -> ! {
+/// Raises `22023` for a name no keyring can have (not echoed); checked before any query is made
+/// with a name.
+pub fn require_keyring_name(name: &str) {
     if !keyrings::name_ok(name) {
         raise(
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
@@ -384,6 +382,11 @@ pub fn unknown_keyring(name: &str) -> ! {
             None,
         );
     }
+}
+
+/// An error for a keyring that does not exist; a name that cannot be a keyring's is not echoed.
+pub fn unknown_keyring(name: &str) -> ! {
+    require_keyring_name(name);
     raise(
         PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
         format!("immuta keyring \"{name}\" does not exist"),

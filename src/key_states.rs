@@ -160,7 +160,8 @@ pub fn disable_before(keyring: &str, key_id: i64, reason: &str) -> i32 {
 
 /// A keyring that exists (`default`, or one with a row); an error otherwise.
 fn existing_keyring(name: &str) -> String {
-    if name == keyrings::DEFAULT || (keyrings::name_ok(name) && catalog::keyring(name).is_some()) {
+    backend::require_keyring_name(name);
+    if name == keyrings::DEFAULT || catalog::keyring(name).is_some() {
         name.to_owned()
     } else {
         backend::unknown_keyring(name)
@@ -179,9 +180,7 @@ pub fn destroy_keyring(name: &str, reason: &str) -> i32 {
             Some("Rotate it, then disable and destroy its old keys one by one (immuta_key_disable, immuta_key_destroy)."),
         );
     }
-    if !keyrings::name_ok(name) {
-        backend::unknown_keyring(name);
-    }
+    backend::require_keyring_name(name);
     keys::lock_for_key_change("destroy");
     let Some(keyring) = catalog::keyring(name) else { backend::unknown_keyring(name) };
     if keyring.destroyed {

@@ -9,17 +9,6 @@ use crate::catalog::{self, AuditEvent};
 use crate::errors::raise;
 use crate::{backend, keys};
 
-fn valid_name(name: &str) {
-    if !keyrings::name_ok(name) {
-        raise(
-            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-            "invalid immuta keyring name",
-            Some(format!("A keyring name is {}.", keyrings::NAME_RULE)),
-            None,
-        );
-    }
-}
-
 /// Validates the settings arguments, and refuses a KMS key that immuta would reach with the
 /// server's own AWS identity on behalf of a role that is not a superuser.
 fn settings(rollover_days: Option<i32>, kms_key: Option<&str>, kms_region: Option<&str>) -> (Settings, bool) {
@@ -58,7 +47,7 @@ fn settings_json(settings: &Settings) -> Value {
 
 /// `immuta_keyring_create(name, rollover_days, kms_key, kms_region)`.
 pub fn create(name: &str, rollover_days: Option<i32>, kms_key: Option<&str>, kms_region: Option<&str>) {
-    valid_name(name);
+    backend::require_keyring_name(name);
     keys::lock_for_key_change("create");
     if name == keyrings::DEFAULT || catalog::keyring(name).is_some() {
         let destroyed = catalog::keyring(name).is_some_and(|k| k.destroyed);
@@ -114,7 +103,7 @@ pub fn status(name: &str) -> Value {
     let (settings, destroyed) = if name == keyrings::DEFAULT {
         (Settings::default(), false)
     } else {
-        valid_name(name);
+        backend::require_keyring_name(name);
         let Some(row) = catalog::keyring(name) else { backend::unknown_keyring(name) };
         (row.settings, row.destroyed)
     };

@@ -148,9 +148,7 @@ impl Target {
         if name == keyrings::DEFAULT {
             return Target { name: name.to_owned(), settings: Settings::default(), by_superuser: true };
         }
-        if !keyrings::name_ok(name) {
-            backend::unknown_keyring(name);
-        }
+        backend::require_keyring_name(name);
         let Some(row) = catalog::keyring(name) else { backend::unknown_keyring(name) };
         if row.destroyed {
             destroyed_keyring(name);
