@@ -12,6 +12,9 @@
 //! delivers it to every backend at its next transaction start or lock acquisition, and only after
 //! the sending transaction commits (or, to the sender itself, when it aborts). The callback bumps
 //! a counter; the next immuta call sees the counter moved and refreshes from the tables once.
+//! A refresh learns from the audit log's new events which keys and keyrings changed (every
+//! change to them is audited, in commit order) and drops only those: with thousands of
+//! keyrings, a rotation of one costs the others nothing.
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -54,11 +57,11 @@ struct Backend {
     oids: Option<TableOids>,
     /// The value of `INVALIDATIONS` the ring and configuration reflect.
     valid_as_of: u64,
-    /// The `valid_as_of` under which the named keyrings were last loaded in bulk (a keyring the
-    /// ring does not know is loaded with all the others once per invalidation, then alone).
-    bulk_loaded_at: u64,
+    /// Whether the named keyrings were loaded in bulk since the ring last dropped them all (a
+    /// keyring the ring does not know is then loaded with all the others, afterwards alone).
+    bulk_loaded: bool,
     /// The newest audit event the ring reflects: keys disabled or destroyed by later events are
-    /// dropped at the next refresh (`catalog::key_state_events`).
+    /// dropped, and the keyrings they changed reloaded, at the next refresh (`catalog::audit_since`).
     audit_seen: i64,
     /// The local transaction id of the last call, to run per-transaction checks once.
     lxid: u32,
@@ -84,7 +87,7 @@ thread_local! {
         config: None,
         oids: None,
         valid_as_of: 0,
-        bulk_loaded_at: 0,
+        bulk_loaded: false,
         audit_seen: 0,
         lxid: 0,
         now: UnixMicros(0),
@@ -115,16 +118,22 @@ fn next_nonce(nonces: &mut Option<(i32, NonceSource)>) -> [u8; format::NONCE_LEN
 
 impl Backend {
     /// The current key of `keyring` (`None`: the default keyring) as the ring knows it.
-    /// A named keyring's entry counts only if it was loaded under the current invalidation.
+    /// A named keyring's entry counts only if nothing changed the keyring since it was loaded.
     #[inline]
     fn current_of(&self, keyring: Option<&str>) -> Option<CurrentKey> {
         match keyring {
             None => self.ring.current(),
             Some(name) => match self.ring.named(name)? {
-                (Named::Live(current), stamp) if stamp == self.valid_as_of => current,
-                _ => None,
+                Named::Live(current) => current,
+                Named::Destroyed => None,
             },
         }
+    }
+
+    /// Forgets (and zeroizes) every key, and every keyring's entry.
+    fn forget_keys(&mut self) {
+        self.ring.clear();
+        self.bulk_loaded = false;
     }
 
     fn config(&self) -> Rc<Config> {
@@ -160,7 +169,7 @@ pub fn clear() {
         // An abort callback may run while a borrow is active (an error inside one): then there
         // is nothing safe to do but make the next call reload.
         if let Ok(mut b) = b.try_borrow_mut() {
-            b.ring.clear();
+            b.forget_keys();
             b.audit_seen = 0;
             b.valid_as_of = 0;
         }
@@ -263,7 +272,7 @@ pub fn prepare() -> UnixMicros {
             let resets = shared_cache::resets_of_this_database();
             let previous = std::mem::replace(&mut b.cache_resets, resets);
             if (previous.all, previous.database) != (resets.all, resets.database) {
-                b.ring.clear();
+                b.forget_keys();
                 b.valid_as_of = 0;
             } else if previous.key_states != resets.key_states {
                 // Keys were disabled or destroyed: reload now, not at the next transaction (the
@@ -283,9 +292,9 @@ pub fn prepare() -> UnixMicros {
     now
 }
 
-/// Reloads the configuration and the default keyring's current key, forgets the named keyrings
-/// (reloaded at their next use), and drops the keys that were disabled or destroyed or never
-/// committed, from this backend and from the shared cache.
+/// Reloads the configuration and the default keyring's current key, marks the named keyrings
+/// that changed (reloaded at their next use), and drops the keys that were disabled or destroyed
+/// or never committed, from this backend and from the shared cache.
 fn refresh() {
     let as_of = INVALIDATIONS.load(Ordering::Relaxed);
     // SAFETY: reads the database encoding, fixed for the life of the backend.
@@ -308,7 +317,7 @@ fn refresh() {
         let reinstalled = b.oids.is_some_and(|o| o != oids);
         if reinstalled {
             // The extension was dropped and created again: the old key ids mean other keys now.
-            b.ring.clear();
+            b.forget_keys();
             b.audit_seen = 0;
         }
         reinstalled
@@ -316,14 +325,25 @@ fn refresh() {
     if reinstalled {
         usage::forget();
     }
-    let (since, empty) = BACKEND.with_borrow(|b| (b.audit_seen, b.ring.is_empty()));
-    let (seen, gone) = catalog::key_state_events(since, empty);
+    let (since, empty) =
+        BACKEND.with_borrow(|b| (b.audit_seen, b.ring.is_empty() && b.ring.named_len() == 0));
+    let replay = catalog::audit_since(since, empty);
     // Keys disabled or destroyed since: their shared copies go too (on a standby, this is how
     // they leave its cache; on the primary the state change already dropped them at commit).
-    shared_cache::forget(&gone, false);
+    shared_cache::forget(&replay.gone, false);
+    let rollover_changed = previous.is_none_or(|p| p.config.rollover() != effective.config.rollover());
     BACKEND.with_borrow_mut(|b| {
-        b.ring.retain(|id| !gone.contains(&id));
-        b.audit_seen = seen;
+        b.ring.retain(|id| !replay.gone.contains(&id));
+        // The keyrings that changed since (a key created, disabled or destroyed, settings) are
+        // reloaded at their next use; the others stay. A keyring's due dates follow the
+        // configuration's rollover unless it has its own: a new rollover reloads them all.
+        if rollover_changed || replay.all_keyrings {
+            b.ring.clear_named();
+            b.bulk_loaded = false;
+        } else {
+            replay.keyrings.iter().for_each(|name| b.ring.forget_named(name));
+        }
+        b.audit_seen = replay.latest;
         let rollover = effective.config.rollover();
         b.ring.set_current(current.map(|(id, created)| CurrentKey { id, due_at: rollover.due_at(created) }));
         b.oids = Some(oids);
@@ -332,15 +352,13 @@ fn refresh() {
     });
 }
 
-/// What the ring holds for keyring `name` once loaded: after an invalidation, the first keyring
-/// the ring does not know loads every keyring (up to the ring's bound) in one query; a keyring
-/// still unknown after that is looked up alone. An unknown name is an error.
+/// What the ring holds for keyring `name` once loaded: the first keyring met since the ring
+/// dropped them all loads every keyring (up to the ring's bound) in one query; a keyring unknown
+/// after that, or changed since it was loaded, is loaded alone. An unknown name is an error.
 pub fn named(name: &str) -> Named {
-    let (entry, stamp, bulk_done) =
-        BACKEND.with_borrow(|b| (b.ring.named(name), b.valid_as_of, b.bulk_loaded_at == b.valid_as_of));
-    match entry {
-        Some((named, loaded_at)) if loaded_at == stamp => return named,
-        _ => {}
+    let (entry, bulk_done) = BACKEND.with_borrow(|b| (b.ring.named(name), b.bulk_loaded));
+    if let Some(named) = entry {
+        return named;
     }
     require_keyring_name(name);
     let rollover = config().rollover();
@@ -352,22 +370,23 @@ pub fn named(name: &str) -> Named {
             Named::Live(row.current.map(|(id, created)| CurrentKey { id, due_at: length.due_at(created) }))
         }
     };
-    // A keyring never met: load them all (the first pass over a table of many tenants). One
-    // met before and stale: alone (after each key creation every entry is stale, and reloading
-    // all of them at every row of a first pass would be quadratic).
-    if entry.is_none() && !bulk_done {
+    // The first keyring met since the ring dropped them all: load them all (the first pass over
+    // a table of many tenants). Later, one alone: a keyring created since, or one that changed
+    // (`refresh` marks only those; a first pass creates a key per keyring, and reloading all of
+    // them at each would be quadratic).
+    if !bulk_done {
         let rows = catalog::keyrings(KeyRing::DEFAULT_CAPACITY);
         BACKEND.with_borrow_mut(|b| {
-            rows.iter().for_each(|row| b.ring.set_named(&row.name, entry_of(row), stamp));
-            b.bulk_loaded_at = stamp;
+            rows.iter().for_each(|row| b.ring.set_named(&row.name, entry_of(row)));
+            b.bulk_loaded = true;
         });
-        if let Some((named, _)) = BACKEND.with_borrow(|b| b.ring.named(name)) {
+        if let Some(named) = BACKEND.with_borrow(|b| b.ring.named(name)) {
             return named;
         }
     }
     let Some(row) = catalog::keyring(name) else { unknown_keyring(name) };
     let named = entry_of(&row);
-    BACKEND.with_borrow_mut(|b| b.ring.set_named(name, named, stamp));
+    BACKEND.with_borrow_mut(|b| b.ring.set_named(name, named));
     named
 }
 
@@ -404,10 +423,7 @@ pub fn current(keyring: Option<&str>) -> Option<CurrentKey> {
 pub fn set_current(keyring: Option<&str>, current: Option<CurrentKey>) {
     BACKEND.with_borrow_mut(|b| match keyring {
         None => b.ring.set_current(current),
-        Some(name) => {
-            let stamp = b.valid_as_of;
-            b.ring.set_named(name, Named::Live(current), stamp)
-        }
+        Some(name) => b.ring.set_named(name, Named::Live(current)),
     })
 }
 
@@ -429,15 +445,23 @@ pub fn encrypt_fast(
     plaintext: &[u8],
 ) -> Option<varlena::Bytea> {
     BACKEND.with_borrow_mut(|b| {
-        let current = b.current_of(keyring).filter(|c| now < c.due_at)?;
         let Backend { ring, nonces, lxid, .. } = &mut *b;
-        let cipher = ring.cipher(current.id, now)?;
-        if !usage::spend(current.id, *lxid) {
-            return None;
+        let seal = |cipher: &DataCipher, nonces: &mut Option<(i32, NonceSource)>| {
+            let nonce = next_nonce(nonces);
+            let len = format::sealed_len(plaintext.len());
+            varlena::bytea(len, |out| cipher.seal_into(&nonce, value_type, context, plaintext, out))
+        };
+        match keyring {
+            None => {
+                let current = ring.current().filter(|c| now < c.due_at)?;
+                let cipher = ring.cipher(current.id, now)?;
+                usage::spend(current.id, *lxid).then(|| seal(cipher, nonces))
+            }
+            Some(name) => {
+                let (id, loaded) = ring.current_cipher(name, now)?;
+                usage::spend(id, *lxid).then(|| seal(loaded.cipher(), nonces))
+            }
         }
-        let nonce = next_nonce(nonces);
-        let len = format::sealed_len(plaintext.len());
-        Some(varlena::bytea(len, |out| cipher.seal_into(&nonce, value_type, context, plaintext, out)))
     })
 }
 

@@ -508,26 +508,56 @@ pub fn current_key(keyring: &str) -> Option<(KeyId, UnixMicros)> {
     rows.into_iter().next().flatten()
 }
 
-/// The keys disabled or destroyed by the audit log's events after event `since`, and the id of
-/// the newest event (`since` if none). Every state change is audited under the key creation
-/// lock with the next id, so ids follow commit order and no event can appear below one already
-/// seen. With `latest_only`, just the newest id (a backend that holds no key has nothing to drop).
-pub fn key_state_events(since: i64, latest_only: bool) -> (i64, Vec<KeyId>) {
+/// What the audit log's events after event `since` changed (see [`audit_since`]).
+pub struct AuditReplay {
+    /// The id of the newest event (`since` if none).
+    pub latest: i64,
+    /// The keys they disabled or destroyed that are still not enabled.
+    pub gone: Vec<KeyId>,
+    /// The keyrings they concern (a key created, rotated, rewrapped, disabled, enabled or
+    /// destroyed; a keyring created, configured or destroyed).
+    pub keyrings: Vec<String>,
+    /// Too many keyrings to name, or the log went back (restored): take every keyring as changed.
+    pub all_keyrings: bool,
+}
+
+/// Keyrings named one by one in an [`AuditReplay`]; beyond, all of them count as changed.
+const REPLAY_KEYRINGS: i64 = 1024;
+
+/// What changed since event `since`, from the audit log. Every change to keys and keyrings is
+/// audited under the key creation lock with the next id, so ids follow commit order and no
+/// event can appear below one already seen. With `latest_only`, just the newest id (a backend
+/// that holds no key and no keyring has nothing to drop).
+pub fn audit_since(since: i64, latest_only: bool) -> AuditReplay {
     if latest_only {
-        return (highest_id(c"SELECT COALESCE(max(id), 0) FROM immuta.audit_log"), Vec::new());
+        let latest = highest_id(c"SELECT COALESCE(max(id), 0) FROM immuta.audit_log");
+        return AuditReplay { latest, gone: Vec::new(), keyrings: Vec::new(), all_keyrings: false };
     }
     // Aggregated here, not read row by row: however many events came since, one row comes back.
     let rows = read_latest(
         c"SELECT COALESCE(max(id), $1), \
                  COALESCE(array_agg(DISTINCT key_id) FILTER (WHERE event IN ('key disabled', 'key destroyed') \
-                                                              AND key_id IS NOT NULL), '{}') \
+                                                              AND key_id IS NOT NULL), '{}'), \
+                 (SELECT COALESCE(array_agg(keyring), '{}') FROM \
+                    (SELECT DISTINCT keyring FROM immuta.audit_log \
+                      WHERE id > $1 AND keyring IS NOT NULL LIMIT $2 + 1) k), \
+                 (SELECT COALESCE(max(id), 0) FROM immuta.audit_log) < $1 \
           FROM immuta.audit_log WHERE id > $1",
-        &[(pg_sys::INT8OID, pg_sys::Datum::from(since))],
-        |row| (row.get::<i64>(1).unwrap_or(since), row.get::<Vec<i64>>(2).unwrap_or_default()),
+        &[(pg_sys::INT8OID, pg_sys::Datum::from(since)), (pg_sys::INT8OID, pg_sys::Datum::from(REPLAY_KEYRINGS))],
+        |row| {
+            (
+                row.get::<i64>(1).unwrap_or(since),
+                row.get::<Vec<i64>>(2).unwrap_or_default(),
+                row.get::<Vec<String>>(3).unwrap_or_default(),
+                row.get::<bool>(4).unwrap_or(true),
+            )
+        },
     );
-    let (latest, ids) = rows.into_iter().next().unwrap_or((since, Vec::new()));
+    let (latest, ids, keyrings, went_back) =
+        rows.into_iter().next().unwrap_or((since, Vec::new(), Vec::new(), true));
     let ids: Vec<KeyId> = ids.into_iter().filter_map(KeyId::new).collect();
-    (latest, not_enabled_among(&ids))
+    let all_keyrings = went_back || keyrings.len() as i64 > REPLAY_KEYRINGS;
+    AuditReplay { latest, gone: not_enabled_among(&ids), keyrings, all_keyrings }
 }
 
 /// Which of `ids` name keys that are no longer enabled (or whose keyring was destroyed), read

@@ -127,6 +127,44 @@ fn ten_thousand_keyrings_encrypt_a_table_whose_rows_belong_to_all_of_them_throug
     assert_eq!(keys, 10_000, "one active key per keyring");
 }
 
+#[test]
+fn a_change_to_one_keyring_reaches_another_session_which_keeps_the_other_keyrings_it_loaded() {
+    let pg = Cluster::start(&[]);
+    let mut admin = pg.connect();
+    tenants_table(&mut admin, 4, 40);
+    let mut app = pg.connect();
+    let key = |c: &mut postgres::Client, keyring: &str| -> i64 {
+        one(c, &format!("SELECT immuta_key_id(immuta_encrypt('x', keyring => '{keyring}'))"))
+    };
+    let before: Vec<i64> = (0..4).map(|i| key(&mut app, &format!("tenant_{i}"))).collect();
+    // Another session rotates tenant_1, makes tenant_2 roll over daily with a key two days old,
+    // destroys tenant_3 and creates tenant_9; tenant_0 is left alone.
+    admin
+        .batch_execute(
+            "SELECT immuta_rotate('tenant_1');
+             UPDATE immuta.data_keys SET created_at = created_at - interval '2 days' WHERE keyring = 'tenant_2';
+             SELECT immuta_keyring_configure('tenant_2', rollover_days => 1);
+             SELECT immuta_keyring_destroy('tenant_3', 'customer left');
+             SELECT immuta_keyring_create('tenant_9');",
+        )
+        .unwrap();
+    let rotated: i64 = one(&mut admin, "SELECT max(id) FROM immuta.data_keys WHERE keyring = 'tenant_1'");
+    assert_eq!(key(&mut app, "tenant_0"), before[0], "unchanged");
+    assert_eq!(key(&mut app, "tenant_1"), rotated, "the rotation is seen");
+    assert!(key(&mut app, "tenant_2") > before[2], "the new rollover length is seen");
+    assert_eq!(sqlstate(app.query_one("SELECT immuta_encrypt('x', keyring => 'tenant_3')", &[])), "55000");
+    assert!(key(&mut app, "tenant_9") > rotated, "a keyring created since works");
+    // A new rollover length in the configuration reaches every keyring without its own.
+    admin
+        .batch_execute(
+            "UPDATE immuta.data_keys SET created_at = created_at - interval '2 days' WHERE keyring = 'tenant_0';
+             SELECT immuta_configure('schedule:\n  dataKeyRollOverLength: 1\n');",
+        )
+        .unwrap();
+    assert!(key(&mut app, "tenant_0") > before[0], "the configuration's rollover is seen");
+    assert_eq!(decrypting(&mut app, "tenant <> 'tenant_3'"), 30);
+}
+
 /// Waits until `standby` has replayed the state `state` of key `key`.
 fn wait_for_state(standby: &Cluster, key: i64, state: &str) {
     let start = Instant::now();

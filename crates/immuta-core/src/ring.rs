@@ -4,23 +4,30 @@
 //! Lookups are by key id in a map hashed by one multiplication (key ids are trusted small
 //! integers; SipHash cost 2% of a decrypt-heavy profile). The default keyring's current key is
 //! held apart so that encryption without a keyring, the common case, costs one comparison and no
-//! hashing; a named keyring costs one lookup of its name. Data keys never change once created, so
-//! a cipher stays valid until its key is disabled or destroyed; what changes is which key is
-//! current and which keys may be used, and the SQL layer refreshes those on invalidation (see
-//! `src/backend.rs`).
+//! hashing. A named keyring is one entry of one cache line, found by its name, which links to
+//! its current key's cipher: a row under one of thousands of keyrings touches that line and the
+//! key schedule, and no map by key id. Data keys never change once created, so a cipher stays
+//! valid until its key is disabled or destroyed; what changes is which key is current and which
+//! keys may be used, and the SQL layer refreshes those on invalidation (see `src/backend.rs`).
 //!
-//! Both maps are bounded: a SaaS with a keyring per customer meets thousands of keyrings, and a
+//! The map by key id owns the ciphers; a keyring's link does not keep a cipher alive, so a key
+//! dropped from the map (disabled, destroyed, evicted) is zeroized at once and the link is made
+//! again, by key id, at the next use.
+//!
+//! Both tables are bounded: a SaaS with a keyring per customer meets thousands of keyrings, and a
 //! backend must not grow without limit. When the ciphers reach their capacity, expired ones go
 //! first, then an arbitrary one (the next use unwraps it again from the shared cache); the named
 //! keyrings' entries are all dropped at once and reloaded at their next use.
 //!
-//! Each named keyring's entry carries the stamp of the invalidation it was loaded under: an
-//! entry whose stamp is not the backend's current one is stale and is reloaded, alone, at the
-//! keyring's next use. So an invalidation costs each keyring one query at its next use, never a
-//! reload of every keyring.
+//! The SQL layer marks a keyring's entry stale when something changed it (a new key, a state
+//! change, its settings); a stale entry is reloaded, in place, at the keyring's next use. So a
+//! change costs the keyrings it concerns a query each, not every keyring.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
+use std::rc::{Rc, Weak};
+
+use hashbrown::HashTable;
 
 use crate::cipher::DataCipher;
 use crate::key::KeyId;
@@ -42,13 +49,26 @@ pub enum Named {
     Destroyed,
 }
 
+/// A cipher the ring holds, with the instant after which its key must be unwrapped again
+/// (`immuta.cache_ttl`), so that revoking KMS access takes effect.
+pub struct Loaded {
+    cipher: DataCipher,
+    expires: UnixMicros,
+}
+
+impl Loaded {
+    pub fn cipher(&self) -> &DataCipher {
+        &self.cipher
+    }
+}
+
 /// Ready ciphers by key id, plus the current key of each keyring met.
 pub struct KeyRing {
     current: Option<CurrentKey>,
-    named: HashMap<InlineName, (Named, u64), BuildHasherDefault<KeyIdHasher>>,
-    /// Each cipher with the instant after which its key must be unwrapped again
-    /// (`immuta.cache_ttl`), so that revoking KMS access takes effect.
-    ciphers: HashMap<KeyId, (DataCipher, UnixMicros), BuildHasherDefault<KeyIdHasher>>,
+    named: NamedTable,
+    /// The only owner of each cipher: dropping it here zeroizes the key schedule, whatever the
+    /// named entries' links say.
+    ciphers: HashMap<KeyId, Rc<Loaded>, BuildHasherDefault<KeyIdHasher>>,
     capacity: usize,
 }
 
@@ -58,34 +78,158 @@ impl Default for KeyRing {
     }
 }
 
-/// A keyring name held inline (a name is at most 63 bytes), so that finding a keyring touches
-/// the map's own memory and not a separate allocation per name: with thousands of keyrings met
-/// in turn, each such pointer is a cache miss per row (measured: the name comparison was the
-/// costliest instruction of a row encrypted under one of 10,000 keyrings).
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct InlineName {
+/// Bytes of a name held in the entry itself; the rest of a longer name (at most 63 bytes in
+/// all) is in a box of its own.
+const HEAD: usize = 29;
+const TAIL: usize = 63 - HEAD;
+
+/// One named keyring, in exactly one cache line: with thousands of keyrings met in turn, each
+/// row under a keyring finds it with one memory access that misses the processor's caches
+/// (measured: the entry was the costliest access of such a row while it spanned two lines and
+/// the key's cipher was looked up in a second map). A name of up to 22 bytes is compared within
+/// the line; a longer one also reads its box.
+#[repr(C, align(64))]
+struct NamedEntry {
     len: u8,
-    bytes: [u8; 63],
+    destroyed: bool,
+    /// A change of the keyring may have happened since it was loaded: reload before use.
+    stale: bool,
+    head: [u8; HEAD],
+    tail: Option<Box<[u8; TAIL]>>,
+    /// The current key's id (0: none yet) and when it is due.
+    current_id: i64,
+    due_at: UnixMicros,
+    /// The current key's cipher, once the ring has one: found without a lookup by key id.
+    cipher: Weak<Loaded>,
 }
 
-impl InlineName {
-    /// `None` for a name longer than any keyring's.
-    #[inline]
-    fn new(name: &str) -> Option<InlineName> {
-        let len = name.len();
-        if len > 63 {
-            return None;
+impl NamedEntry {
+    fn new(name: &[u8], named: Named) -> NamedEntry {
+        let mut head = [0u8; HEAD];
+        let split = name.len().min(HEAD);
+        head[..split].copy_from_slice(&name[..split]);
+        let tail = (name.len() > HEAD).then(|| {
+            let mut tail = Box::new([0u8; TAIL]);
+            tail[..name.len() - HEAD].copy_from_slice(&name[HEAD..]);
+            tail
+        });
+        let mut entry = NamedEntry {
+            len: name.len() as u8,
+            destroyed: false,
+            stale: false,
+            head,
+            tail,
+            current_id: 0,
+            due_at: UnixMicros(0),
+            cipher: Weak::new(),
+        };
+        entry.set(named);
+        entry
+    }
+
+    fn set(&mut self, named: Named) {
+        let current = match named {
+            Named::Live(current) => current,
+            Named::Destroyed => None,
+        };
+        self.destroyed = named == Named::Destroyed;
+        self.current_id = current.map_or(0, |c| c.id.get());
+        self.due_at = current.map_or(UnixMicros(0), |c| c.due_at);
+        self.stale = false;
+        if current.is_none_or(|c| self.cipher.upgrade().is_none_or(|l| l.cipher.key_id() != c.id)) {
+            self.cipher = Weak::new();
         }
-        let mut bytes = [0u8; 63];
-        bytes[..len].copy_from_slice(name.as_bytes());
-        Some(InlineName { len: len as u8, bytes })
+    }
+
+    #[inline]
+    fn is(&self, name: &[u8]) -> bool {
+        if usize::from(self.len) != name.len() {
+            return false;
+        }
+        let split = name.len().min(HEAD);
+        self.head[..split] == name[..split]
+            && self.tail.as_ref().is_none_or(|tail| tail[..name.len() - HEAD] == name[HEAD..])
+    }
+
+    fn name(&self) -> Vec<u8> {
+        let len = usize::from(self.len);
+        let mut name = self.head[..len.min(HEAD)].to_vec();
+        if let Some(tail) = &self.tail {
+            name.extend_from_slice(&tail[..len - HEAD]);
+        }
+        name
+    }
+
+    #[inline]
+    fn current(&self) -> Option<CurrentKey> {
+        KeyId::new(self.current_id).map(|id| CurrentKey { id, due_at: self.due_at })
+    }
+
+    fn named(&self) -> Named {
+        if self.destroyed {
+            Named::Destroyed
+        } else {
+            Named::Live(self.current())
+        }
     }
 }
 
-impl std::hash::Hash for InlineName {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        state.write(&self.bytes[..usize::from(self.len)]);
+/// The named keyrings' entries in the order they were met, and an index of them by name (four
+/// bytes per keyring and its control byte, which stay in the processor's caches): the entries of
+/// keyrings met together sit together in memory, as their keys' schedules do, instead of being
+/// scattered over the table by their hashes. Entries are only added, updated in place, or all
+/// dropped at once.
+#[derive(Default)]
+struct NamedTable {
+    index: HashTable<u32>,
+    entries: Vec<NamedEntry>,
+}
+
+impl NamedTable {
+    #[inline]
+    fn position(&self, name: &[u8]) -> Option<usize> {
+        let entries = &self.entries;
+        self.index.find(hash_name(name), |&i| entries[i as usize].is(name)).map(|&i| i as usize)
     }
+
+    #[inline]
+    fn find(&self, name: &[u8]) -> Option<&NamedEntry> {
+        self.position(name).map(|i| &self.entries[i])
+    }
+
+    #[inline]
+    fn find_mut(&mut self, name: &[u8]) -> Option<&mut NamedEntry> {
+        self.position(name).map(|i| &mut self.entries[i])
+    }
+
+    /// Adds the entry of a name not yet in the table.
+    fn insert(&mut self, entry: NamedEntry) {
+        let position =
+            u32::try_from(self.entries.len()).expect("the ring is bounded far below 2^32 keyrings");
+        let entries = &self.entries;
+        self.index
+            .insert_unique(hash_name(&entry.name()), position, |&i| hash_name(&entries[i as usize].name()));
+        self.entries.push(entry);
+    }
+
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    fn clear(&mut self) {
+        self.index.clear();
+        self.entries.clear();
+    }
+}
+
+/// A keyring name's hash (eight bytes at a time; names are created only by an administrator).
+#[inline]
+fn hash_name(name: &[u8]) -> u64 {
+    let mut hasher = KeyIdHasher::default();
+    hasher.write(name);
+    let h = hasher.finish();
+    // The table places entries by the low bits, which a multiplication mixes least.
+    h ^ (h >> 29)
 }
 
 /// Fibonacci hashing: spreads consecutive ids over the high bits hashbrown uses. Also used for
@@ -99,11 +243,19 @@ impl Hasher for KeyIdHasher {
     }
 
     fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
-            let mut word = [0u8; 8];
-            word[..chunk.len()].copy_from_slice(chunk);
-            let word = u64::from_le_bytes(word) ^ (chunk.len() as u64) << 59;
+        let mut mix = |word: u64, len: usize| {
+            let word = word ^ (len as u64) << 59;
             self.0 = (self.0.rotate_left(26) ^ word).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        };
+        let mut chunks = bytes.chunks_exact(8);
+        for chunk in &mut chunks {
+            mix(u64::from_le_bytes(chunk.try_into().expect("eight bytes")), 8);
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            // Byte by byte: a copy of a variable length would be a call to memcpy per name.
+            let word = rest.iter().rev().fold(0u64, |word, &b| word << 8 | u64::from(b));
+            mix(word, rest.len());
         }
     }
 
@@ -120,7 +272,7 @@ impl KeyRing {
     pub fn with_capacity(capacity: usize) -> KeyRing {
         KeyRing {
             current: None,
-            named: HashMap::default(),
+            named: NamedTable::default(),
             ciphers: HashMap::default(),
             capacity: capacity.max(1),
         }
@@ -135,20 +287,55 @@ impl KeyRing {
         self.current = current;
     }
 
-    /// What the ring knows of keyring `name`, and the stamp it was loaded under; `None` when it
-    /// has not been loaded.
     #[inline]
-    pub fn named(&self, name: &str) -> Option<(Named, u64)> {
-        self.named.get(&InlineName::new(name)?).copied()
+    fn entry(&self, name: &[u8]) -> Option<&NamedEntry> {
+        self.named.find(name)
+    }
+
+    /// What the ring knows of keyring `name`; `None` when it has not been loaded, or may have
+    /// changed since ([`forget_named`](Self::forget_named)).
+    #[inline]
+    pub fn named(&self, name: &str) -> Option<Named> {
+        self.entry(name.as_bytes()).filter(|e| !e.stale).map(NamedEntry::named)
+    }
+
+    /// The hot path of a row under a named keyring: its current key and that key's cipher, if
+    /// the keyring's entry is loaded and not stale, its key is not due at `now`, and the cipher is
+    /// loaded and not expired. Touches the keyring's entry and, through its link, the cipher;
+    /// the map by key id only when the link must be made again.
+    #[inline]
+    pub fn current_cipher(&mut self, name: &str, now: UnixMicros) -> Option<(KeyId, Rc<Loaded>)> {
+        let name = name.as_bytes();
+        let entry = self.named.find_mut(name)?;
+        if entry.stale || now >= entry.due_at {
+            return None;
+        }
+        let id = KeyId::new(entry.current_id)?;
+        let loaded = match entry.cipher.upgrade() {
+            Some(loaded) if loaded.cipher.key_id() == id => loaded,
+            _ => {
+                let loaded = self.ciphers.get(&id)?.clone();
+                entry.cipher = Rc::downgrade(&loaded);
+                loaded
+            }
+        };
+        (now < loaded.expires).then_some((id, loaded))
     }
 
     /// Records what keyring `name` is (a name longer than any keyring's is not kept).
-    pub fn set_named(&mut self, name: &str, named: Named, stamp: u64) {
-        let Some(key) = InlineName::new(name) else { return };
-        if self.named.len() >= self.capacity && !self.named.contains_key(&key) {
+    pub fn set_named(&mut self, name: &str, named: Named) {
+        let name = name.as_bytes();
+        if name.len() > HEAD + TAIL {
+            return;
+        }
+        if let Some(entry) = self.named.find_mut(name) {
+            entry.set(named);
+            return;
+        }
+        if self.named.len() >= self.capacity {
             self.named.clear();
         }
-        self.named.insert(key, (named, stamp));
+        self.named.insert(NamedEntry::new(name, named));
     }
 
     /// How many named keyrings the ring knows.
@@ -156,28 +343,40 @@ impl KeyRing {
         self.named.len()
     }
 
+    /// Marks keyring `name` as changed: it is reloaded at its next use, in place.
+    pub fn forget_named(&mut self, name: &str) {
+        if let Some(entry) = self.named.find_mut(name.as_bytes()) {
+            entry.stale = true;
+        }
+    }
+
+    /// Forgets what the ring knows of the named keyrings.
+    pub fn clear_named(&mut self) {
+        self.named.clear();
+    }
+
     /// The cipher of key `id`, unless it is absent or expired at `now`.
     pub fn cipher(&self, id: KeyId, now: UnixMicros) -> Option<&DataCipher> {
-        self.ciphers.get(&id).filter(|(_, expires)| now < *expires).map(|(c, _)| c)
+        self.ciphers.get(&id).filter(|l| now < l.expires).map(|l| &l.cipher)
     }
 
     /// The cipher of key `id` whatever its expiry: for use right after loading it.
     pub fn loaded(&self, id: KeyId) -> Option<&DataCipher> {
-        self.ciphers.get(&id).map(|(c, _)| c)
+        self.ciphers.get(&id).map(|l| &l.cipher)
     }
 
     /// Adds a cipher, making room first if the ring is full (expired ciphers, else any one).
     pub fn insert(&mut self, cipher: DataCipher, expires_at: UnixMicros, now: UnixMicros) {
         let id = cipher.key_id();
         if self.ciphers.len() >= self.capacity && !self.ciphers.contains_key(&id) {
-            self.ciphers.retain(|_, (_, expires)| now < *expires);
+            self.ciphers.retain(|_, l| now < l.expires);
             if self.ciphers.len() >= self.capacity {
                 if let Some(victim) = self.ciphers.keys().find(|k| **k != id).copied() {
                     self.ciphers.remove(&victim);
                 }
             }
         }
-        self.ciphers.insert(id, (cipher, expires_at));
+        self.ciphers.insert(id, Rc::new(Loaded { cipher, expires: expires_at }));
     }
 
     /// How many keys the ring holds (expired ones included until replaced).
@@ -191,7 +390,7 @@ impl KeyRing {
 
     /// Keeps only the ciphers whose keys may still be used: drops keys created by transactions
     /// that rolled back, and keys disabled or destroyed since. Dropped ciphers zeroize their key
-    /// schedules.
+    /// schedules (the named entries' links do not keep them).
     pub fn retain(&mut self, mut usable: impl FnMut(KeyId) -> bool) {
         self.ciphers.retain(|id, _| usable(*id));
     }
@@ -224,7 +423,7 @@ mod tests {
         assert!(ring.cipher(KeyId::new(1).unwrap(), UnixMicros(100)).is_none(), "expired");
         assert!(ring.cipher(KeyId::new(2).unwrap(), UnixMicros(0)).is_none());
         assert_eq!(ring.len(), 2);
-        ring.set_named("t", Named::Live(None), 1);
+        ring.set_named("t", Named::Live(None));
         ring.clear();
         assert!(ring.is_empty() && ring.current().is_none() && ring.named("t").is_none());
     }
@@ -247,23 +446,86 @@ mod tests {
     }
 
     #[test]
-    fn named_keyrings_are_bounded_and_carry_the_stamp_they_were_loaded_under() {
+    fn named_keyrings_are_bounded_and_reloaded_in_place_once_marked_stale() {
         let mut ring = KeyRing::with_capacity(2);
         let key = CurrentKey { id: KeyId::new(7).unwrap(), due_at: UnixMicros(5) };
-        ring.set_named("a", Named::Live(Some(key)), 1);
-        ring.set_named("b", Named::Destroyed, 1);
-        assert_eq!(ring.named("a"), Some((Named::Live(Some(key)), 1)));
-        ring.set_named("a", Named::Live(Some(key)), 2);
-        assert_eq!(ring.named("a"), Some((Named::Live(Some(key)), 2)), "reloaded in place");
-        ring.set_named("c", Named::Live(None), 2);
+        ring.set_named("a", Named::Live(Some(key)));
+        ring.set_named("b", Named::Destroyed);
+        assert_eq!(ring.named("a"), Some(Named::Live(Some(key))));
+        ring.forget_named("a");
+        assert_eq!(ring.named("a"), None, "stale");
+        assert_eq!(ring.named("b"), Some(Named::Destroyed), "only the keyring marked");
+        ring.forget_named("nobody");
+        ring.set_named("a", Named::Live(None));
+        assert_eq!(ring.named("a"), Some(Named::Live(None)), "reloaded in place");
+        assert_eq!(ring.named_len(), 2);
+        ring.set_named("c", Named::Live(None));
         assert!(ring.named("a").is_none() && ring.named("c").is_some());
         assert_eq!(ring.named_len(), 1);
         let long = "x".repeat(64);
-        ring.set_named(&long, Named::Live(None), 2);
+        ring.set_named(&long, Named::Live(None));
         assert!(ring.named(&long).is_none(), "no keyring has such a name");
         let max = "y".repeat(63);
-        ring.set_named(&max, Named::Destroyed, 3);
-        assert_eq!(ring.named(&max), Some((Named::Destroyed, 3)));
+        ring.set_named(&max, Named::Destroyed);
+        assert_eq!(ring.named(&max), Some(Named::Destroyed));
         assert!(ring.named(&max[..62]).is_none(), "a prefix is another name");
+        ring.clear_named();
+        assert_eq!(ring.named_len(), 0);
+    }
+
+    #[test]
+    fn a_keyring_entry_fills_one_cache_line_and_links_to_its_current_cipher_without_owning_it() {
+        assert_eq!(std::mem::size_of::<NamedEntry>(), 64);
+        let mut ring = KeyRing::default();
+        let k = |id| KeyId::new(id).unwrap();
+        let now = UnixMicros(10);
+        let long = "tenant-with-a-name-longer-than-the-head_0001";
+        for (name, id) in [("t", 1), (long, 2)] {
+            ring.set_named(name, Named::Live(Some(CurrentKey { id: k(id), due_at: UnixMicros(50) })));
+            assert!(ring.current_cipher(name, now).is_none(), "the cipher is not loaded yet");
+            ring.insert(cipher(id), UnixMicros(100), now);
+            let (got, loaded) = ring.current_cipher(name, now).expect("linked by key id");
+            assert_eq!((got, loaded.cipher().key_id()), (k(id), k(id)));
+            drop(loaded);
+            assert!(ring.current_cipher(name, UnixMicros(50)).is_none(), "due");
+            ring.forget_named(name);
+            assert!(ring.current_cipher(name, now).is_none(), "stale");
+            ring.set_named(name, Named::Live(Some(CurrentKey { id: k(id), due_at: UnixMicros(50) })));
+            assert!(ring.current_cipher(name, now).is_some(), "reloaded, the link kept");
+        }
+        assert!(ring.current_cipher(&long[..long.len() - 1], now).is_none(), "a prefix is another name");
+        assert!(ring.current_cipher("tenant-with-a-name-longer-than-the-head_0002", now).is_none());
+        // Dropping the key from the ring drops its cipher: the link keeps nothing alive.
+        ring.retain(|id| id != k(1));
+        assert!(ring.current_cipher("t", now).is_none());
+        assert_eq!(ring.len(), 1);
+        // A new current key: the old link no longer serves.
+        ring.insert(cipher(3), UnixMicros(100), now);
+        ring.set_named(long, Named::Live(Some(CurrentKey { id: k(3), due_at: UnixMicros(50) })));
+        assert_eq!(ring.current_cipher(long, now).map(|(id, _)| id), Some(k(3)));
+        // An expired cipher is not used (its key is unwrapped again).
+        ring.insert(cipher(3), UnixMicros(40), now);
+        assert!(ring.current_cipher(long, UnixMicros(39)).is_some());
+        assert!(ring.current_cipher(long, UnixMicros(40)).is_none());
+        ring.set_named(long, Named::Destroyed);
+        assert!(ring.current_cipher(long, now).is_none());
+        assert_eq!(ring.named(long), Some(Named::Destroyed));
+    }
+
+    #[test]
+    fn many_named_keyrings_are_found_by_name() {
+        let mut ring = KeyRing::default();
+        for i in 0..10_000 {
+            let named =
+                Named::Live(Some(CurrentKey { id: KeyId::new(i + 1).unwrap(), due_at: UnixMicros(i) }));
+            ring.set_named(&format!("tenant_{i}"), named);
+        }
+        assert_eq!(ring.named_len(), 10_000);
+        for i in 0..10_000 {
+            let want =
+                Named::Live(Some(CurrentKey { id: KeyId::new(i + 1).unwrap(), due_at: UnixMicros(i) }));
+            assert_eq!(ring.named(&format!("tenant_{i}")), Some(want));
+        }
+        assert!(ring.named("tenant_10000").is_none());
     }
 }
