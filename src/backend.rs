@@ -63,6 +63,9 @@ struct Backend {
     /// The newest audit event the ring reflects: keys disabled or destroyed by later events are
     /// dropped, and the keyrings they changed reloaded, at the next refresh (`catalog::audit_since`).
     audit_seen: i64,
+    /// The highest key id when the audit log was last replayed: a newer key without an event
+    /// makes every keyring reload.
+    keys_seen: i64,
     /// The local transaction id of the last call, to run per-transaction checks once.
     lxid: u32,
     /// Start time of that transaction: the clock of the rollover rule.
@@ -89,6 +92,7 @@ thread_local! {
         valid_as_of: 0,
         bulk_loaded: false,
         audit_seen: 0,
+        keys_seen: 0,
         lxid: 0,
         now: UnixMicros(0),
         xact_epoch: 0,
@@ -172,9 +176,17 @@ pub fn clear() {
             b.forget_keys();
             b.audit_seen = 0;
             b.valid_as_of = 0;
+        } else {
+            CLEAR_PENDING.set(true);
         }
     });
     stale();
+}
+
+thread_local! {
+    /// A [`clear`] could not take the backend's state (it ran inside a borrow): the next
+    /// refresh does it.
+    static CLEAR_PENDING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// Registers the relcache callback. Called from `_PG_init`, once per process.
@@ -325,14 +337,24 @@ fn refresh() {
     if reinstalled {
         usage::forget();
     }
-    let (since, empty) =
-        BACKEND.with_borrow(|b| (b.audit_seen, b.ring.is_empty() && b.ring.named_len() == 0));
-    let replay = catalog::audit_since(since, empty);
+    if CLEAR_PENDING.replace(false) {
+        BACKEND.with_borrow_mut(|b| {
+            b.forget_keys();
+            b.audit_seen = 0;
+        });
+    }
+    let (since, keys_seen, empty) =
+        BACKEND.with_borrow(|b| (b.audit_seen, b.keys_seen, b.ring.is_empty() && b.ring.named_len() == 0));
+    let replay = catalog::audit_since(since, keys_seen, empty);
     // Keys disabled or destroyed since: their shared copies go too (on a standby, this is how
     // they leave its cache; on the primary the state change already dropped them at commit).
     shared_cache::forget(&replay.gone, false);
     let rollover_changed = previous.is_none_or(|p| p.config.rollover() != effective.config.rollover());
     BACKEND.with_borrow_mut(|b| {
+        if replay.went_back {
+            // Events this backend counted on are gone: start again from what the tables say.
+            b.forget_keys();
+        }
         b.ring.retain(|id| !replay.gone.contains(&id));
         // The keyrings that changed since (a key created, disabled or destroyed, settings) are
         // reloaded at their next use; the others stay. A keyring's due dates follow the
@@ -344,6 +366,7 @@ fn refresh() {
             replay.keyrings.iter().for_each(|name| b.ring.forget_named(name));
         }
         b.audit_seen = replay.latest;
+        b.keys_seen = replay.keys_max;
         let rollover = effective.config.rollover();
         b.ring.set_current(current.map(|(id, created)| CurrentKey { id, due_at: rollover.due_at(created) }));
         b.oids = Some(oids);

@@ -510,54 +510,78 @@ pub fn current_key(keyring: &str) -> Option<(KeyId, UnixMicros)> {
 
 /// What the audit log's events after event `since` changed (see [`audit_since`]).
 pub struct AuditReplay {
-    /// The id of the newest event (`since` if none).
+    /// The id of the newest event (0 when there is none).
     pub latest: i64,
     /// The keys they disabled or destroyed that are still not enabled.
     pub gone: Vec<KeyId>,
     /// The keyrings they concern (a key created, rotated, rewrapped, disabled, enabled or
     /// destroyed; a keyring created, configured or destroyed).
     pub keyrings: Vec<String>,
-    /// Too many keyrings to name, or the log went back (restored): take every keyring as changed.
+    /// Too many keyrings to name, or a key was added without an event (a restore, a
+    /// superuser's own `INSERT`): take every keyring as changed.
     pub all_keyrings: bool,
+    /// The log went back below `since` (it was restored, or an event this backend saw was
+    /// rolled back): nothing held can be trusted to be up to date.
+    pub went_back: bool,
+    /// The highest key id in `immuta.data_keys`.
+    pub keys_max: i64,
 }
 
 /// Keyrings named one by one in an [`AuditReplay`]; beyond, all of them count as changed.
 const REPLAY_KEYRINGS: i64 = 1024;
 
-/// What changed since event `since`, from the audit log. Every change to keys and keyrings is
-/// audited under the key creation lock with the next id, so ids follow commit order and no
-/// event can appear below one already seen. With `latest_only`, just the newest id (a backend
-/// that holds no key and no keyring has nothing to drop).
-pub fn audit_since(since: i64, latest_only: bool) -> AuditReplay {
-    if latest_only {
-        let latest = highest_id(c"SELECT COALESCE(max(id), 0) FROM immuta.audit_log");
-        return AuditReplay { latest, gone: Vec::new(), keyrings: Vec::new(), all_keyrings: false };
+/// What changed since event `since` (and since key `keys_seen` was the newest key), from the
+/// audit log. Every change that immuta's functions make to keys and keyrings is audited under
+/// the key creation lock with the next id, so ids follow commit order and no event can appear
+/// below one already seen; a key row that arrived without its event shows in the newest key id.
+/// With `latest_only`, just the watermarks (a backend that holds no key and no keyring has
+/// nothing to drop).
+pub fn audit_since(since: i64, keys_seen: i64, latest_only: bool) -> AuditReplay {
+    let (latest, keys_max) = read_latest(
+        c"SELECT (SELECT COALESCE(max(id), 0) FROM immuta.audit_log), \
+                 (SELECT COALESCE(max(id), 0) FROM immuta.data_keys)",
+        &[],
+        |row| (row.get::<i64>(1).unwrap_or(0), row.get::<i64>(2).unwrap_or(0)),
+    )
+    .into_iter()
+    .next()
+    .unwrap_or((0, 0));
+    let mut replay = AuditReplay {
+        latest,
+        gone: Vec::new(),
+        keyrings: Vec::new(),
+        all_keyrings: false,
+        went_back: latest < since,
+        keys_max,
+    };
+    if latest_only || replay.went_back {
+        return replay;
     }
     // Aggregated here, not read row by row: however many events came since, one row comes back.
     let rows = read_latest(
-        c"SELECT COALESCE(max(id), $1), \
-                 COALESCE(array_agg(DISTINCT key_id) FILTER (WHERE event IN ('key disabled', 'key destroyed') \
+        c"SELECT COALESCE(array_agg(DISTINCT key_id) FILTER (WHERE event IN ('key disabled', 'key destroyed') \
                                                               AND key_id IS NOT NULL), '{}'), \
                  (SELECT COALESCE(array_agg(keyring), '{}') FROM \
                     (SELECT DISTINCT keyring FROM immuta.audit_log \
                       WHERE id > $1 AND keyring IS NOT NULL LIMIT $2 + 1) k), \
-                 (SELECT COALESCE(max(id), 0) FROM immuta.audit_log) < $1 \
+                 COALESCE(max(key_id) FILTER (WHERE event IN ('key created', 'key rotated')), 0) \
           FROM immuta.audit_log WHERE id > $1",
         &[(pg_sys::INT8OID, pg_sys::Datum::from(since)), (pg_sys::INT8OID, pg_sys::Datum::from(REPLAY_KEYRINGS))],
         |row| {
             (
-                row.get::<i64>(1).unwrap_or(since),
-                row.get::<Vec<i64>>(2).unwrap_or_default(),
-                row.get::<Vec<String>>(3).unwrap_or_default(),
-                row.get::<bool>(4).unwrap_or(true),
+                row.get::<Vec<i64>>(1).unwrap_or_default(),
+                row.get::<Vec<String>>(2).unwrap_or_default(),
+                row.get::<i64>(3).unwrap_or(0),
             )
         },
     );
-    let (latest, ids, keyrings, went_back) =
-        rows.into_iter().next().unwrap_or((since, Vec::new(), Vec::new(), true));
+    let (ids, keyrings, created_max) = rows.into_iter().next().unwrap_or_default();
     let ids: Vec<KeyId> = ids.into_iter().filter_map(KeyId::new).collect();
-    let all_keyrings = went_back || keyrings.len() as i64 > REPLAY_KEYRINGS;
-    AuditReplay { latest, gone: not_enabled_among(&ids), keyrings, all_keyrings }
+    replay.all_keyrings =
+        keyrings.len() as i64 > REPLAY_KEYRINGS || (keys_max > keys_seen && created_max < keys_max);
+    replay.gone = not_enabled_among(&ids);
+    replay.keyrings = keyrings;
+    replay
 }
 
 /// Which of `ids` name keys that are no longer enabled (or whose keyring was destroyed), read

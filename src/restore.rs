@@ -137,6 +137,9 @@ fn guard_direct_insert<'a>(
             // Nobody vouches for a restored keyring's KMS key (as for a restored key row).
             new.set_by_name("by_superuser", false)?;
             crate::backend::invalidate_keyrings(oids);
+            // No event is audited for it: if this transaction aborts, this backend forgets what it
+            // loaded meanwhile (as after a rotation that rolled back).
+            crate::backend::keys_written_in_this_transaction(oids);
             Ok(Some(new))
         }
         "key_usage" => {
@@ -153,6 +156,11 @@ fn guard_direct_insert<'a>(
         _ => {
             if !new.get_by_name::<i64>("id")?.is_some_and(restore::id_ok) {
                 refuse(&table, "Its id is out of range.".into());
+            }
+            if table == "audit_log" {
+                // A backend's watermark of the audit log may pass this row: if this transaction
+                // aborts, it must not keep it.
+                crate::backend::keys_written_in_this_transaction(oids);
             }
             Ok(Some(new))
         }

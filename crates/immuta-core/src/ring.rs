@@ -86,7 +86,7 @@ const TAIL: usize = 63 - HEAD;
 /// One named keyring, in exactly one cache line: with thousands of keyrings met in turn, each
 /// row under a keyring finds it with one memory access that misses the processor's caches
 /// (measured: the entry was the costliest access of such a row while it spanned two lines and
-/// the key's cipher was looked up in a second map). A name of up to 22 bytes is compared within
+/// the key's cipher was looked up in a second map). A name of up to 29 bytes is compared within
 /// the line; a longer one also reads its box.
 #[repr(C, align(64))]
 struct NamedEntry {
