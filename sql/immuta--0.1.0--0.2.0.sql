@@ -260,3 +260,39 @@ GRANT EXECUTE ON FUNCTION immuta_encrypt(anyelement, @extschema@.immuta_keyring)
     immuta_key_destroy(bigint, text), immuta_disable_keys_before(text, bigint, text)
     TO @extowner@ WITH GRANT OPTION;
 GRANT SELECT ON immuta.keyrings TO @extowner@ WITH GRANT OPTION;
+
+CREATE FUNCTION immuta_reencrypt(ciphertext bytea) RETURNS bytea VOLATILE STRICT PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_reencrypt_wrapper';
+CREATE FUNCTION immuta_reencrypt(ciphertext bytea, context text) RETURNS bytea VOLATILE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_reencrypt_context_wrapper';
+-- Data under old keys (issue 15). Re-encrypting opens a value without returning it: the
+-- decryptor's; the inventory reads the keys table: the admin's (with SELECT on the table, since
+-- it runs as its caller).
+CREATE FUNCTION immuta_inventory(tbl regclass, col name)
+RETURNS TABLE (key_id bigint, keyring text, state text, is_current boolean, value_count bigint)
+LANGUAGE plpgsql STABLE SECURITY INVOKER PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $body$
+DECLARE
+  typ oid;
+BEGIN
+  SELECT a.atttypid INTO typ FROM pg_catalog.pg_attribute a
+   WHERE a.attrelid = tbl AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION USING ERRCODE = '42703', MESSAGE = pg_catalog.format('column %I of %s does not exist', col, tbl);
+  END IF;
+  IF typ <> 'pg_catalog.bytea'::pg_catalog.regtype THEN
+    RAISE EXCEPTION USING ERRCODE = '42804', MESSAGE = pg_catalog.format('column %I of %s is not of type bytea', col, tbl),
+      HINT = 'immuta stores encrypted values in bytea columns.';
+  END IF;
+  -- The header is in the first bytes: a prefix is all that is read of a value stored out of line.
+  RETURN QUERY EXECUTE pg_catalog.format(
+    'SELECT v.k, k.keyring, k.state, k.is_current, v.n
+       FROM (SELECT @extschema@.immuta_key_id(pg_catalog.substr(%1$I, 1, 64)) AS k, pg_catalog.count(*) AS n
+               FROM %2$s WHERE %1$I IS NOT NULL GROUP BY 1) v
+       LEFT JOIN immuta.keys k ON k.id OPERATOR(pg_catalog.=) v.k
+      ORDER BY v.k', col, tbl);
+END
+$body$;
+REVOKE EXECUTE ON FUNCTION immuta_reencrypt(bytea), immuta_reencrypt(bytea, text), immuta_inventory(regclass, name)
+    FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION immuta_reencrypt(bytea), immuta_reencrypt(bytea, text) TO immuta_decryptor;
+GRANT EXECUTE ON FUNCTION immuta_inventory(regclass, name) TO immuta_admin;
+GRANT EXECUTE ON FUNCTION immuta_reencrypt(bytea), immuta_reencrypt(bytea, text), immuta_inventory(regclass, name)
+    TO @extowner@ WITH GRANT OPTION;

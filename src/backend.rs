@@ -450,9 +450,9 @@ pub fn set_current(keyring: Option<&str>, current: Option<CurrentKey>) {
     })
 }
 
-/// Adds a cipher to the ring.
-pub fn insert_cipher(cipher: DataCipher, expires_at: UnixMicros) {
-    BACKEND.with_borrow_mut(|b| b.ring.insert(cipher, expires_at, xact::wall_now()));
+/// Adds the cipher of a key of `keyring` to the ring.
+pub fn insert_cipher(cipher: DataCipher, keyring: &str, expires_at: UnixMicros) {
+    BACKEND.with_borrow_mut(|b| b.ring.insert(cipher, keyring, expires_at, xact::wall_now()));
 }
 
 /// The hot path of `immuta_encrypt`: seals the encoding `plaintext` of a value of `value_type`,
@@ -566,7 +566,15 @@ pub fn load_cipher(id: KeyId, now: UnixMicros) {
     let effective = effective();
     let recheck = || require_enabled(&catalog::key_row(id).unwrap_or_else(|| unknown_key(id)));
     let (key, expires_at) = shared_cache::key_for(&row, &effective, recheck);
-    insert_cipher(DataCipher::new(id, &key), expires_at);
+    insert_cipher(DataCipher::new(id, &key), &row.keyring, expires_at);
+}
+
+/// The keyring of key `id` (`None`: the default keyring), loading the key if the ring lacks it:
+/// a key that is disabled, destroyed or unknown raises, as decrypting under it would.
+pub fn keyring_of(id: KeyId, now: UnixMicros) -> Option<Rc<str>> {
+    load_cipher(id, now);
+    let keyring = BACKEND.with_borrow(|b| b.ring.keyring_of(id)).expect("load_cipher loaded it");
+    (&*keyring != keyrings::DEFAULT).then_some(keyring)
 }
 
 fn unknown_key(id: KeyId) -> ! {

@@ -314,6 +314,36 @@ fn immuta_decrypt_jsonb_context(ciphertext: Option<Bytes>, context: Option<Bytes
     decrypt_typed(&ciphertext?, jsonb(), Some(context))
 }
 
+/// The same value under the current key of its keyring (same type, no context): the same bytes
+/// when it already is. The plaintext never reaches SQL.
+#[pg_extern(
+    volatile,
+    strict,
+    parallel_safe,
+    sql = "CREATE FUNCTION immuta_reencrypt(ciphertext bytea) RETURNS bytea \
+           VOLATILE STRICT PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_reencrypt_wrapper';"
+)]
+fn immuta_reencrypt(ciphertext: Bytes) -> Option<Bytea> {
+    keys::reencrypt(&ciphertext, None).or_else(|| Some(same_bytes(&ciphertext)))
+}
+
+/// [`immuta_reencrypt`] of a value sealed with `context`, which it keeps.
+#[pg_extern(
+    volatile,
+    parallel_safe,
+    sql = "CREATE FUNCTION immuta_reencrypt(ciphertext bytea, context text) RETURNS bytea \
+           VOLATILE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_reencrypt_context_wrapper';"
+)]
+fn immuta_reencrypt_context(ciphertext: Option<Bytes>, context: Option<Bytes>) -> Option<Bytea> {
+    let context = required(context.as_deref());
+    let ciphertext = ciphertext?;
+    keys::reencrypt(&ciphertext, Some(context)).or_else(|| Some(same_bytes(&ciphertext)))
+}
+
+fn same_bytes(value: &[u8]) -> Bytea {
+    crate::varlena::bytea(value.len(), |out| out.copy_from_slice(value))
+}
+
 /// The id of the data key a ciphertext was encrypted under (reads the header only), to find the
 /// values still under an old key.
 #[pg_extern(immutable, strict, parallel_safe)]

@@ -31,6 +31,7 @@
 use std::cell::Cell;
 
 use immuta_core::cipher::DataCipher;
+use immuta_core::format;
 use immuta_core::key::{DataKey, KeyId, WrappingKeyRef};
 use immuta_core::keyrings::{self, Settings};
 use immuta_core::ring::{CurrentKey, Named};
@@ -195,6 +196,31 @@ pub fn encrypt(
     }
     let id = current_for_encrypt(now, keyring);
     backend::seal_under(id, now, value_type, context, plaintext)
+}
+
+/// `immuta_reencrypt`: the value `ciphertext` (sealed with `context`, if given) sealed again
+/// under the current key of its key's keyring, with the same type and context; `None` when it
+/// already is under that key (the caller returns its argument). The value is opened either way,
+/// so a wrong context is always an error. The plaintext passes through a buffer zeroed when the
+/// new value is sealed, never through SQL.
+pub fn reencrypt(ciphertext: &[u8], context: Option<&[u8]>) -> Option<varlena::Bytea> {
+    let sealed = format::parse(ciphertext).or_raise();
+    let now = backend::prepare();
+    let keyring = backend::keyring_of(sealed.key_id, now);
+    let keyring = keyring.as_deref();
+    let current = match keyring {
+        None => backend::current(None),
+        Some(name) => match backend::named(name) {
+            Named::Live(current) => current,
+            Named::Destroyed => destroyed_keyring(name),
+        },
+    };
+    let is_current = current.is_some_and(|c| c.id == sealed.key_id);
+    let value_type = sealed.value_type;
+    // Opened even when it stays as it is: a wrong context is an error either way.
+    backend::decrypt_with(ciphertext, value_type, context, |with_nul| {
+        (!is_current).then(|| encrypt(keyring, value_type, context, &with_nul[..with_nul.len() - 1]))
+    })
 }
 
 /// The key to encrypt with under `keyring` when the fast path cannot: no current key, the
@@ -457,7 +483,7 @@ fn create_key(target: &Target, reason: RotationReason, previous: Option<KeyId>) 
         keyring: Some(&target.name),
     });
     backend::keys_written_in_this_transaction(oids());
-    backend::insert_cipher(DataCipher::new(id, &key), shared_cache::expiry_from_now());
+    backend::insert_cipher(DataCipher::new(id, &key), &target.name, shared_cache::expiry_from_now());
     set_current(target, id, crate::xact::transaction_now());
     id
 }

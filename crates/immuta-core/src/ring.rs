@@ -50,10 +50,13 @@ pub enum Named {
 }
 
 /// A cipher the ring holds, with the instant after which its key must be unwrapped again
-/// (`immuta.cache_ttl`), so that revoking KMS access takes effect.
+/// (`immuta.cache_ttl`), so that revoking KMS access takes effect, and its key's keyring. The
+/// fields a row uses come first.
+#[repr(C)]
 pub struct Loaded {
-    cipher: DataCipher,
     expires: UnixMicros,
+    cipher: DataCipher,
+    keyring: Rc<str>,
 }
 
 impl Loaded {
@@ -365,8 +368,14 @@ impl KeyRing {
         self.ciphers.get(&id).map(|l| &l.cipher)
     }
 
-    /// Adds a cipher, making room first if the ring is full (expired ciphers, else any one).
-    pub fn insert(&mut self, cipher: DataCipher, expires_at: UnixMicros, now: UnixMicros) {
+    /// The keyring of key `id`, if the ring holds its cipher.
+    pub fn keyring_of(&self, id: KeyId) -> Option<Rc<str>> {
+        self.ciphers.get(&id).map(|l| l.keyring.clone())
+    }
+
+    /// Adds the cipher of a key of `keyring`, making room first if the ring is full (expired
+    /// ciphers, else any one).
+    pub fn insert(&mut self, cipher: DataCipher, keyring: &str, expires_at: UnixMicros, now: UnixMicros) {
         let id = cipher.key_id();
         if self.ciphers.len() >= self.capacity && !self.ciphers.contains_key(&id) {
             self.ciphers.retain(|_, l| now < l.expires);
@@ -376,7 +385,7 @@ impl KeyRing {
                 }
             }
         }
-        self.ciphers.insert(id, Rc::new(Loaded { cipher, expires: expires_at }));
+        self.ciphers.insert(id, Rc::new(Loaded { expires: expires_at, cipher, keyring: keyring.into() }));
     }
 
     /// How many keys the ring holds (expired ones included until replaced).
@@ -416,13 +425,15 @@ mod tests {
     fn retain_drops_keys_that_no_longer_exist() {
         let mut ring = KeyRing::default();
         for id in 1..=3 {
-            ring.insert(cipher(id), UnixMicros(100), UnixMicros(0));
+            ring.insert(cipher(id), "k", UnixMicros(100), UnixMicros(0));
         }
         ring.retain(|id| id.get() != 2);
         assert!(ring.cipher(KeyId::new(1).unwrap(), UnixMicros(0)).is_some());
         assert!(ring.cipher(KeyId::new(1).unwrap(), UnixMicros(100)).is_none(), "expired");
         assert!(ring.cipher(KeyId::new(2).unwrap(), UnixMicros(0)).is_none());
         assert_eq!(ring.len(), 2);
+        assert_eq!(ring.keyring_of(KeyId::new(1).unwrap()).as_deref(), Some("k"));
+        assert_eq!(ring.keyring_of(KeyId::new(2).unwrap()), None);
         ring.set_named("t", Named::Live(None));
         ring.clear();
         assert!(ring.is_empty() && ring.current().is_none() && ring.named("t").is_none());
@@ -431,15 +442,15 @@ mod tests {
     #[test]
     fn the_ring_never_holds_more_ciphers_than_its_capacity_and_evicts_expired_ones_first() {
         let mut ring = KeyRing::with_capacity(3);
-        ring.insert(cipher(1), UnixMicros(10), UnixMicros(0));
-        ring.insert(cipher(2), UnixMicros(1_000), UnixMicros(0));
-        ring.insert(cipher(3), UnixMicros(1_000), UnixMicros(0));
+        ring.insert(cipher(1), "k", UnixMicros(10), UnixMicros(0));
+        ring.insert(cipher(2), "k", UnixMicros(1_000), UnixMicros(0));
+        ring.insert(cipher(3), "k", UnixMicros(1_000), UnixMicros(0));
         // At 20, key 1 has expired: it is the one that makes room.
-        ring.insert(cipher(4), UnixMicros(1_000), UnixMicros(20));
+        ring.insert(cipher(4), "k", UnixMicros(1_000), UnixMicros(20));
         assert_eq!(ring.len(), 3);
         assert!(ring.loaded(KeyId::new(1).unwrap()).is_none());
         for id in 5..100 {
-            ring.insert(cipher(id), UnixMicros(1_000), UnixMicros(20));
+            ring.insert(cipher(id), "k", UnixMicros(1_000), UnixMicros(20));
             assert!(ring.len() <= 3);
             assert!(ring.loaded(KeyId::new(id).unwrap()).is_some(), "the key just inserted stays");
         }
@@ -483,7 +494,7 @@ mod tests {
         for (name, id) in [("t", 1), (long, 2)] {
             ring.set_named(name, Named::Live(Some(CurrentKey { id: k(id), due_at: UnixMicros(50) })));
             assert!(ring.current_cipher(name, now).is_none(), "the cipher is not loaded yet");
-            ring.insert(cipher(id), UnixMicros(100), now);
+            ring.insert(cipher(id), "k", UnixMicros(100), now);
             let (got, loaded) = ring.current_cipher(name, now).expect("linked by key id");
             assert_eq!((got, loaded.cipher().key_id()), (k(id), k(id)));
             drop(loaded);
@@ -500,11 +511,11 @@ mod tests {
         assert!(ring.current_cipher("t", now).is_none());
         assert_eq!(ring.len(), 1);
         // A new current key: the old link no longer serves.
-        ring.insert(cipher(3), UnixMicros(100), now);
+        ring.insert(cipher(3), "k", UnixMicros(100), now);
         ring.set_named(long, Named::Live(Some(CurrentKey { id: k(3), due_at: UnixMicros(50) })));
         assert_eq!(ring.current_cipher(long, now).map(|(id, _)| id), Some(k(3)));
         // An expired cipher is not used (its key is unwrapped again).
-        ring.insert(cipher(3), UnixMicros(40), now);
+        ring.insert(cipher(3), "k", UnixMicros(40), now);
         assert!(ring.current_cipher(long, UnixMicros(39)).is_some());
         assert!(ring.current_cipher(long, UnixMicros(40)).is_none());
         ring.set_named(long, Named::Destroyed);
