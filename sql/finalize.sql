@@ -170,3 +170,167 @@ GRANT EXECUTE ON FUNCTION immuta_reencrypt(bytea), immuta_reencrypt(bytea, text)
 GRANT EXECUTE ON FUNCTION immuta_inventory(regclass, name) TO immuta_admin;
 GRANT EXECUTE ON FUNCTION immuta_reencrypt(bytea), immuta_reencrypt(bytea, text), immuta_inventory(regclass, name)
     TO @extowner@ WITH GRANT OPTION;
+-- Online re-encryption (issue 15): a job per table and column, run in batches by a procedure
+-- that commits after each; its row says where to resume. Each role sees and writes only its own
+-- jobs (row-level security); the procedure runs as its caller, with the caller's privileges on
+-- the table.
+CREATE TABLE immuta.jobs (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    kind text NOT NULL CHECK (kind = 'reencrypt'),
+    relid oid NOT NULL,
+    column_name name NOT NULL,
+    context_column name,
+    before_key bigint,
+    batch_size integer NOT NULL CHECK (batch_size BETWEEN 1 AND 1000000),
+    pause interval NOT NULL,
+    started_by name NOT NULL DEFAULT current_user,
+    started_at timestamptz NOT NULL DEFAULT now(),
+    last_batch_at timestamptz,
+    finished_at timestamptz,
+    passes integer NOT NULL DEFAULT 1,
+    next_block bigint NOT NULL DEFAULT 0,
+    rows_done bigint NOT NULL DEFAULT 0,
+    rows_total bigint NOT NULL DEFAULT 0
+);
+ALTER TABLE immuta.jobs ENABLE ROW LEVEL SECURITY;
+CREATE POLICY own_jobs ON immuta.jobs USING (started_by = current_user) WITH CHECK (started_by = current_user);
+CREATE VIEW immuta.jobs_progress AS
+SELECT j.id, j.kind, j.relid::pg_catalog.regclass AS table_name, j.column_name, j.started_by, j.started_at,
+       j.last_batch_at, j.finished_at, j.passes, j.rows_done,
+       CASE WHEN j.finished_at IS NOT NULL THEN 0 ELSE GREATEST(j.rows_total - j.rows_done, 0) END AS rows_left,
+       CASE WHEN j.last_batch_at > j.started_at
+            THEN pg_catalog.round(j.rows_done / pg_catalog.date_part('epoch', j.last_batch_at - j.started_at))::bigint
+       END AS rows_per_second,
+       CASE WHEN j.finished_at IS NOT NULL THEN 'done'
+            WHEN EXISTS (SELECT FROM pg_catalog.pg_locks l
+                          WHERE l.locktype = 'advisory' AND l.granted
+                            AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d WHERE d.datname = pg_catalog.current_database())
+                            AND l.classid = 1229867586 AND l.objid = j.id AND l.objsubid = 2
+                            -- A session whose call was cancelled still holds the lock, idle.
+                            AND NOT EXISTS (SELECT FROM pg_catalog.pg_stat_activity a
+                                             WHERE a.pid = l.pid AND a.state LIKE 'idle%'))
+            THEN 'running'
+            ELSE 'interrupted'
+       END AS state
+  FROM immuta.jobs j
+ WHERE j.started_by = current_user OR pg_catalog.pg_has_role('immuta_admin', 'MEMBER');
+CREATE PROCEDURE immuta_reencrypt_column(tbl regclass, col name, context_column name DEFAULT NULL,
+                                         batch_size integer DEFAULT 1000, pause interval DEFAULT '0',
+                                         before_key bigint DEFAULT NULL)
+LANGUAGE plpgsql SECURITY INVOKER AS $body$
+DECLARE
+  job immuta.jobs;
+  typ oid;
+  block_size bigint := pg_catalog.current_setting('block_size')::bigint;
+  per_block bigint;
+  step bigint;
+  nblocks bigint;
+  done bigint;
+  remaining bigint;
+  filter text;
+  new_value text;
+BEGIN
+  IF tbl IS NULL OR col IS NULL THEN
+    RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'immuta_reencrypt_column needs a table and a column';
+  END IF;
+  IF batch_size IS NULL OR batch_size NOT BETWEEN 1 AND 1000000 OR pause IS NULL OR pause < '0' OR pause > '1 hour' THEN
+    RAISE EXCEPTION USING ERRCODE = '22023', MESSAGE = 'invalid batch size or pause',
+      DETAIL = 'The batch size is 1 to 1,000,000 rows; the pause is 0 to 1 hour.';
+  END IF;
+  SELECT a.atttypid INTO typ FROM pg_catalog.pg_attribute a
+   WHERE a.attrelid = tbl AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION USING ERRCODE = '42703', MESSAGE = pg_catalog.format('column %I of %s does not exist', col, tbl);
+  ELSIF typ <> 'pg_catalog.bytea'::pg_catalog.regtype THEN
+    RAISE EXCEPTION USING ERRCODE = '42804', MESSAGE = pg_catalog.format('column %I of %s is not of type bytea', col, tbl);
+  END IF;
+  IF context_column IS NOT NULL AND NOT EXISTS (SELECT FROM pg_catalog.pg_attribute a
+       WHERE a.attrelid = tbl AND a.attname = context_column AND a.attnum > 0 AND NOT a.attisdropped) THEN
+    RAISE EXCEPTION USING ERRCODE = '42703', MESSAGE = pg_catalog.format('column %I of %s does not exist', context_column, tbl);
+  END IF;
+  -- Refused before any job is recorded: the job runs with its caller's privileges, never more.
+  IF NOT (pg_catalog.has_column_privilege(tbl, col, 'SELECT') AND pg_catalog.has_column_privilege(tbl, col, 'UPDATE')
+          AND (context_column IS NULL OR pg_catalog.has_column_privilege(tbl, context_column, 'SELECT'))) THEN
+    RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = pg_catalog.format('permission denied for table %s', tbl),
+      DETAIL = 'Re-encrypting a column reads and updates it as the caller.',
+      HINT = 'The caller needs SELECT and UPDATE on the column (and SELECT on the context column).';
+  END IF;
+  -- Resume this role's unfinished job on the column, with the options of this call; else start one.
+  UPDATE immuta.jobs j SET context_column = immuta_reencrypt_column.context_column,
+         batch_size = immuta_reencrypt_column.batch_size, pause = immuta_reencrypt_column.pause,
+         before_key = immuta_reencrypt_column.before_key
+   WHERE j.kind = 'reencrypt' AND j.relid = tbl AND j.column_name = col AND j.finished_at IS NULL
+     AND j.started_by = current_user
+  RETURNING * INTO job;
+  IF NOT FOUND THEN
+    INSERT INTO immuta.jobs (kind, relid, column_name, context_column, before_key, batch_size, pause)
+    VALUES ('reencrypt', tbl, col, context_column, before_key, batch_size, pause)
+    RETURNING * INTO job;
+  END IF;
+  IF NOT pg_catalog.pg_try_advisory_lock(1229867586, job.id::integer) THEN
+    RAISE EXCEPTION USING ERRCODE = '55006', MESSAGE = pg_catalog.format('immuta job %s is running in another session', job.id),
+      HINT = 'Wait for it (immuta.jobs_progress), or end that session; the job resumes where it stopped.';
+  END IF;
+  filter := CASE WHEN before_key IS NULL
+                 THEN pg_catalog.format('NOT @extschema@.immuta_key_is_current(@extschema@.immuta_key_id(%I))', col)
+                 ELSE pg_catalog.format('@extschema@.immuta_key_id(%I) < %s', col, before_key) END;
+  new_value := CASE WHEN context_column IS NULL THEN pg_catalog.format('@extschema@.immuta_reencrypt(%I)', col)
+                    ELSE pg_catalog.format('@extschema@.immuta_reencrypt(%I, %I::text)', col, context_column) END;
+  IF job.rows_total = 0 THEN
+    EXECUTE pg_catalog.format('SELECT pg_catalog.count(*) FROM %s WHERE %I IS NOT NULL AND %s', tbl, col, filter)
+       INTO remaining;
+    UPDATE immuta.jobs j SET rows_total = remaining WHERE j.id = job.id;
+  END IF;
+  COMMIT;
+  -- Blocks per batch, from the table's statistics (at least one).
+  SELECT GREATEST(1, CASE WHEN c.relpages > 0 THEN (c.reltuples / c.relpages)::bigint ELSE 100 END)
+    INTO per_block FROM pg_catalog.pg_class c WHERE c.oid = tbl;
+  step := GREATEST(1, batch_size / per_block);
+  LOOP
+    nblocks := pg_catalog.pg_relation_size(tbl) / block_size;
+    IF job.next_block >= nblocks THEN
+      -- End of a pass: rows updated behind the cursor by copying an old value are found here.
+      EXECUTE pg_catalog.format('SELECT pg_catalog.count(*) FROM %s WHERE %I IS NOT NULL AND %s', tbl, col, filter)
+         INTO remaining;
+      IF remaining = 0 THEN
+        UPDATE immuta.jobs j SET finished_at = pg_catalog.clock_timestamp() WHERE j.id = job.id;
+        COMMIT;
+        -- Taken again by each resumption in the same session: released as often (the last,
+        -- refused, release would warn).
+        PERFORM pg_catalog.set_config('client_min_messages', 'error', true);
+        WHILE pg_catalog.pg_advisory_unlock(1229867586, job.id::integer) LOOP
+        END LOOP;
+        RETURN;
+      END IF;
+      UPDATE immuta.jobs j SET next_block = 0, passes = j.passes + 1, rows_total = j.rows_done + remaining
+       WHERE j.id = job.id RETURNING * INTO job;
+      COMMIT;
+      CONTINUE;
+    END IF;
+    -- One batch: the rows of a range of blocks still under a key to move off, each re-encrypted
+    -- from its latest version under its row lock (a row updated meanwhile is read again).
+    EXECUTE pg_catalog.format(
+      'UPDATE %s SET %I = %s WHERE ctid >= %L::tid AND ctid < %L::tid AND %I IS NOT NULL AND %s',
+      tbl, col, new_value, pg_catalog.format('(%s,0)', job.next_block),
+      pg_catalog.format('(%s,0)', job.next_block + step), col, filter);
+    GET DIAGNOSTICS done = ROW_COUNT;
+    UPDATE immuta.jobs j SET next_block = job.next_block + step, rows_done = j.rows_done + done,
+           last_batch_at = pg_catalog.clock_timestamp()
+     WHERE j.id = job.id RETURNING * INTO job;
+    COMMIT;
+    IF pause > '0' THEN
+      PERFORM pg_catalog.pg_sleep_for(pause);
+    END IF;
+  END LOOP;
+END
+$body$;
+REVOKE EXECUTE ON FUNCTION immuta_key_is_current(bigint) FROM PUBLIC;
+REVOKE EXECUTE ON PROCEDURE immuta_reencrypt_column(regclass, name, name, integer, interval, bigint) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION immuta_key_is_current(bigint) TO immuta_decryptor;
+GRANT EXECUTE ON PROCEDURE immuta_reencrypt_column(regclass, name, name, integer, interval, bigint) TO immuta_decryptor;
+GRANT USAGE ON SCHEMA immuta TO immuta_decryptor;
+GRANT SELECT, INSERT, UPDATE ON immuta.jobs TO immuta_decryptor;
+GRANT SELECT ON immuta.jobs_progress TO immuta_decryptor, immuta_admin;
+GRANT EXECUTE ON FUNCTION immuta_key_is_current(bigint) TO @extowner@ WITH GRANT OPTION;
+GRANT EXECUTE ON PROCEDURE immuta_reencrypt_column(regclass, name, name, integer, interval, bigint) TO @extowner@ WITH GRANT OPTION;
+GRANT SELECT ON immuta.jobs_progress TO @extowner@ WITH GRANT OPTION;

@@ -344,6 +344,27 @@ fn same_bytes(value: &[u8]) -> Bytea {
     crate::varlena::bytea(value.len(), |out| out.copy_from_slice(value))
 }
 
+/// Whether data key `key_id` is the current key of its keyring: the filter of an online
+/// re-encryption (`immuta_reencrypt_column`) that moves values off every other key.
+#[pg_extern(
+    stable,
+    strict,
+    parallel_safe,
+    sql = "CREATE FUNCTION immuta_key_is_current(key_id bigint) RETURNS boolean \
+           STABLE STRICT PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_key_is_current_wrapper';"
+)]
+fn immuta_key_is_current(key_id: i64) -> bool {
+    let id = immuta_core::key::KeyId::new(key_id).unwrap_or_else(|| {
+        raise(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+            "immuta data key does not exist",
+            Some("Key ids are positive.".into()),
+            None,
+        )
+    });
+    keys::is_current(id)
+}
+
 /// The id of the data key a ciphertext was encrypted under (reads the header only), to find the
 /// values still under an old key.
 #[pg_extern(immutable, strict, parallel_safe)]

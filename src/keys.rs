@@ -208,19 +208,31 @@ pub fn reencrypt(ciphertext: &[u8], context: Option<&[u8]>) -> Option<varlena::B
     let now = backend::prepare();
     let keyring = backend::keyring_of(sealed.key_id, now);
     let keyring = keyring.as_deref();
-    let current = match keyring {
-        None => backend::current(None),
-        Some(name) => match backend::named(name) {
-            Named::Live(current) => current,
-            Named::Destroyed => destroyed_keyring(name),
-        },
-    };
-    let is_current = current.is_some_and(|c| c.id == sealed.key_id);
+    let is_current = current_of(keyring).is_some_and(|c| c.id == sealed.key_id);
     let value_type = sealed.value_type;
     // Opened even when it stays as it is: a wrong context is an error either way.
     backend::decrypt_with(ciphertext, value_type, context, |with_nul| {
         (!is_current).then(|| encrypt(keyring, value_type, context, &with_nul[..with_nul.len() - 1]))
     })
+}
+
+/// The current key of `keyring` (`None`: default), loading the keyring if need be.
+fn current_of(keyring: Option<&str>) -> Option<CurrentKey> {
+    match keyring {
+        None => backend::current(None),
+        Some(name) => match backend::named(name) {
+            Named::Live(current) => current,
+            Named::Destroyed => destroyed_keyring(name),
+        },
+    }
+}
+
+/// Whether key `id` is the current key of its keyring (the one `immuta_reencrypt` moves values
+/// to). A key that is disabled, destroyed or unknown raises, as re-encrypting under it would.
+pub fn is_current(id: KeyId) -> bool {
+    let now = backend::prepare();
+    let keyring = backend::keyring_of(id, now);
+    current_of(keyring.as_deref()).is_some_and(|c| c.id == id)
 }
 
 /// The key to encrypt with under `keyring` when the fast path cannot: no current key, the

@@ -147,3 +147,203 @@ fn reencryption_needs_the_decryptor_and_refuses_values_under_disabled_or_destroy
     );
     assert_eq!(moved, 5, "the values moved before the key was destroyed are safe");
 }
+
+/// Polls `query` (a boolean) on `c` until it is true; fails after two minutes.
+fn wait_until(c: &mut postgres::Client, query: &str, what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !one::<bool>(c, query) {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting: {what}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// A table `t` of `n` rows under a key that is then rotated away: `v` is `'ssn ' || id` bound to
+/// the context `ctx` (`'row ' || id`).
+fn old_values(c: &mut postgres::Client, n: i32) {
+    c.batch_execute(&format!(
+        "CREATE TABLE t (id int PRIMARY KEY, v bytea, ctx text NOT NULL);
+         INSERT INTO t SELECT i, immuta_encrypt('ssn ' || i, 'row ' || i), 'row ' || i FROM generate_series(1, {n}) i;
+         ANALYZE t;
+         SELECT immuta_rotate();"
+    ))
+    .unwrap();
+}
+
+fn job(c: &mut postgres::Client) -> (i64, i32, i64, String) {
+    let r = c
+        .query_one(
+            "SELECT id, passes, rows_done, state FROM immuta.jobs_progress ORDER BY id DESC LIMIT 1",
+            &[],
+        )
+        .unwrap();
+    (r.get(0), r.get(1), r.get(2), r.get(3))
+}
+
+#[test]
+fn an_online_job_loses_no_concurrent_write_overwrites_none_and_survives_a_rollover_in_its_middle() {
+    let pg = Cluster::start(&[]);
+    let mut c = pg.connect();
+    old_values(&mut c, 3000);
+    // A writer holds row 1500, which it gave the value (and context) of row 2000: still under the
+    // old key, so the job must re-encrypt it, from this version and not the one it first read.
+    let mut writer = pg.connect();
+    writer
+        .batch_execute(
+            "BEGIN; UPDATE t SET v = (SELECT v FROM t WHERE id = 2000), ctx = 'row 2000' WHERE id = 1500;",
+        )
+        .unwrap();
+    let mut runner = pg.connect();
+    let pid: i32 = one(&mut runner, "SELECT pg_backend_pid()");
+    let job_thread = std::thread::spawn(move || {
+        runner.batch_execute(
+            "CALL immuta_reencrypt_column('t', 'v', context_column => 'ctx', batch_size => 200)",
+        )
+    });
+    wait_until(
+        &mut c,
+        &format!(
+            "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE pid = {pid} AND wait_event_type = 'Lock')"
+        ),
+        "the job waiting for the writer's row",
+    );
+    let moved_before: i64 = one(&mut c, "SELECT rows_done FROM immuta.jobs");
+    assert!(moved_before > 0, "batches before the writer's row are committed");
+    // Meanwhile: a rollover, and other writers' inserts, deletes and updates, all committed.
+    let newest: i64 = one(&mut c, "SELECT immuta_rotate()");
+    c.batch_execute(
+        "INSERT INTO t SELECT i, immuta_encrypt('ssn ' || i, 'row ' || i), 'row ' || i FROM generate_series(3001, 3100) i;
+         DELETE FROM t WHERE id <= 10;
+         UPDATE t SET v = immuta_encrypt('changed', 'row 2900') WHERE id = 2900;",
+    )
+    .unwrap();
+    writer.batch_execute("COMMIT").unwrap();
+    job_thread.join().unwrap().unwrap();
+
+    let wrong: i64 = one(
+        &mut c,
+        "SELECT count(*) FROM t WHERE immuta_decrypt(v, ctx) IS DISTINCT FROM
+           CASE id WHEN 1500 THEN 'ssn 2000' WHEN 2900 THEN 'changed' ELSE 'ssn ' || id END",
+    );
+    assert_eq!(wrong, 0, "every row holds what its last writer wrote");
+    assert_eq!(one::<i64>(&mut c, "SELECT count(*) FROM t"), 3090, "nothing lost, nothing revived");
+    assert_eq!(
+        inventory(&mut c, "v").iter().map(|r| r.0).collect::<Vec<_>>(),
+        vec![newest],
+        "all under the newest key"
+    );
+    let (_, _, done, state) = job(&mut c);
+    assert_eq!(state, "done");
+    // 2,989 rows were the job's to move (the writers wrote the others, or deleted them, under the
+    // newest key), and those it had moved before the rollover, deleted ones aside, twice.
+    assert!(done >= 2979 + moved_before, "{done} rows moved, {moved_before} before the rollover");
+}
+
+#[test]
+fn a_cancelled_or_crashed_job_resumes_where_it_stopped_and_loses_nothing() {
+    // Commits are flushed before they return, so the crash keeps every finished batch.
+    let pg = Cluster::start(&["synchronous_commit = on"]);
+    let mut c = pg.connect();
+    old_values(&mut c, 3000);
+    let call =
+        "CALL immuta_reencrypt_column('t', 'v', context_column => 'ctx', batch_size => 100, pause => '1 ms')";
+
+    // Cancelled while it waits for a row another session holds: the batch in progress rolls
+    // back, the ones before it stay.
+    let mut holder = pg.connect();
+    holder.batch_execute("BEGIN; SELECT FROM t WHERE id = 1500 FOR UPDATE").unwrap();
+    let mut runner = pg.connect();
+    let pid: i32 = one(&mut runner, "SELECT pg_backend_pid()");
+    let job_thread =
+        std::thread::spawn(move || (runner.batch_execute(call).map_err(|e| e.code().cloned()), runner));
+    let waiting = |pid: i32| {
+        format!("SELECT EXISTS (SELECT FROM pg_stat_activity WHERE pid = {pid} AND wait_event_type = 'Lock')")
+    };
+    wait_until(&mut c, &waiting(pid), "the job waiting for row 1500");
+    c.batch_execute(&format!("SELECT pg_cancel_backend({pid})")).unwrap();
+    let (outcome, mut runner) = job_thread.join().unwrap();
+    assert_eq!(outcome.unwrap_err(), Some(postgres::error::SqlState::QUERY_CANCELED));
+    let (id, _, done, state) = job(&mut c);
+    assert_eq!(state, "interrupted");
+    assert!(done > 0 && done < 1500, "{done}");
+    let moved: i64 = one(&mut c, "SELECT count(*) FROM t WHERE immuta_key_is_current(immuta_key_id(v))");
+    assert_eq!(moved, done, "what the job counts is exactly what was committed");
+    holder.batch_execute("ROLLBACK; BEGIN; SELECT FROM t WHERE id = 2800 FOR UPDATE").unwrap();
+
+    // Crashed: the backend is killed while it waits for row 2800; the server restarts.
+    let pid: i32 = one(&mut runner, "SELECT pg_backend_pid()");
+    let job_thread = std::thread::spawn(move || runner.batch_execute(call).map(|_| ()));
+    wait_until(&mut c, &waiting(pid), "the job waiting for row 2800");
+    let log_before = pg.log().len();
+    assert!(std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap().success());
+    assert!(job_thread.join().unwrap().is_err());
+    drop(holder);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let log = pg.log();
+        let after = &log[log_before.min(log.len())..];
+        if after.find("reinitializing").is_some_and(|at| after[at..].contains("ready to accept connections"))
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no crash restart\n{log}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let mut c = pg.connect();
+    let (same, _, done_before_crash, state) = job(&mut c);
+    assert_eq!((same, state.as_str()), (id, "interrupted"));
+    assert!(done_before_crash > done);
+
+    // Resumed in a new session: the same job, from where it stopped, to the end.
+    c.batch_execute("CALL immuta_reencrypt_column('t', 'v', context_column => 'ctx', batch_size => 500)")
+        .unwrap();
+    let (same, passes, total, state) = job(&mut c);
+    assert_eq!((same, passes, state.as_str()), (id, 1, "done"));
+    assert_eq!(total, 3000, "each row moved exactly once over the three runs");
+    let readable: i64 = one(&mut c, "SELECT count(*) FROM t WHERE immuta_decrypt(v, ctx) = 'ssn ' || id");
+    assert_eq!(readable, 3000);
+    assert_eq!(one::<i64>(&mut c, "SELECT count(*) FROM immuta.jobs"), 1);
+}
+
+#[test]
+fn a_job_runs_with_its_callers_privileges_and_each_role_sees_its_own_jobs() {
+    let pg = Cluster::start(&[]);
+    let mut c = pg.connect();
+    old_values(&mut c, 100);
+    c.batch_execute(
+        "CREATE ROLE dec LOGIN IN ROLE immuta_decryptor;
+         CREATE ROLE dec2 LOGIN IN ROLE immuta_decryptor;
+         CREATE ROLE enc LOGIN IN ROLE immuta_encryptor;
+         GRANT SELECT, UPDATE ON t TO dec, enc;
+         GRANT SELECT ON t TO dec2;",
+    )
+    .unwrap();
+    let call = "CALL immuta_reencrypt_column('t', 'v', context_column => 'ctx')";
+    assert_eq!(sqlstate(pg.connect_as("enc", "postgres").batch_execute(call)), "42501", "not a decryptor");
+    assert_eq!(
+        sqlstate(pg.connect_as("dec2", "postgres").batch_execute(call)),
+        "42501",
+        "no UPDATE on the table"
+    );
+    let mut dec = pg.connect_as("dec", "postgres");
+    dec.batch_execute(call).unwrap();
+    assert_eq!(one::<i64>(&mut dec, "SELECT count(*) FROM immuta.jobs_progress WHERE state = 'done'"), 1);
+    let mut dec2 = pg.connect_as("dec2", "postgres");
+    assert_eq!(
+        one::<i64>(&mut dec2, "SELECT count(*) FROM immuta.jobs"),
+        0,
+        "another role's job is not seen"
+    );
+    assert_eq!(one::<i64>(&mut dec2, "SELECT count(*) FROM immuta.jobs_progress"), 0);
+    assert_eq!(dec2.execute("UPDATE immuta.jobs SET next_block = 0", &[]).unwrap(), 0, "nor touched");
+    assert_eq!(
+        sqlstate(dec2.execute("INSERT INTO immuta.jobs (kind, relid, column_name, batch_size, pause, started_by) VALUES ('reencrypt', 't'::regclass, 'v', 1, '0', 'dec')", &[])),
+        "42501",
+        "nobody writes a job in another role's name"
+    );
+    assert_eq!(sqlstate(c.batch_execute("CALL immuta_reencrypt_column('t', 'ctx')")), "42804");
+    assert_eq!(
+        sqlstate(c.batch_execute("CALL immuta_reencrypt_column('t', 'v', context_column => 'nope')")),
+        "42703"
+    );
+    assert_eq!(sqlstate(c.batch_execute("CALL immuta_reencrypt_column('t', 'v', batch_size => 0)")), "22023");
+}
