@@ -299,8 +299,9 @@ GRANT EXECUTE ON FUNCTION immuta_reencrypt(bytea), immuta_reencrypt(bytea, text)
 CREATE FUNCTION immuta_key_is_current(key_id bigint) RETURNS boolean STABLE STRICT PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_key_is_current_wrapper';
 -- Online re-encryption (issue 15): a job per table and column, run in batches by a procedure
 -- that commits after each; its row says where to resume. Each role sees and writes only its own
--- jobs (row-level security); the procedure runs as its caller, with the caller's privileges on
--- the table.
+-- jobs (row-level security), and only the columns that record progress; the procedure runs as
+-- its caller, with the caller's privileges on the table. Every operator below is pg_catalog's,
+-- named or reached by exact types: nothing a schema owner plants is resolved.
 CREATE TABLE immuta.jobs (
     id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     kind text NOT NULL CHECK (kind = 'reencrypt'),
@@ -314,33 +315,40 @@ CREATE TABLE immuta.jobs (
     started_at timestamptz NOT NULL DEFAULT now(),
     last_batch_at timestamptz,
     finished_at timestamptz,
-    passes integer NOT NULL DEFAULT 1,
-    next_block bigint NOT NULL DEFAULT 0,
-    rows_done bigint NOT NULL DEFAULT 0,
-    rows_total bigint NOT NULL DEFAULT 0
+    passes integer NOT NULL DEFAULT 1 CHECK (passes >= 1),
+    next_block bigint NOT NULL DEFAULT 0 CHECK (next_block >= 0),
+    rows_done bigint NOT NULL DEFAULT 0 CHECK (rows_done >= 0),
+    rows_total bigint NOT NULL DEFAULT 0 CHECK (rows_total >= 0)
 );
 ALTER TABLE immuta.jobs ENABLE ROW LEVEL SECURITY;
-CREATE POLICY own_jobs ON immuta.jobs USING (started_by = current_user) WITH CHECK (started_by = current_user);
-CREATE VIEW immuta.jobs_progress AS
+CREATE POLICY own_jobs ON immuta.jobs USING (started_by OPERATOR(pg_catalog.=) current_user)
+    WITH CHECK (started_by OPERATOR(pg_catalog.=) current_user);
+CREATE VIEW immuta.jobs_progress WITH (security_barrier) AS
 SELECT j.id, j.kind, j.relid::pg_catalog.regclass AS table_name, j.column_name, j.started_by, j.started_at,
        j.last_batch_at, j.finished_at, j.passes, j.rows_done,
-       CASE WHEN j.finished_at IS NOT NULL THEN 0 ELSE GREATEST(j.rows_total - j.rows_done, 0) END AS rows_left,
-       CASE WHEN j.last_batch_at > j.started_at
-            THEN pg_catalog.round(j.rows_done / pg_catalog.date_part('epoch', j.last_batch_at - j.started_at))::bigint
+       CASE WHEN j.finished_at IS NOT NULL THEN 0::pg_catalog.int8
+            ELSE GREATEST(j.rows_total OPERATOR(pg_catalog.-) j.rows_done, 0::pg_catalog.int8) END AS rows_left,
+       CASE WHEN j.last_batch_at OPERATOR(pg_catalog.>) j.started_at
+            THEN pg_catalog.round(j.rows_done::pg_catalog.float8 OPERATOR(pg_catalog./)
+                                  pg_catalog.date_part('epoch', j.last_batch_at OPERATOR(pg_catalog.-) j.started_at))
        END AS rows_per_second,
        CASE WHEN j.finished_at IS NOT NULL THEN 'done'
             WHEN EXISTS (SELECT FROM pg_catalog.pg_locks l
-                          WHERE l.locktype = 'advisory' AND l.granted
-                            AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d WHERE d.datname = pg_catalog.current_database())
-                            AND l.classid = 1229867586 AND l.objid = j.id AND l.objsubid = 2
+                          WHERE l.locktype OPERATOR(pg_catalog.=) 'advisory' AND l.granted
+                            AND l.database OPERATOR(pg_catalog.=) (SELECT d.oid FROM pg_catalog.pg_database d
+                                                 WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database())
+                            AND l.objsubid OPERATOR(pg_catalog.=) 1::pg_catalog.int2
+                            AND ((l.classid::pg_catalog.int8 OPERATOR(pg_catalog.<<) 32) OPERATOR(pg_catalog.|) l.objid::pg_catalog.int8)
+                                OPERATOR(pg_catalog.=) (j.id OPERATOR(pg_catalog.+) 5282439408914153472::pg_catalog.int8)
                             -- A session whose call was cancelled still holds the lock, idle.
                             AND NOT EXISTS (SELECT FROM pg_catalog.pg_stat_activity a
-                                             WHERE a.pid = l.pid AND a.state LIKE 'idle%'))
+                                             WHERE a.pid OPERATOR(pg_catalog.=) l.pid
+                                               AND a.state OPERATOR(pg_catalog.~~) 'idle%'))
             THEN 'running'
             ELSE 'interrupted'
        END AS state
   FROM immuta.jobs j
- WHERE j.started_by = current_user OR pg_catalog.pg_has_role('immuta_admin', 'MEMBER');
+ WHERE j.started_by OPERATOR(pg_catalog.=) current_user OR pg_catalog.pg_has_role('immuta_admin', 'MEMBER');
 CREATE PROCEDURE immuta_reencrypt_column(tbl regclass, col name, context_column name DEFAULT NULL,
                                          batch_size integer DEFAULT 1000, pause interval DEFAULT '0',
                                          before_key bigint DEFAULT NULL)
@@ -348,7 +356,7 @@ LANGUAGE plpgsql SECURITY INVOKER AS $body$
 DECLARE
   job immuta.jobs;
   typ oid;
-  block_size bigint := pg_catalog.current_setting('block_size')::bigint;
+  block_size bigint;
   per_block bigint;
   step bigint;
   nblocks bigint;
@@ -356,28 +364,43 @@ DECLARE
   remaining bigint;
   filter text;
   new_value text;
+  -- The job's advisory lock: one bigint, 'IMJB' above the job id.
+  lock_base constant bigint := 5282439408914153472;
 BEGIN
+  -- This procedure commits, so it cannot carry SET search_path: each of its transactions sets
+  -- it, before anything is planned, to pg_catalog and the caller's own temporary schema.
+  PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
   IF tbl IS NULL OR col IS NULL THEN
     RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'immuta_reencrypt_column needs a table and a column';
   END IF;
-  IF batch_size IS NULL OR batch_size NOT BETWEEN 1 AND 1000000 OR pause IS NULL OR pause < '0' OR pause > '1 hour' THEN
-    RAISE EXCEPTION USING ERRCODE = '22023', MESSAGE = 'invalid batch size or pause',
-      DETAIL = 'The batch size is 1 to 1,000,000 rows; the pause is 0 to 1 hour.';
+  IF batch_size IS NULL OR batch_size NOT BETWEEN 1 AND 1000000 OR pause IS NULL
+     OR pause < '0'::interval OR pause > '1 hour'::interval OR before_key < 1 THEN
+    RAISE EXCEPTION USING ERRCODE = '22023', MESSAGE = 'invalid batch size, pause or key',
+      DETAIL = 'The batch size is 1 to 1,000,000 rows; the pause is 0 to 1 hour; a key id is positive.';
+  END IF;
+  IF (SELECT c.relkind FROM pg_catalog.pg_class c WHERE c.oid = tbl::oid) <> 'r'::"char" THEN
+    RAISE EXCEPTION USING ERRCODE = '0A000', MESSAGE = pg_catalog.format('%s is not a table', tbl),
+      HINT = 'Re-encrypt each partition (or child table) on its own.';
+  END IF;
+  IF pg_catalog.row_security_active(tbl::oid) THEN
+    RAISE EXCEPTION USING ERRCODE = '0A000', MESSAGE = pg_catalog.format('row-level security hides rows of %s from this role', tbl),
+      DETAIL = 'A re-encryption must reach every row, or it could report done with values left under an old key.',
+      HINT = 'Run it as a role that bypasses the table''s row-level security (its owner, or a role with BYPASSRLS).';
   END IF;
   SELECT a.atttypid INTO typ FROM pg_catalog.pg_attribute a
-   WHERE a.attrelid = tbl AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped;
+   WHERE a.attrelid = tbl::oid AND a.attname = col AND a.attnum > 0::int2 AND NOT a.attisdropped;
   IF NOT FOUND THEN
     RAISE EXCEPTION USING ERRCODE = '42703', MESSAGE = pg_catalog.format('column %I of %s does not exist', col, tbl);
-  ELSIF typ <> 'pg_catalog.bytea'::pg_catalog.regtype THEN
+  ELSIF typ <> 'pg_catalog.bytea'::pg_catalog.regtype::oid THEN
     RAISE EXCEPTION USING ERRCODE = '42804', MESSAGE = pg_catalog.format('column %I of %s is not of type bytea', col, tbl);
   END IF;
   IF context_column IS NOT NULL AND NOT EXISTS (SELECT FROM pg_catalog.pg_attribute a
-       WHERE a.attrelid = tbl AND a.attname = context_column AND a.attnum > 0 AND NOT a.attisdropped) THEN
+       WHERE a.attrelid = tbl::oid AND a.attname = context_column AND a.attnum > 0::int2 AND NOT a.attisdropped) THEN
     RAISE EXCEPTION USING ERRCODE = '42703', MESSAGE = pg_catalog.format('column %I of %s does not exist', context_column, tbl);
   END IF;
   -- Refused before any job is recorded: the job runs with its caller's privileges, never more.
-  IF NOT (pg_catalog.has_column_privilege(tbl, col, 'SELECT') AND pg_catalog.has_column_privilege(tbl, col, 'UPDATE')
-          AND (context_column IS NULL OR pg_catalog.has_column_privilege(tbl, context_column, 'SELECT'))) THEN
+  IF NOT (pg_catalog.has_column_privilege(tbl::oid, col, 'SELECT') AND pg_catalog.has_column_privilege(tbl::oid, col, 'UPDATE')
+          AND (context_column IS NULL OR pg_catalog.has_column_privilege(tbl::oid, context_column, 'SELECT'))) THEN
     RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = pg_catalog.format('permission denied for table %s', tbl),
       DETAIL = 'Re-encrypting a column reads and updates it as the caller.',
       HINT = 'The caller needs SELECT and UPDATE on the column (and SELECT on the context column).';
@@ -386,58 +409,74 @@ BEGIN
   UPDATE immuta.jobs j SET context_column = immuta_reencrypt_column.context_column,
          batch_size = immuta_reencrypt_column.batch_size, pause = immuta_reencrypt_column.pause,
          before_key = immuta_reencrypt_column.before_key
-   WHERE j.kind = 'reencrypt' AND j.relid = tbl AND j.column_name = col AND j.finished_at IS NULL
+   WHERE j.kind = 'reencrypt' AND j.relid = tbl::oid AND j.column_name = col AND j.finished_at IS NULL
      AND j.started_by = current_user
   RETURNING * INTO job;
   IF NOT FOUND THEN
     INSERT INTO immuta.jobs (kind, relid, column_name, context_column, before_key, batch_size, pause)
-    VALUES ('reencrypt', tbl, col, context_column, before_key, batch_size, pause)
+    VALUES ('reencrypt', tbl::oid, col, context_column, before_key, batch_size, pause)
     RETURNING * INTO job;
   END IF;
-  IF NOT pg_catalog.pg_try_advisory_lock(1229867586, job.id::integer) THEN
+  IF NOT pg_catalog.pg_try_advisory_lock(lock_base + job.id) THEN
     RAISE EXCEPTION USING ERRCODE = '55006', MESSAGE = pg_catalog.format('immuta job %s is running in another session', job.id),
       HINT = 'Wait for it (immuta.jobs_progress), or end that session; the job resumes where it stopped.';
   END IF;
-  filter := CASE WHEN before_key IS NULL
-                 THEN pg_catalog.format('NOT @extschema@.immuta_key_is_current(@extschema@.immuta_key_id(%I))', col)
-                 ELSE pg_catalog.format('@extschema@.immuta_key_id(%I) < %s', col, before_key) END;
+  -- Values to move: under a key that is not its keyring's current one (and, with before_key,
+  -- older than that key).
+  filter := pg_catalog.format('NOT @extschema@.immuta_key_is_current(@extschema@.immuta_key_id(%I))', col);
+  IF before_key IS NOT NULL THEN
+    filter := pg_catalog.format('@extschema@.immuta_key_id(%I) < %s::pg_catalog.int8 AND ', col, before_key) || filter;
+  END IF;
   new_value := CASE WHEN context_column IS NULL THEN pg_catalog.format('@extschema@.immuta_reencrypt(%I)', col)
-                    ELSE pg_catalog.format('@extschema@.immuta_reencrypt(%I, %I::text)', col, context_column) END;
+                    ELSE pg_catalog.format('@extschema@.immuta_reencrypt(%I, %I::pg_catalog.text)', col, context_column) END;
+  -- Blocks per batch, and the rows of a first pass, from the table's statistics (every row
+  -- may hold a value to move; the pass's count says how many really did).
+  SELECT GREATEST(1, CASE WHEN c.relpages > 0 THEN (c.reltuples::float8 / c.relpages::float8)::bigint ELSE 100 END),
+         GREATEST(c.reltuples, 0::float4)::bigint
+    INTO per_block, remaining FROM pg_catalog.pg_class c WHERE c.oid = tbl::oid;
   IF job.rows_total = 0 THEN
-    EXECUTE pg_catalog.format('SELECT pg_catalog.count(*) FROM %s WHERE %I IS NOT NULL AND %s', tbl, col, filter)
-       INTO remaining;
     UPDATE immuta.jobs j SET rows_total = remaining WHERE j.id = job.id;
   END IF;
   COMMIT;
-  -- Blocks per batch, from the table's statistics (at least one).
-  SELECT GREATEST(1, CASE WHEN c.relpages > 0 THEN (c.reltuples / c.relpages)::bigint ELSE 100 END)
-    INTO per_block FROM pg_catalog.pg_class c WHERE c.oid = tbl;
-  step := GREATEST(1, batch_size / per_block);
+  PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+  block_size := pg_catalog.current_setting('block_size')::bigint;
+  step := GREATEST(1, batch_size::bigint / per_block);
+  -- A pass covers the blocks the table had when it started: the versions its own updates add
+  -- after them hold current values, and anything else the count at its end finds.
+  nblocks := pg_catalog.pg_relation_size(tbl) / block_size;
   LOOP
-    nblocks := pg_catalog.pg_relation_size(tbl) / block_size;
     IF job.next_block >= nblocks THEN
       -- End of a pass: rows updated behind the cursor by copying an old value are found here.
-      EXECUTE pg_catalog.format('SELECT pg_catalog.count(*) FROM %s WHERE %I IS NOT NULL AND %s', tbl, col, filter)
+      EXECUTE pg_catalog.format('SELECT pg_catalog.count(*) FROM ONLY %s WHERE %I IS NOT NULL AND %s', tbl, col, filter)
          INTO remaining;
       IF remaining = 0 THEN
         UPDATE immuta.jobs j SET finished_at = pg_catalog.clock_timestamp() WHERE j.id = job.id;
         COMMIT;
+        PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
         -- Taken again by each resumption in the same session: released as often (the last,
         -- refused, release would warn).
         PERFORM pg_catalog.set_config('client_min_messages', 'error', true);
-        WHILE pg_catalog.pg_advisory_unlock(1229867586, job.id::integer) LOOP
+        WHILE pg_catalog.pg_advisory_unlock(lock_base + job.id) LOOP
         END LOOP;
         RETURN;
+      END IF;
+      IF job.passes >= 2 AND remaining >= job.rows_total - job.rows_done THEN
+        -- A whole pass moved none of them: something keeps them (a trigger, a rule, a policy).
+        RAISE EXCEPTION USING ERRCODE = '55000',
+          MESSAGE = pg_catalog.format('immuta job %s moved no value in its last pass; %s are still under old keys', job.id, remaining),
+          HINT = 'Check the table''s triggers and rules for UPDATE: something prevents the new values from being stored.';
       END IF;
       UPDATE immuta.jobs j SET next_block = 0, passes = j.passes + 1, rows_total = j.rows_done + remaining
        WHERE j.id = job.id RETURNING * INTO job;
       COMMIT;
+      PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+      nblocks := pg_catalog.pg_relation_size(tbl) / block_size;
       CONTINUE;
     END IF;
     -- One batch: the rows of a range of blocks still under a key to move off, each re-encrypted
     -- from its latest version under its row lock (a row updated meanwhile is read again).
     EXECUTE pg_catalog.format(
-      'UPDATE %s SET %I = %s WHERE ctid >= %L::tid AND ctid < %L::tid AND %I IS NOT NULL AND %s',
+      'UPDATE ONLY %s SET %I = %s WHERE ctid >= %L::pg_catalog.tid AND ctid < %L::pg_catalog.tid AND %I IS NOT NULL AND %s',
       tbl, col, new_value, pg_catalog.format('(%s,0)', job.next_block),
       pg_catalog.format('(%s,0)', job.next_block + step), col, filter);
     GET DIAGNOSTICS done = ROW_COUNT;
@@ -445,7 +484,8 @@ BEGIN
            last_batch_at = pg_catalog.clock_timestamp()
      WHERE j.id = job.id RETURNING * INTO job;
     COMMIT;
-    IF pause > '0' THEN
+    PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+    IF pause > '0'::interval THEN
       PERFORM pg_catalog.pg_sleep_for(pause);
     END IF;
   END LOOP;
@@ -456,8 +496,14 @@ REVOKE EXECUTE ON PROCEDURE immuta_reencrypt_column(regclass, name, name, intege
 GRANT EXECUTE ON FUNCTION immuta_key_is_current(bigint) TO immuta_decryptor;
 GRANT EXECUTE ON PROCEDURE immuta_reencrypt_column(regclass, name, name, integer, interval, bigint) TO immuta_decryptor;
 GRANT USAGE ON SCHEMA immuta TO immuta_decryptor;
-GRANT SELECT, INSERT, UPDATE ON immuta.jobs TO immuta_decryptor;
+-- Only what the procedure writes: never a job's id, owner or start.
+GRANT SELECT, INSERT (kind, relid, column_name, context_column, before_key, batch_size, pause),
+    UPDATE (context_column, before_key, batch_size, pause, last_batch_at, finished_at, passes, next_block, rows_done, rows_total)
+    ON immuta.jobs TO immuta_decryptor;
 GRANT SELECT ON immuta.jobs_progress TO immuta_decryptor, immuta_admin;
 GRANT EXECUTE ON FUNCTION immuta_key_is_current(bigint) TO @extowner@ WITH GRANT OPTION;
 GRANT EXECUTE ON PROCEDURE immuta_reencrypt_column(regclass, name, name, integer, interval, bigint) TO @extowner@ WITH GRANT OPTION;
+GRANT SELECT, INSERT (kind, relid, column_name, context_column, before_key, batch_size, pause),
+    UPDATE (context_column, before_key, batch_size, pause, last_batch_at, finished_at, passes, next_block, rows_done, rows_total)
+    ON immuta.jobs TO @extowner@ WITH GRANT OPTION;
 GRANT SELECT ON immuta.jobs_progress TO @extowner@ WITH GRANT OPTION;

@@ -577,6 +577,14 @@ pub fn keyring_of(id: KeyId, now: UnixMicros) -> Option<Rc<str>> {
     (&*keyring != keyrings::DEFAULT).then_some(keyring)
 }
 
+/// Opens a parsed value whose key the ring holds (after [`keyring_of`] or [`load_cipher`]) with
+/// `context` into `out` (exactly `sealed.body.len()` bytes).
+pub fn open_loaded(sealed: &format::Sealed<'_>, context: Option<&[u8]>, out: &mut [u8]) {
+    let opened =
+        BACKEND.with_borrow(|b| b.ring.loaded(sealed.key_id).map(|c| c.open_into(sealed, context, out)));
+    opened.expect("the caller loaded the key").or_raise()
+}
+
 fn unknown_key(id: KeyId) -> ! {
     crate::errors::report(Error::UnknownKey { key_id: id.get() as u64 }, crate::errors::ConfigOrigin::Stored)
 }

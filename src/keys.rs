@@ -41,8 +41,10 @@ use immuta_core::value_type::ValueType;
 use pgrx::{pg_sys, PgSqlErrorCode};
 
 use serde_json::json;
+use zeroize::Zeroizing;
 
 use crate::backend;
+use crate::buffer::SecretBuf;
 use crate::catalog::{self, AuditEvent};
 use crate::errors::{self, raise, OrRaise};
 use crate::usage::{self, Against};
@@ -209,11 +211,21 @@ pub fn reencrypt(ciphertext: &[u8], context: Option<&[u8]>) -> Option<varlena::B
     let keyring = backend::keyring_of(sealed.key_id, now);
     let keyring = keyring.as_deref();
     let is_current = current_of(keyring).is_some_and(|c| c.id == sealed.key_id);
-    let value_type = sealed.value_type;
-    // Opened even when it stays as it is: a wrong context is an error either way.
-    backend::decrypt_with(ciphertext, value_type, context, |with_nul| {
-        (!is_current).then(|| encrypt(keyring, value_type, context, &with_nul[..with_nul.len() - 1]))
-    })
+    // Opened even when it stays as it is: a wrong context is an error either way. Small values
+    // (the common case: a column of identifiers) on the stack, larger ones on the heap; both are
+    // zeroed when done.
+    const SMALL: usize = 256;
+    let len = sealed.body.len();
+    let mut small = Zeroizing::new([0u8; SMALL]);
+    let mut large: SecretBuf;
+    let plaintext: &mut [u8] = if len <= SMALL {
+        &mut small[..len]
+    } else {
+        large = SecretBuf::zeroed(len);
+        large.as_mut_slice()
+    };
+    backend::open_loaded(&sealed, context, plaintext);
+    (!is_current).then(|| encrypt(keyring, sealed.value_type, context, plaintext))
 }
 
 /// The current key of `keyring` (`None`: default), loading the keyring if need be.

@@ -259,6 +259,7 @@ fn a_cancelled_or_crashed_job_resumes_where_it_stopped_and_loses_nothing() {
         format!("SELECT EXISTS (SELECT FROM pg_stat_activity WHERE pid = {pid} AND wait_event_type = 'Lock')")
     };
     wait_until(&mut c, &waiting(pid), "the job waiting for row 1500");
+    assert_eq!(job(&mut c).3, "running");
     c.batch_execute(&format!("SELECT pg_cancel_backend({pid})")).unwrap();
     let (outcome, mut runner) = job_thread.join().unwrap();
     assert_eq!(outcome.unwrap_err(), Some(postgres::error::SqlState::QUERY_CANCELED));
@@ -341,6 +342,15 @@ fn a_job_runs_with_its_callers_privileges_and_each_role_sees_its_own_jobs() {
         "nobody writes a job in another role's name"
     );
     assert_eq!(sqlstate(c.batch_execute("CALL immuta_reencrypt_column('t', 'ctx')")), "42804");
+    c.batch_execute(
+        "CREATE VIEW tv AS SELECT * FROM t;
+         CREATE TABLE hidden (id int, v bytea); ALTER TABLE hidden ENABLE ROW LEVEL SECURITY;
+         GRANT SELECT, UPDATE ON hidden TO dec;",
+    )
+    .unwrap();
+    assert_eq!(sqlstate(c.batch_execute("CALL immuta_reencrypt_column('tv', 'v')")), "0A000", "not a table");
+    let hidden = "CALL immuta_reencrypt_column('hidden', 'v')";
+    assert_eq!(sqlstate(dec.batch_execute(hidden)), "0A000", "rows the caller cannot see would stay behind");
     assert_eq!(
         sqlstate(c.batch_execute("CALL immuta_reencrypt_column('t', 'v', context_column => 'nope')")),
         "42703"
