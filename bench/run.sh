@@ -13,6 +13,8 @@
 #   - the floor and immuta_decrypt in a parallel query with 2 workers;
 #   - AWS KMS unwraps after a restart, with 8 connections decrypting values under 3 keys (moto's
 #     KMS on loopback);
+#   - online re-encryption of a column of $ROWS values (CALL immuta_reencrypt_column) against
+#     the same batched walk running UPDATE ... SET c = c, same batch size;
 #   - pgbench: INSERT of a row with an encrypted column against the same INSERT in plain text.
 # One table and the targets go to stdout and to bench/results/latest.txt. Needs the extension
 # installed and moto in .venv (`make bench` does both). Everything runs on this machine: a
@@ -234,6 +236,59 @@ PLAN=$(psql -d postgres -At -c "SET max_parallel_workers_per_gather = 2; SET par
   SET parallel_setup_cost = 0; SET parallel_tuple_cost = 0; SET min_parallel_table_scan_size = 0;
   EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) SELECT count(immuta_decrypt(c)) FROM c" | grep -E 'Workers (Planned|Launched)' | xargs)
 
+echo "online re-encryption..." >&2
+# A column of the $ROWS values moved to a new key by immuta_reencrypt_column, against the same
+# batched walk running UPDATE ... SET c = c over a copy (same batch size, a commit per batch).
+# Each round builds both tables afresh (the same values, then a rotation puts them all under an
+# old key), each call starts after a checkpoint, and which goes first alternates; the
+# median of five rounds is kept. Procedures commit, so each call is its own psql command, timed
+# by the server (clock_timestamp() around the CALL, in the session).
+psql -d postgres >/dev/null <<SQL
+CREATE PROCEDURE batched_update(tbl regclass, batch_size int) LANGUAGE plpgsql AS \$\$
+DECLARE b bigint := 0; per_block bigint; step bigint; nblocks bigint;
+BEGIN
+  SELECT GREATEST(1, (reltuples / relpages)::bigint) INTO per_block FROM pg_class WHERE oid = tbl;
+  step := GREATEST(1, batch_size / per_block);
+  nblocks := pg_relation_size(tbl) / current_setting('block_size')::bigint;
+  WHILE b < nblocks LOOP
+    EXECUTE format('UPDATE %s SET c = c WHERE ctid >= %L::tid AND ctid < %L::tid', tbl,
+                   format('(%s,0)', b), format('(%s,0)', b + step));
+    COMMIT;
+    b := b + step;
+  END LOOP;
+END \$\$;
+CREATE TABLE reencrypt_times (what text, seconds float8);
+SQL
+timed_call() {  # label, CALL statement: after a checkpoint, so that each starts alike
+  psql -d postgres >/dev/null <<SQL
+CHECKPOINT;
+SELECT clock_timestamp() AS t0 \gset
+$2;
+INSERT INTO reencrypt_times VALUES ('$1', extract(epoch FROM clock_timestamp() - :'t0'::timestamptz));
+SQL
+}
+for round in 1 2 3 4 5; do
+  # Two fresh tables of the same values under a key that is then rotated away.
+  psql -d postgres >/dev/null -c "DROP TABLE IF EXISTS rc, ru" -c "CREATE TABLE rc AS SELECT immuta_encrypt(v) AS c FROM t" \
+    -c "CREATE TABLE ru AS SELECT c FROM rc" -c "SELECT immuta_rotate()" -c "VACUUM ANALYZE rc, ru"
+  # Alternating which goes first.
+  if [ $((round % 2)) = 1 ]; then
+    timed_call update "CALL batched_update('ru', 10000)"
+    timed_call reencrypt "CALL immuta_reencrypt_column('rc', 'c', batch_size => 10000)"
+  else
+    timed_call reencrypt "CALL immuta_reencrypt_column('rc', 'c', batch_size => 10000)"
+    timed_call update "CALL batched_update('ru', 10000)"
+  fi
+done
+psql -d postgres >/dev/null <<SQL
+INSERT INTO results (label, seconds, rows)
+SELECT CASE what WHEN 'update' THEN 'batched UPDATE t SET c = c, 10,000 rows a batch'
+                 ELSE 'CALL immuta_reencrypt_column, 10,000 rows a batch' END,
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY seconds), $ROWS
+  FROM reencrypt_times GROUP BY what;
+SQL
+LEFTOVER=$(psql -d postgres -At -c "SELECT count(*) FROM immuta_inventory('rc', 'c') WHERE NOT is_current")
+
 echo "AWS KMS: values under 3 keys, a restart, 8 connections..." >&2
 psql -d postgres -c "CREATE DATABASE kms"
 YAML="plugins:
@@ -333,6 +388,8 @@ WITH r AS (SELECT label, seconds * $ROWS / rows AS s FROM results),
                   (SELECT $ROWS / ((SELECT s FROM r WHERE label = '1 MiB values: immuta_decrypt_bytea') - (SELECT s FROM r WHERE label = '1 MiB ciphertexts: detoast floor'))) AS dec_big,
                   (SELECT s FROM r WHERE label = 'keyrings: immuta_encrypt(v), one keyring') AS enc_one,
                   (SELECT s FROM r WHERE label LIKE 'keyrings: immuta_encrypt(v, keyring => tenant)%') AS enc_many,
+                  (SELECT s FROM r WHERE label LIKE 'batched UPDATE%') AS upd,
+                  (SELECT s FROM r WHERE label LIKE 'CALL immuta_reencrypt_column%') AS reenc,
                   (SELECT s FROM r WHERE label LIKE 'pgcrypto encrypt%') AS pe,
                   (SELECT s FROM r WHERE label LIKE 'pgcrypto decrypt%') AS pd,
                   (SELECT s FROM r WHERE label LIKE 'pgcrypto pgp%') AS pp,
@@ -346,6 +403,7 @@ SELECT format('%-58s %-10s %s', target, CASE WHEN ok THEN 'met' ELSE 'MISSED' EN
   ('immuta_encrypt of bigint, timestamptz at most 1.4x the floor', enc_fixed / floor <= 1.4, round((enc_fixed / floor)::numeric, 2) || 'x'),
   ('immuta_decrypt of bigint, timestamptz at most 1.4x the floor', dec_fixed / floor <= 1.4, round((dec_fixed / floor)::numeric, 2) || 'x'),
   ('encrypt under 10,000 keyrings at most 2x one keyring', enc_many / enc_one <= 2, round((enc_many / enc_one)::numeric, 2) || 'x'),
+  ('online re-encryption at most 1.5x a batched UPDATE', reenc / upd <= 1.5 AND '$LEFTOVER' = '0', round((reenc / upd)::numeric, 2) || 'x, keys left behind: $LEFTOVER'),
   ('1 MiB encrypt at least 0.7x openssl aes-256-gcm ($OPENSSL_MIBS MiB/s)', enc_big >= 0.7 * $OPENSSL_MIBS, round(enc_big::numeric) || ' MiB/s, ' || round((enc_big / $OPENSSL_MIBS)::numeric, 2) || 'x'),
   ('1 MiB decrypt at least 0.7x openssl aes-256-gcm ($OPENSSL_MIBS MiB/s)', dec_big >= 0.7 * $OPENSSL_MIBS, round(dec_big::numeric) || ' MiB/s, ' || round((dec_big / $OPENSSL_MIBS)::numeric, 2) || 'x'),
   ('immuta_encrypt at least 2.5x faster than pgcrypto encrypt()', pe / enc >= 2.5, round((pe / enc)::numeric, 1) || 'x'),
