@@ -96,3 +96,21 @@ SELECT immuta_decrypt(card) FROM orders WHERE tenant = :'acme';
 SELECT immuta_decrypt(card) AS globex_card FROM orders WHERE tenant = :'globex';
 SELECT id, keyring, state, state_changed_by FROM immuta.keys WHERE keyring IN (:'acme', :'globex') ORDER BY id;
 SELECT event, key_id, detail->>'reason' AS reason FROM immuta.audit_log WHERE keyring = :'acme' ORDER BY id;
+
+\echo
+\echo '== 9. Data under old keys: take stock, re-encrypt online, retire the key'
+DROP TABLE IF EXISTS visits;
+CREATE TABLE visits (id int PRIMARY KEY, ssn bytea, ctx text NOT NULL);
+INSERT INTO visits SELECT i, immuta_encrypt('123-45-' || lpad(i::text, 4, '0'), 'visits:' || i), 'visits:' || i
+  FROM generate_series(1, 5000) i;
+SELECT immuta_key_id(ssn) AS old_key FROM visits LIMIT 1 \gset
+SELECT immuta_rotate() AS new_key;
+\echo 'Every value is still under the old key:'
+SELECT * FROM immuta_inventory('visits', 'ssn');
+\echo 'Move them online, 1,000 rows a transaction (each value keeps its context, from the column ctx):'
+CALL immuta_reencrypt_column('visits', 'ssn', context_column => 'ctx', batch_size => 1000);
+SELECT table_name, column_name, passes, rows_done, rows_left, state FROM immuta.jobs_progress ORDER BY id DESC LIMIT 1;
+SELECT * FROM immuta_inventory('visits', 'ssn');
+\echo 'Nothing left under the old key in this table: once every column is checked, it can be retired.'
+SELECT count(*) AS still_under_old_key FROM visits WHERE immuta_key_id(ssn) = :old_key;
+SELECT immuta_decrypt(ssn, ctx) AS first_ssn FROM visits WHERE id = 1;
