@@ -278,17 +278,7 @@ fn a_cancelled_or_crashed_job_resumes_where_it_stopped_and_loses_nothing() {
     assert!(std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap().success());
     assert!(job_thread.join().unwrap().is_err());
     drop(holder);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    loop {
-        let log = pg.log();
-        let after = &log[log_before.min(log.len())..];
-        if after.find("reinitializing").is_some_and(|at| after[at..].contains("ready to accept connections"))
-        {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "no crash restart\n{log}");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    pg.wait_for_crash_restart(log_before);
     let mut c = pg.connect();
     let (same, _, done_before_crash, state) = job(&mut c);
     assert_eq!((same, state.as_str()), (id, "interrupted"));

@@ -262,19 +262,7 @@ fn a_backend_killed_mid_workload_leads_to_a_crash_restart_after_which_everything
     let _ = worker.join();
     // The postmaster restarts every backend and re-creates shared memory: wait until its log says
     // it is ready again, then connect.
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        let log = pg.log();
-        let after = &log[log_before.min(log.len())..];
-        let restarted = after
-            .find("reinitializing")
-            .is_some_and(|at| after[at..].contains("ready to accept connections"));
-        if restarted {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "no crash restart\n{log}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    pg.wait_for_crash_restart(log_before);
     let mut c = pg.connect();
     assert!(all_decrypt(&mut c));
     assert_eq!(stat(&mut c, "mode"), "shared");

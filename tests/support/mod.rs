@@ -303,6 +303,24 @@ impl Cluster {
         fs::read_to_string(self.root.join("server.log")).unwrap_or_default()
     }
 
+    /// Waits until the server log, past its first `log_before` bytes, says the postmaster
+    /// reinitialized after a crash and is ready again; fails after two minutes.
+    pub fn wait_for_crash_restart(&self, log_before: usize) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            let log = self.log();
+            let after = &log[log_before.min(log.len())..];
+            if after
+                .find("reinitializing")
+                .is_some_and(|at| after[at..].contains("ready to accept connections"))
+            {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "no crash restart\n{log}");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
     pub fn config(&self) -> postgres::Config {
         let mut c = postgres::Config::new();
         c.host_path(&self.root)
