@@ -40,6 +40,11 @@ RELEASED_SQL  := $(filter-out $(wildcard sql/immuta--*--*.sql),$(wildcard sql/im
 # instead of building them three times.
 PGRX_LINK := --config "target.'cfg(all(target_family = \"unix\", not(target_os = \"macos\")))'.rustflags = [\"-C\", \"link-arg=-Wl,--no-gc-sections\"]"
 
+# CI builds once from a fresh clone: incremental compilation's caches would only take disk.
+ifeq ($(CI),true)
+export CARGO_INCREMENTAL := 0
+endif
+
 IS_ROOT := $(filter 0,$(shell id -u))
 SUDO    := $(if $(IS_ROOT),,sudo)
 AS_PG   := $(if $(IS_ROOT),runuser -u postgres --,sudo -u postgres)
@@ -148,7 +153,8 @@ test-backend:
 	done
 
 ## The library of the released 0.1.0, as it was built (debug profile: only the upgrade test uses
-## it), from the commit of the release; sharing target/ with the other builds (see install).
+## it), from the commit of the release; sharing target/ with the other builds (see install), and
+## like them without debug information (Cargo.toml, [profile.dev]).
 released-library: prereqs
 	@if [ ! -f $(RELEASED_LIBRARY) ]; then \
 	    $(GIT) cat-file -e $(RELEASED_COMMIT)^{commit} 2>/dev/null || $(GIT) fetch -q --depth=1 origin $(RELEASED_COMMIT) || { \
@@ -156,7 +162,7 @@ released-library: prereqs
 	    src=$(PGDIST)/released/src; rm -rf $$src; mkdir -p $$src; \
 	    $(GIT) archive $(RELEASED_COMMIT) | tar -x -C $$src; \
 	    echo "building the library of immuta 0.1.0 ($(RELEASED_COMMIT)) for PostgreSQL 15"; \
-	    (cd $$src && CARGO_TARGET_DIR=$(CURDIR)/target cargo build $(PGRX_LINK) --lib --features pg15); \
+	    (cd $$src && CARGO_TARGET_DIR=$(CURDIR)/target CARGO_PROFILE_DEV_DEBUG=false cargo build $(PGRX_LINK) --lib --features pg15); \
 	    cp target/debug/libimmuta.so $(RELEASED_LIBRARY).tmp && mv $(RELEASED_LIBRARY).tmp $(RELEASED_LIBRARY); \
 	    rm -rf $$src; touch src/lib.rs; \
 	fi

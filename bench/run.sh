@@ -53,7 +53,13 @@ stop() {
   "${AS_PG[@]}" "$PG_BIN/pg_ctl" -D "$DIR/data" -m fast -w stop >/dev/null 2>&1 || true
   if [ -n "$MOTO_PID" ]; then kill "$MOTO_PID" 2>/dev/null || true; fi
 }
-trap stop EXIT
+# The cluster's data (gigabytes after the million-row rounds) goes at exit, the server log stays;
+# BENCH_KEEP_DATA=1 keeps it for a look.
+finish() {
+  stop
+  if [ -z "${BENCH_KEEP_DATA:-}" ]; then rm -rf "$DIR/data"; fi
+}
+trap finish EXIT
 
 pg_start() { "${AS_PG[@]}" "${SERVER_ENV[@]}" "$PG_BIN/pg_ctl" -D "$DIR/data" -l "$DIR/server.log" -w start >/dev/null; }
 psql() { "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h "$DIR" -p "$PORT" -U postgres "$@"; }

@@ -179,8 +179,8 @@ fn a_0_1_0_deployment_takes_the_new_library_the_update_and_pg_upgrade_to_newer_p
 
     // PostgreSQL 15 of our own, with 0.1.0's library in place of the current one.
     let installed = Installation::under_test();
-    let copy_root = fresh_root();
-    let pg15 = installed.private_copy(&copy_root);
+    let copy_root = ScratchDir::new();
+    let pg15 = installed.private_copy(copy_root.path());
     let library = pg15.pkglibdir().join("immuta.so");
     let current_library = fs::read(&library).unwrap();
     fs::copy(&released, &library).unwrap();

@@ -81,7 +81,7 @@ impl Installation {
 
     /// A private copy of this installation under `dest` (PostgreSQL finds its libraries and
     /// share directory relative to its programs), for a test that installs another build of
-    /// immuta into it. Owned by `postgres`, removed with `dest`.
+    /// immuta into it. Owned by `postgres`; `dest` is a [`ScratchDir`], which removes it.
     pub fn private_copy(&self, dest: &Path) -> Installation {
         for dir in [self.bin.clone(), self.pkglibdir(), self.sharedir()] {
             let to = dest.join(dir.strip_prefix("/").unwrap());
@@ -196,6 +196,29 @@ pub fn fresh_root() -> PathBuf {
     fs::create_dir_all(&root).unwrap();
     chown_to_postgres(&root);
     root
+}
+
+/// A directory from [`fresh_root`] for files other than a cluster's (a private installation),
+/// removed when dropped, as a [`Cluster`]'s root is. Declare it before the clusters that use it:
+/// they are dropped (stopped) first.
+pub struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    pub fn new() -> ScratchDir {
+        ScratchDir(fresh_root())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        if std::env::var_os("IMMUTA_KEEP_TEST_CLUSTERS").is_none() {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
 }
 
 pub fn chown_to_postgres(path: &Path) {
