@@ -120,20 +120,20 @@ REVOKE EXECUTE ON FUNCTION immuta_encrypt(anyelement, @extschema@.immuta_keyring
     immuta_rotate(text), immuta_status(text),
     immuta_keyring_create(text, integer, text, text), immuta_keyring_configure(text, integer, text, text),
     immuta_keyring_destroy(text, text), immuta_key_disable(bigint, text), immuta_key_enable(bigint, text),
-    immuta_key_destroy(bigint, text), immuta_disable_keys_before(text, bigint, text) FROM PUBLIC;
+    immuta_key_destroy(bigint, text, boolean), immuta_disable_keys_before(text, bigint, text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION immuta_encrypt(anyelement, @extschema@.immuta_keyring), immuta_encrypt(anyelement, text, @extschema@.immuta_keyring),
     immuta_encrypt(text, @extschema@.immuta_keyring), immuta_encrypt(text, text, @extschema@.immuta_keyring)
     TO immuta_encryptor;
 GRANT EXECUTE ON FUNCTION immuta_rotate(text), immuta_status(text),
     immuta_keyring_create(text, integer, text, text), immuta_keyring_configure(text, integer, text, text),
     immuta_keyring_destroy(text, text), immuta_key_disable(bigint, text), immuta_key_enable(bigint, text),
-    immuta_key_destroy(bigint, text), immuta_disable_keys_before(text, bigint, text) TO immuta_admin;
+    immuta_key_destroy(bigint, text, boolean), immuta_disable_keys_before(text, bigint, text) TO immuta_admin;
 GRANT EXECUTE ON FUNCTION immuta_encrypt(anyelement, @extschema@.immuta_keyring), immuta_encrypt(anyelement, text, @extschema@.immuta_keyring),
     immuta_encrypt(text, @extschema@.immuta_keyring), immuta_encrypt(text, text, @extschema@.immuta_keyring),
     immuta_rotate(text), immuta_status(text),
     immuta_keyring_create(text, integer, text, text), immuta_keyring_configure(text, integer, text, text),
     immuta_keyring_destroy(text, text), immuta_key_disable(bigint, text), immuta_key_enable(bigint, text),
-    immuta_key_destroy(bigint, text), immuta_disable_keys_before(text, bigint, text)
+    immuta_key_destroy(bigint, text, boolean), immuta_disable_keys_before(text, bigint, text)
     TO @extowner@ WITH GRANT OPTION;
 GRANT SELECT ON immuta.keyrings TO @extowner@ WITH GRANT OPTION;
 
@@ -170,17 +170,20 @@ GRANT EXECUTE ON FUNCTION immuta_reencrypt(bytea), immuta_reencrypt(bytea, text)
 GRANT EXECUTE ON FUNCTION immuta_inventory(regclass, name) TO immuta_admin;
 GRANT EXECUTE ON FUNCTION immuta_reencrypt(bytea), immuta_reencrypt(bytea, text), immuta_inventory(regclass, name)
     TO @extowner@ WITH GRANT OPTION;
--- Online re-encryption (issue 15): a job per table and column, run in batches by a procedure
--- that commits after each; its row says where to resume. Each role sees and writes only its own
--- jobs (row-level security), and only the columns that record progress; the procedure runs as
--- its caller, with the caller's privileges on the table. Every operator below is pg_catalog's,
--- named or reached by exact types: nothing a schema owner plants is resolved.
+-- Online jobs on a column (issue 15): re-encrypting a column, or filling an encrypted column from
+-- a plaintext one, in batches run by a procedure that commits after each; the job's row says
+-- where to resume. Each role sees and writes only its own jobs (row-level security), and only the
+-- columns that record progress; the procedures run as their caller, with the caller's privileges
+-- on the table. Every operator below is pg_catalog's, named or reached by exact types: nothing a
+-- schema owner plants is resolved.
 CREATE TABLE immuta.jobs (
     id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    kind text NOT NULL CHECK (kind = 'reencrypt'),
+    kind text NOT NULL CHECK (kind IN ('reencrypt', 'encrypt')),
     relid oid NOT NULL,
     column_name name NOT NULL,
+    source_column name,
     context_column name,
+    keyring text,
     before_key bigint,
     batch_size integer NOT NULL CHECK (batch_size BETWEEN 1 AND 1000000),
     pause interval NOT NULL,
@@ -191,11 +194,29 @@ CREATE TABLE immuta.jobs (
     passes integer NOT NULL DEFAULT 1 CHECK (passes >= 1),
     next_block bigint NOT NULL DEFAULT 0 CHECK (next_block >= 0),
     rows_done bigint NOT NULL DEFAULT 0 CHECK (rows_done >= 0),
-    rows_total bigint NOT NULL DEFAULT 0 CHECK (rows_total >= 0)
+    rows_total bigint NOT NULL DEFAULT 0 CHECK (rows_total >= 0),
+    CHECK ((kind = 'encrypt') = (source_column IS NOT NULL))
 );
 ALTER TABLE immuta.jobs ENABLE ROW LEVEL SECURITY;
 CREATE POLICY own_jobs ON immuta.jobs USING (started_by OPERATOR(pg_catalog.=) current_user)
     WITH CHECK (started_by OPERATOR(pg_catalog.=) current_user);
+-- The columns that hold immuta's values: a destroy of a key that any of them still holds is
+-- refused unless forced (immuta_key_destroy), and immuta_key_references counts them. A job
+-- registers its column; roles that may update a column register and unregister it.
+CREATE TABLE immuta.encrypted_columns (
+    relid oid NOT NULL,
+    column_name name NOT NULL,
+    context_column name,
+    registered_by name NOT NULL DEFAULT current_user,
+    registered_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (relid, column_name)
+);
+ALTER TABLE immuta.encrypted_columns ENABLE ROW LEVEL SECURITY;
+CREATE POLICY everyone_reads ON immuta.encrypted_columns FOR SELECT USING (true);
+CREATE POLICY column_updaters_write ON immuta.encrypted_columns FOR ALL
+    USING (pg_catalog.has_column_privilege(relid, column_name, 'UPDATE'))
+    WITH CHECK (pg_catalog.has_column_privilege(relid, column_name, 'UPDATE')
+                AND registered_by OPERATOR(pg_catalog.=) current_user);
 CREATE VIEW immuta.jobs_progress WITH (security_barrier) AS
 SELECT j.id, j.kind, j.relid::pg_catalog.regclass AS table_name, j.column_name, j.started_by, j.started_at,
        j.last_batch_at, j.finished_at, j.passes, j.rows_done,
@@ -219,16 +240,140 @@ SELECT j.id, j.kind, j.relid::pg_catalog.regclass AS table_name, j.column_name, 
                                                AND a.state OPERATOR(pg_catalog.~~) 'idle%'))
             THEN 'running'
             ELSE 'interrupted'
-       END AS state
+       END AS state,
+       j.source_column
   FROM immuta.jobs j
  WHERE j.started_by OPERATOR(pg_catalog.=) current_user OR pg_catalog.pg_has_role('immuta_admin', 'MEMBER');
-CREATE PROCEDURE immuta_reencrypt_column(tbl regclass, col name, context_column name DEFAULT NULL,
-                                         batch_size integer DEFAULT 1000, pause interval DEFAULT '0',
-                                         before_key bigint DEFAULT NULL)
+
+-- The expression that encrypts column `source` (with `context_column` as the context, under
+-- `keyring`) of the row `prefix` names: '' for a table's own columns, '($1).' for a trigger's NEW.
+CREATE FUNCTION immuta.encrypt_expression(source name, context_column name, keyring text, prefix text)
+RETURNS text LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $body$
+SELECT pg_catalog.format('@extschema@.immuta_encrypt(%s%I%s%s)', prefix, source,
+         CASE WHEN context_column IS NULL THEN ''
+              ELSE pg_catalog.format(', (%s%I)::pg_catalog.text', prefix, context_column) END,
+         CASE WHEN keyring IS NULL THEN ''
+              ELSE pg_catalog.format(', %L::@extschema@.immuta_keyring', keyring) END)
+$body$;
+
+-- What every job checks of its table before it records anything: a plain table whose rows the
+-- caller all sees.
+CREATE FUNCTION immuta.check_job_table(tbl regclass) RETURNS void
+LANGUAGE plpgsql STABLE SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $body$
+BEGIN
+  IF (SELECT c.relkind FROM pg_catalog.pg_class c WHERE c.oid = tbl::oid) <> 'r'::"char" THEN
+    RAISE EXCEPTION USING ERRCODE = '0A000', MESSAGE = pg_catalog.format('%s is not a table', tbl),
+      HINT = 'Run it on each partition (or child table) on its own.';
+  END IF;
+  IF pg_catalog.row_security_active(tbl::oid) THEN
+    RAISE EXCEPTION USING ERRCODE = '0A000', MESSAGE = pg_catalog.format('row-level security hides rows of %s from this role', tbl),
+      DETAIL = 'A job must reach every row, or it could report done with values it never saw.',
+      HINT = 'Run it as a role that bypasses the table''s row-level security (its owner, or a role with BYPASSRLS).';
+  END IF;
+END
+$body$;
+
+-- The type of column `col` of `tbl`; 42703 when it does not exist.
+CREATE FUNCTION immuta.column_type(tbl regclass, col name) RETURNS oid
+LANGUAGE plpgsql STABLE SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $body$
+DECLARE
+  typ oid;
+BEGIN
+  SELECT a.atttypid INTO typ FROM pg_catalog.pg_attribute a
+   WHERE a.attrelid = tbl::oid AND a.attname = col AND a.attnum > 0::int2 AND NOT a.attisdropped;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION USING ERRCODE = '42703', MESSAGE = pg_catalog.format('column %I of %s does not exist', col, tbl);
+  END IF;
+  RETURN typ;
+END
+$body$;
+
+-- Registers column `col` of `tbl` (bytea, holding immuta's values) for immuta_key_references and
+-- the destroy check; its writers (UPDATE on the column) and the admin may.
+CREATE FUNCTION immuta_register_column(tbl regclass, col name, context_column name DEFAULT NULL) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $body$
+BEGIN
+  IF tbl IS NULL OR col IS NULL THEN
+    RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'immuta_register_column needs a table and a column';
+  END IF;
+  IF (SELECT c.relkind FROM pg_catalog.pg_class c WHERE c.oid = tbl::oid) <> 'r'::"char" THEN
+    RAISE EXCEPTION USING ERRCODE = '0A000', MESSAGE = pg_catalog.format('%s is not a table', tbl),
+      HINT = 'Register the column of each partition (or child table).';
+  END IF;
+  IF immuta.column_type(tbl, col) <> 'pg_catalog.bytea'::pg_catalog.regtype::oid THEN
+    RAISE EXCEPTION USING ERRCODE = '42804', MESSAGE = pg_catalog.format('column %I of %s is not of type bytea', col, tbl),
+      HINT = 'immuta stores encrypted values in bytea columns.';
+  END IF;
+  IF context_column IS NOT NULL THEN
+    PERFORM immuta.column_type(tbl, context_column);
+  END IF;
+  IF NOT pg_catalog.has_column_privilege(tbl::oid, col, 'UPDATE') THEN
+    RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = pg_catalog.format('permission denied for table %s', tbl),
+      HINT = 'Registering a column takes UPDATE on it.';
+  END IF;
+  INSERT INTO immuta.encrypted_columns AS e (relid, column_name, context_column)
+  VALUES (tbl::oid, col, immuta_register_column.context_column)
+  ON CONFLICT (relid, column_name) DO UPDATE SET context_column = EXCLUDED.context_column,
+         registered_by = current_user, registered_at = pg_catalog.now();
+END
+$body$;
+
+CREATE FUNCTION immuta_unregister_column(tbl regclass, col name) RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $body$
+BEGIN
+  DELETE FROM immuta.encrypted_columns e WHERE e.relid = tbl::oid AND e.column_name = col;
+  RETURN FOUND;
+END
+$body$;
+
+-- Values under key `key_id` in each registered column that still exists, counted as the caller
+-- from each value's header (immuta_key_destroy calls it before it destroys a key).
+CREATE FUNCTION immuta.key_references(key_id bigint)
+RETURNS TABLE (table_name regclass, column_name name, value_count bigint)
+LANGUAGE plpgsql STABLE SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $body$
+DECLARE
+  r record;
+BEGIN
+  FOR r IN SELECT e.relid, e.column_name FROM immuta.encrypted_columns e
+             JOIN pg_catalog.pg_class c ON c.oid = e.relid AND c.relkind = 'r'::"char"
+             JOIN pg_catalog.pg_attribute a ON a.attrelid = e.relid AND a.attname = e.column_name
+                  AND a.attnum > 0::int2 AND NOT a.attisdropped
+                  AND a.atttypid = 'pg_catalog.bytea'::pg_catalog.regtype::oid
+            ORDER BY c.relname, e.relid, e.column_name LOOP
+    IF NOT pg_catalog.has_column_privilege(r.relid, r.column_name, 'SELECT') THEN
+      RAISE EXCEPTION USING ERRCODE = '42501',
+        MESSAGE = pg_catalog.format('permission denied to count the values of column %I of %s', r.column_name, r.relid::regclass),
+        DETAIL = 'The column is registered as holding immuta''s values; counting them takes SELECT on it.',
+        HINT = 'Grant SELECT on the column, or unregister it (immuta_unregister_column) if it no longer holds immuta''s values.';
+    END IF;
+    IF pg_catalog.row_security_active(r.relid) THEN
+      RAISE EXCEPTION USING ERRCODE = '0A000',
+        MESSAGE = pg_catalog.format('row-level security hides rows of %s from this role', r.relid::regclass),
+        DETAIL = 'A count of the values under a key must see every row.',
+        HINT = 'Count as a role that bypasses the table''s row-level security (its owner, or a role with BYPASSRLS).';
+    END IF;
+    table_name := r.relid::regclass;
+    column_name := r.column_name;
+    EXECUTE pg_catalog.format(
+      'SELECT pg_catalog.count(*) FROM ONLY %s WHERE @extschema@.immuta_key_id(pg_catalog.substr(%I, 1, 64)) OPERATOR(pg_catalog.=) $1',
+      r.relid::regclass, r.column_name) INTO value_count USING key_id;
+    RETURN NEXT;
+  END LOOP;
+END
+$body$;
+CREATE FUNCTION immuta_key_references(key_id bigint)
+RETURNS TABLE (table_name regclass, column_name name, value_count bigint)
+LANGUAGE sql STABLE SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $body$
+SELECT r.table_name, r.column_name, r.value_count FROM immuta.key_references(key_id) r
+$body$;
+
+-- One job, from its row: batches over block ranges, each its own transaction, passes until no
+-- row is left to do. Called by immuta_reencrypt_column and immuta_encrypt_column.
+CREATE PROCEDURE immuta.run_job(job_id bigint)
 LANGUAGE plpgsql SECURITY INVOKER AS $body$
 DECLARE
   job immuta.jobs;
-  typ oid;
+  tbl regclass;
   block_size bigint;
   per_block bigint;
   step bigint;
@@ -237,39 +382,149 @@ DECLARE
   remaining bigint;
   filter text;
   new_value text;
+  trigger_name name;
+  saved_level text;
   -- The job's advisory lock: one bigint, 'IMJB' above the job id.
   lock_base constant bigint := 5282439408914153472;
 BEGIN
   -- This procedure commits, so it cannot carry SET search_path: each of its transactions sets
   -- it, before anything is planned, to pg_catalog and the caller's own temporary schema.
   PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
-  IF tbl IS NULL OR col IS NULL THEN
-    RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'immuta_reencrypt_column needs a table and a column';
+  SELECT * INTO job FROM immuta.jobs j WHERE j.id = job_id;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION USING ERRCODE = '42704', MESSAGE = pg_catalog.format('immuta job %s does not exist', job_id),
+      HINT = 'A role runs only its own jobs (immuta.jobs_progress).';
   END IF;
+  tbl := job.relid::regclass;
+  PERFORM immuta.check_job_table(tbl);
+  IF NOT pg_catalog.pg_try_advisory_lock(lock_base + job.id) THEN
+    RAISE EXCEPTION USING ERRCODE = '55006', MESSAGE = pg_catalog.format('immuta job %s is running in another session', job.id),
+      HINT = 'Wait for it (immuta.jobs_progress), or end that session; the job resumes where it stopped.';
+  END IF;
+  IF job.kind = 'reencrypt' THEN
+    -- Values to move: under a key that is not its keyring's current one (and, with before_key,
+    -- older than that key).
+    filter := pg_catalog.format('%I IS NOT NULL AND NOT @extschema@.immuta_key_is_current(@extschema@.immuta_key_id(%I))',
+                                job.column_name, job.column_name);
+    IF job.before_key IS NOT NULL THEN
+      filter := filter || pg_catalog.format(' AND @extschema@.immuta_key_id(%I) < %s::pg_catalog.int8', job.column_name, job.before_key);
+    END IF;
+    new_value := CASE WHEN job.context_column IS NULL THEN pg_catalog.format('@extschema@.immuta_reencrypt(%I)', job.column_name)
+                      ELSE pg_catalog.format('@extschema@.immuta_reencrypt(%I, %I::pg_catalog.text)', job.column_name, job.context_column) END;
+  ELSE
+    -- Rows whose plaintext has no encrypted value yet (the trigger covers rows written since the
+    -- job began).
+    filter := pg_catalog.format('%I IS NULL AND %I IS NOT NULL', job.column_name, job.source_column);
+    new_value := immuta.encrypt_expression(job.source_column, job.context_column, job.keyring, '');
+  END IF;
+  -- Blocks per batch, and the rows of a first pass, from the table's statistics (every row
+  -- may hold a value to move; the pass's count says how many really did).
+  SELECT GREATEST(1, CASE WHEN c.relpages > 0 THEN (c.reltuples::float8 / c.relpages::float8)::bigint ELSE 100 END),
+         GREATEST(c.reltuples, 0::float4)::bigint
+    INTO per_block, remaining FROM pg_catalog.pg_class c WHERE c.oid = tbl::oid;
+  IF job.rows_total = 0 THEN
+    UPDATE immuta.jobs j SET rows_total = remaining WHERE j.id = job.id;
+  END IF;
+  COMMIT;
+  PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+  block_size := pg_catalog.current_setting('block_size')::bigint;
+  step := GREATEST(1, job.batch_size::bigint / per_block);
+  -- A pass covers the blocks the table had when it started: the versions its own updates add
+  -- after them hold current values, and anything else the count at its end finds.
+  nblocks := pg_catalog.pg_relation_size(tbl) / block_size;
+  LOOP
+    IF job.next_block >= nblocks THEN
+      -- End of a pass: rows updated behind the cursor by copying an old value are found here.
+      EXECUTE pg_catalog.format('SELECT pg_catalog.count(*) FROM ONLY %s WHERE %s', tbl, filter) INTO remaining;
+      IF remaining = 0 THEN
+        UPDATE immuta.jobs j SET finished_at = pg_catalog.clock_timestamp() WHERE j.id = job.id;
+        COMMIT;
+        PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+        -- Taken again by each resumption in the same session: released as often (the last,
+        -- refused, release would warn).
+        saved_level := pg_catalog.current_setting('client_min_messages');
+        PERFORM pg_catalog.set_config('client_min_messages', 'error', true);
+        WHILE pg_catalog.pg_advisory_unlock(lock_base + job.id) LOOP
+        END LOOP;
+        PERFORM pg_catalog.set_config('client_min_messages', saved_level, true);
+        IF job.kind = 'encrypt' THEN
+          trigger_name := immuta.encrypt_trigger_name(job.column_name);
+          RAISE NOTICE USING
+            MESSAGE = pg_catalog.format('every value of column %I of %s is now also encrypted in column %I', job.source_column, tbl, job.column_name),
+            DETAIL = pg_catalog.format('The trigger %I encrypts new and changed values of %I into %I until it is dropped. The plaintext is still in %I, in old row versions, in the WAL and in backups.',
+                                       trigger_name, job.source_column, job.column_name, job.source_column),
+            HINT = pg_catalog.format('Once the application reads and writes only %I: DROP TRIGGER %I ON %s; ALTER TABLE %s DROP COLUMN %I; then VACUUM FULL %s (or pg_repack) to rewrite the table without the old row versions. WAL archives and backups keep the plaintext until they age out.',
+                                     job.column_name, trigger_name, tbl, tbl, job.source_column, tbl);
+        END IF;
+        RETURN;
+      END IF;
+      IF job.passes >= 2 AND remaining >= job.rows_total - job.rows_done THEN
+        -- A whole pass moved none of them: something keeps them (a trigger, a rule, a policy).
+        RAISE EXCEPTION USING ERRCODE = '55000',
+          MESSAGE = pg_catalog.format('immuta job %s moved no value in its last pass; %s rows are still to do', job.id, remaining),
+          HINT = 'Check the table''s triggers and rules for UPDATE: something prevents the new values from being stored.';
+      END IF;
+      UPDATE immuta.jobs j SET next_block = 0, passes = j.passes + 1, rows_total = j.rows_done + remaining
+       WHERE j.id = job.id RETURNING * INTO job;
+      COMMIT;
+      PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+      nblocks := pg_catalog.pg_relation_size(tbl) / block_size;
+      CONTINUE;
+    END IF;
+    -- One batch: the rows of a range of blocks still to do, each written from its latest version
+    -- under its row lock (a row updated meanwhile is read again).
+    EXECUTE pg_catalog.format(
+      'UPDATE ONLY %s SET %I = %s WHERE ctid >= %L::pg_catalog.tid AND ctid < %L::pg_catalog.tid AND %s',
+      tbl, job.column_name, new_value, pg_catalog.format('(%s,0)', job.next_block),
+      pg_catalog.format('(%s,0)', job.next_block + step), filter);
+    GET DIAGNOSTICS done = ROW_COUNT;
+    UPDATE immuta.jobs j SET next_block = job.next_block + step, rows_done = j.rows_done + done,
+           last_batch_at = pg_catalog.clock_timestamp()
+     WHERE j.id = job.id RETURNING * INTO job;
+    COMMIT;
+    PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+    IF job.pause > '0'::interval THEN
+      PERFORM pg_catalog.pg_sleep_for(job.pause);
+    END IF;
+  END LOOP;
+END
+$body$;
+
+-- Checks every option of a job; 22023 when one is out of range.
+CREATE FUNCTION immuta.check_job_options(batch_size integer, pause interval, before_key bigint) RETURNS void
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $body$
+BEGIN
   IF batch_size IS NULL OR batch_size NOT BETWEEN 1 AND 1000000 OR pause IS NULL
      OR pause < '0'::interval OR pause > '1 hour'::interval OR before_key < 1 THEN
     RAISE EXCEPTION USING ERRCODE = '22023', MESSAGE = 'invalid batch size, pause or key',
       DETAIL = 'The batch size is 1 to 1,000,000 rows; the pause is 0 to 1 hour; a key id is positive.';
   END IF;
-  IF (SELECT c.relkind FROM pg_catalog.pg_class c WHERE c.oid = tbl::oid) <> 'r'::"char" THEN
-    RAISE EXCEPTION USING ERRCODE = '0A000', MESSAGE = pg_catalog.format('%s is not a table', tbl),
-      HINT = 'Re-encrypt each partition (or child table) on its own.';
+END
+$body$;
+
+CREATE FUNCTION immuta.encrypt_trigger_name(target name) RETURNS name
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $body$
+SELECT pg_catalog.left('immuta_encrypt_' || target, 63)::pg_catalog.name
+$body$;
+
+CREATE PROCEDURE immuta_reencrypt_column(tbl regclass, col name, context_column name DEFAULT NULL,
+                                         batch_size integer DEFAULT 1000, pause interval DEFAULT '0',
+                                         before_key bigint DEFAULT NULL)
+LANGUAGE plpgsql SECURITY INVOKER AS $body$
+DECLARE
+  job_id bigint;
+BEGIN
+  PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+  IF tbl IS NULL OR col IS NULL THEN
+    RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'immuta_reencrypt_column needs a table and a column';
   END IF;
-  IF pg_catalog.row_security_active(tbl::oid) THEN
-    RAISE EXCEPTION USING ERRCODE = '0A000', MESSAGE = pg_catalog.format('row-level security hides rows of %s from this role', tbl),
-      DETAIL = 'A re-encryption must reach every row, or it could report done with values left under an old key.',
-      HINT = 'Run it as a role that bypasses the table''s row-level security (its owner, or a role with BYPASSRLS).';
-  END IF;
-  SELECT a.atttypid INTO typ FROM pg_catalog.pg_attribute a
-   WHERE a.attrelid = tbl::oid AND a.attname = col AND a.attnum > 0::int2 AND NOT a.attisdropped;
-  IF NOT FOUND THEN
-    RAISE EXCEPTION USING ERRCODE = '42703', MESSAGE = pg_catalog.format('column %I of %s does not exist', col, tbl);
-  ELSIF typ <> 'pg_catalog.bytea'::pg_catalog.regtype::oid THEN
+  PERFORM immuta.check_job_options(batch_size, pause, before_key);
+  PERFORM immuta.check_job_table(tbl);
+  IF immuta.column_type(tbl, col) <> 'pg_catalog.bytea'::pg_catalog.regtype::oid THEN
     RAISE EXCEPTION USING ERRCODE = '42804', MESSAGE = pg_catalog.format('column %I of %s is not of type bytea', col, tbl);
   END IF;
-  IF context_column IS NOT NULL AND NOT EXISTS (SELECT FROM pg_catalog.pg_attribute a
-       WHERE a.attrelid = tbl::oid AND a.attname = context_column AND a.attnum > 0::int2 AND NOT a.attisdropped) THEN
-    RAISE EXCEPTION USING ERRCODE = '42703', MESSAGE = pg_catalog.format('column %I of %s does not exist', context_column, tbl);
+  IF context_column IS NOT NULL THEN
+    PERFORM immuta.column_type(tbl, context_column);
   END IF;
   -- Refused before any job is recorded: the job runs with its caller's privileges, never more.
   IF NOT (pg_catalog.has_column_privilege(tbl::oid, col, 'SELECT') AND pg_catalog.has_column_privilege(tbl::oid, col, 'UPDATE')
@@ -284,99 +539,128 @@ BEGIN
          before_key = immuta_reencrypt_column.before_key
    WHERE j.kind = 'reencrypt' AND j.relid = tbl::oid AND j.column_name = col AND j.finished_at IS NULL
      AND j.started_by = current_user
-  RETURNING * INTO job;
+  RETURNING j.id INTO job_id;
   IF NOT FOUND THEN
     INSERT INTO immuta.jobs (kind, relid, column_name, context_column, before_key, batch_size, pause)
     VALUES ('reencrypt', tbl::oid, col, context_column, before_key, batch_size, pause)
-    RETURNING * INTO job;
+    RETURNING id INTO job_id;
   END IF;
-  IF NOT pg_catalog.pg_try_advisory_lock(lock_base + job.id) THEN
-    RAISE EXCEPTION USING ERRCODE = '55006', MESSAGE = pg_catalog.format('immuta job %s is running in another session', job.id),
-      HINT = 'Wait for it (immuta.jobs_progress), or end that session; the job resumes where it stopped.';
-  END IF;
-  -- Values to move: under a key that is not its keyring's current one (and, with before_key,
-  -- older than that key).
-  filter := pg_catalog.format('NOT @extschema@.immuta_key_is_current(@extschema@.immuta_key_id(%I))', col);
-  IF before_key IS NOT NULL THEN
-    filter := pg_catalog.format('@extschema@.immuta_key_id(%I) < %s::pg_catalog.int8 AND ', col, before_key) || filter;
-  END IF;
-  new_value := CASE WHEN context_column IS NULL THEN pg_catalog.format('@extschema@.immuta_reencrypt(%I)', col)
-                    ELSE pg_catalog.format('@extschema@.immuta_reencrypt(%I, %I::pg_catalog.text)', col, context_column) END;
-  -- Blocks per batch, and the rows of a first pass, from the table's statistics (every row
-  -- may hold a value to move; the pass's count says how many really did).
-  SELECT GREATEST(1, CASE WHEN c.relpages > 0 THEN (c.reltuples::float8 / c.relpages::float8)::bigint ELSE 100 END),
-         GREATEST(c.reltuples, 0::float4)::bigint
-    INTO per_block, remaining FROM pg_catalog.pg_class c WHERE c.oid = tbl::oid;
-  IF job.rows_total = 0 THEN
-    UPDATE immuta.jobs j SET rows_total = remaining WHERE j.id = job.id;
-  END IF;
-  COMMIT;
-  PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
-  block_size := pg_catalog.current_setting('block_size')::bigint;
-  step := GREATEST(1, batch_size::bigint / per_block);
-  -- A pass covers the blocks the table had when it started: the versions its own updates add
-  -- after them hold current values, and anything else the count at its end finds.
-  nblocks := pg_catalog.pg_relation_size(tbl) / block_size;
-  LOOP
-    IF job.next_block >= nblocks THEN
-      -- End of a pass: rows updated behind the cursor by copying an old value are found here.
-      EXECUTE pg_catalog.format('SELECT pg_catalog.count(*) FROM ONLY %s WHERE %I IS NOT NULL AND %s', tbl, col, filter)
-         INTO remaining;
-      IF remaining = 0 THEN
-        UPDATE immuta.jobs j SET finished_at = pg_catalog.clock_timestamp() WHERE j.id = job.id;
-        COMMIT;
-        PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
-        -- Taken again by each resumption in the same session: released as often (the last,
-        -- refused, release would warn).
-        PERFORM pg_catalog.set_config('client_min_messages', 'error', true);
-        WHILE pg_catalog.pg_advisory_unlock(lock_base + job.id) LOOP
-        END LOOP;
-        RETURN;
-      END IF;
-      IF job.passes >= 2 AND remaining >= job.rows_total - job.rows_done THEN
-        -- A whole pass moved none of them: something keeps them (a trigger, a rule, a policy).
-        RAISE EXCEPTION USING ERRCODE = '55000',
-          MESSAGE = pg_catalog.format('immuta job %s moved no value in its last pass; %s are still under old keys', job.id, remaining),
-          HINT = 'Check the table''s triggers and rules for UPDATE: something prevents the new values from being stored.';
-      END IF;
-      UPDATE immuta.jobs j SET next_block = 0, passes = j.passes + 1, rows_total = j.rows_done + remaining
-       WHERE j.id = job.id RETURNING * INTO job;
-      COMMIT;
-      PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
-      nblocks := pg_catalog.pg_relation_size(tbl) / block_size;
-      CONTINUE;
-    END IF;
-    -- One batch: the rows of a range of blocks still under a key to move off, each re-encrypted
-    -- from its latest version under its row lock (a row updated meanwhile is read again).
-    EXECUTE pg_catalog.format(
-      'UPDATE ONLY %s SET %I = %s WHERE ctid >= %L::pg_catalog.tid AND ctid < %L::pg_catalog.tid AND %I IS NOT NULL AND %s',
-      tbl, col, new_value, pg_catalog.format('(%s,0)', job.next_block),
-      pg_catalog.format('(%s,0)', job.next_block + step), col, filter);
-    GET DIAGNOSTICS done = ROW_COUNT;
-    UPDATE immuta.jobs j SET next_block = job.next_block + step, rows_done = j.rows_done + done,
-           last_batch_at = pg_catalog.clock_timestamp()
-     WHERE j.id = job.id RETURNING * INTO job;
-    COMMIT;
-    PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
-    IF pause > '0'::interval THEN
-      PERFORM pg_catalog.pg_sleep_for(pause);
-    END IF;
-  END LOOP;
+  PERFORM @extschema@.immuta_register_column(tbl, col, context_column);
+  CALL immuta.run_job(job_id);
 END
 $body$;
-REVOKE EXECUTE ON FUNCTION immuta_key_is_current(bigint) FROM PUBLIC;
-REVOKE EXECUTE ON PROCEDURE immuta_reencrypt_column(regclass, name, name, integer, interval, bigint) FROM PUBLIC;
+
+CREATE PROCEDURE immuta_encrypt_column(tbl regclass, source name, target name, context_column name DEFAULT NULL,
+                                       keyring text DEFAULT NULL, batch_size integer DEFAULT 1000,
+                                       pause interval DEFAULT '0')
+LANGUAGE plpgsql SECURITY INVOKER AS $body$
+DECLARE
+  job_id bigint;
+  trigger_name name;
+  columns text;
+BEGIN
+  PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+  IF tbl IS NULL OR source IS NULL OR target IS NULL THEN
+    RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'immuta_encrypt_column needs a table, a source column and a target column';
+  END IF;
+  PERFORM immuta.check_job_options(batch_size, pause, NULL);
+  PERFORM immuta.check_job_table(tbl);
+  IF source = target OR source = context_column OR target = context_column THEN
+    RAISE EXCEPTION USING ERRCODE = '22023', MESSAGE = 'the source, target and context columns must be three different columns';
+  END IF;
+  -- Refused here, before a trigger could make the application's writes fail.
+  PERFORM immuta.check_encryptable(immuta.column_type(tbl, source)::pg_catalog.regtype);
+  IF immuta.column_type(tbl, target) <> 'pg_catalog.bytea'::pg_catalog.regtype::oid THEN
+    RAISE EXCEPTION USING ERRCODE = '42804', MESSAGE = pg_catalog.format('column %I of %s is not of type bytea', target, tbl),
+      HINT = pg_catalog.format('Add it first: ALTER TABLE %s ADD COLUMN %I bytea (no rewrite, no long lock).', tbl, target);
+  END IF;
+  IF context_column IS NOT NULL THEN
+    PERFORM immuta.column_type(tbl, context_column);
+  END IF;
+  IF NOT (pg_catalog.has_column_privilege(tbl::oid, source, 'SELECT') AND pg_catalog.has_column_privilege(tbl::oid, target, 'SELECT')
+          AND pg_catalog.has_column_privilege(tbl::oid, target, 'UPDATE') AND pg_catalog.has_table_privilege(tbl::oid, 'TRIGGER')
+          AND (context_column IS NULL OR pg_catalog.has_column_privilege(tbl::oid, context_column, 'SELECT'))) THEN
+    RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = pg_catalog.format('permission denied for table %s', tbl),
+      DETAIL = 'Encrypting a column reads the plaintext and writes the encrypted column as the caller, and installs a trigger for the writes that arrive meanwhile.',
+      HINT = 'The caller needs SELECT on the source (and context) column, SELECT and UPDATE on the target column, and TRIGGER on the table.';
+  END IF;
+  -- The keyring exists and the caller may encrypt under it (one throwaway encryption).
+  EXECUTE 'SELECT ' || immuta.encrypt_expression('v', NULL, keyring, '') || ' FROM (VALUES (''''::pg_catalog.text)) x(v)';
+  -- Writes from now on encrypt as they go: the trigger is in place (committed) before the first
+  -- batch reads a row. Creating it waits for the writes in progress and makes new ones wait for it.
+  trigger_name := immuta.encrypt_trigger_name(target);
+  IF NOT EXISTS (SELECT FROM pg_catalog.pg_trigger t WHERE t.tgrelid = tbl::oid AND t.tgname = trigger_name) THEN
+    columns := pg_catalog.format('%I', source) ||
+               CASE WHEN context_column IS NULL THEN '' ELSE pg_catalog.format(', %I', context_column) END;
+    EXECUTE pg_catalog.format(
+      'CREATE TRIGGER %I BEFORE INSERT OR UPDATE OF %s ON %s FOR EACH ROW EXECUTE FUNCTION immuta.encrypt_column_trigger(%L, %L, %L, %L)',
+      trigger_name, columns, tbl, source, target, COALESCE(context_column, ''), COALESCE(keyring, ''));
+  END IF;
+  UPDATE immuta.jobs j SET source_column = immuta_encrypt_column.source, context_column = immuta_encrypt_column.context_column,
+         keyring = immuta_encrypt_column.keyring, batch_size = immuta_encrypt_column.batch_size,
+         pause = immuta_encrypt_column.pause
+   WHERE j.kind = 'encrypt' AND j.relid = tbl::oid AND j.column_name = target AND j.finished_at IS NULL
+     AND j.started_by = current_user
+  RETURNING j.id INTO job_id;
+  IF NOT FOUND THEN
+    INSERT INTO immuta.jobs (kind, relid, column_name, source_column, context_column, keyring, batch_size, pause)
+    VALUES ('encrypt', tbl::oid, target, source, context_column, keyring, batch_size, pause)
+    RETURNING id INTO job_id;
+  END IF;
+  PERFORM @extschema@.immuta_register_column(tbl, target, context_column);
+  COMMIT;
+  CALL immuta.run_job(job_id);
+END
+$body$;
+
+-- Installed by immuta_encrypt_column: encrypts the row's source column into its target column as
+-- the row is written. TG_ARGV: source, target, context column ('' for none), keyring ('' for the
+-- default). Runs as the writer, who needs immuta_encryptor.
+CREATE FUNCTION immuta.encrypt_column_trigger() RETURNS trigger
+LANGUAGE plpgsql SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $body$
+DECLARE
+  encrypted bytea;
+BEGIN
+  EXECUTE 'SELECT ' || immuta.encrypt_expression(TG_ARGV[0], NULLIF(TG_ARGV[2], ''), NULLIF(TG_ARGV[3], ''), '($1).')
+     INTO encrypted USING NEW;
+  NEW := pg_catalog.jsonb_populate_record(NEW, pg_catalog.jsonb_build_object(TG_ARGV[1], encrypted));
+  RETURN NEW;
+END
+$body$;
+
+REVOKE EXECUTE ON FUNCTION immuta_key_is_current(bigint), immuta_register_column(regclass, name, name),
+    immuta_unregister_column(regclass, name), immuta_key_references(bigint), immuta.key_references(bigint),
+    immuta.encrypt_expression(name, name, text, text), immuta.check_job_table(regclass), immuta.column_type(regclass, name),
+    immuta.check_job_options(integer, interval, bigint), immuta.encrypt_trigger_name(name),
+    immuta.encrypt_column_trigger(), immuta.check_encryptable(regtype) FROM PUBLIC;
+REVOKE EXECUTE ON PROCEDURE immuta_reencrypt_column(regclass, name, name, integer, interval, bigint),
+    immuta_encrypt_column(regclass, name, name, name, text, integer, interval), immuta.run_job(bigint) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION immuta_key_is_current(bigint) TO immuta_decryptor;
 GRANT EXECUTE ON PROCEDURE immuta_reencrypt_column(regclass, name, name, integer, interval, bigint) TO immuta_decryptor;
-GRANT USAGE ON SCHEMA immuta TO immuta_decryptor;
--- Only what the procedure writes: never a job's id, owner or start.
-GRANT SELECT, INSERT (kind, relid, column_name, context_column, before_key, batch_size, pause),
-    UPDATE (context_column, before_key, batch_size, pause, last_batch_at, finished_at, passes, next_block, rows_done, rows_total)
-    ON immuta.jobs TO immuta_decryptor;
-GRANT SELECT ON immuta.jobs_progress TO immuta_decryptor, immuta_admin;
-GRANT EXECUTE ON FUNCTION immuta_key_is_current(bigint) TO @extowner@ WITH GRANT OPTION;
-GRANT EXECUTE ON PROCEDURE immuta_reencrypt_column(regclass, name, name, integer, interval, bigint) TO @extowner@ WITH GRANT OPTION;
-GRANT SELECT, INSERT (kind, relid, column_name, context_column, before_key, batch_size, pause),
-    UPDATE (context_column, before_key, batch_size, pause, last_batch_at, finished_at, passes, next_block, rows_done, rows_total)
+GRANT EXECUTE ON PROCEDURE immuta_encrypt_column(regclass, name, name, name, text, integer, interval) TO immuta_encryptor;
+GRANT EXECUTE ON PROCEDURE immuta.run_job(bigint) TO immuta_decryptor, immuta_encryptor;
+GRANT EXECUTE ON FUNCTION immuta_register_column(regclass, name, name), immuta_unregister_column(regclass, name),
+    immuta.encrypt_expression(name, name, text, text), immuta.check_job_table(regclass), immuta.column_type(regclass, name),
+    immuta.check_job_options(integer, interval, bigint), immuta.encrypt_trigger_name(name)
+    TO immuta_decryptor, immuta_encryptor, immuta_admin;
+GRANT EXECUTE ON FUNCTION immuta.encrypt_column_trigger(), immuta.check_encryptable(regtype) TO immuta_encryptor;
+GRANT EXECUTE ON FUNCTION immuta_key_references(bigint), immuta.key_references(bigint) TO immuta_admin;
+GRANT USAGE ON SCHEMA immuta TO immuta_decryptor, immuta_encryptor;
+-- Only what the procedures write: never a job's id, owner or start.
+GRANT SELECT, INSERT (kind, relid, column_name, source_column, context_column, keyring, before_key, batch_size, pause),
+    UPDATE (source_column, context_column, keyring, before_key, batch_size, pause, last_batch_at, finished_at, passes,
+            next_block, rows_done, rows_total)
+    ON immuta.jobs TO immuta_decryptor, immuta_encryptor;
+GRANT SELECT, INSERT (relid, column_name, context_column), UPDATE (context_column, registered_by, registered_at), DELETE
+    ON immuta.encrypted_columns TO immuta_decryptor, immuta_encryptor, immuta_admin;
+GRANT SELECT ON immuta.jobs_progress TO immuta_decryptor, immuta_encryptor, immuta_admin;
+GRANT EXECUTE ON FUNCTION immuta_key_is_current(bigint), immuta_register_column(regclass, name, name),
+    immuta_unregister_column(regclass, name), immuta_key_references(bigint), immuta.key_references(bigint)
+    TO @extowner@ WITH GRANT OPTION;
+GRANT EXECUTE ON PROCEDURE immuta_reencrypt_column(regclass, name, name, integer, interval, bigint),
+    immuta_encrypt_column(regclass, name, name, name, text, integer, interval) TO @extowner@ WITH GRANT OPTION;
+GRANT SELECT, INSERT (kind, relid, column_name, source_column, context_column, keyring, before_key, batch_size, pause),
+    UPDATE (source_column, context_column, keyring, before_key, batch_size, pause, last_batch_at, finished_at, passes,
+            next_block, rows_done, rows_total)
     ON immuta.jobs TO @extowner@ WITH GRANT OPTION;
-GRANT SELECT ON immuta.jobs_progress TO @extowner@ WITH GRANT OPTION;
+GRANT SELECT ON immuta.jobs_progress, immuta.encrypted_columns TO @extowner@ WITH GRANT OPTION;

@@ -739,6 +739,27 @@ pub fn key_row(id: KeyId) -> Option<KeyRow> {
     key_rows(Some(id)).into_iter().next()
 }
 
+/// The registered columns (`immuta.encrypted_columns`) that hold values under key `id`: table,
+/// column and count, in the order of `immuta.key_references`. Run as the caller, never as
+/// immuta's owner: it reads the caller's tables with the caller's privileges.
+pub fn key_references(id: KeyId) -> Vec<(String, String, i64)> {
+    spi(Spi::connect(|client| {
+        let rows = client.select(
+            "SELECT r.table_name::pg_catalog.text, r.column_name::pg_catalog.text, r.value_count \
+             FROM immuta.key_references($1::pg_catalog.int8) r WHERE r.value_count OPERATOR(pg_catalog.>) 0",
+            None,
+            &[id.get().into()],
+        )?;
+        let mut found = Vec::new();
+        for row in rows {
+            let table = row.get::<String>(1)?.unwrap_or_default();
+            let column = row.get::<String>(2)?.unwrap_or_default();
+            found.push((table, column, row.get::<i64>(3)?.unwrap_or(0)));
+        }
+        Ok(found)
+    }))
+}
+
 /// The rows of key `id`, or of every key, in id order.
 pub fn key_rows(id: Option<KeyId>) -> Vec<KeyRow> {
     let rows = match id {

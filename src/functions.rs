@@ -545,16 +545,17 @@ fn immuta_key_enable(key_id: Option<i64>, reason: Option<&str>) -> bool {
     crate::key_states::change(key_id_argument(key_id), immuta_core::key_state::Change::Enable, reason)
 }
 
-/// Destroys a disabled key `key_id`: its wrapped key is erased, for good.
+/// Destroys a disabled key `key_id`: its wrapped key is erased, for good. Refused while a
+/// registered column still holds values under it (`immuta_key_references`), unless `force`.
 #[pg_extern(
     volatile,
     parallel_unsafe,
-    sql = "CREATE FUNCTION immuta_key_destroy(key_id bigint, reason text) RETURNS boolean \
-           VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_key_destroy_wrapper';"
+    sql = "CREATE FUNCTION immuta_key_destroy(key_id bigint, reason text, force boolean DEFAULT false) \
+           RETURNS boolean VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_key_destroy_wrapper';"
 )]
-fn immuta_key_destroy(key_id: Option<i64>, reason: Option<&str>) -> bool {
+fn immuta_key_destroy(key_id: Option<i64>, reason: Option<&str>, force: Option<bool>) -> bool {
     let reason = crate::key_states::reason(reason);
-    crate::key_states::change(key_id_argument(key_id), immuta_core::key_state::Change::Destroy, reason)
+    crate::key_states::destroy(key_id_argument(key_id), reason, force.unwrap_or(false))
 }
 
 /// Disables every enabled key of `keyring` older than its key `key_id` (Vault's
@@ -734,6 +735,20 @@ mod immuta {
         backend::prepare();
         let id = immuta_core::key::KeyId::new(key_id)?;
         Some(crate::usage::counted(id).min(i64::MAX as u64) as i64)
+    }
+
+    /// Raises immuta's error for a type it does not encrypt (`immuta_encrypt_column` checks its
+    /// source column before it installs a trigger that would make the writes fail).
+    #[pg_extern(
+        stable,
+        strict,
+        parallel_safe,
+        sql = "CREATE FUNCTION immuta.check_encryptable(value_type regtype) RETURNS boolean \
+               STABLE STRICT PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'check_encryptable_wrapper';"
+    )]
+    fn check_encryptable(value_type: pg_sys::Oid) -> bool {
+        crate::typed::sql_type(value_type);
+        true
     }
 
     /// `immuta.max_encryptions_per_key` (used by the view `immuta.keys`).

@@ -80,17 +80,56 @@ fn is_active(id: KeyId, keyring: &str) -> bool {
 /// `immuta_key_disable/enable/destroy(key_id, reason)`: whether the key changed (`false` when it
 /// was already in that state).
 pub fn change(key_id: i64, change: Change, reason: &str) -> bool {
+    transition(key_id, change, reason, false)
+}
+
+/// `immuta_key_destroy(key_id, reason, force)`: [`change`] to destroyed; unless `force`, refused
+/// while a registered column still holds values under the key.
+pub fn destroy(key_id: i64, reason: &str, force: bool) -> bool {
+    transition(key_id, Change::Destroy, reason, force)
+}
+
+fn transition(key_id: i64, change: Change, reason: &str, forced: bool) -> bool {
     keys::lock_for_key_change(change.verb());
     let row = key_row(key_id);
     let active = row.state == KeyState::Enabled && is_active(row.id, &row.keyring);
     match key_state::check(change, row.state, active) {
         Ok(None) => false,
         Ok(Some(to)) => {
-            apply(&row, change, row.state, to, reason);
+            if change == Change::Destroy && !forced {
+                refuse_if_referenced(&row);
+            }
+            apply(&row, change, row.state, to, reason, forced);
             true
         }
         Err(refusal) => refuse(&row, change, refusal),
     }
+}
+
+/// Refuses (2BP01, as a DROP without CASCADE) to destroy key `row` while registered columns hold
+/// values under it, naming them and their counts. Counted as the caller: a column it may not
+/// read, or whose rows row-level security hides from it, is an error of its own.
+fn refuse_if_referenced(row: &KeyRow) {
+    let references = catalog::key_references(row.id);
+    if references.is_empty() {
+        return;
+    }
+    let id = row.id;
+    let list: Vec<String> = references
+        .iter()
+        .map(|(table, column, count)| {
+            format!("{table}.{column}: {count} value{}", if *count == 1 { "" } else { "s" })
+        })
+        .collect();
+    raise(
+        PgSqlErrorCode::ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST,
+        format!("cannot destroy immuta data key {id}: registered columns still hold values under it"),
+        Some(format!("{}.", list.join("; "))),
+        Some(&format!(
+            "Re-encrypt them first (CALL immuta_reencrypt_column(table, column)), or destroy with force => true, \
+             which leaves those values unreadable for good."
+        )),
+    )
 }
 
 fn refuse(row: &KeyRow, change: Change, refusal: Refusal) -> ! {
@@ -118,13 +157,17 @@ fn refuse(row: &KeyRow, change: Change, refusal: Refusal) -> ! {
 }
 
 /// Records the change of key `row` from `from` to `to`, audits it, and tells every session.
-fn apply(row: &KeyRow, change: Change, from: KeyState, to: KeyState, reason: &str) {
+fn apply(row: &KeyRow, change: Change, from: KeyState, to: KeyState, reason: &str, forced: bool) {
     catalog::set_key_state(row.id, to);
     catalog::insert_audit(AuditEvent {
         event: change.event(),
         key_id: Some(row.id),
         reason: "manual",
-        detail: json!({ "reason": reason, "from": from.as_str(), "to": to.as_str() }),
+        detail: if forced {
+            json!({ "reason": reason, "from": from.as_str(), "to": to.as_str(), "forced": true })
+        } else {
+            json!({ "reason": reason, "from": from.as_str(), "to": to.as_str() })
+        },
         keyring: Some(&row.keyring),
     });
     backend::invalidate_keys(backend::oids());
@@ -151,7 +194,7 @@ pub fn disable_before(keyring: &str, key_id: i64, reason: &str) -> i32 {
     for (id, state) in catalog::key_states(&keyring) {
         if id < row.id && state == KeyState::Enabled {
             let older = key_row(id.get());
-            apply(&older, Change::Disable, state, KeyState::Disabled, reason);
+            apply(&older, Change::Disable, state, KeyState::Disabled, reason, false);
             disabled += 1;
         }
     }
@@ -193,9 +236,9 @@ pub fn destroy_keyring(name: &str, reason: &str) -> i32 {
         }
         let row = key_row(id.get());
         if state == KeyState::Enabled {
-            apply(&row, Change::Disable, state, KeyState::Disabled, reason);
+            apply(&row, Change::Disable, state, KeyState::Disabled, reason, false);
         }
-        apply(&row, Change::Destroy, KeyState::Disabled, KeyState::Destroyed, reason);
+        apply(&row, Change::Destroy, KeyState::Disabled, KeyState::Destroyed, reason, false);
         destroyed += 1;
     }
     catalog::mark_keyring_destroyed(name);
