@@ -298,6 +298,7 @@ GRANT EXECUTE ON FUNCTION immuta_reencrypt(bytea), immuta_reencrypt(bytea, text)
     TO @extowner@ WITH GRANT OPTION;
 CREATE FUNCTION immuta_key_is_current(key_id bigint) RETURNS boolean STABLE STRICT PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_key_is_current_wrapper';
 CREATE FUNCTION immuta.check_encryptable(value_type regtype) RETURNS boolean STABLE STRICT PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'check_encryptable_wrapper';
+CREATE FUNCTION immuta.encrypt_value(value anyelement, bound boolean, context text, keyring text) RETURNS bytea VOLATILE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'encrypt_value_wrapper';
 -- Online jobs on a column (issue 15): re-encrypting a column, or filling an encrypted column from
 -- a plaintext one, in batches run by a procedure that commits after each; the job's row says
 -- where to resume. Each role sees and writes only its own jobs (row-level security), and only the
@@ -341,10 +342,17 @@ CREATE TABLE immuta.encrypted_columns (
 );
 ALTER TABLE immuta.encrypted_columns ENABLE ROW LEVEL SECURITY;
 CREATE POLICY everyone_reads ON immuta.encrypted_columns FOR SELECT USING (true);
-CREATE POLICY column_updaters_write ON immuta.encrypted_columns FOR ALL
+CREATE POLICY column_updaters_register ON immuta.encrypted_columns FOR INSERT
+    WITH CHECK (pg_catalog.has_column_privilege(relid, column_name, 'UPDATE')
+                AND registered_by OPERATOR(pg_catalog.=) current_user);
+CREATE POLICY column_updaters_reregister ON immuta.encrypted_columns FOR UPDATE
     USING (pg_catalog.has_column_privilege(relid, column_name, 'UPDATE'))
     WITH CHECK (pg_catalog.has_column_privilege(relid, column_name, 'UPDATE')
                 AND registered_by OPERATOR(pg_catalog.=) current_user);
+-- The admin unregisters any column: nobody can keep key destruction refused for good.
+CREATE POLICY column_updaters_and_admins_unregister ON immuta.encrypted_columns FOR DELETE
+    USING (pg_catalog.has_column_privilege(relid, column_name, 'UPDATE')
+           OR pg_catalog.pg_has_role('immuta_admin', 'MEMBER'));
 CREATE VIEW immuta.jobs_progress WITH (security_barrier) AS
 SELECT j.id, j.kind, j.relid::pg_catalog.regclass AS table_name, j.column_name, j.started_by, j.started_at,
        j.last_batch_at, j.finished_at, j.passes, j.rows_done,
@@ -373,15 +381,25 @@ SELECT j.id, j.kind, j.relid::pg_catalog.regclass AS table_name, j.column_name, 
   FROM immuta.jobs j
  WHERE j.started_by OPERATOR(pg_catalog.=) current_user OR pg_catalog.pg_has_role('immuta_admin', 'MEMBER');
 
+-- A context column's value as text, through its type's output function: a cast could be a
+-- function of the table owner's, run as whoever runs the job. `prefix` names the row: '' for a
+-- table's own columns, '($1).' for a trigger's NEW.
+CREATE FUNCTION immuta.context_expression(context_column name, prefix text)
+RETURNS text LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $body$
+SELECT pg_catalog.format('CASE WHEN %1$s%2$I IS NULL THEN NULL::pg_catalog.text ELSE pg_catalog.format(%3$L, %1$s%2$I) END',
+                         prefix, context_column, '%s')
+$body$;
+
 -- The expression that encrypts column `source` (with `context_column` as the context, under
--- `keyring`) of the row `prefix` names: '' for a table's own columns, '($1).' for a trigger's NEW.
+-- `keyring`) of the row `prefix` names, through immuta.encrypt_value: a function of immuta's own
+-- schema, where nobody plants an overload.
 CREATE FUNCTION immuta.encrypt_expression(source name, context_column name, keyring text, prefix text)
 RETURNS text LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $body$
-SELECT pg_catalog.format('@extschema@.immuta_encrypt(%s%I%s%s)', prefix, source,
-         CASE WHEN context_column IS NULL THEN ''
-              ELSE pg_catalog.format(', (%s%I)::pg_catalog.text', prefix, context_column) END,
-         CASE WHEN keyring IS NULL THEN ''
-              ELSE pg_catalog.format(', %L::@extschema@.immuta_keyring', keyring) END)
+SELECT pg_catalog.format('immuta.encrypt_value(%s%I, %s, %s, %L::pg_catalog.text)', prefix, source,
+         CASE WHEN context_column IS NULL THEN 'false' ELSE 'true' END,
+         CASE WHEN context_column IS NULL THEN 'NULL::pg_catalog.text'
+              ELSE immuta.context_expression(context_column, prefix) END,
+         keyring)
 $body$;
 
 -- What every job checks of its table before it records anything: a plain table whose rows the
@@ -428,6 +446,10 @@ BEGIN
     RAISE EXCEPTION USING ERRCODE = '0A000', MESSAGE = pg_catalog.format('%s is not a table', tbl),
       HINT = 'Register the column of each partition (or child table).';
   END IF;
+  IF (SELECT c.relpersistence FROM pg_catalog.pg_class c WHERE c.oid = tbl::oid) = 't'::"char" THEN
+    RAISE EXCEPTION USING ERRCODE = '0A000', MESSAGE = pg_catalog.format('%s is a temporary table', tbl),
+      DETAIL = 'Other sessions cannot read it: nobody could count its values.';
+  END IF;
   IF immuta.column_type(tbl, col) <> 'pg_catalog.bytea'::pg_catalog.regtype::oid THEN
     RAISE EXCEPTION USING ERRCODE = '42804', MESSAGE = pg_catalog.format('column %I of %s is not of type bytea', col, tbl),
       HINT = 'immuta stores encrypted values in bytea columns.';
@@ -458,16 +480,30 @@ $body$;
 -- from each value's header (immuta_key_destroy calls it before it destroys a key).
 CREATE FUNCTION immuta.key_references(key_id bigint)
 RETURNS TABLE (table_name regclass, column_name name, value_count bigint)
-LANGUAGE plpgsql STABLE SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $body$
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $body$
 DECLARE
   r record;
 BEGIN
   FOR r IN SELECT e.relid, e.column_name FROM immuta.encrypted_columns e
-             JOIN pg_catalog.pg_class c ON c.oid = e.relid AND c.relkind = 'r'::"char"
+             JOIN pg_catalog.pg_class c ON c.oid = e.relid AND c.relkind = 'r'::"char" AND c.relpersistence <> 't'::"char"
              JOIN pg_catalog.pg_attribute a ON a.attrelid = e.relid AND a.attname = e.column_name
                   AND a.attnum > 0::int2 AND NOT a.attisdropped
-                  AND a.atttypid = 'pg_catalog.bytea'::pg_catalog.regtype::oid
             ORDER BY c.relname, e.relid, e.column_name LOOP
+    -- Locked first, then checked: what the checks see (a plain table, its column a stored bytea,
+    -- no row-level security for this role) cannot change before the count has read it. NOWAIT:
+    -- a session that holds a conflicting lock makes this fail, not wait.
+    BEGIN
+      EXECUTE pg_catalog.format('LOCK TABLE ONLY %s IN ACCESS SHARE MODE NOWAIT', r.relid::regclass);
+    EXCEPTION WHEN lock_not_available THEN
+      RAISE EXCEPTION USING ERRCODE = '55P03',
+        MESSAGE = pg_catalog.format('could not lock %s to count its values', r.relid::regclass),
+        HINT = 'Another session holds a lock on it that keeps readers out; try again.';
+    END;
+    CONTINUE WHEN NOT EXISTS (
+      SELECT FROM pg_catalog.pg_class c JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid
+       WHERE c.oid = r.relid AND c.relkind = 'r'::"char" AND a.attname = r.column_name AND a.attnum > 0::int2
+         AND NOT a.attisdropped AND a.attgenerated = ''::"char"
+         AND a.atttypid = 'pg_catalog.bytea'::pg_catalog.regtype::oid);
     IF NOT pg_catalog.has_column_privilege(r.relid, r.column_name, 'SELECT') THEN
       RAISE EXCEPTION USING ERRCODE = '42501',
         MESSAGE = pg_catalog.format('permission denied to count the values of column %I of %s', r.column_name, r.relid::regclass),
@@ -483,7 +519,7 @@ BEGIN
     table_name := r.relid::regclass;
     column_name := r.column_name;
     EXECUTE pg_catalog.format(
-      'SELECT pg_catalog.count(*) FROM ONLY %s WHERE @extschema@.immuta_key_id(pg_catalog.substr(%I, 1, 64)) OPERATOR(pg_catalog.=) $1',
+      'SELECT pg_catalog.count(*) FROM ONLY %s WHERE @extschema@.immuta_key_id(pg_catalog.substr(%I, 1, 64)) OPERATOR(pg_catalog.=) $1::pg_catalog.int8',
       r.relid::regclass, r.column_name) INTO value_count USING key_id;
     RETURN NEXT;
   END LOOP;
@@ -500,20 +536,22 @@ $body$;
 CREATE PROCEDURE immuta.run_job(job_id bigint)
 LANGUAGE plpgsql SECURITY INVOKER AS $body$
 DECLARE
+  -- Types named with their schema: a procedure that commits cannot carry SET search_path, and
+  -- its declarations are resolved before its first statement runs.
   job immuta.jobs;
-  tbl regclass;
-  block_size bigint;
-  per_block bigint;
-  step bigint;
-  nblocks bigint;
-  done bigint;
-  remaining bigint;
-  filter text;
-  new_value text;
-  trigger_name name;
-  saved_level text;
+  tbl pg_catalog.regclass;
+  block_size pg_catalog.int8;
+  per_block pg_catalog.int8;
+  step pg_catalog.int8;
+  nblocks pg_catalog.int8;
+  done pg_catalog.int8;
+  remaining pg_catalog.int8;
+  filter pg_catalog.text;
+  new_value pg_catalog.text;
+  trigger_name pg_catalog.name;
+  saved_level pg_catalog.text;
   -- The job's advisory lock: one bigint, 'IMJB' above the job id.
-  lock_base constant bigint := 5282439408914153472;
+  lock_base constant pg_catalog.int8 := 5282439408914153472;
 BEGIN
   -- This procedure commits, so it cannot carry SET search_path: each of its transactions sets
   -- it, before anything is planned, to pg_catalog and the caller's own temporary schema.
@@ -538,7 +576,8 @@ BEGIN
       filter := filter || pg_catalog.format(' AND @extschema@.immuta_key_id(%I) < %s::pg_catalog.int8', job.column_name, job.before_key);
     END IF;
     new_value := CASE WHEN job.context_column IS NULL THEN pg_catalog.format('@extschema@.immuta_reencrypt(%I)', job.column_name)
-                      ELSE pg_catalog.format('@extschema@.immuta_reencrypt(%I, %I::pg_catalog.text)', job.column_name, job.context_column) END;
+                      ELSE pg_catalog.format('@extschema@.immuta_reencrypt(%I, %s)', job.column_name,
+                                             immuta.context_expression(job.context_column, '')) END;
   ELSE
     -- Rows whose plaintext has no encrypted value yet (the trigger covers rows written since the
     -- job began).
@@ -640,7 +679,7 @@ CREATE PROCEDURE immuta_reencrypt_column(tbl regclass, col name, context_column 
                                          before_key bigint DEFAULT NULL)
 LANGUAGE plpgsql SECURITY INVOKER AS $body$
 DECLARE
-  job_id bigint;
+  job_id pg_catalog.int8;
 BEGIN
   PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
   IF tbl IS NULL OR col IS NULL THEN
@@ -683,9 +722,12 @@ CREATE PROCEDURE immuta_encrypt_column(tbl regclass, source name, target name, c
                                        pause interval DEFAULT '0')
 LANGUAGE plpgsql SECURITY INVOKER AS $body$
 DECLARE
-  job_id bigint;
-  trigger_name name;
-  columns text;
+  job_id pg_catalog.int8;
+  trigger_name pg_catalog.name;
+  trigger_args pg_catalog.text[];
+  existing record;
+  columns pg_catalog.text;
+  later pg_catalog.text;
 BEGIN
   PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
   IF tbl IS NULL OR source IS NULL OR target IS NULL THEN
@@ -717,12 +759,37 @@ BEGIN
   -- Writes from now on encrypt as they go: the trigger is in place (committed) before the first
   -- batch reads a row. Creating it waits for the writes in progress and makes new ones wait for it.
   trigger_name := immuta.encrypt_trigger_name(target);
-  IF NOT EXISTS (SELECT FROM pg_catalog.pg_trigger t WHERE t.tgrelid = tbl::oid AND t.tgname = trigger_name) THEN
+  trigger_args := ARRAY[source::pg_catalog.text, target::pg_catalog.text, COALESCE(context_column, ''), COALESCE(keyring, '')];
+  SELECT t.tgfoid, t.tgenabled, t.tgnargs, t.tgargs INTO existing FROM pg_catalog.pg_trigger t
+   WHERE t.tgrelid = tbl::oid AND t.tgname = trigger_name;
+  IF NOT FOUND THEN
     columns := pg_catalog.format('%I', source) ||
                CASE WHEN context_column IS NULL THEN '' ELSE pg_catalog.format(', %I', context_column) END;
     EXECUTE pg_catalog.format(
       'CREATE TRIGGER %I BEFORE INSERT OR UPDATE OF %s ON %s FOR EACH ROW EXECUTE FUNCTION immuta.encrypt_column_trigger(%L, %L, %L, %L)',
-      trigger_name, columns, tbl, source, target, COALESCE(context_column, ''), COALESCE(keyring, ''));
+      trigger_name, columns, tbl, trigger_args[1], trigger_args[2], trigger_args[3], trigger_args[4]);
+  ELSIF existing.tgfoid <> 'immuta.encrypt_column_trigger()'::pg_catalog.regprocedure::oid
+        OR existing.tgenabled <> 'O'::"char" OR existing.tgnargs <> 4::int2
+        OR existing.tgargs <> (SELECT pg_catalog.string_agg(pg_catalog.textsend(x.a) || '\x00'::pg_catalog.bytea, ''::pg_catalog.bytea ORDER BY x.n)
+                                 FROM pg_catalog.unnest(trigger_args) WITH ORDINALITY AS x(a, n))
+  THEN
+    -- Resumed with other columns or keyring, or a trigger of the same name: its writes would
+    -- not be this job's.
+    RAISE EXCEPTION USING ERRCODE = '55000',
+      MESSAGE = pg_catalog.format('trigger %I on %s is not the enabled trigger of this job', trigger_name, tbl),
+      DETAIL = 'It was created with other columns or another keyring, or it is disabled, or it is not immuta''s.',
+      HINT = pg_catalog.format('Drop it (DROP TRIGGER %I ON %s) and call immuta_encrypt_column again: the rows already encrypted stay.', trigger_name, tbl);
+  END IF;
+  -- BEFORE triggers fire in name order: one that fires after this one and changes the plaintext
+  -- leaves the encrypted column behind.
+  SELECT pg_catalog.string_agg(pg_catalog.quote_ident(t.tgname), ', ' ORDER BY t.tgname) INTO later
+    FROM pg_catalog.pg_trigger t
+   WHERE t.tgrelid = tbl::oid AND NOT t.tgisinternal AND t.tgname > trigger_name
+     AND (t.tgtype::int4 & 3) = 3 AND (t.tgtype::int4 & 20) <> 0;
+  IF later IS NOT NULL THEN
+    RAISE WARNING USING MESSAGE = pg_catalog.format('BEFORE triggers on %s fire after %I: %s', tbl, trigger_name, later),
+      DETAIL = pg_catalog.format('If one of them changes %I, the encrypted column keeps the value it had before.', source),
+      HINT = 'Rename them so that they sort before it, or make sure they never change the plaintext.';
   END IF;
   UPDATE immuta.jobs j SET source_column = immuta_encrypt_column.source, context_column = immuta_encrypt_column.context_column,
          keyring = immuta_encrypt_column.keyring, batch_size = immuta_encrypt_column.batch_size,
@@ -747,10 +814,14 @@ $body$;
 CREATE FUNCTION immuta.encrypt_column_trigger() RETURNS trigger
 LANGUAGE plpgsql SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $body$
 DECLARE
-  encrypted bytea;
+  encrypted pg_catalog.bytea;
+  unused pg_catalog.bool;
 BEGIN
+  -- The target is named in the query too: a renamed or dropped target column is an error here,
+  -- where jsonb_populate_record would ignore it.
   EXECUTE 'SELECT ' || immuta.encrypt_expression(TG_ARGV[0], NULLIF(TG_ARGV[2], ''), NULLIF(TG_ARGV[3], ''), '($1).')
-     INTO encrypted USING NEW;
+          || pg_catalog.format(', ($1).%I IS NULL', TG_ARGV[1])
+     INTO encrypted, unused USING NEW;
   NEW := pg_catalog.jsonb_populate_record(NEW, pg_catalog.jsonb_build_object(TG_ARGV[1], encrypted));
   RETURN NEW;
 END
@@ -760,7 +831,8 @@ REVOKE EXECUTE ON FUNCTION immuta_key_is_current(bigint), immuta_register_column
     immuta_unregister_column(regclass, name), immuta_key_references(bigint), immuta.key_references(bigint),
     immuta.encrypt_expression(name, name, text, text), immuta.check_job_table(regclass), immuta.column_type(regclass, name),
     immuta.check_job_options(integer, interval, bigint), immuta.encrypt_trigger_name(name),
-    immuta.encrypt_column_trigger(), immuta.check_encryptable(regtype) FROM PUBLIC;
+    immuta.encrypt_column_trigger(), immuta.check_encryptable(regtype), immuta.context_expression(name, text),
+    immuta.encrypt_value(anyelement, boolean, text, text) FROM PUBLIC;
 REVOKE EXECUTE ON PROCEDURE immuta_reencrypt_column(regclass, name, name, integer, interval, bigint),
     immuta_encrypt_column(regclass, name, name, name, text, integer, interval), immuta.run_job(bigint) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION immuta_key_is_current(bigint) TO immuta_decryptor;
@@ -769,9 +841,19 @@ GRANT EXECUTE ON PROCEDURE immuta_encrypt_column(regclass, name, name, name, tex
 GRANT EXECUTE ON PROCEDURE immuta.run_job(bigint) TO immuta_decryptor, immuta_encryptor;
 GRANT EXECUTE ON FUNCTION immuta_register_column(regclass, name, name), immuta_unregister_column(regclass, name),
     immuta.encrypt_expression(name, name, text, text), immuta.check_job_table(regclass), immuta.column_type(regclass, name),
-    immuta.check_job_options(integer, interval, bigint), immuta.encrypt_trigger_name(name)
+    immuta.check_job_options(integer, interval, bigint), immuta.encrypt_trigger_name(name),
+    immuta.context_expression(name, text)
     TO immuta_decryptor, immuta_encryptor, immuta_admin;
-GRANT EXECUTE ON FUNCTION immuta.encrypt_column_trigger(), immuta.check_encryptable(regtype) TO immuta_encryptor;
+GRANT EXECUTE ON FUNCTION immuta_register_column(regclass, name, name), immuta_unregister_column(regclass, name),
+    immuta.encrypt_expression(name, name, text, text), immuta.check_job_table(regclass), immuta.column_type(regclass, name),
+    immuta.check_job_options(integer, interval, bigint), immuta.encrypt_trigger_name(name),
+    immuta.context_expression(name, text)
+    TO @extowner@ WITH GRANT OPTION;
+GRANT EXECUTE ON FUNCTION immuta.encrypt_column_trigger(), immuta.check_encryptable(regtype),
+    immuta.encrypt_value(anyelement, boolean, text, text) TO immuta_encryptor;
+GRANT EXECUTE ON FUNCTION immuta.encrypt_column_trigger(), immuta.check_encryptable(regtype),
+    immuta.encrypt_value(anyelement, boolean, text, text) TO @extowner@ WITH GRANT OPTION;
+GRANT EXECUTE ON PROCEDURE immuta.run_job(bigint) TO @extowner@ WITH GRANT OPTION;
 GRANT EXECUTE ON FUNCTION immuta_key_references(bigint), immuta.key_references(bigint) TO immuta_admin;
 GRANT USAGE ON SCHEMA immuta TO immuta_decryptor, immuta_encryptor;
 -- Only what the procedures write: never a job's id, owner or start.
@@ -791,4 +873,6 @@ GRANT SELECT, INSERT (kind, relid, column_name, source_column, context_column, k
     UPDATE (source_column, context_column, keyring, before_key, batch_size, pause, last_batch_at, finished_at, passes,
             next_block, rows_done, rows_total)
     ON immuta.jobs TO @extowner@ WITH GRANT OPTION;
-GRANT SELECT ON immuta.jobs_progress, immuta.encrypted_columns TO @extowner@ WITH GRANT OPTION;
+GRANT SELECT ON immuta.jobs_progress TO @extowner@ WITH GRANT OPTION;
+GRANT SELECT, INSERT (relid, column_name, context_column), UPDATE (context_column, registered_by, registered_at), DELETE
+    ON immuta.encrypted_columns TO @extowner@ WITH GRANT OPTION;

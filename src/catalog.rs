@@ -739,14 +739,17 @@ pub fn key_row(id: KeyId) -> Option<KeyRow> {
     key_rows(Some(id)).into_iter().next()
 }
 
-/// The registered columns (`immuta.encrypted_columns`) that hold values under key `id`: table,
-/// column and count, in the order of `immuta.key_references`. Run as the caller, never as
+/// The registered columns (`immuta.encrypted_columns`) that hold values under key `id`: table
+/// (with its schema), column and count, in the order of `immuta.key_references`. Run as the caller, never as
 /// immuta's owner: it reads the caller's tables with the caller's privileges.
 pub fn key_references(id: KeyId) -> Vec<(String, String, i64)> {
     spi(Spi::connect(|client| {
         let rows = client.select(
-            "SELECT r.table_name::pg_catalog.text, r.column_name::pg_catalog.text, r.value_count \
-             FROM immuta.key_references($1::pg_catalog.int8) r WHERE r.value_count OPERATOR(pg_catalog.>) 0",
+            "SELECT pg_catalog.format('%I.%I', n.nspname, c.relname), r.column_name::pg_catalog.text, r.value_count \
+             FROM immuta.key_references($1::pg_catalog.int8) r \
+             JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) r.table_name::pg_catalog.oid \
+             JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace \
+             WHERE r.value_count OPERATOR(pg_catalog.>) 0",
             None,
             &[id.get().into()],
         )?;

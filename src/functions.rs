@@ -737,6 +737,28 @@ mod immuta {
         Some(crate::usage::counted(id).min(i64::MAX as u64) as i64)
     }
 
+    /// `immuta_encrypt` for the column jobs and their trigger (`immuta.encrypt_expression`): one
+    /// function, in immuta's own schema, whose place no overload planted in the extension's
+    /// schema can take. `bound`: a context column is named, and its NULL is an error; a NULL
+    /// keyring is the default one.
+    #[pg_extern(
+        volatile,
+        parallel_safe,
+        sql = "CREATE FUNCTION immuta.encrypt_value(value anyelement, bound boolean, context text, keyring text) \
+               RETURNS bytea VOLATILE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'encrypt_value_wrapper';"
+    )]
+    fn encrypt_value(
+        value: Option<pgrx::AnyElement>,
+        bound: Option<bool>,
+        context: Option<super::Bytes>,
+        keyring: Option<&str>,
+        fcinfo: pg_sys::FunctionCallInfo,
+    ) -> Option<super::Bytea> {
+        let context = bound.unwrap_or(false).then(|| super::required(context.as_deref()));
+        let keyring = keyring.filter(|k| *k != immuta_core::keyrings::DEFAULT);
+        Some(super::encrypt_typed_in(keyring, &value?, fcinfo, context))
+    }
+
     /// Raises immuta's error for a type it does not encrypt (`immuta_encrypt_column` checks its
     /// source column before it installs a trigger that would make the writes fail).
     #[pg_extern(

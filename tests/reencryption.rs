@@ -347,3 +347,102 @@ fn a_job_runs_with_its_callers_privileges_and_each_role_sees_its_own_jobs() {
     );
     assert_eq!(sqlstate(c.batch_execute("CALL immuta_reencrypt_column('t', 'v', batch_size => 0)")), "22023");
 }
+
+/// `(table, column, count)` rows of `immuta_key_references(key)`.
+fn references(c: &mut postgres::Client, key: i64) -> Vec<(String, String, i64)> {
+    c.query("SELECT table_name::text, column_name::text, value_count FROM immuta_key_references($1)", &[&key])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
+#[test]
+fn destroying_a_key_that_registered_columns_still_hold_is_refused_naming_them_unless_forced() {
+    let pg = Cluster::start(&[]);
+    let mut c = pg.connect();
+    c.batch_execute(
+        "CREATE ROLE adm LOGIN IN ROLE immuta_admin;
+         CREATE ROLE dec LOGIN IN ROLE immuta_decryptor;
+         CREATE TABLE t (id int PRIMARY KEY, v bytea, ctx text);
+         CREATE TABLE u (id int PRIMARY KEY, w bytea);
+         CREATE TABLE gone (w bytea);
+         INSERT INTO t SELECT i, immuta_encrypt('t' || i, 'c' || i), 'c' || i FROM generate_series(1, 50) i;
+         INSERT INTO u SELECT i, immuta_encrypt('u' || i) FROM generate_series(1, 7) i;
+         INSERT INTO gone SELECT immuta_encrypt('g');
+         GRANT SELECT, UPDATE ON t, u TO dec;
+         GRANT SELECT ON t, u TO adm;
+         SELECT immuta_register_column('u', 'w');
+         SELECT immuta_register_column('gone', 'w');
+         DROP TABLE gone;",
+    )
+    .unwrap();
+    let old: i64 = one(&mut c, "SELECT immuta_key_id(v) FROM t LIMIT 1");
+    let new: i64 = one(&mut c, "SELECT immuta_rotate()");
+    // Rotate, re-encrypt: the job registers t.v; u.w was registered by hand and is not done yet.
+    let mut dec = pg.connect_as("dec", "postgres");
+    dec.batch_execute("CALL immuta_reencrypt_column('t', 'v', context_column => 'ctx')").unwrap();
+    let mut adm = pg.connect_as("adm", "postgres");
+    assert_eq!(
+        references(&mut adm, old),
+        vec![("t".into(), "v".into(), 0), ("u".into(), "w".into(), 7)],
+        "a dropped table is no longer counted"
+    );
+    adm.batch_execute(&format!("SELECT immuta_key_disable({old}, 'retiring')")).unwrap();
+    let refused = adm.batch_execute(&format!("SELECT immuta_key_destroy({old}, 'retiring')"));
+    let text = error_text(adm.batch_execute(&format!("SELECT immuta_key_destroy({old}, 'retiring')")));
+    assert_eq!(sqlstate(refused), "2BP01");
+    assert!(text.contains("public.u.w: 7 values") && !text.contains("public.t.v"), "{text}");
+    assert_eq!(one::<String>(&mut c, &format!("SELECT state FROM immuta.keys WHERE id = {old}")), "disabled");
+
+    // The workflow: enable, re-encrypt what is left, nothing references the key, disable, destroy.
+    adm.batch_execute(&format!("SELECT immuta_key_enable({old}, 'one column left')")).unwrap();
+    dec.batch_execute("CALL immuta_reencrypt_column('u', 'w')").unwrap();
+    assert!(references(&mut adm, old).iter().all(|r| r.2 == 0));
+    adm.batch_execute(&format!(
+        "SELECT immuta_key_disable({old}, 'retired'); SELECT immuta_key_destroy({old}, 'retired')"
+    ))
+    .unwrap();
+    let readable: i64 = one(
+        &mut c,
+        "SELECT (SELECT count(*) FROM t WHERE immuta_decrypt(v, ctx) = 't' || id)
+              + (SELECT count(*) FROM u WHERE immuta_decrypt(w) = 'u' || id)",
+    );
+    assert_eq!(readable, 57);
+
+    // Forced: the values are given up on purpose, and the audit log says it was forced.
+    c.batch_execute(&format!("SELECT immuta_rotate(); SELECT immuta_key_disable({new}, 'compromised')"))
+        .unwrap();
+    let text = error_text(adm.batch_execute(&format!("SELECT immuta_key_destroy({new}, 'compromised')")));
+    assert!(text.contains("public.t.v: 50 values; public.u.w: 7 values"), "{text}");
+    assert!(one::<bool>(
+        &mut adm,
+        &format!("SELECT immuta_key_destroy({new}, 'compromised', force => true)")
+    ));
+    let forced: bool = one(
+        &mut c,
+        &format!("SELECT (detail->>'forced')::bool FROM immuta.audit_log WHERE key_id = {new} ORDER BY id DESC LIMIT 1"),
+    );
+    assert!(forced);
+    assert_eq!(sqlstate(c.query_one("SELECT immuta_decrypt(w) FROM u LIMIT 1", &[])), "42704");
+
+    // An admin who cannot read a registered column cannot tell whether it holds the key: refused,
+    // unless forced. Registering takes UPDATE on the column; unregistering too.
+    c.batch_execute(
+        "CREATE TABLE secret (s bytea); INSERT INTO secret SELECT immuta_encrypt('s');
+         SELECT immuta_register_column('secret', 's');",
+    )
+    .unwrap();
+    let third: i64 = one(&mut c, "SELECT immuta_key_id(s) FROM secret");
+    c.batch_execute(&format!("SELECT immuta_rotate(); SELECT immuta_key_disable({third}, 'x')")).unwrap();
+    assert_eq!(sqlstate(adm.batch_execute(&format!("SELECT immuta_key_destroy({third}, 'x')"))), "42501");
+    assert_eq!(sqlstate(dec.batch_execute("SELECT immuta_register_column('secret', 's')")), "42501");
+    assert!(!one::<bool>(&mut dec, "SELECT immuta_unregister_column('secret', 's')"), "not its column");
+    assert_eq!(
+        sqlstate(dec.batch_execute(
+            "INSERT INTO immuta.encrypted_columns (relid, column_name) VALUES ('secret'::regclass, 's')"
+        )),
+        "42501"
+    );
+    assert!(one::<bool>(&mut adm, &format!("SELECT immuta_key_destroy({third}, 'x', force => true)")));
+}

@@ -299,3 +299,54 @@ fn scheduling_requires_what_a_connection_to_pg_crons_database_would() {
     assert_eq!(jobs, 0);
     assert!(!pg.log().contains("FATAL:  permission denied for database"), "no worker was started");
 }
+
+#[test]
+fn an_online_reencryption_scheduled_with_pg_cron_runs_as_its_role_to_the_end() {
+    if !pg_cron_here("an_online_reencryption_scheduled_with_pg_cron_runs_as_its_role_to_the_end") {
+        return;
+    }
+    let (pg, mut cron_db, mut app) = cluster_with_pg_cron_and_appdb();
+    app.batch_execute(
+        "CREATE ROLE dec LOGIN IN ROLE immuta_decryptor;
+         CREATE TABLE t (id int PRIMARY KEY, v bytea);
+         INSERT INTO t SELECT i, immuta_encrypt('value ' || i) FROM generate_series(1, 2000) i;
+         GRANT SELECT, UPDATE ON t TO dec;
+         ANALYZE t;",
+    )
+    .unwrap();
+    let newest: i64 = app.query_one("SELECT immuta_rotate()", &[]).unwrap().get(0);
+    // Scheduled in the application's database, as the decryptor: the job runs with its privileges,
+    // committing batch by batch inside pg_cron's background worker.
+    let job: i64 = cron_db
+        .query_one(
+            "SELECT cron.schedule_in_database('reencrypt-t', '* * * * *',
+                 $$CALL immuta_reencrypt_column('t', 'v', batch_size => 300)$$, 'appdb', 'dec')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    wait_for(Duration::from_secs(200), "a run of the scheduled re-encryption", &pg, || {
+        finished_runs(&mut cron_db, job).0 >= 1
+    });
+    cron_db.batch_execute(&format!("SELECT cron.unschedule({job}::bigint)")).unwrap();
+    let (finished, succeeded) = finished_runs(&mut cron_db, job);
+    assert_eq!(finished, succeeded, "the runs succeeded");
+    let row = app
+        .query_one(
+            "SELECT started_by::text, state, rows_done FROM immuta.jobs_progress ORDER BY id LIMIT 1",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(
+        (row.get::<_, String>(0), row.get::<_, String>(1), row.get::<_, i64>(2)),
+        ("dec".into(), "done".into(), 2000)
+    );
+    let under_newest: i64 = app
+        .query_one(
+            "SELECT count(*) FROM t WHERE immuta_key_id(v) = $1 AND immuta_decrypt(v) = 'value ' || id",
+            &[&newest],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(under_newest, 2000);
+}

@@ -438,7 +438,8 @@ impl Cluster {
         self.connect_as_recording_notices("postgres", "postgres")
     }
 
-    /// A connection as `user` to `dbname` that records every NOTICE/WARNING it receives.
+    /// A connection as `user` to `dbname` that records every NOTICE/WARNING it receives, with
+    /// its DETAIL and HINT lines.
     pub fn connect_as_recording_notices(
         &self,
         user: &str,
@@ -450,7 +451,15 @@ impl Cluster {
             .config()
             .user(user)
             .dbname(dbname)
-            .notice_callback(move |n| sink.lock().unwrap().push(format!("{}: {}", n.severity(), n.message())))
+            .notice_callback(move |n| {
+                let mut text = format!("{}: {}", n.severity(), n.message());
+                for (label, part) in [("DETAIL", n.detail()), ("HINT", n.hint())] {
+                    if let Some(part) = part {
+                        text.push_str(&format!("\n{label}: {part}"));
+                    }
+                }
+                sink.lock().unwrap().push(text)
+            })
             .connect(postgres::NoTls)
             .unwrap();
         (client, notices)
