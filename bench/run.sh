@@ -15,6 +15,9 @@
 #     KMS on loopback);
 #   - online re-encryption of a column of $ROWS values (CALL immuta_reencrypt_column) against
 #     the same batched walk running UPDATE ... SET c = c, same batch size;
+#   - online encryption of a plaintext column of $ROWS values (CALL immuta_encrypt_column)
+#     against ALTER TABLE ... TYPE bytea USING immuta_encrypt(v), each with an application session
+#     updating rows meanwhile: the longest any one of its UPDATEs took;
 #   - pgbench: INSERT of a row with an encrypted column against the same INSERT in plain text.
 # One table and the targets go to stdout and to bench/results/latest.txt. Needs the extension
 # installed and moto in .venv (`make bench` does both). Everything runs on this machine: a
@@ -295,6 +298,62 @@ SELECT CASE what WHEN 'update' THEN 'batched UPDATE t SET c = c, 10,000 rows a b
 SQL
 LEFTOVER=$(psql -d postgres -At -c "SELECT count(*) FROM immuta_inventory('rc', 'c') WHERE NOT is_current")
 
+echo "online encryption of a plaintext column..." >&2
+# The $ROWS plaintexts of t, with an id, encrypted into a new bytea column online (CALL
+# immuta_encrypt_column: its trigger, then batches), against the offline way on a copy (ALTER
+# TABLE ... ALTER COLUMN ... TYPE bytea USING immuta_encrypt(v), one rewrite under an exclusive
+# lock). During each, an application session updates a random row's plaintext every 10 ms, each
+# UPDATE its own transaction, timed by the server: its longest UPDATE is the longest any single
+# application write waited (for a batch's row lock, the trigger's creation, or the rewrite).
+psql -d postgres >/dev/null <<SQL
+DROP TABLE IF EXISTS rc, ru;
+CREATE TABLE pe AS SELECT row_number() OVER () AS id, v FROM t;
+ALTER TABLE pe ADD PRIMARY KEY (id);
+CREATE TABLE po AS SELECT * FROM pe;
+ALTER TABLE po ADD PRIMARY KEY (id);
+ALTER TABLE pe ADD COLUMN c bytea;
+VACUUM ANALYZE pe, po;
+CREATE TABLE app_stop (stop bool);
+CREATE TABLE app_writes (what text, updates int, longest float8, mean float8);
+CREATE PROCEDURE app_writer(what text, tbl regclass, n bigint) LANGUAGE plpgsql AS \$\$
+DECLARE t0 timestamptz; d float8; longest float8 := 0; total float8 := 0; k int := 0;
+BEGIN
+  LOOP
+    EXIT WHEN (SELECT stop FROM app_stop);
+    t0 := clock_timestamp();
+    EXECUTE format('UPDATE %s SET v = v WHERE id = \$1', tbl) USING 1 + floor(random() * n)::bigint;
+    COMMIT;
+    d := extract(epoch FROM clock_timestamp() - t0);
+    longest := greatest(longest, d); total := total + d; k := k + 1;
+    PERFORM pg_sleep(0.01);
+  END LOOP;
+  INSERT INTO app_writes VALUES (what, k, longest, total / greatest(k, 1));
+END \$\$;
+SQL
+with_app_writer() {  # label, table, CALL or ALTER statement timed as timed_call does
+  psql -d postgres >/dev/null -c "DELETE FROM app_stop" -c "INSERT INTO app_stop VALUES (false)"
+  psql -d postgres >/dev/null -c "CALL app_writer('$1', '$2', $ROWS)" &
+  local writer=$!
+  # The writer's first updates before the statement starts.
+  sleep 1
+  timed_call "$1" "$3"
+  sleep 1
+  psql -d postgres >/dev/null -c "UPDATE app_stop SET stop = true"
+  wait "$writer"
+}
+with_app_writer encrypt_online pe "CALL immuta_encrypt_column('pe', 'v', 'c', batch_size => 10000)"
+with_app_writer encrypt_offline po "ALTER TABLE po ALTER COLUMN v TYPE bytea USING immuta_encrypt(v)"
+psql -d postgres >/dev/null <<SQL
+INSERT INTO results (label, seconds, rows)
+SELECT CASE what WHEN 'encrypt_online' THEN 'CALL immuta_encrypt_column (online), 10,000 rows a batch'
+                 ELSE 'ALTER TABLE ... TYPE bytea USING immuta_encrypt(v) (offline)' END, seconds, $ROWS
+  FROM reencrypt_times WHERE what LIKE 'encrypt_%';
+SQL
+ENCRYPTED_ONLINE=$(psql -d postgres -At -c "SELECT count(*) FROM pe WHERE c IS NULL OR immuta_decrypt(c) <> v")
+APP_WRITES=$(psql -d postgres -At -F ' ' -c "SELECT what, updates, round(longest::numeric * 1000, 1), round(mean::numeric * 1000, 2) FROM app_writes ORDER BY what" \
+  | awk '{printf "%s%s: %s updates, longest %s ms, mean %s ms", (NR > 1 ? "; " : ""), $1, $2, $3, $4}')
+psql -d postgres >/dev/null -c "DROP TABLE pe, po"
+
 echo "AWS KMS: values under 3 keys, a restart, 8 connections..." >&2
 psql -d postgres -c "CREATE DATABASE kms"
 YAML="plugins:
@@ -379,6 +438,7 @@ SQL
   echo "parallel plan: $PLAN"
   echo
   echo "AWS KMS after a restart, 8 connections decrypting values under $KEYS_IN_USE keys: $KMS_UNWRAPS KMS unwraps"
+  echo "plaintext column encrypted online while an application updates a random row every 10 ms (server-timed UPDATEs; rows not matching their plaintext after the online run: $ENCRYPTED_ONLINE): $APP_WRITES"
   echo "pgbench INSERT mean latency in us (2 clients, plain and encrypted mixed, ${PGBENCH_SECONDS}s, three rounds, compared by median): plain ${PLAIN[*]}; encrypted ${ENCRYPTED[*]}"
   echo
   psql -d postgres -At <<SQL

@@ -99,10 +99,14 @@ SELECT event, key_id, detail->>'reason' AS reason FROM immuta.audit_log WHERE ke
 
 \echo
 \echo '== 9. Data under old keys: take stock, re-encrypt online, retire the key'
-DROP TABLE IF EXISTS visits;
+DROP TABLE IF EXISTS visits, visit_notes;
 CREATE TABLE visits (id int PRIMARY KEY, ssn bytea, ctx text NOT NULL);
 INSERT INTO visits SELECT i, immuta_encrypt('123-45-' || lpad(i::text, 4, '0'), 'visits:' || i), 'visits:' || i
   FROM generate_series(1, 5000) i;
+CREATE TABLE visit_notes (id int PRIMARY KEY, note bytea);
+INSERT INTO visit_notes SELECT i, immuta_encrypt('note ' || i) FROM generate_series(1, 40) i;
+\echo 'visit_notes is written by an application, not by a job: register its column, so that key destruction checks it.'
+SELECT immuta_register_column('visit_notes', 'note');
 SELECT immuta_key_id(ssn) AS old_key FROM visits LIMIT 1 \gset
 SELECT immuta_rotate() AS new_key;
 \echo 'Every value is still under the old key:'
@@ -114,3 +118,35 @@ SELECT * FROM immuta_inventory('visits', 'ssn');
 \echo 'Nothing left under the old key in this table: once every column is checked, it can be retired.'
 SELECT count(*) AS still_under_old_key FROM visits WHERE immuta_key_id(ssn) = :old_key;
 SELECT immuta_decrypt(ssn, ctx) AS first_ssn FROM visits WHERE id = 1;
+\echo 'Every registered column, counted for the old key (the job registered visits.ssn):'
+SELECT * FROM immuta_key_references(:old_key) WHERE table_name::text LIKE 'visit%';
+\echo 'Destroying the old key now would leave visit_notes unreadable: refused, naming it (tried in a transaction, rolled back).'
+BEGIN;
+SELECT immuta_key_disable(:old_key, 'walkthrough') AS disabled;
+\set ON_ERROR_STOP off
+SELECT immuta_key_destroy(:old_key, 'walkthrough');
+\set ON_ERROR_STOP on
+ROLLBACK;
+\echo 'Re-encrypt that column too; then every count is zero, and disable + destroy would go through.'
+CALL immuta_reencrypt_column('visit_notes', 'note');
+SELECT * FROM immuta_key_references(:old_key) WHERE table_name::text LIKE 'visit%';
+
+\echo
+\echo '== 10. Encrypt a plaintext column online'
+DROP TABLE IF EXISTS members;
+CREATE TABLE members (id int PRIMARY KEY, email text NOT NULL, born date);
+INSERT INTO members SELECT i, 'member' || i || '@example.com', date '1960-01-01' + i * 7 FROM generate_series(1, 3000) i;
+\echo 'A new bytea column (no rewrite), then the job: a trigger for the writes that arrive, batches for the rows there.'
+ALTER TABLE members ADD COLUMN email_enc bytea, ADD COLUMN born_enc bytea;
+CALL immuta_encrypt_column('members', 'email', 'email_enc', context_column => 'id', batch_size => 1000);
+CALL immuta_encrypt_column('members', 'born', 'born_enc', batch_size => 1000);
+\echo 'A row written meanwhile (or afterwards) is encrypted by the trigger:'
+INSERT INTO members (id, email, born) VALUES (9001, 'late@example.com', '1999-09-09');
+SELECT id, immuta_decrypt(email_enc, id::text) AS email, immuta_decrypt(born_enc, NULL::date) AS born
+  FROM members WHERE id IN (1, 9001) ORDER BY id;
+\echo 'Once the application uses the encrypted columns: drop the triggers and the plaintext, then rewrite the table.'
+DROP TRIGGER immuta_encrypt_email_enc ON members;
+DROP TRIGGER immuta_encrypt_born_enc ON members;
+ALTER TABLE members DROP COLUMN email, DROP COLUMN born;
+VACUUM FULL members;
+SELECT count(*) AS members, count(*) FILTER (WHERE immuta_decrypt(email_enc, id::text) LIKE '%@example.com') AS readable FROM members;

@@ -785,7 +785,8 @@ BEGIN
   SELECT pg_catalog.string_agg(pg_catalog.quote_ident(t.tgname), ', ' ORDER BY t.tgname) INTO later
     FROM pg_catalog.pg_trigger t
    WHERE t.tgrelid = tbl::oid AND NOT t.tgisinternal AND t.tgname > trigger_name
-     AND (t.tgtype::int4 & 3) = 3 AND (t.tgtype::int4 & 20) <> 0;
+     AND (t.tgtype::int4 & 3) = 3 AND (t.tgtype::int4 & 20) <> 0
+     AND t.tgfoid <> 'immuta.encrypt_column_trigger()'::pg_catalog.regprocedure::oid;
   IF later IS NOT NULL THEN
     RAISE WARNING USING MESSAGE = pg_catalog.format('BEFORE triggers on %s fire after %I: %s', tbl, trigger_name, later),
       DETAIL = pg_catalog.format('If one of them changes %I, the encrypted column keeps the value it had before.', source),
