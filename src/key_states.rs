@@ -125,10 +125,10 @@ fn refuse_if_referenced(row: &KeyRow) {
         PgSqlErrorCode::ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST,
         format!("cannot destroy immuta data key {id}: registered columns still hold values under it"),
         Some(format!("{}.", list.join("; "))),
-        Some(&format!(
+        Some(
             "Re-encrypt them first (CALL immuta_reencrypt_column(table, column)), or destroy with force => true, \
-             which leaves those values unreadable for good."
-        )),
+             which leaves those values unreadable for good.",
+        ),
     )
 }
 
