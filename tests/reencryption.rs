@@ -445,4 +445,11 @@ fn destroying_a_key_that_registered_columns_still_hold_is_refused_naming_them_un
         "42501"
     );
     assert!(one::<bool>(&mut adm, &format!("SELECT immuta_key_destroy({third}, 'x', force => true)")));
+    // The admin may remove any column from the registry, so that nobody can keep destruction
+    // refused for good.
+    assert!(one::<bool>(&mut adm, "SELECT immuta_unregister_column('secret', 's')"));
+    assert_eq!(
+        one::<i64>(&mut c, "SELECT count(*) FROM immuta.encrypted_columns WHERE relid = 'secret'::regclass"),
+        0
+    );
 }
