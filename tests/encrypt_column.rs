@@ -6,19 +6,6 @@ mod support;
 
 use support::*;
 
-fn one<T: for<'a> postgres::types::FromSql<'a>>(c: &mut postgres::Client, query: &str) -> T {
-    c.query_one(query, &[]).unwrap().get(0)
-}
-
-/// Polls `query` (a boolean) on `c` until it is true; fails after two minutes.
-fn wait_until(c: &mut postgres::Client, query: &str, what: &str) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    while !one::<bool>(c, query) {
-        assert!(std::time::Instant::now() < deadline, "timed out waiting: {what}");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-}
-
 /// Rows whose encrypted column does not decrypt to its plaintext (with the row's context).
 const MISMATCHED: &str = "SELECT count(*) FROM t
     WHERE immuta_decrypt(ssn_enc, tenant) IS DISTINCT FROM ssn

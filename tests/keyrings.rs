@@ -9,10 +9,6 @@ use support::*;
 
 const PRELOAD: &str = "shared_preload_libraries = 'immuta'";
 
-fn one<T: for<'a> postgres::types::FromSql<'a>>(c: &mut postgres::Client, query: &str) -> T {
-    c.query_one(query, &[]).unwrap().get(0)
-}
-
 /// A table `t` of `n` rows, row i under keyring `tenant_{i % keyrings}`, with its value
 /// `secret i`.
 fn tenants_table(c: &mut postgres::Client, keyrings: i32, n: i32) {

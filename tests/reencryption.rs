@@ -5,10 +5,6 @@ mod support;
 
 use support::*;
 
-fn one<T: for<'a> postgres::types::FromSql<'a>>(c: &mut postgres::Client, query: &str) -> T {
-    c.query_one(query, &[]).unwrap().get(0)
-}
-
 /// `(key_id, keyring, state, is_current, value_count)` rows of the inventory of `t.col`.
 fn inventory(c: &mut postgres::Client, col: &str) -> Vec<(i64, String, String, bool, i64)> {
     c.query(&format!("SELECT * FROM immuta_inventory('t', '{col}')"), &[])
@@ -146,15 +142,6 @@ fn reencryption_needs_the_decryptor_and_refuses_values_under_disabled_or_destroy
         &format!("SELECT count(*) FROM t WHERE immuta_key_id(v) <> {old} AND immuta_decrypt(v) = 'v' || id"),
     );
     assert_eq!(moved, 5, "the values moved before the key was destroyed are safe");
-}
-
-/// Polls `query` (a boolean) on `c` until it is true; fails after two minutes.
-fn wait_until(c: &mut postgres::Client, query: &str, what: &str) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    while !one::<bool>(c, query) {
-        assert!(std::time::Instant::now() < deadline, "timed out waiting: {what}");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
 }
 
 /// A table `t` of `n` rows under a key that is then rotated away: `v` is `'ssn ' || id` bound to

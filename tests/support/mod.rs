@@ -513,6 +513,21 @@ pub fn in_parallel_sessions<T: Send + 'static>(
     handles.into_iter().map(|h| h.join().unwrap()).collect()
 }
 
+/// The one value of the first row of `query`.
+pub fn one<T: for<'a> postgres::types::FromSql<'a>>(c: &mut postgres::Client, query: &str) -> T {
+    c.query_one(query, &[]).unwrap().get(0)
+}
+
+/// Polls `query` (a boolean) on `c` every 20 ms until it is true; fails after two minutes. For
+/// states another session reaches by itself (a job waiting for a row lock), never as a bound.
+pub fn wait_until(c: &mut postgres::Client, query: &str, what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !one::<bool>(c, query) {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting: {what}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// The SQLSTATE of a failed statement.
 pub fn sqlstate(result: Result<impl Sized, postgres::Error>) -> String {
     match result {
