@@ -669,6 +669,29 @@ BEGIN
 END
 $body$;
 
+-- The caller's unfinished job of this kind on the column, resumed with the options of this call;
+-- else a new one. Its id.
+CREATE FUNCTION immuta.resume_or_start_job(kind text, tbl regclass, col name, source name, context_column name,
+                                           keyring text, before_key bigint, batch_size integer, pause interval)
+RETURNS bigint LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $body$
+DECLARE
+  job_id bigint;
+BEGIN
+  UPDATE immuta.jobs j SET source_column = resume_or_start_job.source, context_column = resume_or_start_job.context_column,
+         keyring = resume_or_start_job.keyring, before_key = resume_or_start_job.before_key,
+         batch_size = resume_or_start_job.batch_size, pause = resume_or_start_job.pause
+   WHERE j.kind = resume_or_start_job.kind AND j.relid = tbl::oid AND j.column_name = col AND j.finished_at IS NULL
+     AND j.started_by = current_user
+  RETURNING j.id INTO job_id;
+  IF NOT FOUND THEN
+    INSERT INTO immuta.jobs (kind, relid, column_name, source_column, context_column, keyring, before_key, batch_size, pause)
+    VALUES (kind, tbl::oid, col, source, context_column, keyring, before_key, batch_size, pause)
+    RETURNING id INTO job_id;
+  END IF;
+  RETURN job_id;
+END
+$body$;
+
 CREATE FUNCTION immuta.encrypt_trigger_name(target name) RETURNS name
 LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $body$
 SELECT pg_catalog.left('immuta_encrypt_' || target, 63)::pg_catalog.name
@@ -700,18 +723,7 @@ BEGIN
       DETAIL = 'Re-encrypting a column reads and updates it as the caller.',
       HINT = 'The caller needs SELECT and UPDATE on the column (and SELECT on the context column).';
   END IF;
-  -- Resume this role's unfinished job on the column, with the options of this call; else start one.
-  UPDATE immuta.jobs j SET context_column = immuta_reencrypt_column.context_column,
-         batch_size = immuta_reencrypt_column.batch_size, pause = immuta_reencrypt_column.pause,
-         before_key = immuta_reencrypt_column.before_key
-   WHERE j.kind = 'reencrypt' AND j.relid = tbl::oid AND j.column_name = col AND j.finished_at IS NULL
-     AND j.started_by = current_user
-  RETURNING j.id INTO job_id;
-  IF NOT FOUND THEN
-    INSERT INTO immuta.jobs (kind, relid, column_name, context_column, before_key, batch_size, pause)
-    VALUES ('reencrypt', tbl::oid, col, context_column, before_key, batch_size, pause)
-    RETURNING id INTO job_id;
-  END IF;
+  job_id := immuta.resume_or_start_job('reencrypt', tbl, col, NULL, context_column, NULL, before_key, batch_size, pause);
   PERFORM @extschema@.immuta_register_column(tbl, col, context_column);
   CALL immuta.run_job(job_id);
 END
@@ -792,17 +804,7 @@ BEGIN
       DETAIL = pg_catalog.format('If one of them changes %I, the encrypted column keeps the value it had before.', source),
       HINT = 'Rename them so that they sort before it, or make sure they never change the plaintext.';
   END IF;
-  UPDATE immuta.jobs j SET source_column = immuta_encrypt_column.source, context_column = immuta_encrypt_column.context_column,
-         keyring = immuta_encrypt_column.keyring, batch_size = immuta_encrypt_column.batch_size,
-         pause = immuta_encrypt_column.pause
-   WHERE j.kind = 'encrypt' AND j.relid = tbl::oid AND j.column_name = target AND j.finished_at IS NULL
-     AND j.started_by = current_user
-  RETURNING j.id INTO job_id;
-  IF NOT FOUND THEN
-    INSERT INTO immuta.jobs (kind, relid, column_name, source_column, context_column, keyring, batch_size, pause)
-    VALUES ('encrypt', tbl::oid, target, source, context_column, keyring, batch_size, pause)
-    RETURNING id INTO job_id;
-  END IF;
+  job_id := immuta.resume_or_start_job('encrypt', tbl, target, source, context_column, keyring, NULL, batch_size, pause);
   PERFORM @extschema@.immuta_register_column(tbl, target, context_column);
   COMMIT;
   CALL immuta.run_job(job_id);
@@ -832,6 +834,7 @@ REVOKE EXECUTE ON FUNCTION immuta_key_is_current(bigint), immuta_register_column
     immuta_unregister_column(regclass, name), immuta_key_references(bigint), immuta.key_references(bigint),
     immuta.encrypt_expression(name, name, text, text), immuta.check_job_table(regclass), immuta.column_type(regclass, name),
     immuta.check_job_options(integer, interval, bigint), immuta.encrypt_trigger_name(name),
+    immuta.resume_or_start_job(text, regclass, name, name, name, text, bigint, integer, interval),
     immuta.encrypt_column_trigger(), immuta.check_encryptable(regtype), immuta.context_expression(name, text),
     immuta.encrypt_value(anyelement, boolean, text, text) FROM PUBLIC;
 REVOKE EXECUTE ON PROCEDURE immuta_reencrypt_column(regclass, name, name, integer, interval, bigint),
@@ -845,6 +848,10 @@ GRANT EXECUTE ON FUNCTION immuta_register_column(regclass, name, name), immuta_u
     immuta.check_job_options(integer, interval, bigint), immuta.encrypt_trigger_name(name),
     immuta.context_expression(name, text)
     TO immuta_decryptor, immuta_encryptor, immuta_admin;
+GRANT EXECUTE ON FUNCTION immuta.resume_or_start_job(text, regclass, name, name, name, text, bigint, integer, interval)
+    TO immuta_decryptor, immuta_encryptor;
+GRANT EXECUTE ON FUNCTION immuta.resume_or_start_job(text, regclass, name, name, name, text, bigint, integer, interval)
+    TO @extowner@ WITH GRANT OPTION;
 GRANT EXECUTE ON FUNCTION immuta_register_column(regclass, name, name), immuta_unregister_column(regclass, name),
     immuta.encrypt_expression(name, name, text, text), immuta.check_job_table(regclass), immuta.column_type(regclass, name),
     immuta.check_job_options(integer, interval, bigint), immuta.encrypt_trigger_name(name),

@@ -37,13 +37,7 @@ fn a_plaintext_column_is_encrypted_online_and_every_concurrent_write_is_encrypte
             "CALL immuta_encrypt_column('t', 'ssn', 'ssn_enc', context_column => 'tenant', batch_size => 200)",
         )
     });
-    wait_until(
-        &mut c,
-        &format!(
-            "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE pid = {pid} AND wait_event_type = 'Lock')"
-        ),
-        "the job waiting for row 1501",
-    );
+    wait_for_lock_wait(&mut c, pid, "the job waiting for row 1501");
     let done_before: i64 = one(&mut c, "SELECT rows_done FROM immuta.jobs_progress WHERE state = 'running'");
     assert!(done_before > 0 && done_before < 1501, "{done_before}");
     c.batch_execute(

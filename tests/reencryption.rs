@@ -186,13 +186,7 @@ fn an_online_job_loses_no_concurrent_write_overwrites_none_and_survives_a_rollov
             "CALL immuta_reencrypt_column('t', 'v', context_column => 'ctx', batch_size => 200)",
         )
     });
-    wait_until(
-        &mut c,
-        &format!(
-            "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE pid = {pid} AND wait_event_type = 'Lock')"
-        ),
-        "the job waiting for the writer's row",
-    );
+    wait_for_lock_wait(&mut c, pid, "the job waiting for the writer's row");
     let moved_before: i64 = one(&mut c, "SELECT rows_done FROM immuta.jobs");
     assert!(moved_before > 0, "batches before the writer's row are committed");
     // Meanwhile: a rollover, and other writers' inserts, deletes and updates, all committed.
@@ -242,10 +236,7 @@ fn a_cancelled_or_crashed_job_resumes_where_it_stopped_and_loses_nothing() {
     let pid: i32 = one(&mut runner, "SELECT pg_backend_pid()");
     let job_thread =
         std::thread::spawn(move || (runner.batch_execute(call).map_err(|e| e.code().cloned()), runner));
-    let waiting = |pid: i32| {
-        format!("SELECT EXISTS (SELECT FROM pg_stat_activity WHERE pid = {pid} AND wait_event_type = 'Lock')")
-    };
-    wait_until(&mut c, &waiting(pid), "the job waiting for row 1500");
+    wait_for_lock_wait(&mut c, pid, "the job waiting for row 1500");
     assert_eq!(job(&mut c).3, "running");
     c.batch_execute(&format!("SELECT pg_cancel_backend({pid})")).unwrap();
     let (outcome, mut runner) = job_thread.join().unwrap();
@@ -260,7 +251,7 @@ fn a_cancelled_or_crashed_job_resumes_where_it_stopped_and_loses_nothing() {
     // Crashed: the backend is killed while it waits for row 2800; the server restarts.
     let pid: i32 = one(&mut runner, "SELECT pg_backend_pid()");
     let job_thread = std::thread::spawn(move || runner.batch_execute(call).map(|_| ()));
-    wait_until(&mut c, &waiting(pid), "the job waiting for row 2800");
+    wait_for_lock_wait(&mut c, pid, "the job waiting for row 2800");
     let log_before = pg.log().len();
     assert!(std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap().success());
     assert!(job_thread.join().unwrap().is_err());

@@ -518,6 +518,15 @@ pub fn one<T: for<'a> postgres::types::FromSql<'a>>(c: &mut postgres::Client, qu
     c.query_one(query, &[]).unwrap().get(0)
 }
 
+/// Waits (as [`wait_until`]) until the backend `pid` waits for a lock: a job blocked on a row
+/// another session holds.
+pub fn wait_for_lock_wait(c: &mut postgres::Client, pid: i32, what: &str) {
+    let query = format!(
+        "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE pid = {pid} AND wait_event_type = 'Lock')"
+    );
+    wait_until(c, &query, what);
+}
+
 /// Polls `query` (a boolean) on `c` every 20 ms until it is true; fails after two minutes. For
 /// states another session reaches by itself (a job waiting for a row lock), never as a bound.
 pub fn wait_until(c: &mut postgres::Client, query: &str, what: &str) {
