@@ -241,6 +241,13 @@ fn a_cancelled_or_crashed_job_resumes_where_it_stopped_and_loses_nothing() {
     c.batch_execute(&format!("SELECT pg_cancel_backend({pid})")).unwrap();
     let (outcome, mut runner) = job_thread.join().unwrap();
     assert_eq!(outcome.unwrap_err(), Some(postgres::error::SqlState::QUERY_CANCELED));
+    // The client has the error before the backend reports itself idle: the view says
+    // interrupted once it has (the session keeps the job's lock, idle).
+    wait_until(
+        &mut c,
+        "SELECT state = 'interrupted' FROM immuta.jobs_progress ORDER BY id DESC LIMIT 1",
+        "the cancelled job shown interrupted",
+    );
     let (id, _, done, state) = job(&mut c);
     assert_eq!(state, "interrupted");
     assert!(done > 0 && done < 1500, "{done}");
