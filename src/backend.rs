@@ -34,7 +34,7 @@ use immuta_core::Error;
 use pgrx::{pg_guard, pg_sys, PgSqlErrorCode};
 use zeroize::Zeroizing;
 
-use crate::buffer::SecretBuf;
+use crate::buffer::{Scratch, SecretBuf};
 use crate::catalog::{self, KeyringRow, TableOids};
 use crate::config_source::{self, Effective};
 use crate::errors::{raise, OrRaise};
@@ -485,6 +485,54 @@ pub fn encrypt_fast(
                 usage::spend(id, *lxid).then(|| seal(loaded.cipher(), nonces))
             }
         }
+    })
+}
+
+/// Whether key `id` is the current key of its keyring, when the ring can tell without a lookup
+/// of its own (as [`reencrypt_fast`] finds them); `None` sends the caller to the slow path.
+#[inline]
+pub fn is_current_fast(id: KeyId, now: UnixMicros) -> Option<bool> {
+    BACKEND.with_borrow_mut(|b| b.ring.reencryption(id, now).map(|(_, current, _)| current == id))
+}
+
+/// What [`reencrypt_fast`] did with a value.
+pub enum Reencrypted {
+    /// It is under its keyring's current key already (and opened with its context).
+    Unchanged,
+    /// The same value under the current key.
+    Sealed(varlena::Bytea),
+}
+
+/// The hot path of `immuta_reencrypt`: opens the parsed value `sealed` with `context` and seals
+/// it again under the current key of its key's keyring, with one borrow of the ring; `None` when
+/// that needs the slow path (`keys::reencrypt`): either key is not loaded or expired, the
+/// keyring is not loaded, its key is due, or this backend's grant under it is spent. The
+/// plaintext lives in a [`Scratch`] zeroed before this returns.
+#[inline]
+pub fn reencrypt_fast(
+    sealed: &format::Sealed<'_>,
+    context: Option<&[u8]>,
+    now: UnixMicros,
+) -> Option<Reencrypted> {
+    BACKEND.with_borrow_mut(|b| {
+        let Backend { ring, nonces, lxid, .. } = &mut *b;
+        let (source, current, target) = ring.reencryption(sealed.key_id, now)?;
+        let mut plaintext = Scratch::zeroed(sealed.body.len());
+        let plaintext = plaintext.as_mut_slice();
+        if current == sealed.key_id {
+            // Opened even so: a wrong context is an error either way.
+            source.cipher().open_into(sealed, context, plaintext).or_raise();
+            return Some(Reencrypted::Unchanged);
+        }
+        if !usage::spend(current, *lxid) {
+            return None;
+        }
+        source.cipher().open_into(sealed, context, plaintext).or_raise();
+        let nonce = next_nonce(nonces);
+        let len = format::sealed_len(plaintext.len());
+        Some(Reencrypted::Sealed(varlena::bytea(len, |out| {
+            target.cipher().seal_into(&nonce, sealed.value_type, context, plaintext, out)
+        })))
     })
 }
 

@@ -41,10 +41,9 @@ use immuta_core::value_type::ValueType;
 use pgrx::{pg_sys, PgSqlErrorCode};
 
 use serde_json::json;
-use zeroize::Zeroizing;
 
-use crate::backend;
-use crate::buffer::SecretBuf;
+use crate::backend::{self, Reencrypted};
+use crate::buffer::Scratch;
 use crate::catalog::{self, AuditEvent};
 use crate::errors::{self, raise, OrRaise};
 use crate::usage::{self, Against};
@@ -208,22 +207,17 @@ pub fn encrypt(
 pub fn reencrypt(ciphertext: &[u8], context: Option<&[u8]>) -> Option<varlena::Bytea> {
     let sealed = format::parse(ciphertext).or_raise();
     let now = backend::prepare();
+    match backend::reencrypt_fast(&sealed, context, now) {
+        Some(Reencrypted::Unchanged) => return None,
+        Some(Reencrypted::Sealed(value)) => return Some(value),
+        None => {}
+    }
     let keyring = backend::keyring_of(sealed.key_id, now);
     let keyring = keyring.as_deref();
     let is_current = current_of(keyring).is_some_and(|c| c.id == sealed.key_id);
-    // Opened even when it stays as it is: a wrong context is an error either way. Small values
-    // (the common case: a column of identifiers) on the stack, larger ones on the heap; both are
-    // zeroed when done.
-    const SMALL: usize = 256;
-    let len = sealed.body.len();
-    let mut small = Zeroizing::new([0u8; SMALL]);
-    let mut large: SecretBuf;
-    let plaintext: &mut [u8] = if len <= SMALL {
-        &mut small[..len]
-    } else {
-        large = SecretBuf::zeroed(len);
-        large.as_mut_slice()
-    };
+    // Opened even when it stays as it is: a wrong context is an error either way.
+    let mut plaintext = Scratch::zeroed(sealed.body.len());
+    let plaintext = plaintext.as_mut_slice();
     backend::open_loaded(&sealed, context, plaintext);
     (!is_current).then(|| encrypt(keyring, sealed.value_type, context, plaintext))
 }
@@ -243,6 +237,9 @@ fn current_of(keyring: Option<&str>) -> Option<CurrentKey> {
 /// to). A key that is disabled, destroyed or unknown raises, as re-encrypting under it would.
 pub fn is_current(id: KeyId) -> bool {
     let now = backend::prepare();
+    if let Some(current) = backend::is_current_fast(id, now) {
+        return current;
+    }
     let keyring = backend::keyring_of(id, now);
     current_of(keyring.as_deref()).is_some_and(|c| c.id == id)
 }

@@ -43,6 +43,11 @@ fn reencryption_moves_every_kind_of_value_to_its_keyrings_current_key_and_leaves
 
     let new: i64 = one(&mut c, "SELECT immuta_rotate()");
     let new_tenant: i64 = one(&mut c, "SELECT immuta_rotate('tenant')");
+    // Both keys in the ring (the hot path): a wrong context is still refused, and the session
+    // goes on re-encrypting afterwards.
+    assert!(one::<bool>(&mut c, "SELECT bool_and(immuta_reencrypt(s, 'row ' || id) <> s) FROM t"));
+    assert_eq!(sqlstate(c.query_one("SELECT immuta_reencrypt(s, 'row 0') FROM t LIMIT 1", &[])), "22023");
+    assert_eq!(sqlstate(c.query_one("SELECT immuta_reencrypt(s) FROM t LIMIT 1", &[])), "22023");
     c.batch_execute(
         "UPDATE t SET s = immuta_reencrypt(s, 'row ' || id), n = immuta_reencrypt(n), a = immuta_reencrypt(a),
                       j = immuta_reencrypt(j), k = immuta_reencrypt(k), big = immuta_reencrypt(big)",

@@ -31,6 +31,7 @@ use hashbrown::HashTable;
 
 use crate::cipher::DataCipher;
 use crate::key::KeyId;
+use crate::keyrings;
 use crate::time::UnixMicros;
 
 /// The key that encrypts, and when it is due for rollover.
@@ -325,6 +326,22 @@ impl KeyRing {
         (now < loaded.expires).then_some((id, loaded))
     }
 
+    /// The hot path of a re-encryption: the cipher of key `id`, and the current key of that key's
+    /// keyring with its cipher, if the ring holds both unexpired at `now`, the keyring's entry is
+    /// not stale and its current key is not due. One lookup by key id, then the keyring's entry
+    /// (or the default keyring's current key) and its link.
+    #[inline]
+    pub fn reencryption(&mut self, id: KeyId, now: UnixMicros) -> Option<(Rc<Loaded>, KeyId, Rc<Loaded>)> {
+        let source = self.ciphers.get(&id).filter(|l| now < l.expires)?.clone();
+        if &*source.keyring == keyrings::DEFAULT {
+            let current = self.current.filter(|c| now < c.due_at)?;
+            let target = self.ciphers.get(&current.id).filter(|l| now < l.expires)?.clone();
+            return Some((source, current.id, target));
+        }
+        let (current, target) = self.current_cipher(&source.keyring, now)?;
+        Some((source, current, target))
+    }
+
     /// Records what keyring `name` is (a name longer than any keyring's is not kept).
     pub fn set_named(&mut self, name: &str, named: Named) {
         let name = name.as_bytes();
@@ -521,6 +538,38 @@ mod tests {
         ring.set_named(long, Named::Destroyed);
         assert!(ring.current_cipher(long, now).is_none());
         assert_eq!(ring.named(long), Some(Named::Destroyed));
+    }
+
+    #[test]
+    fn a_reencryption_finds_the_source_key_and_its_keyrings_current_key_or_nothing() {
+        let mut ring = KeyRing::default();
+        let k = |id| KeyId::new(id).unwrap();
+        let now = UnixMicros(10);
+        let ids = |r: Option<(Rc<Loaded>, KeyId, Rc<Loaded>)>| {
+            r.map(|(s, c, t)| (s.cipher().key_id(), c, t.cipher().key_id()))
+        };
+        // The default keyring: keys 1 (old) and 2 (current).
+        ring.insert(cipher(1), keyrings::DEFAULT, UnixMicros(100), now);
+        assert!(ring.reencryption(k(1), now).is_none(), "no current key yet");
+        ring.set_current(Some(CurrentKey { id: k(2), due_at: UnixMicros(50) }));
+        assert!(ring.reencryption(k(1), now).is_none(), "the current key is not loaded");
+        ring.insert(cipher(2), keyrings::DEFAULT, UnixMicros(100), now);
+        assert_eq!(ids(ring.reencryption(k(1), now)), Some((k(1), k(2), k(2))));
+        assert_eq!(ids(ring.reencryption(k(2), now)), Some((k(2), k(2), k(2))), "already current");
+        assert!(ring.reencryption(k(1), UnixMicros(50)).is_none(), "the current key is due");
+        assert!(ring.reencryption(k(3), now).is_none(), "the source key is not loaded");
+        // A named keyring: its own current key, never the default one.
+        ring.insert(cipher(3), "t", UnixMicros(30), now);
+        assert!(ring.reencryption(k(3), now).is_none(), "the keyring is not loaded");
+        ring.set_named("t", Named::Live(Some(CurrentKey { id: k(4), due_at: UnixMicros(50) })));
+        assert!(ring.reencryption(k(3), now).is_none(), "its current key is not loaded");
+        ring.insert(cipher(4), "t", UnixMicros(100), now);
+        assert_eq!(ids(ring.reencryption(k(3), now)), Some((k(3), k(4), k(4))));
+        assert!(ring.reencryption(k(3), UnixMicros(30)).is_none(), "the source key expired");
+        ring.forget_named("t");
+        assert!(ring.reencryption(k(3), now).is_none(), "the keyring is stale");
+        ring.set_named("t", Named::Destroyed);
+        assert!(ring.reencryption(k(4), now).is_none(), "the keyring was destroyed");
     }
 
     #[test]
