@@ -297,6 +297,7 @@ GRANT EXECUTE ON FUNCTION immuta_inventory(regclass, name) TO immuta_admin;
 GRANT EXECUTE ON FUNCTION immuta_reencrypt(bytea), immuta_reencrypt(bytea, text), immuta_inventory(regclass, name)
     TO @extowner@ WITH GRANT OPTION;
 CREATE FUNCTION immuta_key_is_current(key_id bigint) RETURNS boolean STABLE STRICT PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_key_is_current_wrapper';
+CREATE FUNCTION immuta_is_current(ciphertext bytea) RETURNS boolean STABLE STRICT PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_is_current_wrapper';
 CREATE FUNCTION immuta.check_encryptable(value_type regtype) RETURNS boolean STABLE STRICT PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'check_encryptable_wrapper';
 CREATE FUNCTION immuta.encrypt_value(value anyelement, bound boolean, context text, keyring text) RETURNS bytea VOLATILE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'encrypt_value_wrapper';
 -- Online jobs on a column (issue 15): re-encrypting a column, or filling an encrypted column from
@@ -570,8 +571,7 @@ BEGIN
   IF job.kind = 'reencrypt' THEN
     -- Values to move: under a key that is not its keyring's current one (and, with before_key,
     -- older than that key).
-    filter := pg_catalog.format('%I IS NOT NULL AND NOT @extschema@.immuta_key_is_current(@extschema@.immuta_key_id(%I))',
-                                job.column_name, job.column_name);
+    filter := pg_catalog.format('%I IS NOT NULL AND NOT @extschema@.immuta_is_current(%I)', job.column_name, job.column_name);
     IF job.before_key IS NOT NULL THEN
       filter := filter || pg_catalog.format(' AND @extschema@.immuta_key_id(%I) < %s::pg_catalog.int8', job.column_name, job.before_key);
     END IF;
@@ -830,7 +830,7 @@ BEGIN
 END
 $body$;
 
-REVOKE EXECUTE ON FUNCTION immuta_key_is_current(bigint), immuta_register_column(regclass, name, name),
+REVOKE EXECUTE ON FUNCTION immuta_key_is_current(bigint), immuta_is_current(bytea), immuta_register_column(regclass, name, name),
     immuta_unregister_column(regclass, name), immuta_key_references(bigint), immuta.key_references(bigint),
     immuta.encrypt_expression(name, name, text, text), immuta.check_job_table(regclass), immuta.column_type(regclass, name),
     immuta.check_job_options(integer, interval, bigint), immuta.encrypt_trigger_name(name),
@@ -839,7 +839,7 @@ REVOKE EXECUTE ON FUNCTION immuta_key_is_current(bigint), immuta_register_column
     immuta.encrypt_value(anyelement, boolean, text, text) FROM PUBLIC;
 REVOKE EXECUTE ON PROCEDURE immuta_reencrypt_column(regclass, name, name, integer, interval, bigint),
     immuta_encrypt_column(regclass, name, name, name, text, integer, interval), immuta.run_job(bigint) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION immuta_key_is_current(bigint) TO immuta_decryptor;
+GRANT EXECUTE ON FUNCTION immuta_key_is_current(bigint), immuta_is_current(bytea) TO immuta_decryptor;
 GRANT EXECUTE ON PROCEDURE immuta_reencrypt_column(regclass, name, name, integer, interval, bigint) TO immuta_decryptor;
 GRANT EXECUTE ON PROCEDURE immuta_encrypt_column(regclass, name, name, name, text, integer, interval) TO immuta_encryptor;
 GRANT EXECUTE ON PROCEDURE immuta.run_job(bigint) TO immuta_decryptor, immuta_encryptor;
@@ -872,7 +872,7 @@ GRANT SELECT, INSERT (kind, relid, column_name, source_column, context_column, k
 GRANT SELECT, INSERT (relid, column_name, context_column), UPDATE (context_column, registered_by, registered_at), DELETE
     ON immuta.encrypted_columns TO immuta_decryptor, immuta_encryptor, immuta_admin;
 GRANT SELECT ON immuta.jobs_progress TO immuta_decryptor, immuta_encryptor, immuta_admin;
-GRANT EXECUTE ON FUNCTION immuta_key_is_current(bigint), immuta_register_column(regclass, name, name),
+GRANT EXECUTE ON FUNCTION immuta_key_is_current(bigint), immuta_is_current(bytea), immuta_register_column(regclass, name, name),
     immuta_unregister_column(regclass, name), immuta_key_references(bigint), immuta.key_references(bigint)
     TO @extowner@ WITH GRANT OPTION;
 GRANT EXECUTE ON PROCEDURE immuta_reencrypt_column(regclass, name, name, integer, interval, bigint),

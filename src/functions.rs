@@ -365,6 +365,19 @@ fn immuta_key_is_current(key_id: i64) -> bool {
     keys::is_current(id)
 }
 
+/// Whether a ciphertext is under the current key of its key's keyring (reads the header only):
+/// `immuta_key_is_current(immuta_key_id(c))` in one call, the filter of an online re-encryption.
+#[pg_extern(
+    stable,
+    strict,
+    parallel_safe,
+    sql = "CREATE FUNCTION immuta_is_current(ciphertext bytea) RETURNS boolean \
+           STABLE STRICT PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_is_current_wrapper';"
+)]
+fn immuta_is_current(ciphertext: Bytes) -> bool {
+    keys::is_current(format::parse(&ciphertext).or_raise().key_id)
+}
+
 /// The id of the data key a ciphertext was encrypted under (reads the header only), to find the
 /// values still under an old key.
 #[pg_extern(immutable, strict, parallel_safe)]

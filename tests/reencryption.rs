@@ -40,9 +40,15 @@ fn reencryption_moves_every_kind_of_value_to_its_keyrings_current_key_and_leaves
     assert_eq!(sqlstate(c.query_one("SELECT immuta_reencrypt(s) FROM t LIMIT 1", &[])), "22023");
     assert_eq!(sqlstate(c.query_one("SELECT immuta_reencrypt(s, NULL) FROM t LIMIT 1", &[])), "22004");
     assert_eq!(sqlstate(c.query_one("SELECT immuta_reencrypt('\\x0102'::bytea)", &[])), "22P03");
+    assert_eq!(sqlstate(c.query_one("SELECT immuta_is_current('\\x0102'::bytea)", &[])), "22P03");
+    assert!(one::<bool>(&mut c, "SELECT bool_and(immuta_is_current(s) AND immuta_is_current(k)) FROM t"));
 
     let new: i64 = one(&mut c, "SELECT immuta_rotate()");
     let new_tenant: i64 = one(&mut c, "SELECT immuta_rotate('tenant')");
+    assert!(one::<bool>(
+        &mut c,
+        "SELECT bool_and(NOT immuta_is_current(s) AND NOT immuta_is_current(k)) FROM t"
+    ));
     // Both keys in the ring (the hot path): a wrong context is still refused, and the session
     // goes on re-encrypting afterwards.
     assert!(one::<bool>(&mut c, "SELECT bool_and(immuta_reencrypt(s, 'row ' || id) <> s) FROM t"));
