@@ -519,15 +519,15 @@ pub fn reencrypt_fast(
         let (source, current, target) = ring.reencryption(sealed.key_id, now)?;
         let mut plaintext = Scratch::zeroed(sealed.body.len());
         let plaintext = plaintext.as_mut_slice();
+        // Opened even when it stays as it is: a wrong context is an error either way. Opened
+        // before the grant is spent, so a value that fails to open costs no encryption.
+        source.cipher().open_into(sealed, context, plaintext).or_raise();
         if current == sealed.key_id {
-            // Opened even so: a wrong context is an error either way.
-            source.cipher().open_into(sealed, context, plaintext).or_raise();
             return Some(Reencrypted::Unchanged);
         }
         if !usage::spend(current, *lxid) {
             return None;
         }
-        source.cipher().open_into(sealed, context, plaintext).or_raise();
         let nonce = next_nonce(nonces);
         let len = format::sealed_len(plaintext.len());
         Some(Reencrypted::Sealed(varlena::bytea(len, |out| {
