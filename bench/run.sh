@@ -115,6 +115,28 @@ CREATE TABLE big (b bytea); ALTER TABLE big ALTER COLUMN b SET STORAGE EXTERNAL;
 INSERT INTO big SELECT convert_to(repeat(md5(i::text), 32768), 'UTF8') FROM generate_series(1, $BIG_ROWS) i;
 CREATE TABLE bigc (c bytea); ALTER TABLE bigc ALTER COLUMN c SET STORAGE EXTERNAL;
 INSERT INTO bigc SELECT immuta_encrypt(b) FROM big;
+-- Blind index (issue 16): the values, their ciphertexts and their terms, a btree on the terms.
+SELECT immuta_blind_index_create('bench.v');
+CREATE TABLE bi AS SELECT v, immuta_encrypt(v) AS c, immuta_blind_index(v, 'bench.v') AS term FROM t;
+CREATE INDEX bi_term ON bi (term);
+VACUUM (FREEZE, ANALYZE) bi;
+-- Mean milliseconds of a lookup by term (200 of them) and of the sequential scan with
+-- immuta_decrypt it replaces, and the rows each found.
+CREATE FUNCTION bench_lookup() RETURNS text LANGUAGE plpgsql AS \$\$
+DECLARE t0 timestamptz; found_by_term int; found_by_scan int; lookup float8; scan float8; probe text;
+BEGIN
+  SELECT v INTO probe FROM bi OFFSET 123456 LIMIT 1;
+  SELECT count(*) INTO found_by_term FROM bi WHERE term = immuta_blind_index(probe, 'bench.v');
+  t0 := clock_timestamp();
+  FOR i IN 1..200 LOOP
+    SELECT count(*) INTO found_by_term FROM bi WHERE term = immuta_blind_index(probe, 'bench.v');
+  END LOOP;
+  lookup := extract(epoch FROM clock_timestamp() - t0) * 1000 / 200;
+  t0 := clock_timestamp();
+  SELECT count(*) INTO found_by_scan FROM bi WHERE immuta_decrypt(c) = probe;
+  scan := extract(epoch FROM clock_timestamp() - t0) * 1000;
+  RETURN format('%s %s %s %s', round(lookup::numeric, 3), round(scan::numeric, 1), found_by_term, found_by_scan);
+END \$\$;
 VACUUM (FREEZE, ANALYZE) t; VACUUM (FREEZE, ANALYZE) c; VACUUM (FREEZE, ANALYZE) pc; VACUUM (FREEZE, ANALYZE) tp;
 VACUUM (FREEZE, ANALYZE) cx; VACUUM (FREEZE, ANALYZE) tf; VACUUM (FREEZE, ANALYZE) cf; VACUUM (FREEZE, ANALYZE) tj;
 VACUUM (FREEZE, ANALYZE) cj; VACUUM (FREEZE, ANALYZE) big; VACUUM (FREEZE, ANALYZE) bigc;
@@ -195,7 +217,8 @@ SELECT bench_rounds(ARRAY[
   'immuta_encrypt(numeric)',
   'immuta_decrypt(c, NULL::numeric)',
   'pgcrypto encrypt(v, key, ''aes'')',
-  'pgcrypto decrypt(c, key, ''aes'')'
+  'pgcrypto decrypt(c, key, ''aes'')',
+  'immuta_blind_index(v, name)'
 ], ARRAY[
   'SELECT count(length(v)) FROM t',
   'SELECT count(immuta_encrypt(v)) FROM t',
@@ -209,7 +232,8 @@ SELECT bench_rounds(ARRAY[
   'SELECT count(immuta_encrypt(x)) FROM tf',
   'SELECT count(immuta_decrypt(x, NULL::numeric)) FROM cf',
   \$q\$SELECT count(encrypt(convert_to(v, 'UTF8'), $KEY, 'aes')) FROM t\$q\$,
-  \$q\$SELECT count(convert_from(decrypt(c, $KEY, 'aes'), 'UTF8')) FROM pc\$q\$
+  \$q\$SELECT count(convert_from(decrypt(c, $KEY, 'aes'), 'UTF8')) FROM pc\$q\$,
+  \$q\$SELECT count(immuta_blind_index(v, 'bench.v')) FROM t\$q\$
 ], $ROWS, $RUNS);
 SELECT bench_rounds(ARRAY['jsonb of 1 kB: floor count(j)', 'immuta_encrypt(jsonb of 1 kB)', 'immuta_decrypt_jsonb(c), 1 kB'],
   ARRAY['SELECT count(j::text) FROM tj', 'SELECT count(immuta_encrypt(j)) FROM tj', 'SELECT count(immuta_decrypt_jsonb(c)) FROM cj'],
@@ -303,6 +327,7 @@ SELECT CASE what WHEN 'update' THEN 'batched UPDATE t SET c = c, 10,000 rows a b
 SQL
 # The target compares the two within each round (they ran back to back, so a drift of the
 # machine's speed between rounds weighs on both alike) and keeps the median of those ratios.
+read -r BI_LOOKUP_MS BI_SCAN_MS BI_FOUND BI_SCAN_FOUND <<<"$(psql -d postgres -At -c 'SELECT bench_lookup()')"
 REENC_RATIO=$(psql -d postgres -At -c "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY r.seconds / u.seconds)
   FROM reencrypt_times r JOIN reencrypt_times u USING (round) WHERE r.what = 'reencrypt' AND u.what = 'update'")
 REENC_ROUNDS=$(psql -d postgres -At -c "SELECT string_agg(format('%s/%s', round(u.seconds::numeric, 2), round(r.seconds::numeric, 2)), ' ' ORDER BY round)
@@ -449,6 +474,7 @@ SQL
   echo "parallel plan: $PLAN"
   echo
   echo "AWS KMS after a restart, 8 connections decrypting values under $KEYS_IN_USE keys: $KMS_UNWRAPS KMS unwraps"
+  echo "blind index lookup in a table of $ROWS rows: ${BI_LOOKUP_MS} ms by term (index scan, $BI_FOUND row), ${BI_SCAN_MS} ms by sequential scan with immuta_decrypt ($BI_SCAN_FOUND row)"
   echo "online re-encryption, each round's batched UPDATE / CALL immuta_reencrypt_column in seconds: $REENC_ROUNDS"
   echo "plaintext column encrypted online while an application updates a random row every 10 ms (server-timed UPDATEs; rows not matching their plaintext after the online run: $ENCRYPTED_ONLINE): $APP_WRITES"
   echo "pgbench INSERT mean latency in us (2 clients, plain and encrypted mixed, ${PGBENCH_SECONDS}s, three rounds, compared by median): plain ${PLAIN[*]}; encrypted ${ENCRYPTED[*]}"
@@ -460,6 +486,7 @@ WITH r AS (SELECT label, seconds * $ROWS / rows AS s FROM results),
                   (SELECT s FROM r WHERE label = 'immuta_decrypt(c)') AS dec,
                   (SELECT s FROM r WHERE label = 'immuta_encrypt(v, context)') AS enc_ctx,
                   (SELECT s FROM r WHERE label = 'immuta_decrypt(c, context)') AS dec_ctx,
+                  (SELECT s FROM r WHERE label = 'immuta_blind_index(v, name)') AS bi,
                   (SELECT max(s) FROM r WHERE label IN ('immuta_encrypt(bigint)', 'immuta_encrypt(timestamptz)')) AS enc_fixed,
                   (SELECT max(s) FROM r WHERE label IN ('immuta_decrypt(c, NULL::bigint)', 'immuta_decrypt(c, NULL::timestamptz)')) AS dec_fixed,
                   (SELECT $ROWS / ((SELECT s FROM r WHERE label = '1 MiB values: immuta_encrypt') - (SELECT s FROM r WHERE label = '1 MiB values: detoast floor'))) AS enc_big,
@@ -480,6 +507,8 @@ SELECT format('%-58s %-10s %s', target, CASE WHEN ok THEN 'met' ELSE 'MISSED' EN
   ('immuta_decrypt with a context at most 1.4x the floor', dec_ctx / floor <= 1.4, round((dec_ctx / floor)::numeric, 2) || 'x'),
   ('immuta_encrypt of bigint, timestamptz at most 1.4x the floor', enc_fixed / floor <= 1.4, round((enc_fixed / floor)::numeric, 2) || 'x'),
   ('immuta_decrypt of bigint, timestamptz at most 1.4x the floor', dec_fixed / floor <= 1.4, round((dec_fixed / floor)::numeric, 2) || 'x'),
+  ('immuta_blind_index at most 1.3x the floor', bi / floor <= 1.3, round((bi / floor)::numeric, 2) || 'x'),
+  ('blind index lookup in $ROWS rows under 1 ms (index scan)', $BI_LOOKUP_MS < 1 AND '$BI_FOUND' = '1', '$BI_LOOKUP_MS ms, against $BI_SCAN_MS ms by sequential scan with immuta_decrypt'),
   ('encrypt under 10,000 keyrings at most 2x one keyring', enc_many / enc_one <= 2, round((enc_many / enc_one)::numeric, 2) || 'x'),
   ('online re-encryption at most 1.5x a batched UPDATE', $REENC_RATIO <= 1.5 AND '$LEFTOVER' = '0', round($REENC_RATIO::numeric, 2) || 'x (median of the rounds'' ratios), keys left behind: $LEFTOVER'),
   ('1 MiB encrypt at least 0.7x openssl aes-256-gcm ($OPENSSL_MIBS MiB/s)', enc_big >= 0.7 * $OPENSSL_MIBS, round(enc_big::numeric) || ' MiB/s, ' || round((enc_big / $OPENSSL_MIBS)::numeric, 2) || 'x'),

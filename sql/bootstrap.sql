@@ -119,7 +119,7 @@ CREATE SEQUENCE immuta.audit_log_id_seq AS bigint;
 CREATE TABLE immuta.audit_log (
     id           bigint PRIMARY KEY DEFAULT pg_catalog.nextval('immuta.audit_log_id_seq'::pg_catalog.regclass),
     at           timestamptz NOT NULL DEFAULT pg_catalog.now(),
-    event        text NOT NULL CONSTRAINT audit_log_event_check CHECK (event OPERATOR(pg_catalog.=) ANY (ARRAY['key created', 'key rotated', 'key rewrapped', 'cache reset', 'key disabled', 'key enabled', 'key destroyed', 'keyring created', 'keyring configured', 'keyring destroyed']::pg_catalog.text[])),
+    event        text NOT NULL CONSTRAINT audit_log_event_check CHECK (event OPERATOR(pg_catalog.=) ANY (ARRAY['key created', 'key rotated', 'key rewrapped', 'cache reset', 'key disabled', 'key enabled', 'key destroyed', 'keyring created', 'keyring configured', 'keyring destroyed', 'index key created', 'index key rotated', 'index key destroyed']::pg_catalog.text[])),
     key_id       bigint,
     reason       text NOT NULL CHECK (reason OPERATOR(pg_catalog.=) ANY (ARRAY['first use', 'manual', 'schedule', 'usage limit']::pg_catalog.text[])),
     -- The role whose privileges ran the event, and the role that logged in (they differ after

@@ -167,7 +167,7 @@ CREATE INDEX data_keys_keyring_id ON immuta.data_keys (keyring, id);
 
 ALTER TABLE immuta.audit_log ADD COLUMN keyring text;
 ALTER TABLE immuta.audit_log DROP CONSTRAINT audit_log_event_check,
-    ADD CONSTRAINT audit_log_event_check CHECK (event OPERATOR(pg_catalog.=) ANY (ARRAY['key created', 'key rotated', 'key rewrapped', 'cache reset', 'key disabled', 'key enabled', 'key destroyed', 'keyring created', 'keyring configured', 'keyring destroyed']::pg_catalog.text[]));
+    ADD CONSTRAINT audit_log_event_check CHECK (event OPERATOR(pg_catalog.=) ANY (ARRAY['key created', 'key rotated', 'key rewrapped', 'cache reset', 'key disabled', 'key enabled', 'key destroyed', 'keyring created', 'keyring configured', 'keyring destroyed', 'index key created', 'index key rotated', 'index key destroyed']::pg_catalog.text[]));
 UPDATE immuta.audit_log SET keyring = 'default' WHERE key_id IS NOT NULL;
 
 CREATE TABLE immuta.keyrings (
@@ -300,6 +300,15 @@ CREATE FUNCTION immuta_key_is_current(key_id bigint) RETURNS boolean STABLE STRI
 CREATE FUNCTION immuta_is_current(ciphertext bytea) RETURNS boolean STABLE STRICT PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_is_current_wrapper';
 CREATE FUNCTION immuta.check_encryptable(value_type regtype) RETURNS boolean STABLE STRICT PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'check_encryptable_wrapper';
 CREATE FUNCTION immuta.encrypt_value(value anyelement, bound boolean, context text, keyring text) RETURNS bytea VOLATILE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'encrypt_value_wrapper';
+CREATE FUNCTION immuta_blind_index(value text, name text, keyring text DEFAULT 'default') RETURNS bytea STABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_blind_index_text_wrapper';
+CREATE FUNCTION immuta_blind_index(value anyelement, name text, keyring text DEFAULT 'default') RETURNS bytea STABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_blind_index_value_wrapper';
+CREATE FUNCTION immuta_blind_indexes(value text, name text, keyring text DEFAULT 'default') RETURNS bytea[] STABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_blind_indexes_text_wrapper';
+CREATE FUNCTION immuta_blind_indexes(value anyelement, name text, keyring text DEFAULT 'default') RETURNS bytea[] STABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_blind_indexes_value_wrapper';
+CREATE FUNCTION immuta_blind_index_create(name text, keyring text DEFAULT 'default', term_length integer DEFAULT 16) RETURNS bigint VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_blind_index_create_wrapper';
+CREATE FUNCTION immuta_blind_index_rotate(name text, keyring text DEFAULT 'default') RETURNS integer VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_blind_index_rotate_wrapper';
+CREATE FUNCTION immuta_blind_index_retire(name text, reason text, keyring text DEFAULT 'default', force boolean DEFAULT false) RETURNS integer VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'immuta_blind_index_retire_wrapper';
+CREATE FUNCTION immuta.blind_index_of(ciphertext bytea, bound boolean, context text, name text, keyring text) RETURNS bytea STABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'blind_index_of_wrapper';
+CREATE FUNCTION immuta.blind_index_is_current(term bytea, ciphertext bytea, name text, keyring text) RETURNS boolean STABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'blind_index_is_current_wrapper';
 -- Online jobs on a column (issue 15): re-encrypting a column, or filling an encrypted column from
 -- a plaintext one, in batches run by a procedure that commits after each; the job's row says
 -- where to resume. Each role sees and writes only its own jobs (row-level security), and only the
@@ -308,7 +317,7 @@ CREATE FUNCTION immuta.encrypt_value(value anyelement, bound boolean, context te
 -- schema owner plants is resolved.
 CREATE TABLE immuta.jobs (
     id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    kind text NOT NULL CHECK (kind IN ('reencrypt', 'encrypt')),
+    kind text NOT NULL CHECK (kind IN ('reencrypt', 'encrypt', 'blind_index')),
     relid oid NOT NULL,
     column_name name NOT NULL,
     source_column name,
@@ -325,7 +334,10 @@ CREATE TABLE immuta.jobs (
     next_block bigint NOT NULL DEFAULT 0 CHECK (next_block >= 0),
     rows_done bigint NOT NULL DEFAULT 0 CHECK (rows_done >= 0),
     rows_total bigint NOT NULL DEFAULT 0 CHECK (rows_total >= 0),
-    CHECK ((kind = 'encrypt') = (source_column IS NOT NULL))
+    -- A blind index job: the index whose terms it computes into column_name from source_column.
+    index_name text,
+    CHECK ((kind IN ('encrypt', 'blind_index')) = (source_column IS NOT NULL)),
+    CHECK ((kind = 'blind_index') = (index_name IS NOT NULL))
 );
 ALTER TABLE immuta.jobs ENABLE ROW LEVEL SECURITY;
 CREATE POLICY own_jobs ON immuta.jobs USING (started_by OPERATOR(pg_catalog.=) current_user)
@@ -471,9 +483,14 @@ $body$;
 
 CREATE FUNCTION immuta_unregister_column(tbl regclass, col name) RETURNS boolean
 LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $body$
+DECLARE
+  encrypted boolean;
 BEGIN
   DELETE FROM immuta.encrypted_columns e WHERE e.relid = tbl::oid AND e.column_name = col;
-  RETURN FOUND;
+  encrypted := FOUND;
+  -- A term column (immuta_blind_index_column) is unregistered the same way.
+  DELETE FROM immuta.blind_index_columns b WHERE b.relid = tbl::oid AND b.column_name = col;
+  RETURN encrypted OR FOUND;
 END
 $body$;
 
@@ -578,6 +595,13 @@ BEGIN
     new_value := CASE WHEN job.context_column IS NULL THEN pg_catalog.format('@extschema@.immuta_reencrypt(%I)', job.column_name)
                       ELSE pg_catalog.format('@extschema@.immuta_reencrypt(%I, %s)', job.column_name,
                                              immuta.context_expression(job.context_column, '')) END;
+  ELSIF job.kind = 'blind_index' THEN
+    -- Rows whose term is missing, left over, or not made by the index's newest key (the trigger
+    -- covers rows written since the job began).
+    filter := pg_catalog.format(
+      '((%1$I IS NULL) <> (%2$I IS NULL) OR (%1$I IS NOT NULL AND NOT immuta.blind_index_is_current(%2$I, %1$I, %3$L::pg_catalog.text, %4$L::pg_catalog.text)))',
+      job.source_column, job.column_name, job.index_name, job.keyring);
+    new_value := immuta.blind_index_expression(job.source_column, job.context_column, job.index_name, job.keyring, '');
   ELSE
     -- Rows whose plaintext has no encrypted value yet (the trigger covers rows written since the
     -- job began).
@@ -672,20 +696,23 @@ $body$;
 -- The caller's unfinished job of this kind on the column, resumed with the options of this call;
 -- else a new one. Its id.
 CREATE FUNCTION immuta.resume_or_start_job(kind text, tbl regclass, col name, source name, context_column name,
-                                           keyring text, before_key bigint, batch_size integer, pause interval)
+                                           keyring text, before_key bigint, batch_size integer, pause interval,
+                                           index_name text DEFAULT NULL)
 RETURNS bigint LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $body$
 DECLARE
   job_id bigint;
 BEGIN
   UPDATE immuta.jobs j SET source_column = resume_or_start_job.source, context_column = resume_or_start_job.context_column,
          keyring = resume_or_start_job.keyring, before_key = resume_or_start_job.before_key,
-         batch_size = resume_or_start_job.batch_size, pause = resume_or_start_job.pause
+         batch_size = resume_or_start_job.batch_size, pause = resume_or_start_job.pause,
+         index_name = resume_or_start_job.index_name
    WHERE j.kind = resume_or_start_job.kind AND j.relid = tbl::oid AND j.column_name = col AND j.finished_at IS NULL
      AND j.started_by = current_user
   RETURNING j.id INTO job_id;
   IF NOT FOUND THEN
-    INSERT INTO immuta.jobs (kind, relid, column_name, source_column, context_column, keyring, before_key, batch_size, pause)
-    VALUES (kind, tbl::oid, col, source, context_column, keyring, before_key, batch_size, pause)
+    INSERT INTO immuta.jobs (kind, relid, column_name, source_column, context_column, keyring, before_key, batch_size, pause,
+                             index_name)
+    VALUES (kind, tbl::oid, col, source, context_column, keyring, before_key, batch_size, pause, index_name)
     RETURNING id INTO job_id;
   END IF;
   RETURN job_id;
@@ -834,7 +861,7 @@ REVOKE EXECUTE ON FUNCTION immuta_key_is_current(bigint), immuta_is_current(byte
     immuta_unregister_column(regclass, name), immuta_key_references(bigint), immuta.key_references(bigint),
     immuta.encrypt_expression(name, name, text, text), immuta.check_job_table(regclass), immuta.column_type(regclass, name),
     immuta.check_job_options(integer, interval, bigint), immuta.encrypt_trigger_name(name),
-    immuta.resume_or_start_job(text, regclass, name, name, name, text, bigint, integer, interval),
+    immuta.resume_or_start_job(text, regclass, name, name, name, text, bigint, integer, interval, text),
     immuta.encrypt_column_trigger(), immuta.check_encryptable(regtype), immuta.context_expression(name, text),
     immuta.encrypt_value(anyelement, boolean, text, text) FROM PUBLIC;
 REVOKE EXECUTE ON PROCEDURE immuta_reencrypt_column(regclass, name, name, integer, interval, bigint),
@@ -848,9 +875,9 @@ GRANT EXECUTE ON FUNCTION immuta_register_column(regclass, name, name), immuta_u
     immuta.check_job_options(integer, interval, bigint), immuta.encrypt_trigger_name(name),
     immuta.context_expression(name, text)
     TO immuta_decryptor, immuta_encryptor, immuta_admin;
-GRANT EXECUTE ON FUNCTION immuta.resume_or_start_job(text, regclass, name, name, name, text, bigint, integer, interval)
+GRANT EXECUTE ON FUNCTION immuta.resume_or_start_job(text, regclass, name, name, name, text, bigint, integer, interval, text)
     TO immuta_decryptor, immuta_encryptor;
-GRANT EXECUTE ON FUNCTION immuta.resume_or_start_job(text, regclass, name, name, name, text, bigint, integer, interval)
+GRANT EXECUTE ON FUNCTION immuta.resume_or_start_job(text, regclass, name, name, name, text, bigint, integer, interval, text)
     TO @extowner@ WITH GRANT OPTION;
 GRANT EXECUTE ON FUNCTION immuta_register_column(regclass, name, name), immuta_unregister_column(regclass, name),
     immuta.encrypt_expression(name, name, text, text), immuta.check_job_table(regclass), immuta.column_type(regclass, name),
@@ -865,9 +892,10 @@ GRANT EXECUTE ON PROCEDURE immuta.run_job(bigint) TO @extowner@ WITH GRANT OPTIO
 GRANT EXECUTE ON FUNCTION immuta_key_references(bigint), immuta.key_references(bigint) TO immuta_admin;
 GRANT USAGE ON SCHEMA immuta TO immuta_decryptor, immuta_encryptor;
 -- Only what the procedures write: never a job's id, owner or start.
-GRANT SELECT, INSERT (kind, relid, column_name, source_column, context_column, keyring, before_key, batch_size, pause),
+GRANT SELECT, INSERT (kind, relid, column_name, source_column, context_column, keyring, before_key, batch_size, pause,
+                      index_name),
     UPDATE (source_column, context_column, keyring, before_key, batch_size, pause, last_batch_at, finished_at, passes,
-            next_block, rows_done, rows_total)
+            next_block, rows_done, rows_total, index_name)
     ON immuta.jobs TO immuta_decryptor, immuta_encryptor;
 GRANT SELECT, INSERT (relid, column_name, context_column), UPDATE (context_column, registered_by, registered_at), DELETE
     ON immuta.encrypted_columns TO immuta_decryptor, immuta_encryptor, immuta_admin;
@@ -877,10 +905,282 @@ GRANT EXECUTE ON FUNCTION immuta_key_is_current(bigint), immuta_is_current(bytea
     TO @extowner@ WITH GRANT OPTION;
 GRANT EXECUTE ON PROCEDURE immuta_reencrypt_column(regclass, name, name, integer, interval, bigint),
     immuta_encrypt_column(regclass, name, name, name, text, integer, interval) TO @extowner@ WITH GRANT OPTION;
-GRANT SELECT, INSERT (kind, relid, column_name, source_column, context_column, keyring, before_key, batch_size, pause),
+GRANT SELECT, INSERT (kind, relid, column_name, source_column, context_column, keyring, before_key, batch_size, pause,
+                      index_name),
     UPDATE (source_column, context_column, keyring, before_key, batch_size, pause, last_batch_at, finished_at, passes,
-            next_block, rows_done, rows_total)
+            next_block, rows_done, rows_total, index_name)
     ON immuta.jobs TO @extowner@ WITH GRANT OPTION;
 GRANT SELECT ON immuta.jobs_progress TO @extowner@ WITH GRANT OPTION;
 GRANT SELECT, INSERT (relid, column_name, context_column), UPDATE (context_column, registered_by, registered_at), DELETE
     ON immuta.encrypted_columns TO @extowner@ WITH GRANT OPTION;
+
+-- Blind indexes (issue 16): index keys, stored wrapped like data keys but in a table of their own,
+-- so that nothing that picks or opens a data key can ever reach one (a ciphertext naming an index
+-- key's id names no data key). Their ids come from immuta.key_ids, as data keys' do. One row per
+-- version of an index of a keyring; the newest enabled version makes terms, every enabled one
+-- matches; a retired (destroyed) version keeps its row as a tombstone without its key.
+CREATE TABLE immuta.index_keys (
+    id               bigint PRIMARY KEY CHECK (id > 0),
+    keyring          text NOT NULL CHECK (keyring ~ '^[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}$'),
+    name             text NOT NULL CHECK (name ~ '^[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}$'),
+    version          integer NOT NULL CHECK (version BETWEEN 1 AND 65535),
+    term_length      smallint NOT NULL CHECK (term_length BETWEEN 4 AND 32),
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    created_by       name NOT NULL DEFAULT current_user,
+    provider         text NOT NULL CHECK (provider IN ('local', 'awsKms')),
+    wrapping_key     text NOT NULL,
+    wrapping_region  text,
+    wrapped_key      bytea,
+    -- As immuta.data_keys.server_identity: whether KMS may be reached as the server for it.
+    server_identity  boolean NOT NULL DEFAULT false,
+    state            text NOT NULL DEFAULT 'enabled' CHECK (state IN ('enabled', 'destroyed')),
+    state_changed_at timestamptz,
+    state_changed_by name,
+    CHECK ((provider = 'awsKms') = (wrapping_region IS NOT NULL)),
+    CHECK ((state = 'destroyed') = (wrapped_key IS NULL)),
+    UNIQUE (keyring, name, version)
+);
+COMMENT ON TABLE immuta.index_keys IS 'immuta blind index keys, wrapped; one row per version of an index of a keyring';
+SELECT pg_catalog.pg_extension_config_dump('immuta.index_keys', '');
+CREATE TRIGGER restore_only BEFORE INSERT ON immuta.index_keys
+    FOR EACH ROW EXECUTE FUNCTION immuta.guard_direct_insert();
+GRANT INSERT ON immuta.index_keys TO @extowner@;
+
+-- The index keys without their key bytes: active (the newest version, which makes terms),
+-- previous (still matches), destroyed (retired, or its keyring was destroyed).
+CREATE VIEW immuta.blind_index_keys AS
+SELECT k.id, k.keyring, k.name, k.version, k.term_length,
+       CASE WHEN k.state = 'destroyed' OR r.destroyed_at IS NOT NULL THEN 'destroyed'
+            WHEN k.version = (SELECT max(v.version) FROM immuta.index_keys v
+                               WHERE v.keyring = k.keyring AND v.name = k.name) THEN 'active'
+            ELSE 'previous' END AS state,
+       k.created_at, k.created_by, k.provider, k.wrapping_key, k.wrapping_region, k.server_identity,
+       k.state_changed_at, k.state_changed_by
+  FROM immuta.index_keys k LEFT JOIN immuta.keyrings r ON r.name = k.keyring;
+COMMENT ON VIEW immuta.blind_index_keys IS 'immuta blind index keys: which version makes terms, which still match';
+
+-- The term columns kept by immuta_blind_index_column: a retire of an index's older versions is
+-- refused while one of them holds their terms. Readable by all; written by the column's writers.
+CREATE TABLE immuta.blind_index_columns (
+    relid oid NOT NULL,
+    column_name name NOT NULL,
+    source_column name NOT NULL,
+    context_column name,
+    index_name text NOT NULL,
+    -- NULL: the keyring of each value's own data key.
+    keyring text,
+    registered_by name NOT NULL DEFAULT current_user,
+    registered_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (relid, column_name)
+);
+ALTER TABLE immuta.blind_index_columns ENABLE ROW LEVEL SECURITY;
+CREATE POLICY everyone_reads ON immuta.blind_index_columns FOR SELECT USING (true);
+CREATE POLICY column_updaters_register ON immuta.blind_index_columns FOR INSERT
+    WITH CHECK (pg_catalog.has_column_privilege(relid, column_name, 'UPDATE')
+                AND registered_by OPERATOR(pg_catalog.=) current_user);
+CREATE POLICY column_updaters_reregister ON immuta.blind_index_columns FOR UPDATE
+    USING (pg_catalog.has_column_privilege(relid, column_name, 'UPDATE'))
+    WITH CHECK (pg_catalog.has_column_privilege(relid, column_name, 'UPDATE')
+                AND registered_by OPERATOR(pg_catalog.=) current_user);
+CREATE POLICY column_updaters_and_admins_unregister ON immuta.blind_index_columns FOR DELETE
+    USING (pg_catalog.has_column_privilege(relid, column_name, 'UPDATE')
+           OR pg_catalog.pg_has_role('immuta_admin', 'MEMBER'));
+
+-- The expression that computes the term of column `source` (opened with `context_column`) of the
+-- row `prefix` names, under index `index_name` of `keyring` (NULL: each value's own keyring).
+CREATE FUNCTION immuta.blind_index_expression(source name, context_column name, index_name text, keyring text, prefix text)
+RETURNS text LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $body$
+SELECT pg_catalog.format('immuta.blind_index_of(%s%I, %s, %s, %L::pg_catalog.text, %L::pg_catalog.text)', prefix, source,
+         CASE WHEN context_column IS NULL THEN 'false' ELSE 'true' END,
+         CASE WHEN context_column IS NULL THEN 'NULL::pg_catalog.text'
+              ELSE immuta.context_expression(context_column, prefix) END,
+         index_name, keyring)
+$body$;
+
+-- Terms older than `version` of index `index_name` of `keyring` in each registered term column,
+-- counted as the caller. Each table is locked SHARE first: writes in progress finish before the
+-- count, and new ones wait until the caller's transaction ends (then they use the newest key).
+CREATE FUNCTION immuta.blind_index_references(index_name text, keyring text, version integer)
+RETURNS TABLE (table_name regclass, column_name name, term_count bigint)
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $body$
+DECLARE
+  r record;
+  stale text;
+BEGIN
+  FOR r IN SELECT b.relid, b.column_name, b.source_column, b.keyring FROM immuta.blind_index_columns b
+             JOIN pg_catalog.pg_class c ON c.oid = b.relid AND c.relkind = 'r'::"char"
+            WHERE b.index_name = blind_index_references.index_name
+              AND (b.keyring IS NULL OR b.keyring = blind_index_references.keyring)
+            ORDER BY c.relname, b.relid, b.column_name LOOP
+    EXECUTE pg_catalog.format('LOCK TABLE ONLY %s IN SHARE MODE', r.relid::regclass);
+    CONTINUE WHEN (SELECT pg_catalog.count(*) FROM pg_catalog.pg_attribute a
+                    WHERE a.attrelid = r.relid AND a.attname IN (r.column_name, r.source_column) AND a.attnum > 0::int2
+                      AND NOT a.attisdropped AND a.attgenerated = ''::"char"
+                      AND a.atttypid = 'pg_catalog.bytea'::pg_catalog.regtype::oid) <> 2;
+    IF NOT (pg_catalog.has_column_privilege(r.relid, r.column_name, 'SELECT')
+            AND pg_catalog.has_column_privilege(r.relid, r.source_column, 'SELECT')) THEN
+      RAISE EXCEPTION USING ERRCODE = '42501',
+        MESSAGE = pg_catalog.format('permission denied to count the terms of column %I of %s', r.column_name, r.relid::regclass),
+        DETAIL = 'The column is registered as holding terms of this blind index; counting them takes SELECT on it and on its encrypted column.',
+        HINT = 'Grant SELECT on both columns, or unregister the column (immuta_unregister_column) if it no longer holds terms.';
+    END IF;
+    IF pg_catalog.row_security_active(r.relid) THEN
+      RAISE EXCEPTION USING ERRCODE = '0A000',
+        MESSAGE = pg_catalog.format('row-level security hides rows of %s from this role', r.relid::regclass),
+        DETAIL = 'A count of the terms of an index must see every row.',
+        HINT = 'Count as a role that bypasses the table''s row-level security (its owner, or a role with BYPASSRLS).';
+    END IF;
+    stale := pg_catalog.format(
+      '%1$I IS NOT NULL AND (pg_catalog.length(%1$I) < 2 OR pg_catalog.get_byte(%1$I, 0) * 256 + pg_catalog.get_byte(%1$I, 1) < $1)',
+      r.column_name);
+    IF r.keyring IS NULL THEN
+      -- Terms of the values of this keyring only: other keyrings' indexes have versions of their own.
+      stale := stale || pg_catalog.format(
+        ' AND @extschema@.immuta_key_id(pg_catalog.substr(%I, 1, 64)) IN (SELECT k.id FROM immuta.keys k WHERE k.keyring = $2)',
+        r.source_column);
+    END IF;
+    table_name := r.relid::regclass;
+    column_name := r.column_name;
+    EXECUTE pg_catalog.format('SELECT pg_catalog.count(*) FROM ONLY %s WHERE %s', r.relid::regclass, stale)
+       INTO term_count USING version, keyring;
+    RETURN NEXT;
+  END LOOP;
+END
+$body$;
+
+CREATE FUNCTION immuta.blind_index_trigger_name(term name) RETURNS name
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $body$
+SELECT pg_catalog.left('immuta_blind_index_' || term, 63)::pg_catalog.name
+$body$;
+
+-- Installed by immuta_blind_index_column: computes the term of the row's encrypted column into
+-- its term column as the row is written. TG_ARGV: encrypted column, term column, context column
+-- ('' for none), index name, keyring ('' for each value's own). Runs as the writer, who needs
+-- immuta_decryptor: the term of a stored value is computed from the value itself.
+CREATE FUNCTION immuta.blind_index_trigger() RETURNS trigger
+LANGUAGE plpgsql SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $body$
+DECLARE
+  term pg_catalog.bytea;
+  unused pg_catalog.bool;
+BEGIN
+  EXECUTE 'SELECT ' || immuta.blind_index_expression(TG_ARGV[0], NULLIF(TG_ARGV[2], ''), TG_ARGV[3], NULLIF(TG_ARGV[4], ''), '($1).')
+          || pg_catalog.format(', ($1).%I IS NULL', TG_ARGV[1])
+     INTO term, unused USING NEW;
+  NEW := pg_catalog.jsonb_populate_record(NEW, pg_catalog.jsonb_build_object(TG_ARGV[1], term));
+  RETURN NEW;
+END
+$body$;
+
+-- Keeps column `term` of `tbl` holding the blind index terms of encrypted column `source`: a
+-- trigger for the writes from now on, then a job (batches that commit, resumable) for the rows
+-- already there, and after an index key rotation for the terms of older versions.
+CREATE PROCEDURE immuta_blind_index_column(tbl regclass, source name, term name, index_name text,
+                                           keyring text DEFAULT NULL, context_column name DEFAULT NULL,
+                                           batch_size integer DEFAULT 1000, pause interval DEFAULT '0')
+LANGUAGE plpgsql SECURITY INVOKER AS $body$
+DECLARE
+  job_id pg_catalog.int8;
+  trigger_name pg_catalog.name;
+  trigger_args pg_catalog.text[];
+  existing record;
+  columns pg_catalog.text;
+BEGIN
+  PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+  IF tbl IS NULL OR source IS NULL OR term IS NULL OR index_name IS NULL THEN
+    RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'immuta_blind_index_column needs a table, an encrypted column, a term column and an index';
+  END IF;
+  PERFORM immuta.check_job_options(batch_size, pause, NULL);
+  PERFORM immuta.check_job_table(tbl);
+  IF source = term OR source = context_column OR term = context_column THEN
+    RAISE EXCEPTION USING ERRCODE = '22023', MESSAGE = 'the encrypted, term and context columns must be different columns';
+  END IF;
+  IF immuta.column_type(tbl, source) <> 'pg_catalog.bytea'::pg_catalog.regtype::oid
+     OR immuta.column_type(tbl, term) <> 'pg_catalog.bytea'::pg_catalog.regtype::oid THEN
+    RAISE EXCEPTION USING ERRCODE = '42804', MESSAGE = pg_catalog.format('columns %I and %I of %s must be of type bytea', source, term, tbl),
+      HINT = pg_catalog.format('Add the term column first: ALTER TABLE %s ADD COLUMN %I bytea; then CREATE INDEX ON %s (%I).', tbl, term, tbl, term);
+  END IF;
+  IF context_column IS NOT NULL THEN
+    PERFORM immuta.column_type(tbl, context_column);
+  END IF;
+  IF NOT (pg_catalog.has_column_privilege(tbl::oid, source, 'SELECT') AND pg_catalog.has_column_privilege(tbl::oid, term, 'SELECT')
+          AND pg_catalog.has_column_privilege(tbl::oid, term, 'UPDATE') AND pg_catalog.has_table_privilege(tbl::oid, 'TRIGGER')
+          AND (context_column IS NULL OR pg_catalog.has_column_privilege(tbl::oid, context_column, 'SELECT'))) THEN
+    RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = pg_catalog.format('permission denied for table %s', tbl),
+      DETAIL = 'Keeping a term column reads the encrypted column and writes the term column as the caller, and installs a trigger for the writes that arrive meanwhile.',
+      HINT = 'The caller needs SELECT on the encrypted (and context) column, SELECT and UPDATE on the term column, and TRIGGER on the table.';
+  END IF;
+  -- The index exists in the keyring named (with each value's own keyring, every value's keyring
+  -- needs it: a write of a value whose keyring lacks it fails).
+  IF keyring IS NOT NULL THEN
+    EXECUTE 'SELECT @extschema@.immuta_blind_index(''''::pg_catalog.text, $1::pg_catalog.text, $2::pg_catalog.text)'
+      USING index_name, keyring;
+  END IF;
+  trigger_name := immuta.blind_index_trigger_name(term);
+  trigger_args := ARRAY[source::pg_catalog.text, term::pg_catalog.text, COALESCE(context_column, ''), index_name, COALESCE(keyring, '')];
+  SELECT t.tgfoid, t.tgenabled, t.tgnargs, t.tgargs INTO existing FROM pg_catalog.pg_trigger t
+   WHERE t.tgrelid = tbl::oid AND t.tgname = trigger_name;
+  IF NOT FOUND THEN
+    columns := pg_catalog.format('%I', source) ||
+               CASE WHEN context_column IS NULL THEN '' ELSE pg_catalog.format(', %I', context_column) END;
+    EXECUTE pg_catalog.format(
+      'CREATE TRIGGER %I BEFORE INSERT OR UPDATE OF %s ON %s FOR EACH ROW EXECUTE FUNCTION immuta.blind_index_trigger(%L, %L, %L, %L, %L)',
+      trigger_name, columns, tbl, trigger_args[1], trigger_args[2], trigger_args[3], trigger_args[4], trigger_args[5]);
+  ELSIF existing.tgfoid <> 'immuta.blind_index_trigger()'::pg_catalog.regprocedure::oid
+        OR existing.tgenabled <> 'O'::"char" OR existing.tgnargs <> 5::int2
+        OR existing.tgargs <> (SELECT pg_catalog.string_agg(pg_catalog.textsend(x.a) || '\x00'::pg_catalog.bytea, ''::pg_catalog.bytea ORDER BY x.n)
+                                 FROM pg_catalog.unnest(trigger_args) WITH ORDINALITY AS x(a, n))
+  THEN
+    RAISE EXCEPTION USING ERRCODE = '55000',
+      MESSAGE = pg_catalog.format('trigger %I on %s is not the enabled trigger of this term column', trigger_name, tbl),
+      DETAIL = 'It was created with other columns, another index or keyring, or it is disabled, or it is not immuta''s.',
+      HINT = pg_catalog.format('Drop it (DROP TRIGGER %I ON %s) and call immuta_blind_index_column again: the terms already computed stay.', trigger_name, tbl);
+  END IF;
+  job_id := immuta.resume_or_start_job('blind_index', tbl, term, source, context_column, keyring, NULL, batch_size, pause, index_name);
+  INSERT INTO immuta.blind_index_columns AS b (relid, column_name, source_column, context_column, index_name, keyring)
+  VALUES (tbl::oid, term, source, context_column, immuta_blind_index_column.index_name, immuta_blind_index_column.keyring)
+  ON CONFLICT (relid, column_name) DO UPDATE SET source_column = EXCLUDED.source_column,
+         context_column = EXCLUDED.context_column, index_name = EXCLUDED.index_name, keyring = EXCLUDED.keyring,
+         registered_by = current_user, registered_at = pg_catalog.now();
+  COMMIT;
+  CALL immuta.run_job(job_id);
+END
+$body$;
+
+-- Terms for lookups and term columns: the encryptor's (who writes values and their terms) and
+-- the decryptor's (who looks rows up). Terms of stored values, the trigger and the job: the
+-- decryptor's. The index keys' administration: the admin's.
+REVOKE EXECUTE ON FUNCTION immuta_blind_index(text, text, text), immuta_blind_index(anyelement, text, text),
+    immuta_blind_indexes(text, text, text), immuta_blind_indexes(anyelement, text, text),
+    immuta_blind_index_create(text, text, integer), immuta_blind_index_rotate(text, text),
+    immuta_blind_index_retire(text, text, text, boolean),
+    immuta.blind_index_of(bytea, boolean, text, text, text), immuta.blind_index_is_current(bytea, bytea, text, text),
+    immuta.blind_index_expression(name, name, text, text, text), immuta.blind_index_references(text, text, integer),
+    immuta.blind_index_trigger_name(name), immuta.blind_index_trigger() FROM PUBLIC;
+REVOKE EXECUTE ON PROCEDURE immuta_blind_index_column(regclass, name, name, text, text, name, integer, interval) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION immuta_blind_index(text, text, text), immuta_blind_index(anyelement, text, text),
+    immuta_blind_indexes(text, text, text), immuta_blind_indexes(anyelement, text, text)
+    TO immuta_encryptor, immuta_decryptor;
+GRANT EXECUTE ON FUNCTION immuta.blind_index_of(bytea, boolean, text, text, text),
+    immuta.blind_index_is_current(bytea, bytea, text, text), immuta.blind_index_expression(name, name, text, text, text),
+    immuta.blind_index_trigger_name(name), immuta.blind_index_trigger() TO immuta_decryptor;
+GRANT EXECUTE ON PROCEDURE immuta_blind_index_column(regclass, name, name, text, text, name, integer, interval) TO immuta_decryptor;
+GRANT EXECUTE ON FUNCTION immuta_blind_index_create(text, text, integer), immuta_blind_index_rotate(text, text),
+    immuta_blind_index_retire(text, text, text, boolean), immuta.blind_index_references(text, text, integer) TO immuta_admin;
+GRANT SELECT ON immuta.blind_index_keys TO immuta_admin;
+GRANT SELECT, INSERT (relid, column_name, source_column, context_column, index_name, keyring),
+    UPDATE (source_column, context_column, index_name, keyring, registered_by, registered_at), DELETE
+    ON immuta.blind_index_columns TO immuta_decryptor, immuta_encryptor, immuta_admin;
+GRANT EXECUTE ON FUNCTION immuta_blind_index(text, text, text), immuta_blind_index(anyelement, text, text),
+    immuta_blind_indexes(text, text, text), immuta_blind_indexes(anyelement, text, text),
+    immuta_blind_index_create(text, text, integer), immuta_blind_index_rotate(text, text),
+    immuta_blind_index_retire(text, text, text, boolean),
+    immuta.blind_index_of(bytea, boolean, text, text, text), immuta.blind_index_is_current(bytea, bytea, text, text),
+    immuta.blind_index_expression(name, name, text, text, text), immuta.blind_index_references(text, text, integer),
+    immuta.blind_index_trigger_name(name), immuta.blind_index_trigger()
+    TO @extowner@ WITH GRANT OPTION;
+GRANT EXECUTE ON PROCEDURE immuta_blind_index_column(regclass, name, name, text, text, name, integer, interval)
+    TO @extowner@ WITH GRANT OPTION;
+GRANT SELECT ON immuta.blind_index_keys TO @extowner@ WITH GRANT OPTION;
+GRANT SELECT, INSERT (relid, column_name, source_column, context_column, index_name, keyring),
+    UPDATE (source_column, context_column, index_name, keyring, registered_by, registered_at), DELETE
+    ON immuta.blind_index_columns TO @extowner@ WITH GRANT OPTION;

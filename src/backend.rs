@@ -50,6 +50,7 @@ static INVALIDATIONS: AtomicU64 = AtomicU64::new(1);
 static DATA_KEYS_OID: AtomicU32 = AtomicU32::new(0);
 static KEYRINGS_OID: AtomicU32 = AtomicU32::new(0);
 static CONFIG_OID: AtomicU32 = AtomicU32::new(0);
+static INDEX_KEYS_OID: AtomicU32 = AtomicU32::new(0);
 
 struct Backend {
     ring: KeyRing,
@@ -138,6 +139,7 @@ impl Backend {
     fn forget_keys(&mut self) {
         self.ring.clear();
         self.bulk_loaded = false;
+        GENERATION.set(GENERATION.get() + 1);
     }
 
     fn config(&self) -> Rc<Config> {
@@ -187,6 +189,14 @@ thread_local! {
     /// A [`clear`] could not take the backend's state (it ran inside a borrow): the next
     /// refresh does it.
     static CLEAR_PENDING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Moves whenever the ring is refreshed or emptied: what is derived from keys elsewhere (the
+    /// blind indexes' MAC keys) is dropped when it moves.
+    static GENERATION: std::cell::Cell<u64> = const { std::cell::Cell::new(1) };
+}
+
+/// The ring's generation (see `GENERATION`), after [`prepare`].
+pub fn generation() -> u64 {
+    GENERATION.get()
 }
 
 /// Registers the relcache callback. Called from `_PG_init`, once per process.
@@ -206,6 +216,7 @@ extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid: pg_sys
         || relid == DATA_KEYS_OID.load(Ordering::Relaxed)
         || relid == KEYRINGS_OID.load(Ordering::Relaxed)
         || relid == CONFIG_OID.load(Ordering::Relaxed)
+        || relid == INDEX_KEYS_OID.load(Ordering::Relaxed)
     {
         stale();
     }
@@ -322,6 +333,8 @@ fn refresh() {
     DATA_KEYS_OID.store(oids.data_keys.to_u32(), Ordering::Relaxed);
     KEYRINGS_OID.store(oids.keyrings.to_u32(), Ordering::Relaxed);
     CONFIG_OID.store(oids.config.to_u32(), Ordering::Relaxed);
+    INDEX_KEYS_OID.store(oids.index_keys.to_u32(), Ordering::Relaxed);
+    GENERATION.set(GENERATION.get() + 1);
     let previous = BACKEND.with_borrow(|b| b.config.clone());
     let effective = config_source::load(previous.as_ref());
     let current = catalog::current_key(keyrings::DEFAULT);
@@ -563,33 +576,10 @@ pub fn seal_under(
 /// the shared cache's epoch moves with every key state change in the cluster) or a look at the
 /// invalidation queue (not preloaded); only when something changed, one query.
 pub fn before_commit() {
-    let (lxid, xact_epoch, xact_invalidations, xact_resets, oids) =
-        BACKEND.with_borrow(|b| (b.lxid, b.xact_epoch, b.xact_invalidations, b.xact_resets, b.oids));
-    if lxid != crate::compat::local_xid() {
-        return;
-    }
-    if shared_cache::is_shared() {
-        if shared_cache::epoch() == xact_epoch {
-            return;
-        }
-        // Something moved somewhere in the cluster: only this database's changes count.
-        let now = shared_cache::resets_of_this_database();
-        if (now.all, now.database, now.key_states)
-            == (xact_resets.all, xact_resets.database, xact_resets.key_states)
-        {
-            return;
-        }
-    } else {
-        // SAFETY: processes pending shared invalidation messages inside a transaction, as any
-        // lock acquisition does.
-        unsafe { pg_sys::AcceptInvalidationMessages() };
-        if INVALIDATIONS.load(Ordering::Relaxed) == xact_invalidations {
-            return;
-        }
-    }
+    let Some((lxid, oids)) = changed_during_transaction() else { return };
     let used = usage::used_in(lxid);
     // The extension may have been dropped (or dropped and created again) in this transaction.
-    if used.is_empty() || oids.is_none_or(|oids| !catalog::still_installed(oids)) {
+    if used.is_empty() || !catalog::still_installed(oids) {
         return;
     }
     if let Some(id) = catalog::not_enabled_among(&used).first() {
@@ -600,6 +590,38 @@ pub fn before_commit() {
             Some("Retry the transaction: it encrypts under the keyring's current key."),
         );
     }
+}
+
+/// Whether a key's state may have changed in the cluster since this transaction first called
+/// immuta: then its local transaction id and the tables of this installation. `None` (nothing to
+/// check) when this transaction never called immuta or nothing moved; one atomic read in steady
+/// state (see [`before_commit`]).
+pub fn changed_during_transaction() -> Option<(u32, TableOids)> {
+    let (lxid, xact_epoch, xact_invalidations, xact_resets, oids) =
+        BACKEND.with_borrow(|b| (b.lxid, b.xact_epoch, b.xact_invalidations, b.xact_resets, b.oids));
+    if lxid != crate::compat::local_xid() {
+        return None;
+    }
+    if shared_cache::is_shared() {
+        if shared_cache::epoch() == xact_epoch {
+            return None;
+        }
+        // Something moved somewhere in the cluster: only this database's changes count.
+        let now = shared_cache::resets_of_this_database();
+        if (now.all, now.database, now.key_states)
+            == (xact_resets.all, xact_resets.database, xact_resets.key_states)
+        {
+            return None;
+        }
+    } else {
+        // SAFETY: processes pending shared invalidation messages inside a transaction, as any
+        // lock acquisition does.
+        unsafe { pg_sys::AcceptInvalidationMessages() };
+        if INVALIDATIONS.load(Ordering::Relaxed) == xact_invalidations {
+            return None;
+        }
+    }
+    Some((lxid, oids?))
 }
 
 /// Makes sure the ring holds an unexpired cipher of key `id`, taking the key from the shared

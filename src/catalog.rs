@@ -37,6 +37,12 @@ use pgrx::{pg_sys, PgSqlErrorCode};
 
 use crate::errors::raise;
 
+mod index_keys;
+pub use index_keys::{
+    all_index_key_rows, blind_index_references, destroy_index_key, id_in_other_table, index_key_rows,
+    insert_index_key, update_index_wrapping, IndexKeyRow,
+};
+
 use crate::xact::from_pg_timestamp;
 
 /// One row of `immuta.data_keys`.
@@ -60,12 +66,13 @@ pub struct TableOids {
     pub config: pg_sys::Oid,
     pub keyrings: pg_sys::Oid,
     pub key_ids: pg_sys::Oid,
+    pub index_keys: pg_sys::Oid,
 }
 
 /// Looks up the extension's tables; an error when the extension is not installed in this database.
 pub fn table_oids() -> TableOids {
     // SAFETY: plain catalog lookups with NUL-terminated names, inside a transaction.
-    let (namespace, data_keys, config, keyrings, key_ids) = unsafe {
+    let (namespace, data_keys, config, keyrings, key_ids, index_keys) = unsafe {
         let namespace = pg_sys::get_namespace_oid(c"immuta".as_ptr(), true);
         let rel = |name: &std::ffi::CStr| {
             if namespace == pg_sys::InvalidOid {
@@ -74,7 +81,7 @@ pub fn table_oids() -> TableOids {
                 pg_sys::get_relname_relid(name.as_ptr(), namespace)
             }
         };
-        (namespace, rel(c"data_keys"), rel(c"config"), rel(c"keyrings"), rel(c"key_ids"))
+        (namespace, rel(c"data_keys"), rel(c"config"), rel(c"keyrings"), rel(c"key_ids"), rel(c"index_keys"))
     };
     // The schema must be the extension's own: after DROP EXTENSION, a database owner could
     // create a schema `immuta` with tables of these names.
@@ -95,7 +102,7 @@ pub fn table_oids() -> TableOids {
         );
     };
     require_library_version(extension);
-    if [data_keys, config, keyrings, key_ids].contains(&pg_sys::InvalidOid) {
+    if [data_keys, config, keyrings, key_ids, index_keys].contains(&pg_sys::InvalidOid) {
         raise(
             PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
             "immuta's tables are missing in this database",
@@ -120,7 +127,7 @@ pub fn table_oids() -> TableOids {
     };
     OWNER.set(owner);
     OWNER_TABLE.set(data_keys);
-    TableOids { data_keys, config, keyrings, key_ids }
+    TableOids { data_keys, config, keyrings, key_ids, index_keys }
 }
 
 /// Whether the tables `oids` are still immuta's in this database (no error when they are not).
@@ -364,6 +371,7 @@ pub fn has_rows_of_others(table: &str) -> bool {
         "key_usage" => c"SELECT xmin::text::int8 FROM immuta.key_usage",
         "audit_log" => c"SELECT xmin::text::int8 FROM immuta.audit_log",
         "keyrings" => c"SELECT xmin::text::int8 FROM immuta.keyrings",
+        "index_keys" => c"SELECT xmin::text::int8 FROM immuta.index_keys",
         _ => c"SELECT xmin::text::int8 FROM immuta.config",
     };
     read_latest(query, &[], |row| row.get::<i64>(1))
@@ -559,7 +567,7 @@ pub fn audit_since(since: i64, keys_seen: i64, latest_only: bool) -> AuditReplay
     }
     // Aggregated here, not read row by row: however many events came since, one row comes back.
     let rows = read_latest(
-        c"SELECT COALESCE(array_agg(DISTINCT key_id) FILTER (WHERE event IN ('key disabled', 'key destroyed') \
+        c"SELECT COALESCE(array_agg(DISTINCT key_id) FILTER (WHERE event IN ('key disabled', 'key destroyed', 'index key destroyed') \
                                                               AND key_id IS NOT NULL), '{}'), \
                  (SELECT COALESCE(array_agg(keyring), '{}') FROM \
                     (SELECT DISTINCT keyring FROM immuta.audit_log \
@@ -592,7 +600,9 @@ pub fn not_enabled_among(ids: &[KeyId]) -> Vec<KeyId> {
     }
     let ids: Vec<i64> = ids.iter().map(|id| id.get()).collect();
     read_latest(
-        c"SELECT k.id FROM immuta.data_keys k LEFT JOIN immuta.keyrings r ON r.name = k.keyring \
+        c"SELECT k.id FROM (SELECT id, keyring, state FROM immuta.data_keys \
+                             UNION ALL SELECT id, keyring, state FROM immuta.index_keys) k \
+                  LEFT JOIN immuta.keyrings r ON r.name = k.keyring \
           WHERE k.id = ANY($1) AND (k.state <> 'enabled' OR r.destroyed_at IS NOT NULL) ORDER BY k.id",
         &[(pg_sys::INT8ARRAYOID, ids.into_datum().expect("int8[]"))],
         |row| row.get::<i64>(1).and_then(KeyId::new),
@@ -857,7 +867,8 @@ pub fn update_wrapping(id: KeyId, wrapping: &WrappingKeyRef, wrapped: &WrappedKe
 /// is an error, never a reason to generate one).
 pub fn any_key_wrapped_by(provider: ProviderKind) -> bool {
     !read_latest(
-        c"SELECT 1 FROM immuta.data_keys WHERE provider = $1 LIMIT 1",
+        c"SELECT 1 FROM immuta.data_keys WHERE provider = $1 \
+          UNION ALL SELECT 1 FROM immuta.index_keys WHERE provider = $1 LIMIT 1",
         &[(pg_sys::TEXTOID, provider.as_str().into_datum().expect("text"))],
         |_| (),
     )
@@ -870,7 +881,11 @@ pub fn any_key_wrapped_by(provider: ProviderKind) -> bool {
 /// (`immuta.data_keys_id_seq`, which dumps carry and restores set, decides nothing: the role
 /// that installed immuta may move it.)
 pub fn next_key_id() -> KeyId {
-    let highest = highest_id(c"SELECT COALESCE(max(id), 0) FROM immuta.data_keys");
+    // Index keys take their ids from the same sequence: an id names one key of either table.
+    let highest = highest_id(
+        c"SELECT GREATEST((SELECT COALESCE(max(id), 0) FROM immuta.data_keys), \
+                          (SELECT COALESCE(max(id), 0) FROM immuta.index_keys))",
+    );
     let id = as_owner(|| {
         guarded("immuta.key_ids", || {
             spi(Spi::get_one_with_args::<i64>(

@@ -3,7 +3,7 @@
 
 use pgrx::{pg_guard, pg_sys};
 
-use crate::{backend, catalog, key_states, keys, restore, usage};
+use crate::{backend, blind_index, catalog, key_states, keys, restore, usage};
 
 /// Registers the relcache and transaction callbacks. Called from `_PG_init`, once per process.
 pub fn register() {
@@ -27,8 +27,12 @@ extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut st
         XACT_EVENT_PRE_PREPARE => {
             keys::before_prepare();
             backend::before_commit();
+            blind_index::before_commit();
         }
-        XACT_EVENT_PRE_COMMIT | XACT_EVENT_PARALLEL_PRE_COMMIT => backend::before_commit(),
+        XACT_EVENT_PRE_COMMIT | XACT_EVENT_PARALLEL_PRE_COMMIT => {
+            backend::before_commit();
+            blind_index::before_commit();
+        }
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => {
             // The keys it created are gone, and the audit ids it wrote will be given again.
             if backend::take_keys_written() || catalog::wrote_unpreparable() {

@@ -16,6 +16,8 @@ use crate::keys;
 use crate::typed;
 use crate::varlena::{Bytea, Bytes, Text};
 
+mod blind_index;
+
 /// Encrypts a text value under the current data key. VOLATILE: a fresh random nonce per call.
 /// The argument is read as the raw bytes of the `text` (UTF-8, checked once per backend).
 #[pg_extern(
@@ -35,7 +37,7 @@ const MAX_CONTEXT_LEN: usize = 64 * 1024;
 
 /// A context is required where one is named: NULL would bind the value to nothing (when
 /// encrypting), or let a value bound to nothing through (when decrypting).
-fn required(context: Option<&[u8]>) -> &[u8] {
+pub(crate) fn required(context: Option<&[u8]>) -> &[u8] {
     let context = context.unwrap_or_else(|| {
         raise(
             PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
@@ -525,7 +527,9 @@ fn immuta_keyring_configure(
 )]
 fn immuta_keyring_destroy(name: Option<&str>, reason: Option<&str>) -> i32 {
     let reason = crate::key_states::reason(reason);
-    crate::key_states::destroy_keyring(name_argument(name), reason)
+    let name = name_argument(name);
+    // Its data keys, then its blind indexes' keys (crypto-shredding reaches the terms too).
+    crate::key_states::destroy_keyring(name, reason) + crate::blind_index::destroy_keyring(name, reason)
 }
 
 fn key_id_argument(key_id: Option<i64>) -> i64 {
@@ -589,7 +593,7 @@ fn immuta_disable_keys_before(keyring: Option<&str>, key_id: Option<i64>, reason
 /// ciphertexts are untouched and all still decrypt.
 #[pg_extern(volatile, parallel_unsafe)]
 fn immuta_rewrap() -> i32 {
-    crate::keys::rewrap()
+    crate::keys::rewrap() + crate::blind_index::rewrap()
 }
 
 /// Drops the cached unwrapped data keys of this database: from the shared cache and from every

@@ -40,6 +40,11 @@ pub fn at_transaction_end(committed: bool) {
     }
 }
 
+/// Drops the shared copies of key `id` (of either table) when this transaction commits.
+pub fn forget_at_commit(id: KeyId) {
+    FORGET_AT_COMMIT.with_borrow_mut(|ids| ids.push(id));
+}
+
 /// The reason argument: required, not blank, bounded. Never quoted in a message.
 pub fn reason(reason: Option<&str>) -> &str {
     let Some(reason) = reason else {

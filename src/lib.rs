@@ -2,12 +2,13 @@
 //!
 //! This crate is the SQL layer. The core (format, crypto, providers, configuration, rollover
 //! rule) is `crates/immuta-core` and knows nothing of PostgreSQL. Dependencies run one way:
-//! functions -> keys, keyrings, key_states -> backend -> usage -> catalog, shared_cache, gucs,
+//! functions -> blind_index -> keys, keyrings, key_states -> backend -> usage -> catalog, shared_cache, gucs,
 //! xact (`events.rs`, which PostgreSQL calls, is the one module that reaches all of them).
 //!
 //! | file | concern |
 //! |---|---|
-//! | `functions.rs` | the SQL functions |
+//! | `functions.rs` | the SQL functions (`functions/blind_index.rs`: those of blind indexes) |
+//! | `blind_index.rs` | blind indexes: index keys' lifecycle, their MAC keys in this backend, terms |
 //! | `keys.rs` | the key lifecycle: encryption's slow path, key creation, rollover, rotation, rewrap |
 //! | `keyrings.rs` | creating and configuring named keyrings, and their status |
 //! | `key_states.rs` | disabling, enabling and destroying keys; crypto-shredding a keyring |
@@ -20,7 +21,7 @@
 //! | `providers.rs` | which provider wraps new keys and unwraps existing ones |
 //! | `shared_cache.rs` | the cluster-wide cache of unwrapped keys in shared memory |
 //! | `config_source.rs` | where the configuration comes from, and when it is re-read |
-//! | `catalog.rs` | SPI access to the extension's tables |
+//! | `catalog.rs` | SPI access to the extension's tables (`catalog/index_keys.rs`: `immuta.index_keys`) |
 //! | `restore.rs` | rows added to the tables by a restore: when, what, with what trust |
 //! | `gucs.rs` | the settings |
 //! | `errors.rs` | errors to SQLSTATEs |
@@ -30,6 +31,7 @@
 use pgrx::prelude::*;
 
 mod backend;
+mod blind_index;
 mod buffer;
 mod catalog;
 mod compat;

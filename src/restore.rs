@@ -75,14 +75,33 @@ fn guard_direct_insert<'a>(
         require_fresh_installation(&table, oids);
     }
     match table.as_str() {
-        "data_keys" => {
+        "data_keys" | "index_keys" => {
             let id = new.get_by_name::<i64>("id")?.unwrap_or_default();
             if !restore::id_ok(id) {
                 refuse(&table, "Its id is out of range.".into());
             }
+            // One id names one key: a data key and an index key never share one.
+            if catalog::id_in_other_table(&table, id) {
+                refuse(&table, "Its id is the id of a key of the other key table.".into());
+            }
             let keyring = new.get_by_name::<&str>("keyring")?.unwrap_or_default();
             if !immuta_core::keyrings::name_ok(keyring) {
                 refuse(&table, "Its keyring name is not one a keyring may have.".into());
+            }
+            if table == "index_keys" {
+                let name_ok = new.get_by_name::<&str>("name")?.is_some_and(immuta_core::blind_index::name_ok);
+                let version_ok = new
+                    .get_by_name::<i32>("version")?
+                    .is_some_and(|v| (1..=immuta_core::blind_index::MAX_VERSION).contains(&v));
+                let length_ok = new
+                    .get_by_name::<i16>("term_length")?
+                    .is_some_and(|l| immuta_core::blind_index::term_len_ok(i32::from(l)));
+                if !(name_ok && version_ok && length_ok) {
+                    refuse(
+                        &table,
+                        "Its index name, version or term length is not one immuta would have stored.".into(),
+                    );
+                }
             }
             let state = new.get_by_name::<&str>("state")?.and_then(KeyState::parse);
             let provider = new.get_by_name::<&str>("provider")?.unwrap_or_default();
@@ -109,7 +128,9 @@ fn guard_direct_insert<'a>(
             if let Err(why) = parsed {
                 refuse(&table, format!("The row {why}."));
             }
-            if !restore::rolled_over_from_ok(id, new.get_by_name::<i64>("rolled_over_from")?) {
+            if table == "data_keys"
+                && !restore::rolled_over_from_ok(id, new.get_by_name::<i64>("rolled_over_from")?)
+            {
                 refuse(
                     &table,
                     "The row names a key that is not older than itself as the one it replaced.".into(),

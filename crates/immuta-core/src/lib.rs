@@ -26,12 +26,14 @@
 //! | `ring.rs` | the backend's set of ready ciphers and the current key of each keyring |
 //! | `cache.rs` | the cluster-wide slot table of unwrapped keys (shared memory) |
 //! | `usage.rs` | the usage limit per key and how encryptions are counted |
+//! | `blind_index.rs` | blind index terms: MAC key derivation, term layout, bounds |
 
 // No unsafe code in the core, but where the standard library offers no safe way (the signal mask
 // of aws_kms.rs), each such function allowed explicitly.
 #![deny(unsafe_code)]
 
 pub mod aws_kms;
+pub mod blind_index;
 pub mod cache;
 pub mod cipher;
 pub mod config;
