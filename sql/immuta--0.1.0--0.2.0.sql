@@ -1011,8 +1011,26 @@ BEGIN
              JOIN pg_catalog.pg_class c ON c.oid = b.relid AND c.relkind = 'r'::"char"
             WHERE b.index_name = blind_index_references.index_name
               AND (b.keyring IS NULL OR b.keyring = blind_index_references.keyring)
+              AND c.relpersistence <> 't'::"char"
             ORDER BY c.relname, b.relid, b.column_name LOOP
-    EXECUTE pg_catalog.format('LOCK TABLE ONLY %s IN SHARE MODE', r.relid::regclass);
+    -- Checked before the lock, which needs them: a column registered by someone else on a table
+    -- the caller may not lock is an error, not a wait.
+    IF NOT (pg_catalog.has_table_privilege(r.relid, 'UPDATE') OR pg_catalog.has_table_privilege(r.relid, 'DELETE')
+            OR pg_catalog.has_table_privilege(r.relid, 'TRUNCATE')) THEN
+      RAISE EXCEPTION USING ERRCODE = '42501',
+        MESSAGE = pg_catalog.format('permission denied to lock %s to count the terms of column %I', r.relid::regclass, r.column_name),
+        DETAIL = 'The column is registered as holding terms of this blind index; the count locks its table against writes (SHARE mode), which takes UPDATE, DELETE or TRUNCATE on it.',
+        HINT = 'Grant it, unregister the column (immuta_unregister_column) if it no longer holds terms, or retire with force => true.';
+    END IF;
+    -- NOWAIT: a session that holds a write lock makes this fail at once, not hold up every key
+    -- creation of the database while it waits.
+    BEGIN
+      EXECUTE pg_catalog.format('LOCK TABLE ONLY %s IN SHARE MODE NOWAIT', r.relid::regclass);
+    EXCEPTION WHEN lock_not_available THEN
+      RAISE EXCEPTION USING ERRCODE = '55P03',
+        MESSAGE = pg_catalog.format('could not lock %s to count its terms', r.relid::regclass),
+        HINT = 'Writes to it are in progress; try again.';
+    END;
     CONTINUE WHEN (SELECT pg_catalog.count(*) FROM pg_catalog.pg_attribute a
                     WHERE a.attrelid = r.relid AND a.attname IN (r.column_name, r.source_column) AND a.attnum > 0::int2
                       AND NOT a.attisdropped AND a.attgenerated = ''::"char"
@@ -1050,19 +1068,32 @@ $body$;
 
 CREATE FUNCTION immuta.blind_index_trigger_name(term name) RETURNS name
 LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $body$
-SELECT pg_catalog.left('immuta_blind_index_' || term, 63)::pg_catalog.name
+SELECT pg_catalog.left('immuta_term_' || term, 63)::pg_catalog.name
 $body$;
 
 -- Installed by immuta_blind_index_column: computes the term of the row's encrypted column into
 -- its term column as the row is written. TG_ARGV: encrypted column, term column, context column
 -- ('' for none), index name, keyring ('' for each value's own). Runs as the writer, who needs
--- immuta_decryptor: the term of a stored value is computed from the value itself.
+-- immuta_decryptor: the term of a stored value is computed from the value itself. It fires on
+-- every UPDATE (a trigger of immuta_encrypt_column, which sorts before it, may have changed the
+-- encrypted column) and recomputes when the value or its context changed.
 CREATE FUNCTION immuta.blind_index_trigger() RETURNS trigger
 LANGUAGE plpgsql SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $body$
 DECLARE
   term pg_catalog.bytea;
   unused pg_catalog.bool;
+  unchanged pg_catalog.bool;
 BEGIN
+  IF TG_OP = 'UPDATE' THEN
+    EXECUTE pg_catalog.format('SELECT ($1).%1$I IS NOT DISTINCT FROM ($2).%1$I', TG_ARGV[0])
+            || CASE WHEN TG_ARGV[2] = '' THEN ''
+                    ELSE pg_catalog.format(' AND (%s) IS NOT DISTINCT FROM (%s)', immuta.context_expression(TG_ARGV[2], '($1).'),
+                                           immuta.context_expression(TG_ARGV[2], '($2).')) END
+       INTO unchanged USING NEW, OLD;
+    IF unchanged THEN
+      RETURN NEW;
+    END IF;
+  END IF;
   EXECUTE 'SELECT ' || immuta.blind_index_expression(TG_ARGV[0], NULLIF(TG_ARGV[2], ''), TG_ARGV[3], NULLIF(TG_ARGV[4], ''), '($1).')
           || pg_catalog.format(', ($1).%I IS NULL', TG_ARGV[1])
      INTO term, unused USING NEW;
@@ -1083,7 +1114,6 @@ DECLARE
   trigger_name pg_catalog.name;
   trigger_args pg_catalog.text[];
   existing record;
-  columns pg_catalog.text;
 BEGIN
   PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
   IF tbl IS NULL OR source IS NULL OR term IS NULL OR index_name IS NULL THEN
@@ -1117,16 +1147,17 @@ BEGIN
   END IF;
   trigger_name := immuta.blind_index_trigger_name(term);
   trigger_args := ARRAY[source::pg_catalog.text, term::pg_catalog.text, COALESCE(context_column, ''), index_name, COALESCE(keyring, '')];
-  SELECT t.tgfoid, t.tgenabled, t.tgnargs, t.tgargs INTO existing FROM pg_catalog.pg_trigger t
+  SELECT t.tgfoid, t.tgenabled, t.tgnargs, t.tgargs, t.tgtype, t.tgattr, t.tgqual INTO existing FROM pg_catalog.pg_trigger t
    WHERE t.tgrelid = tbl::oid AND t.tgname = trigger_name;
   IF NOT FOUND THEN
-    columns := pg_catalog.format('%I', source) ||
-               CASE WHEN context_column IS NULL THEN '' ELSE pg_catalog.format(', %I', context_column) END;
     EXECUTE pg_catalog.format(
-      'CREATE TRIGGER %I BEFORE INSERT OR UPDATE OF %s ON %s FOR EACH ROW EXECUTE FUNCTION immuta.blind_index_trigger(%L, %L, %L, %L, %L)',
-      trigger_name, columns, tbl, trigger_args[1], trigger_args[2], trigger_args[3], trigger_args[4], trigger_args[5]);
+      'CREATE TRIGGER %I BEFORE INSERT OR UPDATE ON %s FOR EACH ROW EXECUTE FUNCTION immuta.blind_index_trigger(%L, %L, %L, %L, %L)',
+      trigger_name, tbl, trigger_args[1], trigger_args[2], trigger_args[3], trigger_args[4], trigger_args[5]);
   ELSIF existing.tgfoid <> 'immuta.blind_index_trigger()'::pg_catalog.regprocedure::oid
         OR existing.tgenabled <> 'O'::"char" OR existing.tgnargs <> 5::int2
+        -- BEFORE, FOR EACH ROW, INSERT and UPDATE of any column, no WHEN condition.
+        OR existing.tgtype <> 23::int2 OR pg_catalog.cardinality(existing.tgattr::pg_catalog.int2[]) <> 0
+        OR existing.tgqual IS NOT NULL
         OR existing.tgargs <> (SELECT pg_catalog.string_agg(pg_catalog.textsend(x.a) || '\x00'::pg_catalog.bytea, ''::pg_catalog.bytea ORDER BY x.n)
                                  FROM pg_catalog.unnest(trigger_args) WITH ORDINALITY AS x(a, n))
   THEN
@@ -1146,9 +1177,9 @@ BEGIN
 END
 $body$;
 
--- Terms for lookups and term columns: the encryptor's (who writes values and their terms) and
--- the decryptor's (who looks rows up). Terms of stored values, the trigger and the job: the
--- decryptor's. The index keys' administration: the admin's.
+-- Terms are the decryptor's: a term is an equality test on a value, and with a guess at a
+-- low-entropy value (an SSN) it is as good as decrypting it; an encrypt-only role must not get
+-- one. The index keys' administration is the admin's.
 REVOKE EXECUTE ON FUNCTION immuta_blind_index(text, text, text), immuta_blind_index(anyelement, text, text),
     immuta_blind_indexes(text, text, text), immuta_blind_indexes(anyelement, text, text),
     immuta_blind_index_create(text, text, integer), immuta_blind_index_rotate(text, text),
@@ -1159,7 +1190,7 @@ REVOKE EXECUTE ON FUNCTION immuta_blind_index(text, text, text), immuta_blind_in
 REVOKE EXECUTE ON PROCEDURE immuta_blind_index_column(regclass, name, name, text, text, name, integer, interval) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION immuta_blind_index(text, text, text), immuta_blind_index(anyelement, text, text),
     immuta_blind_indexes(text, text, text), immuta_blind_indexes(anyelement, text, text)
-    TO immuta_encryptor, immuta_decryptor;
+    TO immuta_decryptor;
 GRANT EXECUTE ON FUNCTION immuta.blind_index_of(bytea, boolean, text, text, text),
     immuta.blind_index_is_current(bytea, bytea, text, text), immuta.blind_index_expression(name, name, text, text, text),
     immuta.blind_index_trigger_name(name), immuta.blind_index_trigger() TO immuta_decryptor;

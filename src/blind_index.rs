@@ -50,6 +50,10 @@ struct Cache {
     used_in: u32,
 }
 
+/// Enabled versions an index may have at once (each lookup of `immuta_blind_indexes` makes a
+/// term with each, and each is unwrapped once per backend and cache lifetime).
+const MAX_ENABLED_VERSIONS: usize = 16;
+
 /// How many indexes a backend keeps (each a few hundred bytes); beyond, it starts again.
 const MAX_CACHED: usize = 16_384;
 
@@ -197,7 +201,9 @@ fn keyring_for(sealed: &format::Sealed<'_>, keyring: Option<&str>, now: UnixMicr
 }
 
 /// `immuta.blind_index_of`: the term of the value sealed in `ciphertext` (opened with `context`),
-/// without returning the value. For the trigger and the job that keep a term column in step.
+/// without returning the value. For the trigger and the job that keep a term column in step. A
+/// value of another keyring than the one named is refused: its terms must go with its own keyring
+/// (and become untestable when that keyring is crypto-shredded).
 pub fn term_of_ciphertext(
     ciphertext: &[u8],
     context: Option<&[u8]>,
@@ -206,8 +212,16 @@ pub fn term_of_ciphertext(
 ) -> varlena::Bytea {
     let sealed = format::parse(ciphertext).or_raise();
     let now = backend::prepare();
-    let keyring = keyring_for(&sealed, keyring, now);
-    let versions = versions(&keyring, name, now);
+    let own = keyring_for(&sealed, None, now);
+    if keyring.is_some_and(|k| k != &*own) {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            "the value is under another keyring than its blind index",
+            Some("A value's term is made by an index of the value's own keyring, so that crypto-shredding the keyring reaches its terms too.".into()),
+            Some("Keep the term column with keyring => NULL (each value's own keyring), and create the index in every keyring the column holds."),
+        );
+    }
+    let versions = versions(&own, name, now);
     let (id, key) = &versions.keys[0];
     note_used(*id);
     let value_type = sealed.value_type;
@@ -355,6 +369,15 @@ pub fn rotate(name: &str, keyring: &str) -> i32 {
             Some("Create an index of another name and fill a new term column."),
         );
     }
+    let enabled = rows.iter().filter(|r| r.key.state == KeyState::Enabled).count();
+    if enabled >= MAX_ENABLED_VERSIONS {
+        raise(
+            PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            format!("immuta blind index \"{name}\" has {enabled} enabled versions"),
+            Some(format!("Every enabled version is loaded by each lookup; an index keeps at most {MAX_ENABLED_VERSIONS}.")),
+            Some("Recompute the terms (CALL immuta_blind_index_column) and retire the older versions first."),
+        );
+    }
     let version = newest.version + 1;
     create_version(&target, name, version, newest.term_len, "index key rotated");
     i32::from(version)
@@ -374,7 +397,24 @@ pub fn retire(name: &str, keyring: &str, reason: &str, force: bool) -> i32 {
     if older.is_empty() {
         return 0;
     }
-    let stale = catalog::blind_index_references(name, keyring, newest.version);
+    // The count must see what committed up to its table lock: a snapshot taken earlier (REPEATABLE
+    // READ, SERIALIZABLE) would miss the terms written meanwhile.
+    // SAFETY: reads the isolation level of the transaction in progress.
+    let snapshot_per_transaction =
+        unsafe { pgrx::pg_sys::XactIsoLevel } >= pgrx::pg_sys::XACT_REPEATABLE_READ as i32;
+    if snapshot_per_transaction && !force {
+        raise(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            "immuta_blind_index_retire must run in a READ COMMITTED transaction",
+            Some(
+                "Its count of old terms must see every write committed before it locks the term columns."
+                    .into(),
+            ),
+            Some("Run it in its own transaction at the default isolation level."),
+        );
+    }
+    let stale =
+        if force { Vec::new() } else { catalog::blind_index_references(name, keyring, newest.version) };
     if !stale.is_empty() && !force {
         let detail = stale
             .iter()
@@ -390,7 +430,7 @@ pub fn retire(name: &str, keyring: &str, reason: &str, force: bool) -> i32 {
     }
     for row in &older {
         catalog::destroy_index_key(row.key.id);
-        audit_destroyed(row, reason, force && !stale.is_empty());
+        audit_destroyed(row, reason, force);
     }
     invalidate(backend::oids());
     older.len() as i32
@@ -439,7 +479,7 @@ pub fn rewrap() -> i32 {
         .collect();
     for row in &rows {
         let key = providers::unwrap(&row.key, &effective);
-        let target = Target::of(&row.key.keyring);
+        let target = Target::of_any(&row.key.keyring);
         let (provider, server_identity) =
             providers::for_new_keys_of(&effective, &target.settings, target.by_superuser);
         let wrapped = provider.wrap(row.key.id, &key).or_raise();

@@ -549,7 +549,7 @@ pub fn rewrap() -> i32 {
 impl Target {
     /// Keyring `name` whatever its state (a rewrap also rewraps the disabled keys of a keyring
     /// that was not destroyed; a destroyed keyring has no key left to rewrap).
-    fn of_any(name: &str) -> Target {
+    pub fn of_any(name: &str) -> Target {
         match catalog::keyring(name) {
             Some(row) => Target { name: row.name, settings: row.settings, by_superuser: row.by_superuser },
             None => Target { name: name.to_owned(), settings: Settings::default(), by_superuser: true },

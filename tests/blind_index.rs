@@ -95,9 +95,11 @@ fn lookups_and_uniqueness_go_through_a_btree_index_and_the_trigger_covers_every_
              ON CONFLICT (id) DO UPDATE SET ssn = EXCLUDED.ssn;
          INSERT INTO patients (id, ssn) VALUES (30003, immuta_encrypt('999-00-0006'))
              ON CONFLICT (id) DO UPDATE SET ssn = EXCLUDED.ssn;
-         -- A term written directly is the writer's business; the next write of the value fixes it.
+         -- A term written directly is the writer's business; the next write of a value fixes it,
+         -- and an UPDATE that leaves the value alone computes nothing.
          UPDATE patients SET ssn_bi = NULL WHERE id = 6;
-         UPDATE patients SET ssn = ssn WHERE id = 6;",
+         UPDATE patients SET ssn_bi = NULL WHERE id = 7;
+         UPDATE patients SET ssn = immuta_encrypt('123-45-6') WHERE id = 6;",
     )
     .unwrap();
     let copied: Vec<u8> = c.query_one("SELECT immuta_encrypt('999-00-0007')", &[]).unwrap().get(0);
@@ -105,7 +107,9 @@ fn lookups_and_uniqueness_go_through_a_btree_index_and_the_trigger_covers_every_
     let mut copy = c.copy_in("COPY patients (id, ssn) FROM STDIN").unwrap();
     std::io::Write::write_all(&mut copy, format!("30004\t\\\\x{hex}\n").as_bytes()).unwrap();
     copy.finish().unwrap();
-    assert_eq!(one::<i64>(&mut c, OUT_OF_STEP), 0, "every write's term is its value's");
+    assert_eq!(one::<i64>(&mut c, OUT_OF_STEP), 1, "every write's term is its value's, but row 7's");
+    c.batch_execute("UPDATE patients SET ssn = immuta_encrypt('123-45-7') WHERE id = 7").unwrap();
+    assert_eq!(one::<i64>(&mut c, OUT_OF_STEP), 0);
     assert_eq!(find(&mut c, "999-00-0001"), vec![30001]);
     assert_eq!(find(&mut c, "999-00-0003"), vec![3]);
     assert_eq!(find(&mut c, "123-45-3"), Vec::<i32>::new(), "the old term went with the old value");
@@ -122,7 +126,7 @@ fn lookups_and_uniqueness_go_through_a_btree_index_and_the_trigger_covers_every_
     // immuta_decryptor is refused, not given an equality oracle on ciphertexts.
     c.batch_execute(
         "CREATE ROLE writer LOGIN; GRANT immuta_encryptor TO writer; GRANT ALL ON patients TO writer;
-         CREATE ROLE looker LOGIN; GRANT immuta_encryptor TO looker; GRANT SELECT ON patients TO looker;",
+         CREATE ROLE looker LOGIN; GRANT immuta_decryptor TO looker; GRANT SELECT ON patients TO looker;",
     )
     .unwrap();
     let mut writer = pg.connect_as("writer", "postgres");
@@ -137,7 +141,12 @@ fn lookups_and_uniqueness_go_through_a_btree_index_and_the_trigger_covers_every_
         )),
         "42501"
     );
-    // A lookup is not: the term of one's own value.
+    // Nor may it compute terms at all: with a guess at an SSN, a term is as good as decrypting.
+    assert_eq!(
+        sqlstate(writer.query_one("SELECT immuta_blind_index('123-45-4242', 'patients.ssn')", &[])),
+        "42501"
+    );
+    // A reader (immuta_decryptor) looks rows up.
     let mut looker = pg.connect_as("looker", "postgres");
     assert_eq!(find(&mut looker, "123-45-4242"), vec![4242]);
     // Administration is the admin's.
@@ -152,6 +161,16 @@ fn lookups_and_uniqueness_go_through_a_btree_index_and_the_trigger_covers_every_
         "42704"
     );
     assert_eq!(sqlstate(c.query_one("SELECT immuta_blind_index_create('patients.ssn')", &[])), "42710");
+    // A term is made by the index of the value's own keyring, never another's.
+    c.batch_execute(
+        "SELECT immuta_keyring_create('other'), immuta_blind_index_create('patients.ssn', 'other')",
+    )
+    .unwrap();
+    let foreign = c.query_one(
+        "SELECT immuta.blind_index_of(immuta_encrypt('x'), false, NULL, 'patients.ssn', 'other')",
+        &[],
+    );
+    assert_eq!(sqlstate(foreign), "22023");
     assert_eq!(
         sqlstate(c.query_one("SELECT immuta_blind_index_create('short', term_length => 3)", &[])),
         "22023"
@@ -164,10 +183,13 @@ fn lookups_and_uniqueness_go_through_a_btree_index_and_the_trigger_covers_every_
     let short: i32 = one(&mut c, "SELECT length(immuta_blind_index('x', 'short8', 'default')) FROM (SELECT immuta_blind_index_create('short8', term_length => 8)) k");
     assert_eq!(short, 10);
     // An index key's id is no data key's: a ciphertext naming it names an unknown key.
-    let index_key: i64 = one(&mut c, "SELECT id FROM immuta.blind_index_keys WHERE name = 'patients.ssn'");
+    let index_key: i64 = one(
+        &mut c,
+        "SELECT id FROM immuta.blind_index_keys WHERE name = 'patients.ssn' AND keyring = 'default'",
+    );
     assert_eq!(sqlstate(c.query_one("SELECT immuta_key_disable($1, 'no')", &[&index_key])), "42704");
     let audit: i64 = one(&mut c, "SELECT count(*) FROM immuta.audit_log WHERE event = 'index key created'");
-    assert_eq!(audit, 2);
+    assert_eq!(audit, 3);
 }
 
 #[test]
