@@ -791,22 +791,25 @@ pub fn key_rows(id: Option<KeyId>) -> Vec<KeyRow> {
             key_row_columns,
         ),
     };
-    rows.into_iter()
-        .map(|(id, provider, key, region, wrapped, server_identity, keyring, state)| {
-            let state = KeyState::parse(&state).unwrap_or_else(|| corrupt_row(id, "has an unknown state"));
-            let wrapped = WrappedKey::new(wrapped.unwrap_or_default());
-            let parsed = if state == KeyState::Destroyed {
-                // Nothing left to check but the id and the wrapping key it names.
-                KeyId::new(id)
-                    .zip(WrappingKeyRef::from_columns(&provider, &key, region.as_deref()))
-                    .ok_or("names an unknown provider or wrapping key")
-            } else {
-                immuta_core::restore::key_row(id, &provider, &key, region.as_deref(), &wrapped)
-            };
-            let (id, wrapping) = parsed.unwrap_or_else(|why| corrupt_row(id, why));
-            KeyRow { id, wrapping, wrapped, server_identity, keyring, state }
-        })
-        .collect()
+    rows.into_iter().map(|columns| key_row_from(columns, corrupt_row)).collect()
+}
+
+/// A key row (of either key table) from its first eight columns, checked as immuta wrote it;
+/// `corrupt` raises the table's error for a row it cannot have written.
+fn key_row_from(columns: KeyColumns, corrupt: fn(i64, &str) -> !) -> KeyRow {
+    let (id, provider, key, region, wrapped, server_identity, keyring, state) = columns;
+    let state = KeyState::parse(&state).unwrap_or_else(|| corrupt(id, "has an unknown state"));
+    let wrapped = WrappedKey::new(wrapped.unwrap_or_default());
+    let parsed = if state == KeyState::Destroyed {
+        // Nothing left to check but the id and the wrapping key it names.
+        KeyId::new(id)
+            .zip(WrappingKeyRef::from_columns(&provider, &key, region.as_deref()))
+            .ok_or("names an unknown provider or wrapping key")
+    } else {
+        immuta_core::restore::key_row(id, &provider, &key, region.as_deref(), &wrapped)
+    };
+    let (id, wrapping) = parsed.unwrap_or_else(|why| corrupt(id, why));
+    KeyRow { id, wrapping, wrapped, server_identity, keyring, state }
 }
 
 type KeyColumns = (i64, String, String, Option<String>, Option<Vec<u8>>, bool, String, String);

@@ -5,11 +5,13 @@
 
 use immuta_core::blind_index;
 use immuta_core::key::{KeyId, WrappedKey, WrappingKeyRef};
-use immuta_core::key_state::KeyState;
 use pgrx::prelude::*;
 use pgrx::{pg_sys, PgSqlErrorCode};
 
-use super::{caller, read_latest, text_arg, wrapping_args, write, KeyRow, Row};
+use super::{
+    caller, key_row_columns, key_row_from, read_latest, text_arg, wrapping_args, write, KeyColumns, KeyRow,
+    Row,
+};
 use crate::errors::raise;
 
 /// One row of `immuta.index_keys`.
@@ -20,49 +22,28 @@ pub struct IndexKeyRow {
     pub term_len: u8,
 }
 
-type Columns = (i64, String, String, Option<String>, Option<Vec<u8>>, bool, String, String, String, i32, i16);
+type Columns = (KeyColumns, String, i32, i16);
 
 fn columns(row: &Row) -> Columns {
     (
-        row.get::<i64>(1).unwrap_or_default(),
-        row.get::<String>(2).unwrap_or_default(),
-        row.get::<String>(3).unwrap_or_default(),
-        row.get::<String>(4),
-        row.get::<Vec<u8>>(5),
-        row.get::<bool>(6).unwrap_or(false),
-        row.get::<String>(7).unwrap_or_default(),
-        row.get::<String>(8).unwrap_or_default(),
+        key_row_columns(row),
         row.get::<String>(9).unwrap_or_default(),
         row.get::<i32>(10).unwrap_or_default(),
         row.get::<i16>(11).unwrap_or_default(),
     )
 }
 
-fn parse(c: Columns) -> IndexKeyRow {
-    let (id, provider, key, region, wrapped, server_identity, keyring, state, name, version, term_len) = c;
-    let state = KeyState::parse(&state).unwrap_or_else(|| corrupt(id, "has an unknown state"));
-    let wrapped = WrappedKey::new(wrapped.unwrap_or_default());
-    let parsed = if state == KeyState::Destroyed {
-        KeyId::new(id)
-            .zip(WrappingKeyRef::from_columns(&provider, &key, region.as_deref()))
-            .ok_or("names an unknown provider or wrapping key")
-    } else {
-        immuta_core::restore::key_row(id, &provider, &key, region.as_deref(), &wrapped)
-    };
-    let (id, wrapping) = parsed.unwrap_or_else(|why| corrupt(id, why));
+fn parse((key, name, version, term_len): Columns) -> IndexKeyRow {
+    let key = key_row_from(key, corrupt);
+    let id = key.id.get();
     let version = u16::try_from(version)
         .ok()
         .filter(|v| *v >= 1)
-        .unwrap_or_else(|| corrupt(id.get(), "has a version out of range"));
+        .unwrap_or_else(|| corrupt(id, "has a version out of range"));
     if !blind_index::term_len_ok(i32::from(term_len)) {
-        corrupt(id.get(), "has a term length out of range");
+        corrupt(id, "has a term length out of range");
     }
-    IndexKeyRow {
-        key: KeyRow { id, wrapping, wrapped, server_identity, keyring, state },
-        name,
-        version,
-        term_len: term_len as u8,
-    }
+    IndexKeyRow { key, name, version, term_len: term_len as u8 }
 }
 
 fn corrupt(id: i64, why: &str) -> ! {
