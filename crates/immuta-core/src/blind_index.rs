@@ -10,7 +10,10 @@
 //! every version still enabled; the re-computation job finds the terms of older versions).
 //! docs/FORMAT.md has the layout and test vectors.
 
-use aws_lc_rs::{hkdf, hmac};
+use aws_lc_rs::hkdf;
+use zeroize::Zeroizing;
+
+use crate::hmac_sha256::HmacSha256;
 
 use crate::key::{DataKey, KeyId};
 use crate::value_type::ValueType;
@@ -61,10 +64,10 @@ fn info(id: KeyId, keyring: &str, name: &str) -> Vec<u8> {
     info
 }
 
-/// One version of an index key, ready to make terms. Holds only the derived MAC key (AWS-LC's
-/// HMAC state, which it cleanses when dropped); no `Debug`, no `Clone`.
+/// One version of an index key, ready to make terms. Holds only the derived MAC key's HMAC
+/// states (zeroized when dropped); no `Debug`, no `Clone`.
 pub struct TermKey {
-    mac: hmac::Key,
+    mac: HmacSha256,
     version: u16,
     term_len: u8,
 }
@@ -83,8 +86,15 @@ impl TermKey {
         let info = info(id, keyring, name);
         let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, DERIVATION_SALT).extract(key.expose());
         let info_parts = [info.as_slice()];
-        let okm = prk.expand(&info_parts, hmac::HMAC_SHA256).expect("32 bytes is within HKDF's limit");
-        TermKey { mac: hmac::Key::from(okm), version, term_len: term_len.clamp(MIN_TERM_LEN, MAX_TERM_LEN) }
+        let mut mac_key = Zeroizing::new([0u8; 32]);
+        prk.expand(&info_parts, hkdf::HKDF_SHA256)
+            .and_then(|okm| okm.fill(&mut mac_key[..]))
+            .expect("32 bytes is within HKDF's limit");
+        TermKey {
+            mac: HmacSha256::new(&mac_key[..]),
+            version,
+            term_len: term_len.clamp(MIN_TERM_LEN, MAX_TERM_LEN),
+        }
     }
 
     pub fn version(&self) -> u16 {
@@ -99,12 +109,9 @@ impl TermKey {
     /// Writes the term of a value of `value_type` whose encoding is `encoding` into `out`, which
     /// is [`TermKey::term_size`] bytes long.
     pub fn term_into(&self, value_type: ValueType, encoding: &[u8], out: &mut [u8]) {
-        let mut ctx = hmac::Context::with_key(&self.mac);
-        ctx.update(&[value_type.to_byte()]);
-        ctx.update(encoding);
-        let tag = ctx.sign();
+        let tag = self.mac.mac(value_type.to_byte(), encoding);
         out[..VERSION_LEN].copy_from_slice(&self.version.to_be_bytes());
-        out[VERSION_LEN..].copy_from_slice(&tag.as_ref()[..usize::from(self.term_len)]);
+        out[VERSION_LEN..].copy_from_slice(&tag[..usize::from(self.term_len)]);
     }
 
     /// The term of a value, as a new vector.

@@ -27,6 +27,7 @@
 //! | `cache.rs` | the cluster-wide slot table of unwrapped keys (shared memory) |
 //! | `usage.rs` | the usage limit per key and how encryptions are counted |
 //! | `blind_index.rs` | blind index terms: MAC key derivation, term layout, bounds |
+//! | `hmac_sha256.rs` | HMAC-SHA256 from a key's precomputed states, for the terms |
 
 // No unsafe code in the core, but where the standard library offers no safe way (the signal mask
 // of aws_kms.rs), each such function allowed explicitly.
@@ -40,6 +41,7 @@ pub mod config;
 pub mod encoding;
 pub mod error;
 pub mod format;
+pub mod hmac_sha256;
 pub mod key;
 pub mod key_state;
 pub mod keyrings;
