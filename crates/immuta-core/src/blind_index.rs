@@ -67,7 +67,7 @@ fn info(id: KeyId, keyring: &str, name: &str) -> Vec<u8> {
 /// One version of an index key, ready to make terms. Holds only the derived MAC key's HMAC
 /// states (zeroized when dropped); no `Debug`, no `Clone`.
 pub struct TermKey {
-    mac: HmacSha256,
+    mac: Box<HmacSha256>,
     version: u16,
     term_len: u8,
 }
@@ -86,12 +86,12 @@ impl TermKey {
         let info = info(id, keyring, name);
         let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, DERIVATION_SALT).extract(key.expose());
         let info_parts = [info.as_slice()];
-        let mut mac_key = Zeroizing::new([0u8; 32]);
+        let mut mac_key = Zeroizing::new([0u8; crate::hmac_sha256::KEY_LEN]);
         prk.expand(&info_parts, hkdf::HKDF_SHA256)
             .and_then(|okm| okm.fill(&mut mac_key[..]))
             .expect("32 bytes is within HKDF's limit");
         TermKey {
-            mac: HmacSha256::new(&mac_key[..]),
+            mac: HmacSha256::new(&mac_key),
             version,
             term_len: term_len.clamp(MIN_TERM_LEN, MAX_TERM_LEN),
         }
@@ -179,6 +179,23 @@ mod tests {
     }
 
     const KNOWN_TERM: &str = "00013ecf7672d9fea39498b776a8c7d5230e";
+
+    /// The full HMAC of the same vector (term length 32), and a second vector of FORMAT.md whose
+    /// encoding spans three blocks (150 bytes), also computed with Python.
+    #[test]
+    fn known_answers_of_full_length_and_of_several_blocks() {
+        let k = TermKey::derive(&key(0x42), id(7), "default", "patients.ssn", 1, 32);
+        assert_eq!(
+            hex(&k.term(ValueType::TEXT, b"123-45-6789")),
+            "00013ecf7672d9fea39498b776a8c7d5230edaab078aa8ce2b7b2403752ece022f83"
+        );
+        let k = TermKey::derive(&key(0x42), id(12345), "tenant_42", "users.email", 3, 32);
+        let value = format!("{}@example.com{}", "x".repeat(100), "y".repeat(38));
+        assert_eq!(
+            hex(&k.term(ValueType::TEXT, value.as_bytes())),
+            "00037a86f26bec7edc35f0700a7a431bd10a90c13abcbb58f28b080ee32b7c23c878"
+        );
+    }
 
     fn hex(bytes: &[u8]) -> String {
         bytes.iter().map(|b| format!("{b:02x}")).collect()

@@ -41,7 +41,7 @@ pub mod config;
 pub mod encoding;
 pub mod error;
 pub mod format;
-pub mod hmac_sha256;
+pub(crate) mod hmac_sha256;
 pub mod key;
 pub mod key_state;
 pub mod keyrings;
