@@ -195,6 +195,9 @@ CREATE TABLE immuta.jobs (
     next_block bigint NOT NULL DEFAULT 0 CHECK (next_block >= 0),
     rows_done bigint NOT NULL DEFAULT 0 CHECK (rows_done >= 0),
     rows_total bigint NOT NULL DEFAULT 0 CHECK (rows_total >= 0),
+    -- A blind index job that finished: the rows whose term it could not compute (their value
+    -- under a disabled or destroyed key, of a keyring without the index, or not immuta's).
+    rows_skipped bigint NOT NULL DEFAULT 0 CHECK (rows_skipped >= 0),
     -- A blind index job: the index whose terms it computes into column_name from source_column.
     index_name text,
     CHECK ((kind IN ('encrypt', 'blind_index')) = (source_column IS NOT NULL)),
@@ -251,7 +254,7 @@ SELECT j.id, j.kind, j.relid::pg_catalog.regclass AS table_name, j.column_name, 
             THEN 'running'
             ELSE 'interrupted'
        END AS state,
-       j.source_column
+       j.source_column, j.rows_skipped
   FROM immuta.jobs j
  WHERE j.started_by OPERATOR(pg_catalog.=) current_user OR pg_catalog.pg_has_role('immuta_admin', 'MEMBER');
 
@@ -429,6 +432,8 @@ DECLARE
   new_value pg_catalog.text;
   trigger_name pg_catalog.name;
   saved_level pg_catalog.text;
+  skipped pg_catalog.int8 := 0;
+  unreadable pg_catalog.text;
   -- The job's advisory lock: one bigint, 'IMJB' above the job id.
   lock_base constant pg_catalog.int8 := 5282439408914153472;
 BEGIN
@@ -458,9 +463,14 @@ BEGIN
                                              immuta.context_expression(job.context_column, '')) END;
   ELSIF job.kind = 'blind_index' THEN
     -- Rows whose term is missing, left over, or not made by the index's newest key (the trigger
-    -- covers rows written since the job began).
+    -- covers rows written since the job began). A value whose term cannot be computed (pending
+    -- is NULL: under a disabled or destroyed key, of a keyring without the index, not immuta's)
+    -- is left as it is and counted at the end, instead of stopping the job at that row.
     filter := pg_catalog.format(
-      '((%1$I IS NULL) <> (%2$I IS NULL) OR (%1$I IS NOT NULL AND NOT immuta.blind_index_is_current(%2$I, %1$I, %3$L::pg_catalog.text, %4$L::pg_catalog.text)))',
+      '((%1$I IS NULL AND %2$I IS NOT NULL) OR (%1$I IS NOT NULL AND immuta.blind_index_pending(%2$I, %1$I, %3$L::pg_catalog.text, %4$L::pg_catalog.text)))',
+      job.source_column, job.column_name, job.index_name, job.keyring);
+    unreadable := pg_catalog.format(
+      '%1$I IS NOT NULL AND immuta.blind_index_pending(%2$I, %1$I, %3$L::pg_catalog.text, %4$L::pg_catalog.text) IS NULL',
       job.source_column, job.column_name, job.index_name, job.keyring);
     new_value := immuta.blind_index_expression(job.source_column, job.context_column, job.index_name, job.keyring, '');
   ELSE
@@ -489,7 +499,10 @@ BEGIN
       -- End of a pass: rows updated behind the cursor by copying an old value are found here.
       EXECUTE pg_catalog.format('SELECT pg_catalog.count(*) FROM ONLY %s WHERE %s', tbl, filter) INTO remaining;
       IF remaining = 0 THEN
-        UPDATE immuta.jobs j SET finished_at = pg_catalog.clock_timestamp() WHERE j.id = job.id;
+        IF unreadable IS NOT NULL THEN
+          EXECUTE pg_catalog.format('SELECT pg_catalog.count(*) FROM ONLY %s WHERE %s', tbl, unreadable) INTO skipped;
+        END IF;
+        UPDATE immuta.jobs j SET finished_at = pg_catalog.clock_timestamp(), rows_skipped = skipped WHERE j.id = job.id;
         COMMIT;
         PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
         -- Taken again by each resumption in the same session: released as often (the last,
@@ -499,6 +512,12 @@ BEGIN
         WHILE pg_catalog.pg_advisory_unlock(lock_base + job.id) LOOP
         END LOOP;
         PERFORM pg_catalog.set_config('client_min_messages', saved_level, true);
+        IF skipped > 0 THEN
+          RAISE WARNING USING
+            MESSAGE = pg_catalog.format('%s values of column %I of %s have no current term in column %I', skipped, job.source_column, tbl, job.column_name),
+            DETAIL = pg_catalog.format('Their terms cannot be computed: each is under a disabled or destroyed key, of a keyring that has no index %L, or not an immuta value. They keep the term they had, or none; a lookup does not find them by their current term.', job.index_name),
+            HINT = pg_catalog.format('List them with SELECT ctid FROM %s WHERE %s; once their key is enabled again or the index is created in their keyring, call immuta_blind_index_column again.', tbl, unreadable);
+        END IF;
         IF job.kind = 'encrypt' THEN
           trigger_name := immuta.encrypt_trigger_name(job.column_name);
           RAISE NOTICE USING
@@ -756,7 +775,7 @@ GRANT USAGE ON SCHEMA immuta TO immuta_decryptor, immuta_encryptor;
 GRANT SELECT, INSERT (kind, relid, column_name, source_column, context_column, keyring, before_key, batch_size, pause,
                       index_name),
     UPDATE (source_column, context_column, keyring, before_key, batch_size, pause, last_batch_at, finished_at, passes,
-            next_block, rows_done, rows_total, index_name)
+            next_block, rows_done, rows_total, rows_skipped, index_name)
     ON immuta.jobs TO immuta_decryptor, immuta_encryptor;
 GRANT SELECT, INSERT (relid, column_name, context_column), UPDATE (context_column, registered_by, registered_at), DELETE
     ON immuta.encrypted_columns TO immuta_decryptor, immuta_encryptor, immuta_admin;
@@ -769,7 +788,7 @@ GRANT EXECUTE ON PROCEDURE immuta_reencrypt_column(regclass, name, name, integer
 GRANT SELECT, INSERT (kind, relid, column_name, source_column, context_column, keyring, before_key, batch_size, pause,
                       index_name),
     UPDATE (source_column, context_column, keyring, before_key, batch_size, pause, last_batch_at, finished_at, passes,
-            next_block, rows_done, rows_total, index_name)
+            next_block, rows_done, rows_total, rows_skipped, index_name)
     ON immuta.jobs TO @extowner@ WITH GRANT OPTION;
 GRANT SELECT ON immuta.jobs_progress TO @extowner@ WITH GRANT OPTION;
 GRANT SELECT, INSERT (relid, column_name, context_column), UPDATE (context_column, registered_by, registered_at), DELETE
@@ -1045,7 +1064,7 @@ REVOKE EXECUTE ON FUNCTION immuta_blind_index(text, text, text), immuta_blind_in
     immuta_blind_indexes(text, text, text), immuta_blind_indexes(anyelement, text, text),
     immuta_blind_index_create(text, text, integer), immuta_blind_index_rotate(text, text),
     immuta_blind_index_retire(text, text, text, boolean),
-    immuta.blind_index_of(bytea, boolean, text, text, text), immuta.blind_index_is_current(bytea, bytea, text, text),
+    immuta.blind_index_of(bytea, boolean, text, text, text), immuta.blind_index_pending(bytea, bytea, text, text),
     immuta.blind_index_expression(name, name, text, text, text), immuta.blind_index_references(text, text, integer),
     immuta.blind_index_trigger_name(name), immuta.blind_index_trigger() FROM PUBLIC;
 REVOKE EXECUTE ON PROCEDURE immuta_blind_index_column(regclass, name, name, text, text, name, integer, interval) FROM PUBLIC;
@@ -1053,7 +1072,7 @@ GRANT EXECUTE ON FUNCTION immuta_blind_index(text, text, text), immuta_blind_ind
     immuta_blind_indexes(text, text, text), immuta_blind_indexes(anyelement, text, text)
     TO immuta_decryptor;
 GRANT EXECUTE ON FUNCTION immuta.blind_index_of(bytea, boolean, text, text, text),
-    immuta.blind_index_is_current(bytea, bytea, text, text), immuta.blind_index_expression(name, name, text, text, text),
+    immuta.blind_index_pending(bytea, bytea, text, text), immuta.blind_index_expression(name, name, text, text, text),
     immuta.blind_index_trigger_name(name), immuta.blind_index_trigger() TO immuta_decryptor;
 GRANT EXECUTE ON PROCEDURE immuta_blind_index_column(regclass, name, name, text, text, name, integer, interval) TO immuta_decryptor;
 GRANT EXECUTE ON FUNCTION immuta_blind_index_create(text, text, integer), immuta_blind_index_rotate(text, text),
@@ -1066,7 +1085,7 @@ GRANT EXECUTE ON FUNCTION immuta_blind_index(text, text, text), immuta_blind_ind
     immuta_blind_indexes(text, text, text), immuta_blind_indexes(anyelement, text, text),
     immuta_blind_index_create(text, text, integer), immuta_blind_index_rotate(text, text),
     immuta_blind_index_retire(text, text, text, boolean),
-    immuta.blind_index_of(bytea, boolean, text, text, text), immuta.blind_index_is_current(bytea, bytea, text, text),
+    immuta.blind_index_of(bytea, boolean, text, text, text), immuta.blind_index_pending(bytea, bytea, text, text),
     immuta.blind_index_expression(name, name, text, text, text), immuta.blind_index_references(text, text, integer),
     immuta.blind_index_trigger_name(name), immuta.blind_index_trigger()
     TO @extowner@ WITH GRANT OPTION;
@@ -1076,3 +1095,47 @@ GRANT SELECT ON immuta.blind_index_keys TO @extowner@ WITH GRANT OPTION;
 GRANT SELECT, INSERT (relid, column_name, source_column, context_column, index_name, keyring),
     UPDATE (source_column, context_column, index_name, keyring, registered_by, registered_at), DELETE
     ON immuta.blind_index_columns TO @extowner@ WITH GRANT OPTION;
+
+-- Logical replication (issue 17, src/replication.rs, docs/DISTRIBUTED.md): a subscription applies
+-- rows with session_replication_role = replica, where only triggers enabled for replication fire.
+-- This one, on every table of immuta's, acts only in a logical replication worker: it refuses an
+-- apply that does not run as a superuser, trusts no replicated wrapping with the server's own
+-- AWS identity, passes the keys, keyrings and audit entries on to every backend's cache, and
+-- drops the rows of the tables that belong to one server (its configuration, usage counts, jobs,
+-- registered columns).
+CREATE TRIGGER replicated_change BEFORE INSERT OR UPDATE OR DELETE ON immuta.data_keys
+    FOR EACH ROW EXECUTE FUNCTION immuta.replicated_change();
+CREATE TRIGGER replicated_change BEFORE INSERT OR UPDATE OR DELETE ON immuta.index_keys
+    FOR EACH ROW EXECUTE FUNCTION immuta.replicated_change();
+CREATE TRIGGER replicated_change BEFORE INSERT OR UPDATE OR DELETE ON immuta.keyrings
+    FOR EACH ROW EXECUTE FUNCTION immuta.replicated_change();
+CREATE TRIGGER replicated_change BEFORE INSERT OR UPDATE OR DELETE ON immuta.audit_log
+    FOR EACH ROW EXECUTE FUNCTION immuta.replicated_change();
+CREATE TRIGGER replicated_change BEFORE INSERT OR UPDATE OR DELETE ON immuta.config
+    FOR EACH ROW EXECUTE FUNCTION immuta.replicated_change();
+CREATE TRIGGER replicated_change BEFORE INSERT OR UPDATE OR DELETE ON immuta.key_usage
+    FOR EACH ROW EXECUTE FUNCTION immuta.replicated_change();
+CREATE TRIGGER replicated_change BEFORE INSERT OR UPDATE OR DELETE ON immuta.jobs
+    FOR EACH ROW EXECUTE FUNCTION immuta.replicated_change();
+CREATE TRIGGER replicated_change BEFORE INSERT OR UPDATE OR DELETE ON immuta.encrypted_columns
+    FOR EACH ROW EXECUTE FUNCTION immuta.replicated_change();
+CREATE TRIGGER replicated_change BEFORE INSERT OR UPDATE OR DELETE ON immuta.blind_index_columns
+    FOR EACH ROW EXECUTE FUNCTION immuta.replicated_change();
+ALTER TABLE immuta.data_keys ENABLE REPLICA TRIGGER replicated_change;
+ALTER TABLE immuta.index_keys ENABLE REPLICA TRIGGER replicated_change;
+ALTER TABLE immuta.keyrings ENABLE REPLICA TRIGGER replicated_change;
+ALTER TABLE immuta.audit_log ENABLE REPLICA TRIGGER replicated_change;
+ALTER TABLE immuta.config ENABLE REPLICA TRIGGER replicated_change;
+ALTER TABLE immuta.key_usage ENABLE REPLICA TRIGGER replicated_change;
+ALTER TABLE immuta.jobs ENABLE REPLICA TRIGGER replicated_change;
+ALTER TABLE immuta.encrypted_columns ENABLE REPLICA TRIGGER replicated_change;
+ALTER TABLE immuta.blind_index_columns ENABLE REPLICA TRIGGER replicated_change;
+REVOKE EXECUTE ON FUNCTION immuta.replicated_change() FROM PUBLIC;
+-- The restore guard fires in every session_replication_role (a session in `replica` mode is no
+-- way around it); it leaves a subscription's rows to replicated_change.
+ALTER TABLE immuta.data_keys ENABLE ALWAYS TRIGGER restore_only;
+ALTER TABLE immuta.index_keys ENABLE ALWAYS TRIGGER restore_only;
+ALTER TABLE immuta.keyrings ENABLE ALWAYS TRIGGER restore_only;
+ALTER TABLE immuta.audit_log ENABLE ALWAYS TRIGGER restore_only;
+ALTER TABLE immuta.config ENABLE ALWAYS TRIGGER restore_only;
+ALTER TABLE immuta.key_usage ENABLE ALWAYS TRIGGER restore_only;

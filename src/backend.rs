@@ -264,6 +264,12 @@ pub fn invalidate_keyrings(oids: TableOids) {
     unsafe { pg_sys::CacheInvalidateRelcacheByRelid(oids.keyrings) };
 }
 
+/// After writing index key rows: every backend drops its blind index MAC keys (blind_index.rs).
+pub fn invalidate_index_keys(oids: TableOids) {
+    // SAFETY: queues a relcache invalidation for an existing relation inside a transaction.
+    unsafe { pg_sys::CacheInvalidateRelcacheByRelid(oids.index_keys) };
+}
+
 /// After storing a configuration: every backend reloads it once this transaction commits.
 pub fn invalidate_config(oids: TableOids) {
     // SAFETY: queues a relcache invalidation for an existing relation inside a transaction.
@@ -645,6 +651,22 @@ pub fn keyring_of(id: KeyId, now: UnixMicros) -> Option<Rc<str>> {
     load_cipher(id, now);
     let keyring = BACKEND.with_borrow(|b| b.ring.keyring_of(id)).expect("load_cipher loaded it");
     (&*keyring != keyrings::DEFAULT).then_some(keyring)
+}
+
+/// Key `id`'s keyring (the default one by name) and whether the key is enabled, without raising
+/// for a key that is disabled or destroyed (`None`: the database has no such key). An enabled
+/// key is loaded into the ring, as decrypting under it would; a ready key costs one lookup.
+pub fn probe_key(id: KeyId, now: UnixMicros) -> Option<(Rc<str>, bool)> {
+    let ready = BACKEND.with_borrow(|b| b.ring.cipher(id, now).and(b.ring.keyring_of(id)));
+    if let Some(keyring) = ready {
+        return Some((keyring, true));
+    }
+    let row = catalog::key_row(id)?;
+    let enabled = row.state == KeyState::Enabled;
+    if enabled {
+        load_cipher(id, now);
+    }
+    Some((Rc::from(row.keyring.as_str()), enabled))
 }
 
 /// Opens a parsed value whose key the ring holds (after [`keyring_of`] or [`load_cipher`]) with

@@ -38,13 +38,26 @@ struct Versions {
     expires_at: UnixMicros,
 }
 
+/// Why an index makes no term: it does not exist in the keyring, or it has no enabled version
+/// left (its keyring was destroyed).
+#[derive(Clone, Copy)]
+enum Missing {
+    Unknown,
+    Retired,
+}
+
+/// What the backend's map holds for an index: its versions, or why there are none (kept too, so
+/// that a column whose rows name keyrings without the index does not query for each row; the
+/// map is dropped when index keys change).
+type Found = Result<Rc<Versions>, Missing>;
+
 #[derive(Default)]
 struct Cache {
     generation: u64,
-    indexes: HashMap<(Rc<str>, Rc<str>), Rc<Versions>>,
+    indexes: HashMap<(Rc<str>, Rc<str>), Found>,
     /// The index found last (a query over many rows asks for one index, row after row): found
     /// again by comparing two names, with no allocation and no hashing.
-    last: Option<(Rc<str>, Rc<str>, Rc<Versions>)>,
+    last: Option<(Rc<str>, Rc<str>, Found)>,
     /// Index keys this transaction (`lxid`) made terms with: checked before it commits.
     used: Vec<KeyId>,
     used_in: u32,
@@ -87,8 +100,16 @@ fn unknown_index(keyring: &str, name: &str) -> ! {
 
 /// The enabled versions of index `name` of `keyring`, from this backend's map or loaded (each
 /// version's key taken from the shared cache or unwrapped, then its MAC key derived and the data
-/// key zeroized).
+/// key zeroized). An index that does not exist, or has no enabled version, raises.
 fn versions(keyring: &str, name: &str, now: UnixMicros) -> Rc<Versions> {
+    lookup(keyring, name, now).unwrap_or_else(|missing| match missing {
+        Missing::Unknown => unknown_index(keyring, name),
+        Missing::Retired => retired(keyring, name),
+    })
+}
+
+/// [`versions`], or why there are none.
+fn lookup(keyring: &str, name: &str, now: UnixMicros) -> Found {
     let generation = backend::generation();
     let found = CACHE.with_borrow_mut(|c| {
         if c.generation != generation {
@@ -96,27 +117,43 @@ fn versions(keyring: &str, name: &str, now: UnixMicros) -> Rc<Versions> {
             c.last = None;
             c.generation = generation;
         }
-        if let Some((k, n, v)) = &c.last {
-            if **k == *keyring && **n == *name && v.expires_at > now {
-                return Some(v.clone());
+        let fresh = |f: &Found| !matches!(f, Ok(v) if v.expires_at <= now);
+        if let Some((k, n, f)) = &c.last {
+            if **k == *keyring && **n == *name && fresh(f) {
+                return Some(f.clone());
             }
         }
         let key = (Rc::from(keyring), Rc::from(name));
-        let found = c.indexes.get(&key).filter(|v| v.expires_at > now).cloned()?;
+        let found = c.indexes.get(&key).filter(|f| fresh(f)).cloned()?;
         c.last = Some((key.0, key.1, found.clone()));
         Some(found)
     });
     if let Some(found) = found {
         return found;
     }
+    let found = load(keyring, name);
+    CACHE.with_borrow_mut(|c| {
+        if c.indexes.len() >= MAX_CACHED {
+            c.indexes.clear();
+            c.last = None;
+        }
+        let (k, n): (Rc<str>, Rc<str>) = (Rc::from(keyring), Rc::from(name));
+        c.indexes.insert((k.clone(), n.clone()), found.clone());
+        c.last = Some((k, n, found.clone()));
+    });
+    found
+}
+
+/// Reads the index's rows and readies each enabled version's MAC key.
+fn load(keyring: &str, name: &str) -> Found {
     require_index_name(name);
     backend::require_keyring_name(keyring);
     let rows = catalog::index_key_rows(keyring, name);
     if rows.is_empty() {
-        unknown_index(keyring, name);
+        return Err(Missing::Unknown);
     }
     let effective = backend::effective();
-    let mut keys = Vec::new();
+    let mut keys = Vec::with_capacity(rows.len());
     let mut expires_at = UnixMicros(i64::MAX);
     for row in rows.iter().filter(|r| r.key.state == KeyState::Enabled) {
         let id = row.key.id;
@@ -133,19 +170,9 @@ fn versions(keyring: &str, name: &str, now: UnixMicros) -> Rc<Versions> {
         expires_at = expires_at.min(expires);
     }
     if keys.is_empty() {
-        retired(keyring, name);
+        return Err(Missing::Retired);
     }
-    let versions = Rc::new(Versions { keys, expires_at });
-    CACHE.with_borrow_mut(|c| {
-        if c.indexes.len() >= MAX_CACHED {
-            c.indexes.clear();
-            c.last = None;
-        }
-        let (k, n): (Rc<str>, Rc<str>) = (Rc::from(keyring), Rc::from(name));
-        c.indexes.insert((k.clone(), n.clone()), versions.clone());
-        c.last = Some((k, n, versions.clone()));
-    });
-    versions
+    Ok(Rc::new(Versions { keys, expires_at }))
 }
 
 fn retired(keyring: &str, name: &str) -> ! {
@@ -191,15 +218,6 @@ pub fn terms(keyring: Option<&str>, name: &str, value_type: ValueType, encoding:
     versions.keys.iter().map(|(_, key)| key.term(value_type, encoding)).collect()
 }
 
-/// The keyring whose index makes the term of a stored value: `keyring`, or the keyring of the
-/// value's own data key.
-fn keyring_for(sealed: &format::Sealed<'_>, keyring: Option<&str>, now: UnixMicros) -> Rc<str> {
-    match keyring {
-        Some(k) => Rc::from(k),
-        None => backend::keyring_of(sealed.key_id, now).unwrap_or_else(|| Rc::from(keyrings::DEFAULT)),
-    }
-}
-
 /// `immuta.blind_index_of`: the term of the value sealed in `ciphertext` (opened with `context`),
 /// without returning the value. For the trigger and the job that keep a term column in step. A
 /// value of another keyring than the one named is refused: its terms must go with its own keyring
@@ -212,7 +230,7 @@ pub fn term_of_ciphertext(
 ) -> varlena::Bytea {
     let sealed = format::parse(ciphertext).or_raise();
     let now = backend::prepare();
-    let own = keyring_for(&sealed, None, now);
+    let own = backend::keyring_of(sealed.key_id, now).unwrap_or_else(|| Rc::from(keyrings::DEFAULT));
     if keyring.is_some_and(|k| k != &*own) {
         raise(
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
@@ -232,16 +250,29 @@ pub fn term_of_ciphertext(
     })
 }
 
-/// `immuta.blind_index_is_current`: whether `term` was made by the newest version of the index
-/// that makes the terms of `ciphertext`. A term of another length or no term is not.
-pub fn is_current(term: Option<&[u8]>, ciphertext: &[u8], name: &str, keyring: Option<&str>) -> bool {
-    let Some(term) = term else { return false };
-    let sealed = format::parse(ciphertext).or_raise();
+/// `immuta.blind_index_pending`, the filter of the job that keeps a term column in step: whether
+/// the row's `term` is to be computed again (`Some(true)`: missing, or made by an older version
+/// of the index), is current (`Some(false)`), or cannot be computed (`None`): bytes that are not
+/// an immuta value, a key the database does not have, a disabled or destroyed key, a value of
+/// another keyring than `keyring`, or a keyring without the index. The job leaves such rows as
+/// they are and counts them, instead of stopping at the first. Reads only the value's header.
+pub fn pending(term: Option<&[u8]>, ciphertext: &[u8], name: &str, keyring: Option<&str>) -> Option<bool> {
+    let sealed = format::parse(ciphertext).ok()?;
     let now = backend::prepare();
-    let keyring = keyring_for(&sealed, keyring, now);
-    let versions = versions(&keyring, name, now);
+    let (own, enabled) = backend::probe_key(sealed.key_id, now)?;
+    if keyring.is_some_and(|k| k != &*own) {
+        return None;
+    }
+    let versions = lookup(&own, name, now).ok()?;
     let newest = &versions.keys[0].1;
-    term.len() == newest.term_size() && blind_index::version_of(term) == Some(newest.version())
+    let current = term.is_some_and(|t| {
+        t.len() == newest.term_size() && blind_index::version_of(t) == Some(newest.version())
+    });
+    if current {
+        Some(false)
+    } else {
+        enabled.then_some(true)
+    }
 }
 
 /// Before this transaction commits: if an index key it made terms with was retired meanwhile,
@@ -323,8 +354,7 @@ fn create_version(target: &Target, name: &str, version: u16, term_len: u8, event
 }
 
 fn invalidate(oids: catalog::TableOids) {
-    // SAFETY: queues a relcache invalidation for an existing relation inside a transaction.
-    unsafe { pgrx::pg_sys::CacheInvalidateRelcacheByRelid(oids.index_keys) };
+    backend::invalidate_index_keys(oids);
 }
 
 /// `immuta_blind_index_create(name, keyring, term_length)`: version 1 of a new index. Returns

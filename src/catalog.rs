@@ -902,6 +902,43 @@ pub fn next_key_id() -> KeyId {
     id.and_then(KeyId::new).unwrap_or_else(|| ids_exhausted("immuta.data_keys"))
 }
 
+/// Whether a subscription of this database, owned by a superuser (only such a subscription can
+/// apply rows to immuta's tables), receives one of immuta's key tables (its keys, index keys or
+/// keyrings): then this database must not create keys (replication.rs).
+pub fn subscribes_to_keys() -> bool {
+    let oids = table_oids();
+    read_latest(
+        c"SELECT EXISTS (SELECT FROM pg_catalog.pg_subscription_rel r \
+                          JOIN pg_catalog.pg_subscription s ON s.oid OPERATOR(pg_catalog.=) r.srsubid \
+                          JOIN pg_catalog.pg_roles a ON a.oid OPERATOR(pg_catalog.=) s.subowner \
+                          WHERE a.rolsuper \
+                            AND r.srrelid OPERATOR(pg_catalog.=) ANY (ARRAY[$1, $2, $3]::pg_catalog.oid[]))",
+        &[
+            (pg_sys::OIDOID, pg_sys::Datum::from(oids.data_keys)),
+            (pg_sys::OIDOID, pg_sys::Datum::from(oids.index_keys)),
+            (pg_sys::OIDOID, pg_sys::Datum::from(oids.keyrings)),
+        ],
+        |row| row.get::<bool>(1),
+    )
+    .into_iter()
+    .flatten()
+    .next()
+    .unwrap_or(false)
+}
+
+/// The OID of `immuta.audit_log` (of the installed extension: call after [`table_oids`]).
+pub fn audit_log_oid() -> pg_sys::Oid {
+    // SAFETY: plain catalog lookups with NUL-terminated names, inside a transaction.
+    unsafe {
+        let namespace = pg_sys::get_namespace_oid(c"immuta".as_ptr(), true);
+        if namespace == pg_sys::InvalidOid {
+            pg_sys::InvalidOid
+        } else {
+            pg_sys::get_relname_relid(c"audit_log".as_ptr(), namespace)
+        }
+    }
+}
+
 /// The highest id of a table, read with the latest snapshot.
 fn highest_id(query: &CStr) -> i64 {
     read_latest(query, &[], |row| row.get::<i64>(1)).into_iter().flatten().next().unwrap_or(0)

@@ -621,7 +621,7 @@ fn immuta_cache_reset_scoped(all_databases: default!(bool, false)) -> i64 {
         (true, true) => "cluster",
     };
     let detail = serde_json::json!({ "scope": scope, "shared_keys_dropped": dropped });
-    match crate::xact::write_blocker() {
+    match crate::keys::key_write_blocker() {
         None => {
             crate::keys::lock_key_creation();
             catalog::insert_audit(catalog::AuditEvent {

@@ -50,6 +50,38 @@ use crate::usage::{self, Against};
 use crate::xact::write_blocker;
 use crate::{gucs, providers, shared_cache, varlena};
 
+/// Why this transaction cannot create or change keys, keyrings or the audit log, if it cannot:
+/// a standby, a read-only or parallel transaction (xact.rs), or a database that receives immuta's
+/// keys from a publisher by logical replication (docs/DISTRIBUTED.md), which must never take a key id
+/// the publisher could also take.
+pub fn key_write_blocker() -> Option<&'static str> {
+    write_blocker().or_else(subscriber_blocker)
+}
+
+thread_local! {
+    /// The transaction (`lxid`) whose answer [`subscriber_blocker`] holds, and the answer.
+    static SUBSCRIBER: std::cell::Cell<Option<(u32, bool)>> = const { std::cell::Cell::new(None) };
+}
+
+/// Why this database may not write keys because it receives them from a publisher (a
+/// superuser's subscription includes one of immuta's key tables), if it does. One catalog query
+/// per transaction that asks (only key creation and changes ask).
+pub fn subscriber_blocker() -> Option<&'static str> {
+    let lxid = crate::compat::local_xid();
+    let subscribed = match SUBSCRIBER.get() {
+        Some((at, subscribed)) if at == lxid => subscribed,
+        _ => {
+            let subscribed = catalog::subscribes_to_keys();
+            SUBSCRIBER.set(Some((lxid, subscribed)));
+            subscribed
+        }
+    };
+    subscribed.then_some("this database receives immuta's keys from a publisher (logical replication)")
+}
+
+/// Where keys are written, for HINTs.
+const ON_THE_WRITER: &str = "on the primary (with logical replication, on the publisher of immuta's keys)";
+
 /// The key creation lock: SHARE UPDATE EXCLUSIVE on the private sequence `immuta.key_ids`. It
 /// conflicts with itself; it does not conflict with ROW EXCLUSIVE, which any role can get on a
 /// sequence (`nextval` locks before it checks privileges, and keeps the lock to the end of the
@@ -267,7 +299,7 @@ fn current_for_encrypt(now: UnixMicros, keyring: Option<&str>) -> KeyId {
             id = next;
             continue;
         }
-        if write_blocker().is_some() {
+        if key_write_blocker().is_some() {
             break;
         }
         // Another session is rolling the key over: go on under it for a little while, then wait
@@ -284,8 +316,8 @@ fn current_for_encrypt(now: UnixMicros, keyring: Option<&str>) -> KeyId {
         None => raise(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             format!("immuta data key {id} has reached the AES-GCM limit of 2^32 encryptions"),
-            Some("NIST SP 800-38D forbids more encryptions with random nonces under one key; it could not be rolled over earlier because no read-write transaction on the primary encrypted after it reached immuta.max_encryptions_per_key.".into()),
-            Some(&format!("Run SELECT immuta_rotate({}); on the primary.", rotate_argument(name))),
+            Some(format!("NIST SP 800-38D forbids more encryptions with random nonces under one key; it could not be rolled over earlier because no read-write transaction {ON_THE_WRITER} encrypted after it reached immuta.max_encryptions_per_key.")),
+            Some(&format!("Run SELECT immuta_rotate({}); {ON_THE_WRITER}.", rotate_argument(name))),
         ),
     }
 }
@@ -303,7 +335,7 @@ fn rotate_argument(name: &str) -> String {
 /// key another session created meanwhile. Returns `from` when this transaction cannot or should
 /// not wait.
 fn rollover(name: &str, from: KeyId, reason: RotationReason, now: UnixMicros) -> KeyId {
-    if let Some(why) = write_blocker() {
+    if let Some(why) = key_write_blocker() {
         let flag = 1u8 << (reason as u8);
         let warned = WARNED_CANNOT_ROLLOVER.get();
         WARNED_CANNOT_ROLLOVER.set(warned | flag);
@@ -317,8 +349,8 @@ fn rollover(name: &str, from: KeyId, reason: RotationReason, now: UnixMicros) ->
             errors::warn(
                 PgSqlErrorCode::ERRCODE_WARNING,
                 format!("immuta data key {from} {state}, but {why}"),
-                Some("Values are encrypted with the current key until a writable transaction on the primary rolls it over. This warning is given once per session.".into()),
-                Some("Run SELECT immuta_rotate(); on the primary, or encrypt in a read-write transaction."),
+                Some(format!("Values are encrypted with the current key until a writable transaction {ON_THE_WRITER} rolls it over. This warning is given once per session.")),
+                Some(&format!("Run SELECT immuta_rotate(); {ON_THE_WRITER}, or encrypt in a read-write transaction there.")),
             );
         }
         return from;
@@ -368,12 +400,12 @@ fn rollover_waiting(name: &str, exhausted: KeyId) -> KeyId {
 }
 
 fn first_key(name: &str) -> KeyId {
-    if let Some(why) = write_blocker() {
+    if let Some(why) = key_write_blocker() {
         raise(
             PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION,
             format!("no immuta data key exists yet, and {why}"),
-            Some("The first data key is created by the first encryption in a read-write transaction on the primary.".into()),
-            Some(&format!("Run SELECT immuta_rotate({}); on the primary once.", rotate_argument(name))),
+            Some(format!("The first data key is created by the first encryption in a read-write transaction {ON_THE_WRITER}.")),
+            Some(&format!("Run SELECT immuta_rotate({}); {ON_THE_WRITER} once.", rotate_argument(name))),
         );
     }
     lock_key_creation();
@@ -411,7 +443,7 @@ pub fn rotate(keyring: &str) -> KeyId {
 /// transaction), so that one scheduled job can run on every node. Also folds each key's rows of
 /// `immuta.key_usage` into one.
 pub fn rotate_if_due() -> Option<KeyId> {
-    if write_blocker().is_some() {
+    if key_write_blocker().is_some() {
         return None;
     }
     let now = backend::prepare();
@@ -453,12 +485,12 @@ fn due_reason(
 
 /// Checks that this transaction may write keys, and takes the key creation lock (blocking).
 pub fn lock_for_key_change(verb: &str) {
-    if let Some(why) = write_blocker() {
+    if let Some(why) = key_write_blocker() {
         raise(
             PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION,
             format!("cannot {verb} immuta data keys: {why}"),
             None,
-            Some("Run it in a read-write transaction on the primary."),
+            Some(&format!("Run it in a read-write transaction {ON_THE_WRITER}.")),
         );
     }
     backend::prepare();

@@ -3,7 +3,8 @@
 //! This crate is the SQL layer. The core (format, crypto, providers, configuration, rollover
 //! rule) is `crates/immuta-core` and knows nothing of PostgreSQL. Dependencies run one way:
 //! functions -> blind_index -> keys, keyrings, key_states -> backend -> usage -> catalog, shared_cache, gucs,
-//! xact (`events.rs`, which PostgreSQL calls, is the one module that reaches all of them).
+//! xact (`events.rs` and the triggers of `restore.rs` and `replication.rs`, which PostgreSQL calls,
+//! are the modules that reach across them).
 //!
 //! | file | concern |
 //! |---|---|
@@ -23,6 +24,7 @@
 //! | `config_source.rs` | where the configuration comes from, and when it is re-read |
 //! | `catalog.rs` | SPI access to the extension's tables (`catalog/index_keys.rs`: `immuta.index_keys`) |
 //! | `restore.rs` | rows added to the tables by a restore: when, what, with what trust |
+//! | `replication.rs` | keys received by logical replication: one writer, caches kept in step |
 //! | `gucs.rs` | the settings |
 //! | `errors.rs` | errors to SQLSTATEs |
 //! | `varlena.rs` | results built in place |
@@ -45,6 +47,7 @@ mod key_states;
 mod keyrings;
 mod keys;
 mod providers;
+mod replication;
 mod restore;
 mod shared_cache;
 mod status;

@@ -47,7 +47,9 @@ fn guard_direct_insert<'a>(
     trigger: &'a pgrx::PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, impl WhoAllocated>>, TryFromDatumError> {
     let mut new = trigger.new().expect("a BEFORE INSERT FOR EACH ROW trigger has a new row").into_owned();
-    if catalog::immuta_is_writing() {
+    // A subscription's rows are replication.rs's to check (this trigger fires in every
+    // session_replication_role, so that a session in `replica` mode is not a way around it).
+    if catalog::immuta_is_writing() || crate::xact::is_logical_apply() {
         return Ok(Some(new));
     }
     let table = trigger.table_name().unwrap_or_default();
@@ -205,6 +207,8 @@ fn require_fresh_installation(table: &str, oids: catalog::TableOids) {
     let known = CHECKED.with_borrow(|c| c.iter().any(|(x, t)| *x == lxid && t == table));
     let refusal = if catalog::in_use() {
         Some("immuta has been used in this database")
+    } else if crate::keys::subscriber_blocker().is_some() {
+        Some("this database receives immuta's keys from a publisher")
     } else if !known && catalog::has_rows_of_others(table) {
         Some("the table already has rows")
     } else {

@@ -1,6 +1,7 @@
 //! `immuta_status()`: one document that answers "is key management healthy here?": the current
 //! key (age, due date, usage against the limit, wrapping), the provider for new keys, the cache
-//! mode, and whether the scheduled rollover job exists in pg_cron.
+//! mode, whether the scheduled rollover job exists in pg_cron, and whether this transaction may
+//! write keys here (not on a standby, nor on a logical subscriber of immuta's keys).
 
 use serde_json::{json, Value};
 
@@ -50,5 +51,9 @@ pub fn status() -> Value {
         "rotation_job_present": !job.is_null(),
         "rotation_job": job,
         "rotation_job_error": job_error,
+        "key_writes": match crate::keys::key_write_blocker() {
+            None => json!("allowed"),
+            Some(why) => json!(format!("refused: {why}")),
+        },
     })
 }

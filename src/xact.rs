@@ -20,6 +20,14 @@ pub fn write_blocker() -> Option<&'static str> {
     }
 }
 
+/// Whether this process is a logical replication worker (a subscription's apply, parallel apply
+/// or table synchronisation): the only writer of immuta's tables besides immuta itself and a
+/// restore (replication.rs).
+pub fn is_logical_apply() -> bool {
+    // SAFETY: reads this process's worker state.
+    unsafe { pg_sys::IsLogicalWorker() }
+}
+
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
 const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 

@@ -406,6 +406,90 @@ fn keyrings_keep_terms_apart_and_destroying_a_keyring_shreds_its_terms() {
     assert_eq!(found(&mut c, "t2"), vec![2]);
 }
 
+/// A value whose term cannot be computed (a keyring without the index, a disabled key, a
+/// destroyed keyring, bytes that are not immuta's) does not stop the job: it is left as it is,
+/// counted and reported; once its key is enabled again, the next call computes it.
+#[test]
+fn the_job_leaves_and_reports_values_whose_term_cannot_be_computed() {
+    let pg = Cluster::start(&[]);
+    let (mut c, notices) = pg.connect_recording_notices();
+    c.batch_execute(
+        "SELECT immuta_keyring_create('no_index'), immuta_keyring_create('paused'), immuta_keyring_create('gone');
+         SELECT immuta_blind_index_create('t.v'), immuta_blind_index_create('t.v', 'paused'),
+                immuta_blind_index_create('t.v', 'gone');
+         CREATE TABLE t (id int PRIMARY KEY, v bytea, v_bi bytea);
+         INSERT INTO t SELECT i, immuta_encrypt('value ' || i) FROM generate_series(1, 50) i;
+         INSERT INTO t VALUES (51, immuta_encrypt('a', keyring => 'no_index')),
+                              (52, immuta_encrypt('b', keyring => 'paused')),
+                              (53, immuta_encrypt('c', keyring => 'gone')),
+                              (54, '\\x0102030405'::bytea);",
+    )
+    .unwrap();
+    // In transactions of their own: a key state change fails a transaction that encrypted under it.
+    c.batch_execute("SELECT immuta_rotate('paused')").unwrap();
+    c.batch_execute(
+        "SELECT immuta_key_disable(immuta_key_id(v), 'paused for the test') FROM t WHERE id = 52",
+    )
+    .unwrap();
+    c.batch_execute("SELECT immuta_keyring_destroy('gone', 'tenant left')").unwrap();
+    let pending = |c: &mut postgres::Client, id: i32| -> Option<bool> {
+        one(c, &format!("SELECT immuta.blind_index_pending(v_bi, v, 't.v', NULL) FROM t WHERE id = {id}"))
+    };
+    assert_eq!(pending(&mut c, 1), Some(true), "no term yet");
+    for id in 51..=54 {
+        assert_eq!(pending(&mut c, id), None, "row {id}: its term cannot be computed");
+    }
+
+    notices.lock().unwrap().clear();
+    c.batch_execute("CALL immuta_blind_index_column('t', 'v', 'v_bi', 't.v', batch_size => 10)").unwrap();
+    let warned = notices.lock().unwrap().join("\n");
+    assert!(
+        warned.contains("WARNING: 4 values of column v of public.t have no current term in column v_bi"),
+        "{warned}"
+    );
+    assert!(!warned.contains("\\x01"), "no value is echoed: {warned}");
+    let out_of_step: i64 = one(
+        &mut c,
+        "SELECT count(*) FROM t WHERE id <= 50 AND v_bi IS DISTINCT FROM immuta.blind_index_of(v, false, NULL, 't.v', NULL)",
+    );
+    assert_eq!(out_of_step, 0, "every other row has its term");
+    let untouched: i64 = one(&mut c, "SELECT count(*) FROM t WHERE id > 50 AND v_bi IS NULL");
+    assert_eq!(untouched, 4);
+    assert_eq!(pending(&mut c, 1), Some(false), "current");
+    let progress = |c: &mut postgres::Client| -> (String, i64) {
+        let row = c
+            .query_one("SELECT state, rows_skipped FROM immuta.jobs_progress ORDER BY id DESC LIMIT 1", &[])
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!(progress(&mut c), ("done".to_string(), 4));
+    let found: i32 = one(&mut c, "SELECT id FROM t WHERE v_bi = immuta_blind_index('value 7', 't.v')");
+    assert_eq!(found, 7);
+
+    // The paused key enabled again: the next call computes that row's term, and only it.
+    c.batch_execute("SELECT immuta_key_enable(immuta_key_id(v), 'resumed') FROM t WHERE id = 52").unwrap();
+    assert_eq!(pending(&mut c, 52), Some(true));
+    notices.lock().unwrap().clear();
+    c.batch_execute("CALL immuta_blind_index_column('t', 'v', 'v_bi', 't.v', batch_size => 10)").unwrap();
+    let warned = notices.lock().unwrap().join("\n");
+    assert!(warned.contains("WARNING: 3 values of column v of public.t"), "{warned}");
+    assert_eq!(progress(&mut c), ("done".to_string(), 3));
+    let found: i32 = one(&mut c, "SELECT id FROM t WHERE v_bi = immuta_blind_index('b', 't.v', 'paused')");
+    assert_eq!(found, 52);
+
+    // A value that fails to open (its context is wrong) is damage, not a key's state: it still
+    // stops the job, with decryption's own error.
+    c.batch_execute(
+        "CREATE TABLE u (id int PRIMARY KEY, ctx text, v bytea, v_bi bytea);
+         INSERT INTO u VALUES (1, 'a', immuta_encrypt('x', 'a'), NULL), (2, 'b', immuta_encrypt('y', 'not b'), NULL);",
+    )
+    .unwrap();
+    let err = c
+        .batch_execute("CALL immuta_blind_index_column('u', 'v', 'v_bi', 't.v', context_column => 'ctx')")
+        .unwrap_err();
+    assert_eq!(err.code().map(|s| s.code()), Some("22023"), "{err}");
+}
+
 fn wait_until_replayed(standby: &Cluster, query: &str) {
     let start = Instant::now();
     let mut c = standby.connect();

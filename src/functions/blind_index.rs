@@ -174,15 +174,17 @@ mod internal {
         Some(blind_index::term_of_ciphertext(&ciphertext?, context, name, keyring))
     }
 
-    /// Whether `term` is the term of the newest version of the index that makes the terms of
-    /// `ciphertext` (the re-computation job's filter).
+    /// For the job that keeps a term column in step: true when the row's term is to be computed
+    /// (missing, or made by an older version of the index), false when it is current, NULL when
+    /// it cannot be computed (the value is not an immuta value, its key is unknown, disabled or
+    /// destroyed, or its keyring is not `keyring` or has no such index). Reads only the header.
     #[pg_extern(
         stable,
         parallel_safe,
-        sql = "CREATE FUNCTION immuta.blind_index_is_current(term bytea, ciphertext bytea, name text, keyring text) \
-               RETURNS boolean STABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'blind_index_is_current_wrapper';"
+        sql = "CREATE FUNCTION immuta.blind_index_pending(term bytea, ciphertext bytea, name text, keyring text) \
+               RETURNS boolean STABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'blind_index_pending_wrapper';"
     )]
-    fn blind_index_is_current(
+    fn blind_index_pending(
         term: Option<Bytes>,
         ciphertext: Option<Bytes>,
         name: Option<&str>,
@@ -190,6 +192,6 @@ mod internal {
     ) -> Option<bool> {
         let name = required(name, "name");
         let keyring = keyring.filter(|k| !k.is_empty());
-        Some(blind_index::is_current(term.as_deref(), &ciphertext?, name, keyring))
+        blind_index::pending(term.as_deref(), &ciphertext?, name, keyring)
     }
 }

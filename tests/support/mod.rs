@@ -404,6 +404,12 @@ impl Cluster {
         out.stdout
     }
 
+    /// A libpq connection string to database `dbname` of this cluster, over its socket: what a
+    /// subscription of another cluster connects with.
+    pub fn conninfo(&self, dbname: &str) -> String {
+        format!("host={} port={PORT} user=postgres dbname={dbname}", self.root.display())
+    }
+
     /// A streaming standby of this cluster, made with `pg_basebackup -R` (so it has this
     /// cluster's master key file), listening on its own socket directory, and started.
     pub fn start_standby(&self) -> Cluster {
