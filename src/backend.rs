@@ -83,6 +83,9 @@ struct Backend {
     /// `shared_cache::resets_of_this_database`).
     cache_resets: shared_cache::Resets,
     nonces: Option<(i32, NonceSource)>,
+    /// Whether this transaction reads the invalidations queued for it at each call (see
+    /// [`prepare`]).
+    reads_invalidations: bool,
 }
 
 thread_local! {
@@ -102,6 +105,7 @@ thread_local! {
         cache_epoch: 0,
         cache_resets: shared_cache::Resets { all: 0, database: 0, key_states: 0 },
         nonces: None,
+        reads_invalidations: false,
     });
 }
 
@@ -278,11 +282,21 @@ pub fn invalidate_config(oids: TableOids) {
 
 /// Per-call entry: the once-per-transaction checks (configuration file, clock), then a refresh
 /// if an invalidation arrived. Returns the transaction's start time. In steady state: one load
-/// of MyProc, two comparisons.
+/// of MyProc, two comparisons (and, where the shared cache cannot tell of key state changes, a
+/// look at the session's invalidation queue).
+///
+/// A key disabled or destroyed elsewhere must stop at the next call in every session, also
+/// within a transaction block, where PostgreSQL delivers invalidations only at a new lock.
+/// Preloaded on a primary, the shared cache's counters say so at once (below). Without preload,
+/// or on a standby (whose shared cache the primary's changes never reach: they arrive by the
+/// replay of their commits, as invalidations), each call reads the invalidations queued for this
+/// session: with none queued, PostgreSQL answers from one unlocked flag, so no lock is taken per
+/// row. (A per-statement marker would not do: PostgreSQL's statement timestamp is set once per
+/// protocol message, and several statements sent in one string share it.)
 #[inline]
 pub fn prepare() -> UnixMicros {
     let lxid = crate::compat::local_xid();
-    let (stale, now) = BACKEND.with_borrow_mut(|b| {
+    let (mut stale, now, read_invalidations) = BACKEND.with_borrow_mut(|b| {
         let first_call = b.lxid != lxid || b.now.0 == 0;
         if first_call {
             b.lxid = lxid;
@@ -292,6 +306,7 @@ pub fn prepare() -> UnixMicros {
             if b.config.as_ref().is_some_and(config_source::file_changed) {
                 b.valid_as_of = 0;
             }
+            b.reads_invalidations = !shared_cache::is_shared() || xact::in_recovery();
         }
         let epoch = shared_cache::epoch();
         if b.cache_epoch != epoch {
@@ -313,8 +328,13 @@ pub fn prepare() -> UnixMicros {
         if first_call {
             b.xact_resets = b.cache_resets;
         }
-        (b.valid_as_of != INVALIDATIONS.load(Ordering::Relaxed), b.now)
+        (b.valid_as_of != INVALIDATIONS.load(Ordering::Relaxed), b.now, b.reads_invalidations)
     });
+    if read_invalidations {
+        // Outside the borrow: the relcache callbacks run here (ours only bumps a counter).
+        xact::accept_invalidations();
+        stale = BACKEND.with_borrow(|b| b.valid_as_of != INVALIDATIONS.load(Ordering::Relaxed));
+    }
     if stale {
         refresh();
     }

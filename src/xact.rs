@@ -20,6 +20,21 @@ pub fn write_blocker() -> Option<&'static str> {
     }
 }
 
+/// Whether this server is a standby in recovery.
+pub fn in_recovery() -> bool {
+    // SAFETY: reads the recovery state (a local flag once recovery has ended).
+    unsafe { pg_sys::RecoveryInProgress() }
+}
+
+/// Reads the invalidations other sessions (or, on a standby, the replay of the primary's commits)
+/// have queued for this one, as PostgreSQL does at a transaction's start or a new lock; the
+/// relcache callbacks run (backend.rs).
+pub fn accept_invalidations() {
+    // SAFETY: processes this backend's shared invalidation queue inside a transaction, as any
+    // lock acquisition may.
+    unsafe { pg_sys::AcceptInvalidationMessages() }
+}
+
 /// Whether this process is a logical replication worker (a subscription's apply, parallel apply
 /// or table synchronisation): the only writer of immuta's tables besides immuta itself and a
 /// restore (replication.rs).

@@ -25,6 +25,14 @@ fn json(c: &mut postgres::Client, query: &str) -> serde_json::Value {
     serde_json::from_str(&one::<String>(c, &format!("SELECT ({query})::text"))).unwrap()
 }
 
+/// `immuta_decrypt` of `value` given as a literal in the text of the statement: a statement
+/// that locks no table. Run once before, it needs nothing PostgreSQL has not cached either, so
+/// PostgreSQL has no occasion of its own to read invalidations during it.
+fn literal_decrypt(value: &[u8]) -> String {
+    let hex: String = value.iter().map(|b| format!("{b:02x}")).collect();
+    format!("SELECT immuta_decrypt('\\x{hex}'::bytea)")
+}
+
 fn decrypting(c: &mut postgres::Client, filter: &str) -> i64 {
     one(c, &format!("SELECT count(*) FROM t WHERE {filter} AND immuta_decrypt(v) = 'secret ' || id"))
 }
@@ -159,6 +167,35 @@ fn a_change_to_one_keyring_reaches_another_session_which_keeps_the_other_keyring
         .unwrap();
     assert!(key(&mut app, "tenant_0") > before[0], "the configuration's rollover is seen");
     assert_eq!(decrypting(&mut app, "tenant <> 'tenant_3'"), 30);
+
+    // Within one transaction, without preload (no shared cache to tell): a key disabled
+    // meanwhile stops at the session's next statement, even one that locks no table (which
+    // PostgreSQL would give no occasion to read the invalidation).
+    let value: Vec<u8> = one(&mut admin, "SELECT v FROM t WHERE tenant = 'tenant_0' LIMIT 1");
+    let old: i64 = one(&mut admin, "SELECT min(immuta_key_id(v)) FROM t WHERE tenant = 'tenant_0'");
+    app.batch_execute("BEGIN").unwrap();
+    assert_eq!(decrypting(&mut app, "tenant = 'tenant_0'"), 10);
+    app.simple_query(&literal_decrypt(&value)).unwrap();
+    assert!(one::<bool>(&mut admin, &format!("SELECT immuta_key_disable({old}, 'suspected leak')")));
+    assert_eq!(sqlstate(app.simple_query(&literal_decrypt(&value))), "55000");
+    app.batch_execute("ROLLBACK").unwrap();
+
+    // Several statements sent in one string (one protocol message, one statement timestamp):
+    // a disable that commits while the string waits on an advisory lock, which reads no
+    // invalidation, stops the string's next call.
+    assert!(one::<bool>(&mut admin, &format!("SELECT immuta_key_enable({old}, 'check')")));
+    admin.batch_execute("SELECT pg_advisory_lock(4242)").unwrap();
+    let literal = literal_decrypt(&value);
+    let string = format!("BEGIN; {literal}; SELECT pg_advisory_lock(4242); {literal}; COMMIT");
+    let waiter = std::thread::spawn(move || sqlstate(app.batch_execute(&string)));
+    wait_until(
+        &mut admin,
+        "SELECT count(*) = 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+        "the string waits on the advisory lock",
+    );
+    assert!(one::<bool>(&mut admin, &format!("SELECT immuta_key_disable({old}, 'during the string')")));
+    admin.batch_execute("SELECT pg_advisory_unlock(4242)").unwrap();
+    assert_eq!(waiter.join().unwrap(), "55000");
 }
 
 /// Waits until `standby` has replayed the state `state` of key `key`.
@@ -237,6 +274,21 @@ fn disabling_and_destroying_reach_every_session_a_parallel_query_and_a_standby()
     assert_eq!(sqlstate(long.query_one(all, &[])), "55000");
     long.batch_execute("ROLLBACK").unwrap();
 
+    // The same on the standby, where the change arrives by the replay of its commit: the
+    // primary's shared cache is not the standby's.
+    assert!(one::<bool>(&mut admin, &format!("SELECT immuta_key_enable({old}, 'check')")));
+    wait_for_state(&standby, old, "enabled");
+    let value: Vec<u8> = one(&mut admin, &format!("SELECT v FROM t WHERE immuta_key_id(v) = {old} LIMIT 1"));
+    let mut long_replica = standby.connect();
+    long_replica.batch_execute("BEGIN").unwrap();
+    assert_eq!(decrypting(&mut long_replica, "tenant = 'tenant_0'"), 1_000);
+    long_replica.simple_query(&literal_decrypt(&value)).unwrap();
+    assert!(one::<bool>(&mut admin, &format!("SELECT immuta_key_disable({old}, 'again')")));
+    wait_for_state(&standby, old, "disabled");
+    // A statement that locks no table, as above.
+    assert_eq!(sqlstate(long_replica.simple_query(&literal_decrypt(&value))), "55000");
+    long_replica.batch_execute("ROLLBACK").unwrap();
+
     // Enabled again: everything decrypts, here and on the standby.
     assert!(one::<bool>(&mut admin, &format!("SELECT immuta_key_enable({old}, 'false alarm')")));
     assert_eq!(one::<i64>(&mut reader, all), 2_000);
@@ -306,6 +358,8 @@ fn disabling_and_destroying_reach_every_session_a_parallel_query_and_a_standby()
         events,
         [
             ("key disabled", "suspected leak"),
+            ("key enabled", "check"),
+            ("key disabled", "again"),
             ("key enabled", "check"),
             ("key disabled", "again"),
             ("key enabled", "check"),
@@ -417,6 +471,18 @@ fn a_shredded_keyring_survives_nothing_rewrap_dump_restore_or_restart_while_othe
     assert_eq!(sqlstate(c.execute("SELECT immuta_keyring_create('tenant_0')", &[])), "42710");
     assert_eq!(decrypting(&mut c, "tenant = 'tenant_1'"), 100, "the other keyring keeps working");
 
+    // A disabled key of another keyring stays disabled through all of what follows.
+    c.batch_execute(
+        "SELECT immuta_keyring_create('held');
+         CREATE TABLE h AS SELECT immuta_encrypt('held', keyring => 'held') AS v;
+         SELECT immuta_rotate('held');",
+    )
+    .unwrap();
+    let held: i64 = one(&mut c, "SELECT immuta_key_id(v) FROM h");
+    assert!(one::<bool>(&mut c, &format!("SELECT immuta_key_disable({held}, 'legal hold')")));
+    let held_value = "SELECT immuta_decrypt(v) FROM h";
+    assert_eq!(sqlstate(c.query_one(held_value, &[])), "55000");
+
     // A rewrap wraps what is left, and brings nothing back.
     c.batch_execute("SELECT immuta_rewrap()").unwrap();
     let left: i64 = one(
@@ -431,6 +497,7 @@ fn a_shredded_keyring_survives_nothing_rewrap_dump_restore_or_restart_while_othe
     let mut c = source.connect();
     assert_eq!(sqlstate(c.query_one(shredded, &[])), "42704");
     assert_eq!(decrypting(&mut c, "tenant = 'tenant_1'"), 100);
+    assert_eq!(sqlstate(c.query_one(held_value, &[])), "55000", "still disabled after a restart");
 
     // A dump taken now holds no trace of the key bytes; restored, the tombstones stay tombstones.
     let dump = source.root.join("shredded.sql");
@@ -462,4 +529,8 @@ fn a_shredded_keyring_survives_nothing_rewrap_dump_restore_or_restart_while_othe
     let reason: String =
         one(&mut app, "SELECT detail->>'reason' FROM immuta.audit_log WHERE event = 'keyring destroyed'");
     assert_eq!(reason, "customer left, ticket 42");
+    // The disabled key came back disabled, and decrypts once enabled again.
+    assert_eq!(sqlstate(app.query_one(held_value, &[])), "55000", "still disabled after a restore");
+    assert!(one::<bool>(&mut app, &format!("SELECT immuta_key_enable({held}, 'hold lifted')")));
+    assert_eq!(one::<String>(&mut app, held_value), "held");
 }
