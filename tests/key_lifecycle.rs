@@ -229,13 +229,30 @@ fn encrypting_under_a_current_key_takes_no_lock_and_no_transaction_id() {
     // The session's first encryption reserves a block of the key's usage counter (a row in
     // immuta.key_usage); the encryptions after it spend that reservation.
     encrypt(&mut c, "warm-up");
+    // Rows under twenty named keyrings in turn: the same, with each row's keyring looked up.
+    c.batch_execute("SELECT immuta_keyring_create('tenant_' || i) FROM generate_series(1, 20) i").unwrap();
+    let named = "SELECT count(immuta_encrypt('v' || i, keyring => 'tenant_' || (i % 20 + 1))) \
+                 FROM generate_series(1, 1000) i";
+    // The first pass creates the keyrings' keys, whose invalidation reaches this session too:
+    // the second reloads what changed, once.
+    c.execute(named, &[]).unwrap();
+    c.execute(named, &[]).unwrap();
+    // Scans of immuta's tables by this backend not yet reported (earlier transactions' too).
+    let scans = "SELECT COALESCE(sum(seq_scan + COALESCE(idx_scan, 0)), 0)::int8 \
+                 FROM pg_stat_xact_user_tables WHERE schemaname = 'immuta'";
     let mut tx = c.transaction().unwrap();
+    let before: i64 = tx.query_one(scans, &[]).unwrap().get(0);
     tx.query_one("SELECT immuta_encrypt('v')", &[]).unwrap();
+    tx.query_one(named, &[]).unwrap();
+    let after: i64 = tx.query_one(scans, &[]).unwrap().get(0);
+    assert_eq!(after, before, "no query read immuta's tables: the keyrings and keys came from the ring");
     let row = tx
         .query_one(
             "SELECT pg_current_xact_id_if_assigned() IS NULL, \
                     (SELECT count(*) FROM pg_locks WHERE pid = pg_backend_pid() \
-                       AND relation = 'immuta.data_keys'::regclass AND mode <> 'AccessShareLock')",
+                       AND relation IN ('immuta.data_keys'::regclass, 'immuta.keyrings'::regclass, \
+                                        'immuta.key_usage'::regclass) \
+                       AND mode <> 'AccessShareLock')",
             &[],
         )
         .unwrap();

@@ -275,6 +275,13 @@ fn a_0_1_0_deployment_takes_the_new_library_the_update_and_pg_upgrade_to_newer_p
         .unwrap()
         .get(0);
     assert_eq!(tenant, "tenant value");
+    // A keyring shredded before pg_upgrade stays shredded after it.
+    c.batch_execute(
+        "SELECT immuta_keyring_create('shredded');
+         CREATE TABLE shredded_values AS SELECT immuta_encrypt('gone', keyring => 'shredded') AS v;",
+    )
+    .unwrap();
+    c.batch_execute("SELECT immuta_keyring_destroy('shredded', 'customer left')").unwrap();
     let mut values = before.values.clone();
     values.push((written, "written after the update".to_owned()));
     values.push((encrypt(&mut c, "under the newest key"), "under the newest key".to_owned()));
@@ -374,6 +381,18 @@ fn upgrade_with_pg_upgrade(old: &Cluster, target: Installation, before: &Snapsho
         .unwrap()
         .get(0);
     assert_eq!(by_schedule, 2);
+    // The keyring shredded before the upgrade: tombstones only, its values gone for good.
+    let shredded: (i64, i64) = c
+        .query_one(
+            "SELECT count(*) FILTER (WHERE k.state = 'destroyed'), count(d.wrapped_key)
+             FROM immuta.keys k JOIN immuta.data_keys d USING (id) WHERE k.keyring = 'shredded'",
+            &[],
+        )
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!(shredded, (1, 0), "one tombstone, no wrapped key");
+    assert_eq!(sqlstate(c.query_one("SELECT immuta_decrypt(v) FROM shredded_values", &[])), "42704");
+    assert_eq!(sqlstate(c.query_one("SELECT immuta_encrypt('x', keyring => 'shredded')", &[])), "55000");
     let stats: String = c.query_one("SELECT immuta_cache_stats()::text", &[]).unwrap().get(0);
     assert!(stats.contains("\"mode\": \"shared\""), "the shared cache serves the new cluster: {stats}");
     other.batch_execute("SELECT immuta_encrypt('now it may')").unwrap();

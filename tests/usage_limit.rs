@@ -56,6 +56,60 @@ fn after_exactly_the_limit_the_next_encryption_is_under_a_new_key_with_or_withou
 }
 
 #[test]
+fn each_keyring_rolls_over_at_the_limit_of_its_own_keys() {
+    let pg = Cluster::start(&[PRELOADED]);
+    let mut c = pg.connect();
+    set_server_setting(&mut c, "immuta.max_encryptions_per_key", "1000");
+    drop(c);
+    let mut c = pg.connect();
+    // 750 rows under each of two keyrings: together past the limit, each below it.
+    c.batch_execute(
+        "SELECT immuta_keyring_create('a'); SELECT immuta_keyring_create('b');
+         CREATE TABLE t AS SELECT immuta_encrypt('v' || i, keyring => CASE WHEN i % 2 = 0 THEN 'a' ELSE 'b' END) AS v
+           FROM generate_series(1, 1500) i",
+    )
+    .unwrap();
+    let first = |c: &mut postgres::Client, keyring: &str| -> i64 {
+        c.query_one("SELECT min(id) FROM immuta.data_keys WHERE keyring = $1", &[&keyring]).unwrap().get(0)
+    };
+    let (a, b) = (first(&mut c, "a"), first(&mut c, "b"));
+    assert_eq!(keys_by_use(&mut c, "t"), vec![(a.min(b), 750), (a.max(b), 750)]);
+    // a's key reaches the limit; its next encryption is under a new key of a, and b goes on.
+    c.batch_execute(
+        "INSERT INTO t SELECT immuta_encrypt('w' || i, keyring => 'a') FROM generate_series(1, 250) i",
+    )
+    .unwrap();
+    let next: i64 = c
+        .query_one("SELECT immuta_key_id(immuta_encrypt('the 1001st', keyring => 'a'))", &[])
+        .unwrap()
+        .get(0);
+    assert!(next > a.max(b), "{next}");
+    let row = c
+        .query_one("SELECT keyring, reason, rolled_over_from FROM immuta.data_keys WHERE id = $1", &[&next])
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "a");
+    assert_eq!(row.get::<_, String>(1), "usage limit");
+    assert_eq!(row.get::<_, Option<i64>>(2), Some(a));
+    let audited: String = c
+        .query_one(
+            "SELECT keyring FROM immuta.audit_log WHERE key_id = $1 AND event = 'key rotated'",
+            &[&next],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(audited, "a");
+    let counted: i64 =
+        c.query_one("SELECT encryptions FROM immuta.keys WHERE id = $1", &[&a]).unwrap().get(0);
+    assert_eq!(counted, 1000, "exact with the shared counter");
+    let b_now: i64 =
+        c.query_one("SELECT immuta_key_id(immuta_encrypt('x', keyring => 'b'))", &[]).unwrap().get(0);
+    assert_eq!(b_now, b, "b's key has its own counter, at 751 of 1000");
+    let default_keys: i64 =
+        c.query_one("SELECT count(*) FROM immuta.data_keys WHERE keyring = 'default'", &[]).unwrap().get(0);
+    assert!(default_keys <= 1, "the default keyring did not roll over: {default_keys}");
+}
+
+#[test]
 fn sessions_taking_turns_share_one_exact_counter_when_preloaded() {
     let pg = Cluster::start(&[PRELOADED]);
     let mut c = pg.connect();
