@@ -151,7 +151,7 @@ CREATE FUNCTION bench_rounds(labels text[], qs text[], nrows int8, runs int) RET
 LANGUAGE plpgsql AS \$\$
 DECLARE t0 timestamptz;
 BEGIN
-  CREATE TEMP TABLE IF NOT EXISTS times (i int, t float8);
+  CREATE TEMP TABLE IF NOT EXISTS times (round int, i int, t float8);
   TRUNCATE times;
   FOR j IN 1..array_length(qs, 1) LOOP
     EXECUTE qs[j];  -- warm-up: caches, the key ring
@@ -160,7 +160,7 @@ BEGIN
     FOR j IN 1..array_length(qs, 1) LOOP
       t0 := clock_timestamp();
       EXECUTE qs[j];
-      INSERT INTO times VALUES (j, extract(epoch FROM clock_timestamp() - t0));
+      INSERT INTO times VALUES (r, j, extract(epoch FROM clock_timestamp() - t0));
     END LOOP;
   END LOOP;
   INSERT INTO results (label, seconds, rows)
@@ -254,6 +254,10 @@ echo "10,000 keyrings..." >&2
 psql -d postgres >/dev/null <<SQL
 -- A keyring per tenant: each row of tk belongs to one of 10,000 keyrings. The first pass creates
 -- their keys (the warm-up); then rows under their own keyrings against the same rows under one.
+-- Twice the rounds of the other figures: the many keyrings' query waits on memory (each row
+-- reaches another key's entry and AES-GCM context), so the host's other tenants move it more
+-- than the one keyring's; the target compares the two within each round (back to back) and
+-- keeps the median of those ratios, as for the re-encryption below.
 SELECT count(immuta_keyring_create('tenant_' || i)) FROM generate_series(0, $KEYRINGS - 1) i;
 CREATE TABLE tk AS SELECT v, 'tenant_' || (row_number() OVER () % $KEYRINGS) AS tenant FROM t;
 SELECT count(immuta_encrypt(v, keyring => tenant)) FROM tk;
@@ -263,8 +267,12 @@ SELECT bench_rounds(ARRAY['keyrings: floor count(length(v)), tk',
   ARRAY['SELECT count(length(v)) FROM tk',
         'SELECT count(immuta_encrypt(v)) FROM tk',
         'SELECT count(immuta_encrypt(v, keyring => tenant)) FROM tk'],
-  $ROWS, $RUNS);
+  $ROWS, 2 * $RUNS);
+CREATE TABLE keyring_rounds AS
+  SELECT round, o.t AS one, m.t AS many FROM times o JOIN times m USING (round) WHERE o.i = 2 AND m.i = 3;
 SQL
+KEYRING_RATIO=$(psql -d postgres -At -c "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY many / one) FROM keyring_rounds")
+KEYRING_ROUNDS=$(psql -d postgres -At -c "SELECT string_agg(format('%s/%s', round(one::numeric, 2), round(many::numeric, 2)), ' ' ORDER BY round) FROM keyring_rounds")
 PLAN=$(psql -d postgres -At -c "SET max_parallel_workers_per_gather = 2; SET parallel_leader_participation = off;
   SET parallel_setup_cost = 0; SET parallel_tuple_cost = 0; SET min_parallel_table_scan_size = 0;
   EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) SELECT count(immuta_decrypt(c)) FROM c" | grep -E 'Workers (Planned|Launched)' | xargs)
@@ -475,6 +483,7 @@ SQL
   echo
   echo "AWS KMS after a restart, 8 connections decrypting values under $KEYS_IN_USE keys: $KMS_UNWRAPS KMS unwraps"
   echo "blind index lookup in a table of $ROWS rows: ${BI_LOOKUP_MS} ms by term (index scan, $BI_FOUND row), ${BI_SCAN_MS} ms by sequential scan with immuta_decrypt ($BI_SCAN_FOUND row)"
+  echo "10,000 keyrings, each round's one keyring / 10,000 keyrings in seconds: $KEYRING_ROUNDS"
   echo "online re-encryption, each round's batched UPDATE / CALL immuta_reencrypt_column in seconds: $REENC_ROUNDS"
   echo "plaintext column encrypted online while an application updates a random row every 10 ms (server-timed UPDATEs; rows not matching their plaintext after the online run: $ENCRYPTED_ONLINE): $APP_WRITES"
   echo "pgbench INSERT mean latency in us (2 clients, plain and encrypted mixed, ${PGBENCH_SECONDS}s, three rounds, compared by median): plain ${PLAIN[*]}; encrypted ${ENCRYPTED[*]}"
@@ -509,7 +518,7 @@ SELECT format('%-58s %-10s %s', target, CASE WHEN ok THEN 'met' ELSE 'MISSED' EN
   ('immuta_decrypt of bigint, timestamptz at most 1.4x the floor', dec_fixed / floor <= 1.4, round((dec_fixed / floor)::numeric, 2) || 'x'),
   ('immuta_blind_index at most 1.3x the floor', bi / floor <= 1.3, round((bi / floor)::numeric, 2) || 'x'),
   ('blind index lookup in $ROWS rows under 1 ms (index scan)', $BI_LOOKUP_MS < 1 AND '$BI_FOUND' = '1', '$BI_LOOKUP_MS ms, against $BI_SCAN_MS ms by sequential scan with immuta_decrypt'),
-  ('encrypt under 10,000 keyrings at most 2x one keyring', enc_many / enc_one <= 2, round((enc_many / enc_one)::numeric, 2) || 'x'),
+  ('encrypt under 10,000 keyrings at most 2x one keyring', $KEYRING_RATIO <= 2, round($KEYRING_RATIO::numeric, 2) || 'x (median of the rounds'' ratios; of the medians: ' || round((enc_many / enc_one)::numeric, 2) || 'x)'),
   ('online re-encryption at most 1.5x a batched UPDATE', $REENC_RATIO <= 1.5 AND '$LEFTOVER' = '0', round($REENC_RATIO::numeric, 2) || 'x (median of the rounds'' ratios), keys left behind: $LEFTOVER'),
   ('1 MiB encrypt at least 0.7x openssl aes-256-gcm ($OPENSSL_MIBS MiB/s)', enc_big >= 0.7 * $OPENSSL_MIBS, round(enc_big::numeric) || ' MiB/s, ' || round((enc_big / $OPENSSL_MIBS)::numeric, 2) || 'x'),
   ('1 MiB decrypt at least 0.7x openssl aes-256-gcm ($OPENSSL_MIBS MiB/s)', dec_big >= 0.7 * $OPENSSL_MIBS, round(dec_big::numeric) || ' MiB/s, ' || round((dec_big / $OPENSSL_MIBS)::numeric, 2) || 'x'),
