@@ -525,3 +525,91 @@ fn a_keyring_with_its_own_kms_key_wraps_its_keys_there_and_shredding_it_leaves_t
         "{actions:?}"
     );
 }
+
+#[test]
+fn tenants_with_their_own_kms_keys_roll_over_there_and_a_key_deleted_in_kms_finishes_the_shredding() {
+    let moto = Moto::start(None);
+    let key_a = moto.fixture(&["create-key"]);
+    let key_one = moto.fixture(&["create-key", "tenant-one"]);
+    let key_two = moto.fixture(&["create-key", "tenant-two"]);
+    let proxy = Proxy::start(moto.port);
+    let pg = Cluster::start(&[]);
+    let mut c = pg.connect();
+    configure(&mut c, &kms_yaml(&key_a, &proxy.endpoint(), "testing", "testing"));
+    c.batch_execute(
+        "SELECT immuta_keyring_create('one', rollover_days => 1, kms_key => 'alias/tenant-one');
+         SELECT immuta_keyring_create('two', kms_key => 'alias/tenant-two');",
+    )
+    .unwrap();
+    let seal = |c: &mut postgres::Client, text: &str, keyring: &str| -> Vec<u8> {
+        c.query_one("SELECT immuta_encrypt($1::text, keyring => $2::text)", &[&text, &keyring])
+            .unwrap()
+            .get(0)
+    };
+    let one_1 = seal(&mut c, "one 1", "one");
+    let two_1 = seal(&mut c, "two 1", "two");
+    let default = encrypt(&mut c, "default 1");
+    // Tenant one's key is due (its keyring rolls over daily): the next encryption rolls it over,
+    // under the tenant's KMS key; tenant two is rotated by hand, under its own.
+    c.batch_execute(
+        "UPDATE immuta.data_keys SET created_at = created_at - interval '2 days' WHERE keyring = 'one';
+         SELECT immuta_rotate('two');",
+    )
+    .unwrap();
+    let mut app = pg.connect();
+    let one_2 = seal(&mut app, "one 2", "one");
+    let two_2 = seal(&mut app, "two 2", "two");
+    let keys = |c: &mut postgres::Client| -> Vec<(String, String, String, String)> {
+        c.query("SELECT keyring, wrapping_key, state, coalesce(reason, '') FROM immuta.keys ORDER BY id", &[])
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect()
+    };
+    let listed = keys(&mut c);
+    assert_eq!(listed.iter().filter(|k| k.0 == "one").count(), 2, "{listed:?}");
+    for (keyring, key) in [("one", &key_one), ("two", &key_two), ("default", &key_a)] {
+        assert!(listed.iter().filter(|k| k.0 == keyring).all(|k| &k.1 == key), "{keyring}: {listed:?}");
+    }
+    let one: Vec<(&str, &str)> =
+        listed.iter().filter(|k| k.0 == "one").map(|k| (k.2.as_str(), k.3.as_str())).collect();
+    assert_eq!((one[0].0, one[1]), ("decrypt-only", ("active", "schedule")), "{listed:?}");
+    let newer: i64 = app.query_one("SELECT immuta_key_id($1)", &[&one_2]).unwrap().get(0);
+    let older: i64 = app.query_one("SELECT immuta_key_id($1)", &[&one_1]).unwrap().get(0);
+    assert!(newer > older);
+    let mut fresh = pg.connect();
+    for (value, text) in [(&one_1, "one 1"), (&one_2, "one 2"), (&two_1, "two 1"), (&two_2, "two 2")] {
+        assert_eq!(decrypt(&mut fresh, value).unwrap(), text);
+    }
+
+    // Tenant one schedules its KMS key for deletion. immuta still holds its unwrapped keys (until
+    // the cache's TTL, a reset or a restart); once they are gone, nothing of tenant one opens,
+    // while tenant two, the configuration's keys and every later encryption there go on.
+    proxy.schedule_deletion(&[&key_one, "alias/tenant-one"]);
+    assert_eq!(decrypt(&mut fresh, &one_1).unwrap(), "one 1", "still cached");
+    c.batch_execute("SELECT immuta_cache_reset()").unwrap();
+    let mut after = pg.connect();
+    for value in [&one_1, &one_2] {
+        let failed = decrypt(&mut after, value);
+        let text = error_text(decrypt(&mut after, value));
+        assert_eq!(sqlstate(failed), "55000", "{text}");
+        assert!(text.contains("KMSInvalidStateException") && text.contains("not usable"), "{text}");
+    }
+    assert_eq!(sqlstate(after.query_one("SELECT immuta_encrypt('x', keyring => 'one')", &[])), "55000");
+    for (value, text) in [(&two_1, "two 1"), (&two_2, "two 2"), (&default, "default 1")] {
+        assert_eq!(decrypt(&mut after, value).unwrap(), text);
+    }
+    let two_3 = seal(&mut after, "two 3", "two");
+    assert_eq!(decrypt(&mut after, &two_3).unwrap(), "two 3");
+    // immuta's own shredding of the keyring needs nothing of KMS: it erases the wrapped keys.
+    let shredded: i32 =
+        c.query_one("SELECT immuta_keyring_destroy('one', 'tenant left')", &[]).unwrap().get(0);
+    assert_eq!(shredded, 2);
+    assert_eq!(sqlstate(decrypt(&mut after, &one_2)), "42704");
+    assert_eq!(decrypt(&mut after, &two_1).unwrap(), "two 1");
+    let actions = proxy.actions();
+    assert!(
+        actions.iter().all(|a| a == "TrentService.Encrypt" || a == "TrentService.Decrypt"),
+        "{actions:?}"
+    );
+}

@@ -115,6 +115,8 @@ pub struct Proxy {
     stop: Arc<AtomicBool>,
     actions: Arc<Mutex<Vec<String>>>,
     headers: Arc<Mutex<Vec<String>>>,
+    /// Key ARNs and aliases that KMS treats as pending deletion (see [`Proxy::schedule_deletion`]).
+    deleted: Arc<Mutex<Vec<String>>>,
 }
 
 impl Proxy {
@@ -128,9 +130,10 @@ impl Proxy {
             stop: Arc::new(AtomicBool::new(false)),
             actions: Arc::new(Mutex::new(Vec::new())),
             headers: Arc::new(Mutex::new(Vec::new())),
+            deleted: Arc::new(Mutex::new(Vec::new())),
         };
         let (mode, stop, actions) = (proxy.mode.clone(), proxy.stop.clone(), proxy.actions.clone());
-        let headers = proxy.headers.clone();
+        let (headers, deleted) = (proxy.headers.clone(), proxy.deleted.clone());
         thread::spawn(move || {
             let mut held = Vec::new();
             while !stop.load(Ordering::Relaxed) {
@@ -144,7 +147,11 @@ impl Proxy {
                                 thread::spawn(move || answer_with_error(client, m == Mode::Throttle as u8));
                             }
                             _ => {
-                                let seen = Seen { actions: actions.clone(), headers: headers.clone() };
+                                let seen = Seen {
+                                    actions: actions.clone(),
+                                    headers: headers.clone(),
+                                    deleted: deleted.clone(),
+                                };
                                 let mode = mode.clone();
                                 thread::spawn(move || forward(client, upstream, mode, seen));
                             }
@@ -168,6 +175,14 @@ impl Proxy {
         self.mode.store(mode as u8, Ordering::Relaxed);
     }
 
+    /// From now on, every request that names `names` (a key's ARN, its alias) is answered as KMS
+    /// answers for a key scheduled for deletion (`KMSInvalidStateException`), as when a tenant
+    /// deletes its own key; moto itself goes on using a key in that state. Requests are then
+    /// forwarded whole, one at a time, to be read first.
+    pub fn schedule_deletion(&self, names: &[&str]) {
+        self.deleted.lock().unwrap().extend(names.iter().map(|n| n.to_string()));
+    }
+
     /// The `X-Amz-Target` of every request forwarded so far (e.g. `TrentService.Decrypt`).
     pub fn actions(&self) -> Vec<String> {
         self.actions.lock().unwrap().clone()
@@ -184,6 +199,30 @@ impl Proxy {
 struct Seen {
     actions: Arc<Mutex<Vec<String>>>,
     headers: Arc<Mutex<Vec<String>>>,
+    deleted: Arc<Mutex<Vec<String>>>,
+}
+
+/// The length of the first whole HTTP request in `pending` (headers and `Content-Length` bytes
+/// of body), if it is all there.
+fn whole_request(pending: &[u8]) -> Option<usize> {
+    let end = pending.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let headers = String::from_utf8_lossy(&pending[..end]);
+    let length = headers
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>())
+        })
+        .map_or(0, |v| v.expect("a Content-Length"));
+    (pending.len() >= end + length).then_some(end + length)
+}
+
+/// KMS's answer to a request that names a key pending deletion.
+fn pending_deletion_response(key: &str) -> String {
+    let body = format!(r#"{{"__type":"KMSInvalidStateException","message":"{key} is pending deletion."}}"#);
+    format!(
+        "HTTP/1.1 400 Bad Request\r\nContent-Type: application/x-amz-json-1.1\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
 }
 
 impl Drop for Proxy {
@@ -227,8 +266,12 @@ fn answer_with_error(mut client: TcpStream, throttle: bool) {
 
 fn forward(client: TcpStream, upstream: u16, mode: Arc<AtomicU8>, seen: Seen) {
     let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else { return };
+    // `record`: the client's side, whose requests are recorded (and, once keys are deleted,
+    // read whole and answered here when they name one: `reply` is the client).
     let pump = |mut from: TcpStream, mut to: TcpStream, record: bool, mode: Arc<AtomicU8>, seen: Seen| {
         from.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        let mut reply = if record { Some(from.try_clone().unwrap()) } else { None };
+        let mut pending: Vec<u8> = Vec::new();
         let mut buf = [0u8; 16384];
         loop {
             if mode.load(Ordering::Relaxed) != Mode::Forward as u8 {
@@ -258,7 +301,28 @@ fn forward(client: TcpStream, upstream: u16, mode: Arc<AtomicU8>, seen: Seen) {
                             }
                         }
                     }
-                    if to.write_all(&buf[..n]).is_err() {
+                    let deleted = seen.deleted.lock().unwrap().clone();
+                    if deleted.is_empty() || reply.is_none() {
+                        if to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        continue;
+                    }
+                    pending.extend_from_slice(&buf[..n]);
+                    let mut failed = false;
+                    while let Some(len) = whole_request(&pending) {
+                        let request: Vec<u8> = pending.drain(..len).collect();
+                        let text = String::from_utf8_lossy(&request);
+                        let written = match deleted.iter().find(|k| text.contains(k.as_str())) {
+                            Some(key) => reply
+                                .as_mut()
+                                .expect("the client's side")
+                                .write_all(pending_deletion_response(key).as_bytes()),
+                            None => to.write_all(&request),
+                        };
+                        failed |= written.is_err();
+                    }
+                    if failed {
                         break;
                     }
                 }
