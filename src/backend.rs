@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use immuta_core::cipher::{expect_type, DataCipher};
 use immuta_core::config::Config;
 use immuta_core::format;
-use immuta_core::key::KeyId;
+use immuta_core::key::{DataKey, KeyId};
 use immuta_core::key_state::KeyState;
 use immuta_core::keyrings;
 use immuta_core::nonce::NonceSource;
@@ -489,9 +489,9 @@ pub fn set_current(keyring: Option<&str>, current: Option<CurrentKey>) {
     })
 }
 
-/// Adds the cipher of a key of `keyring` to the ring.
-pub fn insert_cipher(cipher: DataCipher, keyring: &str, expires_at: UnixMicros) {
-    BACKEND.with_borrow_mut(|b| b.ring.insert(cipher, keyring, expires_at, xact::wall_now()));
+/// Adds the cipher of key `id` of `keyring` to the ring, made from `key` in place.
+pub fn insert_key(id: KeyId, key: &DataKey, keyring: &str, expires_at: UnixMicros) {
+    BACKEND.with_borrow_mut(|b| b.ring.insert(id, key, keyring, expires_at, xact::wall_now()));
 }
 
 /// The hot path of `immuta_encrypt`: seals the encoding `plaintext` of a value of `value_type`,
@@ -662,7 +662,7 @@ pub fn load_cipher(id: KeyId, now: UnixMicros) {
     let effective = effective();
     let recheck = || require_enabled(&catalog::key_row(id).unwrap_or_else(|| unknown_key(id)));
     let (key, expires_at) = shared_cache::key_for(&row, &effective, recheck);
-    insert_cipher(DataCipher::new(id, &key), &row.keyring, expires_at);
+    insert_key(id, &key, &row.keyring, expires_at);
 }
 
 /// The keyring of key `id` (`None`: the default keyring), loading the key if the ring lacks it:

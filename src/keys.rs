@@ -30,7 +30,6 @@
 
 use std::cell::Cell;
 
-use immuta_core::cipher::DataCipher;
 use immuta_core::format;
 use immuta_core::key::{DataKey, KeyId, WrappingKeyRef};
 use immuta_core::keyrings::{self, Settings};
@@ -536,7 +535,7 @@ fn create_key(target: &Target, reason: RotationReason, previous: Option<KeyId>) 
         keyring: Some(&target.name),
     });
     backend::keys_written_in_this_transaction(oids());
-    backend::insert_cipher(DataCipher::new(id, &key), &target.name, shared_cache::expiry_from_now());
+    backend::insert_key(id, &key, &target.name, shared_cache::expiry_from_now());
     set_current(target, id, crate::xact::transaction_now());
     id
 }

@@ -4,32 +4,37 @@
 //! per backend rather than once per row:
 //! - sealing a value of up to [`SMALL_VALUE`] bytes (identifiers, card numbers, names, dates,
 //!   addresses: most columns) goes through RustCrypto's `aes-gcm` over an encrypt-only AES-256
-//!   schedule (AES-NI or the ARMv8 instructions when the processor has them, detected at run
-//!   time), held inline in the cipher: a row reaches the schedule and the GHASH key, a few cache
-//!   lines beside the cipher's own, and nothing else. With thousands of keys in use in turn (a
-//!   keyring per tenant), each row misses the processor's caches for its key, and that is what
+//!   schedule held inline in the cipher (AES-NI and carry-less multiplication on x86-64, where
+//!   `.cargo/config.toml` builds with them and `_PG_init` refuses a processor without them; the
+//!   crates' constant-time software code elsewhere). A row reads the schedule's 240 bytes, next to
+//!   the cipher's first cache line, and nothing else: the GHASH key `H` is computed for each value
+//!   (one AES block) rather than kept (see `SmallAead`). With thousands of keys in use in turn
+//!   (a keyring per tenant), each row misses the processor's caches for its key, and that is what
 //!   such a row costs most: AWS-LC's context is behind a pointer of its own, and it copies its
 //!   GHASH table (hundreds of bytes) to the stack at every call.
 //! - sealing larger values, and opening every value, goes through AWS-LC (through `aws-lc-rs`,
 //!   which the AWS SDK links anyway), whose stitched AES-GCM assembly runs at memory speed.
 //!
-//! Measured outside the server (2026-12-04): sealing 96 bytes cost 99 ns against AWS-LC's 158 ns
-//! with one key, and 122 ns against 200 ns with 10,000 keys in turn; 512 bytes 393 ns against
-//! 266 ns: the crossover is near 230 bytes. Opening stays with AWS-LC: through `aes-gcm` it was no
-//! faster inside the server (`immuta_decrypt` of 96 bytes, one key; `aes-gcm` opens in two passes,
-//! the tag first, and compares the tag byte by byte). AWS-LC's context is made with the cipher
-//! and its pointer sits in the cipher's first cache line: made at its first use instead, behind
-//! the inline engine, it cost decryption 15 to 25 ns a row. A cipher takes about 1.6 kB: the
-//! inline engine 1 kB (the `aes` crate keeps room for its software fallback beside the AES-NI
-//! schedule; a row reads the 240 bytes it uses) and AWS-LC's context about 600 bytes.
+//! Measured outside the server (2026-12-04, `aes-gcm` keeping `H`): sealing 96 bytes cost 99 ns
+//! against AWS-LC's 158 ns with one key, and 122 ns against 200 ns with 10,000 keys in turn;
+//! 512 bytes 393 ns against 266 ns: the crossover is near 230 bytes. Opening stays with AWS-LC:
+//! through `aes-gcm` it was no faster inside the server (`immuta_decrypt` of 96 bytes, one key;
+//! `aes-gcm` opens in two passes, the tag first, and compares the tag byte by byte). AWS-LC's
+//! context is made with the cipher and its pointer sits in the cipher's first cache line: made at
+//! its first use instead, behind the inline schedule, it cost decryption 15 to 25 ns a row. A
+//! cipher takes about 1.6 kB: the inline schedule 1 kB (the `aes` crate keeps room for its
+//! software fallback beside the AES-NI schedule; a row reads the 240 bytes it uses) and AWS-LC's
+//! context about 600 bytes.
 //!
 //! Both produce the same bytes (a unit test checks each length up to and past the threshold
 //! against AWS-LC's own sealing, and the FORMAT vectors hold). Both zeroize their key schedules
-//! when the cipher is dropped (the `zeroize` features of `aes`, `ghash` and `polyval`; AWS-LC
-//! frees its context with `OPENSSL_free`, which overwrites the memory first). Values are sealed
-//! from the input straight into the output and opened the same way (a small value is copied into
-//! the output and encrypted in place). Tag comparison is constant-time, and a value that fails
-//! authentication yields one error, never partial plaintext (the output is zeroed).
+//! when the cipher is dropped (the `aes` crate's `zeroize` feature; AWS-LC frees its context with
+//! `OPENSSL_free`, which overwrites the memory first). What a seal leaves on the stack is left
+//! there, as AWS-LC's copy of its GHASH table is: `aes-gcm`'s `H` and tag mask for that value, in
+//! the frame of the call, overwritten by the calls that follow. Values are sealed from the input
+//! straight into the output and opened the same way (a small value is copied into the output and
+//! encrypted in place). Tag comparison is constant-time, and a value that fails authentication
+//! yields one error, never partial plaintext (the output is zeroed).
 //!
 //! The associated data of a version-2 value is its header followed by the context, if one is
 //! given; the context itself is never stored.
@@ -52,9 +57,12 @@ use crate::{Error, Result};
 /// (see the module's documentation for the measurements).
 pub const SMALL_VALUE: usize = 192;
 
-/// AES-256-GCM with a 96-bit nonce over an encrypt-only AES-256 schedule (GCM never runs AES
-/// backwards).
-type SmallAead = AesGcm<Aes256Enc, U12>;
+/// AES-256-GCM with a 96-bit nonce over a borrowed encrypt-only AES-256 schedule (GCM never runs
+/// AES backwards), made for each value: it computes the GHASH key `H = AES_K(0)` (one block) and
+/// lives on the stack for that value only. The cipher keeps the schedule alone: `polyval`'s
+/// run-time dispatch wrapper has no `Drop`, so an `H` held for the cipher's life would outlive it
+/// unzeroized, and `H` with any one ciphertext is enough to forge values under the key.
+type SmallAead<'a> = AesGcm<&'a Aes256Enc, U12>;
 
 /// A ready AES-256-GCM cipher for one data key. `repr(C)`: what a row reads comes first, the
 /// key id and the pointer to AWS-LC's context in one cache line, then the inline schedule.
@@ -63,7 +71,8 @@ pub struct DataCipher {
     key_id: KeyId,
     /// AWS-LC's context (its own allocation).
     large: LessSafeKey,
-    small: SmallAead,
+    /// The schedule of small values' seals; `aes` zeroizes it on drop (its `zeroize` feature).
+    small: Aes256Enc,
 }
 
 /// Contexts up to this length are joined to the header on the stack; longer ones on the heap.
@@ -87,7 +96,7 @@ fn with_aad<R>(header: &[u8], context: Option<&[u8]>, f: impl FnOnce(&[u8]) -> R
 impl DataCipher {
     pub fn new(key_id: KeyId, key: &DataKey) -> DataCipher {
         let unbound = UnboundKey::new(&AES_256_GCM, key.expose()).expect("a data key is 32 bytes");
-        DataCipher { key_id, large: LessSafeKey::new(unbound), small: SmallAead::new(key.expose().into()) }
+        DataCipher { key_id, large: LessSafeKey::new(unbound), small: Aes256Enc::new(key.expose().into()) }
     }
 
     pub fn key_id(&self) -> KeyId {
@@ -114,8 +123,7 @@ impl DataCipher {
         with_aad(&head[..HEADER_LEN], context, |aad| {
             if plaintext.len() <= SMALL_VALUE {
                 body.copy_from_slice(plaintext);
-                let computed = self
-                    .small
+                let computed = SmallAead::from(&self.small)
                     .encrypt_in_place_detached(nonce.into(), aad, body)
                     .expect("AES-GCM accepts any plaintext below 64 GiB");
                 tag.copy_from_slice(&computed);
@@ -249,10 +257,11 @@ mod tests {
         raw[..4].copy_from_slice(b"key!");
         let c = DataCipher::new(KeyId::new(9).unwrap(), &DataKey::from_bytes(&mut raw.clone()));
         let reference = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &raw).unwrap());
-        let nonce = [0x42; 12];
+        let long_context = vec![b'c'; 300];
         for len in (0..=SMALL_VALUE + 70).chain([1000, 4096]) {
             let plaintext: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
-            for context in [None, Some(&b"public.t.c:7"[..])] {
+            let nonce: [u8; 12] = std::array::from_fn(|i| (i * 31 + len) as u8);
+            for context in [None, Some(&b"public.t.c:7"[..]), Some(&long_context[..])] {
                 let sealed = c.seal(&nonce, ValueType::TEXT, context, &plaintext);
                 // AWS-LC over the same header and associated data.
                 let header = &sealed[..HEADER_LEN];

@@ -30,7 +30,7 @@ use std::rc::{Rc, Weak};
 use hashbrown::HashTable;
 
 use crate::cipher::DataCipher;
-use crate::key::KeyId;
+use crate::key::{DataKey, KeyId};
 use crate::keyrings;
 use crate::time::UnixMicros;
 
@@ -390,10 +390,18 @@ impl KeyRing {
         self.ciphers.get(&id).map(|l| l.keyring.clone())
     }
 
-    /// Adds the cipher of a key of `keyring`, making room first if the ring is full (expired
-    /// ciphers, else any one).
-    pub fn insert(&mut self, cipher: DataCipher, keyring: &str, expires_at: UnixMicros, now: UnixMicros) {
-        let id = cipher.key_id();
+    /// Makes the cipher of key `id` of `keyring` from `key`, making room first if the ring is full
+    /// (expired ciphers, else any one). The cipher is made where it stays, inside its `Rc`, rather
+    /// than made elsewhere and moved there: each move of a cipher could leave a copy of its key
+    /// schedule behind, unzeroized.
+    pub fn insert(
+        &mut self,
+        id: KeyId,
+        key: &DataKey,
+        keyring: &str,
+        expires_at: UnixMicros,
+        now: UnixMicros,
+    ) {
         if self.ciphers.len() >= self.capacity && !self.ciphers.contains_key(&id) {
             self.ciphers.retain(|_, l| now < l.expires);
             if self.ciphers.len() >= self.capacity {
@@ -402,7 +410,9 @@ impl KeyRing {
                 }
             }
         }
-        self.ciphers.insert(id, Rc::new(Loaded { expires: expires_at, cipher, keyring: keyring.into() }));
+        let keyring = keyring.into();
+        self.ciphers
+            .insert(id, Rc::new(Loaded { expires: expires_at, cipher: DataCipher::new(id, key), keyring }));
     }
 
     /// How many keys the ring holds (expired ones included until replaced).
@@ -432,17 +442,16 @@ impl KeyRing {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::key::DataKey;
 
-    fn cipher(id: i64) -> DataCipher {
-        DataCipher::new(KeyId::new(id).unwrap(), &DataKey::generate())
+    fn key_id(id: i64) -> KeyId {
+        KeyId::new(id).unwrap()
     }
 
     #[test]
     fn retain_drops_keys_that_no_longer_exist() {
         let mut ring = KeyRing::default();
         for id in 1..=3 {
-            ring.insert(cipher(id), "k", UnixMicros(100), UnixMicros(0));
+            ring.insert(key_id(id), &DataKey::generate(), "k", UnixMicros(100), UnixMicros(0));
         }
         ring.retain(|id| id.get() != 2);
         assert!(ring.cipher(KeyId::new(1).unwrap(), UnixMicros(0)).is_some());
@@ -459,15 +468,15 @@ mod tests {
     #[test]
     fn the_ring_never_holds_more_ciphers_than_its_capacity_and_evicts_expired_ones_first() {
         let mut ring = KeyRing::with_capacity(3);
-        ring.insert(cipher(1), "k", UnixMicros(10), UnixMicros(0));
-        ring.insert(cipher(2), "k", UnixMicros(1_000), UnixMicros(0));
-        ring.insert(cipher(3), "k", UnixMicros(1_000), UnixMicros(0));
+        ring.insert(key_id(1), &DataKey::generate(), "k", UnixMicros(10), UnixMicros(0));
+        ring.insert(key_id(2), &DataKey::generate(), "k", UnixMicros(1_000), UnixMicros(0));
+        ring.insert(key_id(3), &DataKey::generate(), "k", UnixMicros(1_000), UnixMicros(0));
         // At 20, key 1 has expired: it is the one that makes room.
-        ring.insert(cipher(4), "k", UnixMicros(1_000), UnixMicros(20));
+        ring.insert(key_id(4), &DataKey::generate(), "k", UnixMicros(1_000), UnixMicros(20));
         assert_eq!(ring.len(), 3);
         assert!(ring.loaded(KeyId::new(1).unwrap()).is_none());
         for id in 5..100 {
-            ring.insert(cipher(id), "k", UnixMicros(1_000), UnixMicros(20));
+            ring.insert(key_id(id), &DataKey::generate(), "k", UnixMicros(1_000), UnixMicros(20));
             assert!(ring.len() <= 3);
             assert!(ring.loaded(KeyId::new(id).unwrap()).is_some(), "the key just inserted stays");
         }
@@ -511,7 +520,7 @@ mod tests {
         for (name, id) in [("t", 1), (long, 2)] {
             ring.set_named(name, Named::Live(Some(CurrentKey { id: k(id), due_at: UnixMicros(50) })));
             assert!(ring.current_cipher(name, now).is_none(), "the cipher is not loaded yet");
-            ring.insert(cipher(id), "k", UnixMicros(100), now);
+            ring.insert(key_id(id), &DataKey::generate(), "k", UnixMicros(100), now);
             let (got, loaded) = ring.current_cipher(name, now).expect("linked by key id");
             assert_eq!((got, loaded.cipher().key_id()), (k(id), k(id)));
             drop(loaded);
@@ -528,11 +537,11 @@ mod tests {
         assert!(ring.current_cipher("t", now).is_none());
         assert_eq!(ring.len(), 1);
         // A new current key: the old link no longer serves.
-        ring.insert(cipher(3), "k", UnixMicros(100), now);
+        ring.insert(key_id(3), &DataKey::generate(), "k", UnixMicros(100), now);
         ring.set_named(long, Named::Live(Some(CurrentKey { id: k(3), due_at: UnixMicros(50) })));
         assert_eq!(ring.current_cipher(long, now).map(|(id, _)| id), Some(k(3)));
         // An expired cipher is not used (its key is unwrapped again).
-        ring.insert(cipher(3), "k", UnixMicros(40), now);
+        ring.insert(key_id(3), &DataKey::generate(), "k", UnixMicros(40), now);
         assert!(ring.current_cipher(long, UnixMicros(39)).is_some());
         assert!(ring.current_cipher(long, UnixMicros(40)).is_none());
         ring.set_named(long, Named::Destroyed);
@@ -549,21 +558,21 @@ mod tests {
             r.map(|(s, c, t)| (s.cipher().key_id(), c, t.cipher().key_id()))
         };
         // The default keyring: keys 1 (old) and 2 (current).
-        ring.insert(cipher(1), keyrings::DEFAULT, UnixMicros(100), now);
+        ring.insert(key_id(1), &DataKey::generate(), keyrings::DEFAULT, UnixMicros(100), now);
         assert!(ring.reencryption(k(1), now).is_none(), "no current key yet");
         ring.set_current(Some(CurrentKey { id: k(2), due_at: UnixMicros(50) }));
         assert!(ring.reencryption(k(1), now).is_none(), "the current key is not loaded");
-        ring.insert(cipher(2), keyrings::DEFAULT, UnixMicros(100), now);
+        ring.insert(key_id(2), &DataKey::generate(), keyrings::DEFAULT, UnixMicros(100), now);
         assert_eq!(ids(ring.reencryption(k(1), now)), Some((k(1), k(2), k(2))));
         assert_eq!(ids(ring.reencryption(k(2), now)), Some((k(2), k(2), k(2))), "already current");
         assert!(ring.reencryption(k(1), UnixMicros(50)).is_none(), "the current key is due");
         assert!(ring.reencryption(k(3), now).is_none(), "the source key is not loaded");
         // A named keyring: its own current key, never the default one.
-        ring.insert(cipher(3), "t", UnixMicros(30), now);
+        ring.insert(key_id(3), &DataKey::generate(), "t", UnixMicros(30), now);
         assert!(ring.reencryption(k(3), now).is_none(), "the keyring is not loaded");
         ring.set_named("t", Named::Live(Some(CurrentKey { id: k(4), due_at: UnixMicros(50) })));
         assert!(ring.reencryption(k(3), now).is_none(), "its current key is not loaded");
-        ring.insert(cipher(4), "t", UnixMicros(100), now);
+        ring.insert(key_id(4), &DataKey::generate(), "t", UnixMicros(100), now);
         assert_eq!(ids(ring.reencryption(k(3), now)), Some((k(3), k(4), k(4))));
         assert!(ring.reencryption(k(3), UnixMicros(30)).is_none(), "the source key expired");
         ring.forget_named("t");
