@@ -489,7 +489,8 @@ pub fn set_current(keyring: Option<&str>, current: Option<CurrentKey>) {
     })
 }
 
-/// Adds the cipher of key `id` of `keyring` to the ring, made from `key` in place.
+/// Adds the cipher of key `id` of `keyring` to the ring, made from `key` by the ring itself
+/// (`KeyRing::insert`).
 pub fn insert_key(id: KeyId, key: &DataKey, keyring: &str, expires_at: UnixMicros) {
     BACKEND.with_borrow_mut(|b| b.ring.insert(id, key, keyring, expires_at, xact::wall_now()));
 }

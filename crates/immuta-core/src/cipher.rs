@@ -30,8 +30,9 @@
 //! against AWS-LC's own sealing, and the FORMAT vectors hold). Both zeroize their key schedules
 //! when the cipher is dropped (the `aes` crate's `zeroize` feature; AWS-LC frees its context with
 //! `OPENSSL_free`, which overwrites the memory first). What a seal leaves on the stack is left
-//! there, as AWS-LC's copy of its GHASH table is: `aes-gcm`'s `H` and tag mask for that value, in
-//! the frame of the call, overwritten by the calls that follow. Values are sealed from the input
+//! there, as AWS-LC's copy of its GHASH table is: `aes-gcm`'s copies of `H`, the tag mask and the
+//! last keystream blocks for that value, in the frames of the call, until later calls happen to
+//! overwrite them. Values are sealed from the input
 //! straight into the output and opened the same way (a small value is copied into the output and
 //! encrypted in place). Tag comparison is constant-time, and a value that fails authentication
 //! yields one error, never partial plaintext (the output is zeroed).

@@ -25,8 +25,10 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use aes::Aes256Enc;
+use aes_gcm::aead::consts::U12;
 use aes_gcm::aead::AeadInPlace;
-use aes_gcm::{Aes256Gcm, KeyInit, Nonce, Tag};
+use aes_gcm::{AesGcm, KeyInit, Nonce, Tag};
 use hmac::{Hmac, Mac};
 use rand_core::{OsRng, RngCore};
 use sha2::Sha256;
@@ -55,9 +57,15 @@ pub enum Create<'a> {
     Never,
 }
 
+/// AES-256-GCM over a borrowed schedule, made for each wrap or unwrap: it computes the GHASH key
+/// `H` then. An `aes-gcm` kept for the provider's life would keep `H`, and `polyval`'s run-time
+/// dispatch wrapper never zeroizes it; `H` with a stored wrapped key is enough to forge tags.
+type WrapAead<'a> = AesGcm<&'a Aes256Enc, U12>;
+
 /// The local master key provider.
 pub struct LocalProvider {
-    aead: Aes256Gcm,
+    /// The master key's AES schedule (zeroized on drop by `aes`).
+    master: Aes256Enc,
     reference: WrappingKeyRef,
     path: PathBuf,
 }
@@ -88,7 +96,7 @@ impl LocalProvider {
 
     fn from_key(key: &[u8; 32], path: &Path) -> LocalProvider {
         LocalProvider {
-            aead: Aes256Gcm::new(key.into()),
+            master: Aes256Enc::new(key.into()),
             reference: WrappingKeyRef::Local { fingerprint: fingerprint(key) },
             path: path.to_owned(),
         }
@@ -110,8 +118,7 @@ impl KeyProvider for LocalProvider {
         let (head, rest) = out.split_at_mut(13);
         let (body, tag_out) = rest.split_at_mut(DATA_KEY_LEN);
         body.copy_from_slice(key.expose());
-        let tag = self
-            .aead
+        let tag = WrapAead::from(&self.master)
             .encrypt_in_place_detached(Nonce::from_slice(&head[1..13]), &aad(id), body)
             .expect("a 32-byte plaintext always encrypts");
         tag_out.copy_from_slice(&tag);
@@ -150,8 +157,7 @@ impl KeyProvider for LocalProvider {
         let mut raw = [0u8; DATA_KEY_LEN];
         raw.copy_from_slice(&bytes[13..13 + DATA_KEY_LEN]);
         let tag = Tag::from_slice(&bytes[13 + DATA_KEY_LEN..]);
-        if self
-            .aead
+        if WrapAead::from(&self.master)
             .decrypt_in_place_detached(Nonce::from_slice(&bytes[1..13]), &aad(id), &mut raw, tag)
             .is_err()
         {

@@ -391,9 +391,11 @@ impl KeyRing {
     }
 
     /// Makes the cipher of key `id` of `keyring` from `key`, making room first if the ring is full
-    /// (expired ciphers, else any one). The cipher is made where it stays, inside its `Rc`, rather
-    /// than made elsewhere and moved there: each move of a cipher could leave a copy of its key
-    /// schedule behind, unzeroized.
+    /// (expired ciphers, else any one). The cipher is made here, in the expression that moves it
+    /// into its `Rc`, rather than made by the caller and passed down: each move of a cipher may
+    /// leave a copy of its key schedule behind, unzeroized. One remains: Rust builds the value
+    /// on the stack and then moves it into the allocation (and `aes` builds the round keys in a
+    /// local first), as with every `DataKey` unwrapped.
     pub fn insert(
         &mut self,
         id: KeyId,
