@@ -139,7 +139,10 @@ mod tests {
 
     #[pg_test]
     fn error_messages_name_the_problem_without_echoing_the_value() {
-        let tampered = "SELECT immuta_decrypt(set_byte(immuta_encrypt('PLAINTEXT-4111'), 30, 0))";
+        // A bit of the body flipped (setting the byte to a constant would leave it as it was
+        // one time in 256, and the value would decrypt).
+        let tampered = "SELECT immuta_decrypt(set_byte(c, 30, get_byte(c, 30) # 1)) \
+                        FROM (SELECT immuta_encrypt('PLAINTEXT-4111') AS c) s";
         let text = error_text_of(tampered);
         assert!(text.contains("failed authentication"), "{text}");
         assert!(!text.contains("PLAINTEXT") && !text.contains("\\x"), "{text}");
