@@ -32,10 +32,10 @@
 //! `OPENSSL_free`, which overwrites the memory first). What a seal leaves on the stack is left
 //! there, as AWS-LC's copy of its GHASH table is: `aes-gcm`'s copies of `H`, the tag mask and the
 //! last keystream blocks for that value, in the frames of the call, until later calls happen to
-//! overwrite them. Values are sealed from the input
-//! straight into the output and opened the same way (a small value is copied into the output and
-//! encrypted in place). Tag comparison is constant-time, and a value that fails authentication
-//! yields one error, never partial plaintext (the output is zeroed).
+//! overwrite them. Values are sealed from the input straight into the output and opened the same
+//! way (a small value is copied into the output and encrypted in place). Tag comparison is
+//! constant-time, and a value that fails authentication yields one error, never partial
+//! plaintext (the output is zeroed).
 //!
 //! The associated data of a version-2 value is its header followed by the context, if one is
 //! given; the context itself is never stored.

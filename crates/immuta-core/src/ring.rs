@@ -445,7 +445,7 @@ impl KeyRing {
 mod tests {
     use super::*;
 
-    fn key_id(id: i64) -> KeyId {
+    fn k(id: i64) -> KeyId {
         KeyId::new(id).unwrap()
     }
 
@@ -453,15 +453,15 @@ mod tests {
     fn retain_drops_keys_that_no_longer_exist() {
         let mut ring = KeyRing::default();
         for id in 1..=3 {
-            ring.insert(key_id(id), &DataKey::generate(), "k", UnixMicros(100), UnixMicros(0));
+            ring.insert(k(id), &DataKey::generate(), "k", UnixMicros(100), UnixMicros(0));
         }
         ring.retain(|id| id.get() != 2);
-        assert!(ring.cipher(KeyId::new(1).unwrap(), UnixMicros(0)).is_some());
-        assert!(ring.cipher(KeyId::new(1).unwrap(), UnixMicros(100)).is_none(), "expired");
-        assert!(ring.cipher(KeyId::new(2).unwrap(), UnixMicros(0)).is_none());
+        assert!(ring.cipher(k(1), UnixMicros(0)).is_some());
+        assert!(ring.cipher(k(1), UnixMicros(100)).is_none(), "expired");
+        assert!(ring.cipher(k(2), UnixMicros(0)).is_none());
         assert_eq!(ring.len(), 2);
-        assert_eq!(ring.keyring_of(KeyId::new(1).unwrap()).as_deref(), Some("k"));
-        assert_eq!(ring.keyring_of(KeyId::new(2).unwrap()), None);
+        assert_eq!(ring.keyring_of(k(1)).as_deref(), Some("k"));
+        assert_eq!(ring.keyring_of(k(2)), None);
         ring.set_named("t", Named::Live(None));
         ring.clear();
         assert!(ring.is_empty() && ring.current().is_none() && ring.named("t").is_none());
@@ -470,24 +470,24 @@ mod tests {
     #[test]
     fn the_ring_never_holds_more_ciphers_than_its_capacity_and_evicts_expired_ones_first() {
         let mut ring = KeyRing::with_capacity(3);
-        ring.insert(key_id(1), &DataKey::generate(), "k", UnixMicros(10), UnixMicros(0));
-        ring.insert(key_id(2), &DataKey::generate(), "k", UnixMicros(1_000), UnixMicros(0));
-        ring.insert(key_id(3), &DataKey::generate(), "k", UnixMicros(1_000), UnixMicros(0));
+        ring.insert(k(1), &DataKey::generate(), "k", UnixMicros(10), UnixMicros(0));
+        ring.insert(k(2), &DataKey::generate(), "k", UnixMicros(1_000), UnixMicros(0));
+        ring.insert(k(3), &DataKey::generate(), "k", UnixMicros(1_000), UnixMicros(0));
         // At 20, key 1 has expired: it is the one that makes room.
-        ring.insert(key_id(4), &DataKey::generate(), "k", UnixMicros(1_000), UnixMicros(20));
+        ring.insert(k(4), &DataKey::generate(), "k", UnixMicros(1_000), UnixMicros(20));
         assert_eq!(ring.len(), 3);
-        assert!(ring.loaded(KeyId::new(1).unwrap()).is_none());
+        assert!(ring.loaded(k(1)).is_none());
         for id in 5..100 {
-            ring.insert(key_id(id), &DataKey::generate(), "k", UnixMicros(1_000), UnixMicros(20));
+            ring.insert(k(id), &DataKey::generate(), "k", UnixMicros(1_000), UnixMicros(20));
             assert!(ring.len() <= 3);
-            assert!(ring.loaded(KeyId::new(id).unwrap()).is_some(), "the key just inserted stays");
+            assert!(ring.loaded(k(id)).is_some(), "the key just inserted stays");
         }
     }
 
     #[test]
     fn named_keyrings_are_bounded_and_reloaded_in_place_once_marked_stale() {
         let mut ring = KeyRing::with_capacity(2);
-        let key = CurrentKey { id: KeyId::new(7).unwrap(), due_at: UnixMicros(5) };
+        let key = CurrentKey { id: k(7), due_at: UnixMicros(5) };
         ring.set_named("a", Named::Live(Some(key)));
         ring.set_named("b", Named::Destroyed);
         assert_eq!(ring.named("a"), Some(Named::Live(Some(key))));
@@ -516,13 +516,12 @@ mod tests {
     fn a_keyring_entry_fills_one_cache_line_and_links_to_its_current_cipher_without_owning_it() {
         assert_eq!(std::mem::size_of::<NamedEntry>(), 64);
         let mut ring = KeyRing::default();
-        let k = |id| KeyId::new(id).unwrap();
         let now = UnixMicros(10);
         let long = "tenant-with-a-name-longer-than-the-head_0001";
         for (name, id) in [("t", 1), (long, 2)] {
             ring.set_named(name, Named::Live(Some(CurrentKey { id: k(id), due_at: UnixMicros(50) })));
             assert!(ring.current_cipher(name, now).is_none(), "the cipher is not loaded yet");
-            ring.insert(key_id(id), &DataKey::generate(), "k", UnixMicros(100), now);
+            ring.insert(k(id), &DataKey::generate(), "k", UnixMicros(100), now);
             let (got, loaded) = ring.current_cipher(name, now).expect("linked by key id");
             assert_eq!((got, loaded.cipher().key_id()), (k(id), k(id)));
             drop(loaded);
@@ -539,11 +538,11 @@ mod tests {
         assert!(ring.current_cipher("t", now).is_none());
         assert_eq!(ring.len(), 1);
         // A new current key: the old link no longer serves.
-        ring.insert(key_id(3), &DataKey::generate(), "k", UnixMicros(100), now);
+        ring.insert(k(3), &DataKey::generate(), "k", UnixMicros(100), now);
         ring.set_named(long, Named::Live(Some(CurrentKey { id: k(3), due_at: UnixMicros(50) })));
         assert_eq!(ring.current_cipher(long, now).map(|(id, _)| id), Some(k(3)));
         // An expired cipher is not used (its key is unwrapped again).
-        ring.insert(key_id(3), &DataKey::generate(), "k", UnixMicros(40), now);
+        ring.insert(k(3), &DataKey::generate(), "k", UnixMicros(40), now);
         assert!(ring.current_cipher(long, UnixMicros(39)).is_some());
         assert!(ring.current_cipher(long, UnixMicros(40)).is_none());
         ring.set_named(long, Named::Destroyed);
@@ -554,27 +553,26 @@ mod tests {
     #[test]
     fn a_reencryption_finds_the_source_key_and_its_keyrings_current_key_or_nothing() {
         let mut ring = KeyRing::default();
-        let k = |id| KeyId::new(id).unwrap();
         let now = UnixMicros(10);
         let ids = |r: Option<(Rc<Loaded>, KeyId, Rc<Loaded>)>| {
             r.map(|(s, c, t)| (s.cipher().key_id(), c, t.cipher().key_id()))
         };
         // The default keyring: keys 1 (old) and 2 (current).
-        ring.insert(key_id(1), &DataKey::generate(), keyrings::DEFAULT, UnixMicros(100), now);
+        ring.insert(k(1), &DataKey::generate(), keyrings::DEFAULT, UnixMicros(100), now);
         assert!(ring.reencryption(k(1), now).is_none(), "no current key yet");
         ring.set_current(Some(CurrentKey { id: k(2), due_at: UnixMicros(50) }));
         assert!(ring.reencryption(k(1), now).is_none(), "the current key is not loaded");
-        ring.insert(key_id(2), &DataKey::generate(), keyrings::DEFAULT, UnixMicros(100), now);
+        ring.insert(k(2), &DataKey::generate(), keyrings::DEFAULT, UnixMicros(100), now);
         assert_eq!(ids(ring.reencryption(k(1), now)), Some((k(1), k(2), k(2))));
         assert_eq!(ids(ring.reencryption(k(2), now)), Some((k(2), k(2), k(2))), "already current");
         assert!(ring.reencryption(k(1), UnixMicros(50)).is_none(), "the current key is due");
         assert!(ring.reencryption(k(3), now).is_none(), "the source key is not loaded");
         // A named keyring: its own current key, never the default one.
-        ring.insert(key_id(3), &DataKey::generate(), "t", UnixMicros(30), now);
+        ring.insert(k(3), &DataKey::generate(), "t", UnixMicros(30), now);
         assert!(ring.reencryption(k(3), now).is_none(), "the keyring is not loaded");
         ring.set_named("t", Named::Live(Some(CurrentKey { id: k(4), due_at: UnixMicros(50) })));
         assert!(ring.reencryption(k(3), now).is_none(), "its current key is not loaded");
-        ring.insert(key_id(4), &DataKey::generate(), "t", UnixMicros(100), now);
+        ring.insert(k(4), &DataKey::generate(), "t", UnixMicros(100), now);
         assert_eq!(ids(ring.reencryption(k(3), now)), Some((k(3), k(4), k(4))));
         assert!(ring.reencryption(k(3), UnixMicros(30)).is_none(), "the source key expired");
         ring.forget_named("t");
@@ -587,14 +585,12 @@ mod tests {
     fn many_named_keyrings_are_found_by_name() {
         let mut ring = KeyRing::default();
         for i in 0..10_000 {
-            let named =
-                Named::Live(Some(CurrentKey { id: KeyId::new(i + 1).unwrap(), due_at: UnixMicros(i) }));
+            let named = Named::Live(Some(CurrentKey { id: k(i + 1), due_at: UnixMicros(i) }));
             ring.set_named(&format!("tenant_{i}"), named);
         }
         assert_eq!(ring.named_len(), 10_000);
         for i in 0..10_000 {
-            let want =
-                Named::Live(Some(CurrentKey { id: KeyId::new(i + 1).unwrap(), due_at: UnixMicros(i) }));
+            let want = Named::Live(Some(CurrentKey { id: k(i + 1), due_at: UnixMicros(i) }));
             assert_eq!(ring.named(&format!("tenant_{i}")), Some(want));
         }
         assert!(ring.named("tenant_10000").is_none());
